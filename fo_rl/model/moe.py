@@ -1,0 +1,236 @@
+"""Mixture-of-Experts: the gating function (with optional Routing Replay) and two dispatch paths.
+
+Gating (algorithms.md section 5): probabilities are a softmax of the *live* router logits s = x W_r. Live
+routing takes their top-k; replay takes the given expert ids instead. Either way the gate weights are the
+live probabilities at the chosen ids, renormalized when `norm_topk_prob`:
+    g_i = I_i exp(s_i) / sum_j I_j exp(s_j),
+so the router keeps receiving gradient under replay and, with the live top-k as I, this is exactly
+Qwen3's softmax -> top-k -> renormalize.
+
+Dispatch: `dispatch_reference` is the readable definition (every expert on every token, mixed by a dense
+one-hot combine matrix). `dispatch_fast` is dropless: sort the N*k (token, expert) assignments by expert,
+run each expert on its rows only (a grouped matmul), unsort. On a mesh whose `expert` axis is > 1 it runs
+under shard_map: tokens are split over the batch axes, each shard sends its rows to the shard owning the
+expert with an all-to-all, computes its local experts, and sends the results back.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from fo_rl.model.qtensor import QTensor, materialize
+
+
+class Experts(NamedTuple):
+  gate: jax.Array | QTensor  # [E, D, F]
+  up: jax.Array | QTensor  # [E, D, F]
+  down: jax.Array | QTensor  # [E, F, D]
+
+
+# ------------------------------------------------------------------------------------------------
+# Gating.
+# ------------------------------------------------------------------------------------------------
+def route(router_logits: jax.Array, k: int, norm_topk_prob: bool = True,
+          replay_ids: jax.Array | None = None):
+  """router_logits [..., E] -> (ids [..., k] int32, gate weights [..., k] float32).
+
+  With `replay_ids` the ids are taken as given (integer data, no gradient) and the weights are the live
+  softmax over them. An id outside [0, E) is an error: raised when the ids are concrete, and when traced
+  (inside jit, where nothing can be raised) the gate weight becomes NaN so the error cannot pass silently.
+  """
+  num_experts = router_logits.shape[-1]
+  probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+  if replay_ids is None:
+    weights, ids = jax.lax.top_k(probs, k)
+  else:
+    if replay_ids.shape[-1] != k:
+      raise ValueError(f"replay ids have {replay_ids.shape[-1]} experts per token, the model uses {k}")
+    ids = replay_ids.astype(jnp.int32)
+    check_replay_ids(ids, num_experts)
+    valid = (ids >= 0) & (ids < num_experts)
+    weights = jnp.take_along_axis(probs, jnp.clip(ids, 0, num_experts - 1), axis=-1)
+    weights = jnp.where(valid, weights, jnp.nan)
+  if norm_topk_prob:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  return ids.astype(jnp.int32), weights
+
+
+def check_replay_ids(ids, num_experts: int, where: str = "replay routes") -> None:
+  """Raise on ids outside [0, num_experts) when they are concrete (a no-op on tracers)."""
+  if isinstance(ids, jax.core.Tracer):
+    return
+  ids = jax.device_get(ids)
+  bad = (ids < 0) | (ids >= num_experts)
+  if bad.any():
+    first = tuple(int(a[0]) for a in bad.nonzero())
+    raise ValueError(f"{where}: expert id {int(ids[first])} at index {first} is outside "
+                     f"[0, {num_experts}) (-1 marks a dense layer and must never reach a MoE layer)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Expert FFN.
+# ------------------------------------------------------------------------------------------------
+def _swiglu(x, gate, up, dtype):
+  return jax.nn.silu(x @ materialize(gate, dtype)) * (x @ materialize(up, dtype))
+
+
+def dispatch_reference(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: Experts) -> jax.Array:
+  """x [N, D], ids/weights [N, k] -> [N, D]. Every expert runs on every token (E/k times the work)."""
+  E = experts.gate.shape[0]
+  dt = x.dtype
+  combine = jnp.sum(jax.nn.one_hot(ids, E, dtype=jnp.float32) * weights[..., None], axis=-2)  # [N, E]
+  h = (jax.nn.silu(jnp.einsum("nd,edf->nef", x, materialize(experts.gate, dt)))
+       * jnp.einsum("nd,edf->nef", x, materialize(experts.up, dt)))
+  y = jnp.einsum("nef,efd->ned", h, materialize(experts.down, dt))
+  return jnp.einsum("ned,ne->nd", y.astype(jnp.float32), combine).astype(dt)
+
+
+def _expert_ffn_blocked(xs, group_sizes, experts: Experts, block: int):
+  """Grouped SwiGLU FFN as a padded batched matmul. xs [A, D] sorted by group; group_sizes [G].
+
+  Each group is padded to a multiple of `block` rows; every block then belongs to one expert and the
+  FFN is one batched matmul over [num_blocks, block, D]. Rows past sum(group_sizes) are padding and give
+  zeros. num_blocks = ceil(A / block) + G is static, so the waste is at most G * block rows.
+  """
+  A, D = xs.shape
+  G = group_sizes.shape[0]
+  dt = xs.dtype
+  num_blocks = -(-A // block) + G
+  ends = jnp.cumsum(group_sizes)
+  starts = ends - group_sizes
+  padded = (group_sizes + block - 1) // block * block
+  padded_ends = jnp.cumsum(padded)
+  padded_starts = padded_ends - padded
+  rows = jnp.arange(A)
+  row_group = jnp.searchsorted(ends, rows, side="right")  # G for padding rows
+  valid = row_group < G
+  g = jnp.minimum(row_group, G - 1)
+  dest = jnp.where(valid, padded_starts[g] + rows - starts[g], num_blocks * block)  # OOB -> dropped
+  xp = jnp.zeros((num_blocks * block, D), dt).at[dest].set(xs, mode="drop")
+  xp = xp.reshape(num_blocks, block, D)
+  block_group = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block,
+                                             side="right"), G - 1)  # [num_blocks]
+  gate, up, down = (materialize(w[block_group], dt) for w in experts)  # [nb, D, F], [nb, F, D]
+  h = jax.nn.silu(jnp.einsum("nbd,ndf->nbf", xp, gate)) * jnp.einsum("nbd,ndf->nbf", xp, up)
+  yp = jnp.einsum("nbf,nfd->nbd", h, down).reshape(num_blocks * block, D)
+  return jnp.take(yp, dest, axis=0, mode="fill", fill_value=0)
+
+
+def _expert_ffn_ragged(xs, group_sizes, experts: Experts):
+  """Grouped SwiGLU FFN with jax.lax.ragged_dot (native grouped matmul on TPU/GPU)."""
+  dt = xs.dtype
+  gate, up, down = (materialize(w, dt) for w in experts)
+  h = (jax.nn.silu(jax.lax.ragged_dot(xs, gate, group_sizes))
+       * jax.lax.ragged_dot(xs, up, group_sizes))
+  y = jax.lax.ragged_dot(h, down, group_sizes)
+  total = jnp.sum(group_sizes)
+  return jnp.where((jnp.arange(xs.shape[0]) < total)[:, None], y, 0)
+
+
+def _expert_ffn(xs, group_sizes, experts: Experts, backend: str, block: int):
+  if backend == "auto":
+    backend = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+  if backend == "blocked":
+    return _expert_ffn_blocked(xs, group_sizes, experts, block)
+  return _expert_ffn_ragged(xs, group_sizes, experts)
+
+
+def _inverse_permutation(order):
+  return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+
+
+def _dispatch_local(x, ids, weights, experts: Experts, backend: str, block: int):
+  """Single-shard dropless dispatch: sort assignments by expert, grouped FFN, unsort, combine."""
+  N, k = ids.shape
+  E = experts.gate.shape[0]
+  flat = ids.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  xs = x[order // k]  # [A, D]
+  group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+  ys = _expert_ffn(xs, group_sizes, experts, backend, block)
+  y = ys[_inverse_permutation(order)].reshape(N, k, -1)
+  return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(x.dtype)
+
+
+def _dispatch_expert_parallel(x, ids, weights, experts: Experts, backend: str, block: int,
+                              expert_axis: str, tensor_axis: str | None):
+  """Body run per device under shard_map. x [n, D] local tokens; experts hold E/ep local experts.
+
+  Buffers are sized for the worst case (all of a shard's A = n*k assignments going to one expert shard),
+  which keeps shapes static and the dispatch dropless.
+  """
+  n, k = ids.shape
+  D = x.shape[-1]
+  ep = jax.lax.axis_size(expert_axis)
+  e_local = experts.gate.shape[0]
+  A = n * k
+  flat = ids.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  sorted_ids = flat[order]
+  xs = x[order // k]  # [A, D] sorted by global expert id, hence by destination shard
+  dest = sorted_ids // e_local
+  counts = jnp.bincount(dest, length=ep)
+  starts = jnp.cumsum(counts) - counts
+  slot = jnp.arange(A)
+  src = starts[:, None] + slot[None, :]  # [ep, A]
+  valid = slot[None, :] < counts[:, None]
+  src = jnp.minimum(src, A - 1)
+  send_x = jnp.where(valid[..., None], xs[src], 0)  # [ep, A, D]
+  send_e = jnp.where(valid, sorted_ids[src] - jnp.arange(ep)[:, None] * e_local, e_local)
+  recv_x = jax.lax.all_to_all(send_x, expert_axis, 0, 0).reshape(ep * A, D)
+  recv_e = jax.lax.all_to_all(send_e, expert_axis, 0, 0).reshape(ep * A)
+  order2 = jnp.argsort(recv_e, stable=True)  # local expert id; the padding id e_local sorts last
+  group_sizes = jnp.bincount(recv_e, length=e_local + 1)[:e_local].astype(jnp.int32)
+  ry = _expert_ffn(recv_x[order2], group_sizes, experts, backend, block)
+  if tensor_axis is not None:
+    ry = jax.lax.psum(ry, tensor_axis)  # the expert hidden dim F is split over `tensor`
+  back = ry[_inverse_permutation(order2)].reshape(ep, A, D)
+  ret = jax.lax.all_to_all(back, expert_axis, 0, 0)  # ret[j, r]: result of my r-th row sent to j
+  ys = ret[dest, slot - starts[dest]]  # [A, D] in sorted order
+  y = ys[_inverse_permutation(order)].reshape(n, k, D)
+  return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(x.dtype)
+
+
+def _weight_spec(w, spec: P) -> P | QTensor:
+  """In-spec for a weight; a QTensor's scale leaves its size-1 (contracted) axes unsharded."""
+  if isinstance(w, QTensor):
+    sspec = P(*(s if w.scale.shape[d] != 1 else None for d, s in enumerate(spec)))
+    return QTensor(spec, sspec)
+  return spec
+
+
+def dispatch_fast(x, ids, weights, experts: Experts, *, mesh: Mesh | None = None,
+                  token_axes: tuple[str, ...] = (), backend: str = "auto", block: int = 32):
+  """x [N, D], ids/weights [N, k] -> [N, D], dropless. Expert-parallel when mesh['expert'] > 1."""
+  if mesh is None or mesh.shape.get("expert", 1) == 1:
+    return _dispatch_local(x, ids, weights, experts, backend, block)
+  E = experts.gate.shape[0]
+  ep = mesh.shape["expert"]
+  if E % ep:
+    raise ValueError(f"model.num_experts={E} is not divisible by the mesh's expert axis ({ep})")
+  token_axes = tuple(a for a in token_axes if mesh.shape[a] > 1)
+  if "expert" not in token_axes:
+    token_axes = token_axes + ("expert",)
+  n_shards = math.prod(mesh.shape[a] for a in token_axes)
+  N = x.shape[0]
+  pad = (-N) % n_shards  # pad tokens so every shard gets the same count; padded rows are dropped
+  if pad:
+    x = jnp.pad(x, ((0, pad), (0, 0)))
+    ids = jnp.pad(ids, ((0, pad), (0, 0)))
+    weights = jnp.pad(weights, ((0, pad), (0, 0)))
+  tensor = "tensor" if mesh.shape.get("tensor", 1) > 1 else None
+  tok = P(token_axes, None)
+  w_in = P("expert", None, tensor)
+  w_out = P("expert", tensor, None)
+  in_specs = (tok, tok, tok, Experts(_weight_spec(experts.gate, w_in), _weight_spec(experts.up, w_in),
+                                     _weight_spec(experts.down, w_out)))
+  body = functools.partial(_dispatch_expert_parallel, backend=backend, block=block,
+                           expert_axis="expert", tensor_axis=tensor)
+  out = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=tok, check_vma=False)(
+      x, ids, weights, experts)
+  return out[:N]

@@ -1,0 +1,261 @@
+"""A Qwen3-MoE-style decoder in Flax NNX, with replayable routing and an optional KV cache.
+
+Parameter names mirror Hugging Face's Qwen3MoeForCausalLM (see fo_rl/model/hf.py); every nnx.Param
+carries logical axis names in its `axes` metadata (fo_rl/parallel/sharding.py maps them to the mesh).
+Shape letters: B batch, T length, S kv length, N heads, K kv heads, G = N/K, H head dim, D model,
+E experts, F hidden, V vocab, L layers, k experts per token.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from fo_rl.model import moe
+from fo_rl.model.config import ModelConfig
+from fo_rl.model.qtensor import materialize
+from fo_rl.parallel.sharding import DEFAULT_RULES, Rules, batch_spec, validate_rules
+
+DENSE_ROUTE = -1  # the routes sentinel of a dense (non-MoE) layer
+_MASKED = -1e30  # finite, so a fully masked (padding) query row gives no NaN
+
+
+def _init(rngs, shape, axes, dtype, std=0.02):
+  return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), axes=axes)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, param_dtype):
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
+    self.eps = eps
+
+  def __call__(self, x):
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (materialize(self.weight.get_value(), jnp.float32) * xf).astype(x.dtype)
+
+
+def rope(x, positions, theta: float):
+  """Rotary embedding, Hugging Face's rotate-half convention. x [B, T, N, H], positions [B, T]."""
+  H = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (np.arange(0, H, 2, dtype=np.float32) / H))  # [H/2]
+  ang = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+  ang = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(ang), jnp.sin(ang)
+  xf = x.astype(jnp.float32)
+  x1, x2 = jnp.split(xf, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with per-head q/k RMSNorm and RoPE (Qwen3)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    pd = jnp.dtype(cfg.param_dtype)
+    self.q_proj = _init(rngs, (D, N, H), ("embed", "heads", "head_dim"), pd)
+    self.k_proj = _init(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd)
+    self.v_proj = _init(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd)
+    self.o_proj = _init(rngs, (N, H, D), ("heads", "head_dim", "embed"), pd)
+    self.q_norm = RMSNorm(H, cfg.rms_norm_eps, pd)
+    self.k_norm = RMSNorm(H, cfg.rms_norm_eps, pd)
+    self.cfg = cfg
+
+  def __call__(self, x, positions, key_mask, cache=None, cache_index=None):
+    """x [B, T, D]; key_mask [B, S] (S = T, or the cache length); cache {'k','v': [B, S, K, H]}."""
+    cfg, dt = self.cfg, x.dtype
+    q = jnp.einsum("btd,dnh->btnh", x, materialize(self.q_proj.get_value(), dt))
+    k = jnp.einsum("btd,dkh->btkh", x, materialize(self.k_proj.get_value(), dt))
+    v = jnp.einsum("btd,dkh->btkh", x, materialize(self.v_proj.get_value(), dt))
+    q = rope(self.q_norm(q), positions, cfg.rope_theta)
+    k = rope(self.k_norm(k), positions, cfg.rope_theta)
+    T = x.shape[1]
+    if cache is None:
+      q_slot = jnp.arange(T)
+      new_cache = None
+    else:
+      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)
+      new_cache = {"k": k, "v": v}
+      k, v = k.astype(dt), v.astype(dt)
+      q_slot = cache_index + jnp.arange(T)
+    S = k.shape[1]
+    B, _, N, H = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * H**-0.5
+    allowed = (jnp.arange(S)[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :]  # [B, T, S]
+    scores = jnp.where(allowed[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
+    out = jnp.einsum("btnh,nhd->btd", out, materialize(self.o_proj.get_value(), dt))
+    return out, new_cache
+
+
+class MLP(nnx.Module):
+  """Dense SwiGLU MLP (Qwen3's mlp_only_layers / non-sparse layers)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    D, F, pd = cfg.hidden_size, cfg.intermediate_size, jnp.dtype(cfg.param_dtype)
+    self.gate_proj = _init(rngs, (D, F), ("embed", "mlp"), pd)
+    self.up_proj = _init(rngs, (D, F), ("embed", "mlp"), pd)
+    self.down_proj = _init(rngs, (F, D), ("mlp", "embed"), pd)
+
+  def __call__(self, x):
+    dt = x.dtype
+    h = (jax.nn.silu(x @ materialize(self.gate_proj.get_value(), dt))
+         * (x @ materialize(self.up_proj.get_value(), dt)))
+    return h @ materialize(self.down_proj.get_value(), dt)
+
+
+class MoEBlock(nnx.Module):
+  """Router + experts. Returns the block output and the experts used, ids [B, T, k]."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, mesh: Mesh | None, token_axes: tuple):
+    D, F, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+    pd = jnp.dtype(cfg.param_dtype)
+    self.router = _init(rngs, (D, E), ("embed", "router"), pd)
+    self.gate_proj = _init(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), pd)
+    self.up_proj = _init(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), pd)
+    self.down_proj = _init(rngs, (E, F, D), ("expert", "expert_mlp", "embed"), pd)
+    self.cfg, self.mesh, self.token_axes = cfg, mesh, token_axes
+
+  def __call__(self, x, replay_ids=None, token_mask=None):
+    cfg = self.cfg
+    B, T, D = x.shape
+    xf = x.reshape(B * T, D)
+    # The router runs in float32 whatever the compute dtype: top-k decisions are brittle.
+    logits = xf.astype(jnp.float32) @ materialize(self.router.get_value(), jnp.float32)  # [BT, E]
+    replay = None
+    if replay_ids is not None:
+      replay = replay_ids.reshape(B * T, -1)
+      if token_mask is not None:  # padding positions are never checked: they route live
+        live = jax.lax.top_k(logits, cfg.num_experts_per_tok)[1]
+        replay = jnp.where(token_mask.reshape(B * T, 1), replay, live)
+    ids, weights = moe.route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob, replay)
+    experts = moe.Experts(self.gate_proj.get_value(), self.up_proj.get_value(),
+                          self.down_proj.get_value())
+    if cfg.moe_impl == "reference":
+      y = moe.dispatch_reference(xf, ids, weights, experts)
+    else:
+      y = moe.dispatch_fast(xf, ids, weights, experts, mesh=self.mesh, token_axes=self.token_axes,
+                            backend=cfg.gmm_backend, block=cfg.moe_block_size)
+    return y.reshape(B, T, D), ids.reshape(B, T, -1)
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, index: int, rngs: nnx.Rngs, mesh, token_axes):
+    pd = jnp.dtype(cfg.param_dtype)
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    self.self_attn = Attention(cfg, rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    self.is_moe = cfg.is_moe_layer(index)
+    self.mlp = MoEBlock(cfg, rngs, mesh, token_axes) if self.is_moe else MLP(cfg, rngs)
+    self.route_slots = cfg.route_slots
+
+  def __call__(self, x, positions, key_mask, token_mask, replay_ids=None, cache=None,
+               cache_index=None):
+    h, new_cache = self.self_attn(self.input_layernorm(x), positions, key_mask, cache, cache_index)
+    x = x + h
+    h = self.post_attention_layernorm(x)
+    B, T = x.shape[:2]
+    if self.is_moe:
+      h, ids = self.mlp(h, replay_ids, token_mask)
+    else:
+      h = self.mlp(h)
+      ids = jnp.full((B, T, self.route_slots), DENSE_ROUTE, jnp.int32)
+      if replay_ids is not None:  # a real id reaching a dense layer means the layer index shifted
+        shifted = jnp.any(replay_ids != DENSE_ROUTE, axis=-1, keepdims=True)
+        if token_mask is not None:
+          shifted = shifted & token_mask[..., None]
+        h = jnp.where(shifted, jnp.nan, h)
+    return x + h, ids, new_cache
+
+
+class Transformer(nnx.Module):
+  """Qwen3-MoE-style causal LM. `mesh`/`rules` are static: they pick expert-parallel dispatch and the
+  activation sharding; the parameters' placement is decided outside (fo_rl/model/init.py)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mesh: Mesh | None = None,
+               rules: Rules = DEFAULT_RULES):
+    rules = tuple((name, axes) for name, axes in rules)
+    token_axes = validate_rules(rules).get("batch", ())
+    pd = jnp.dtype(cfg.param_dtype)
+    self.embed_tokens = _init(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
+    self.layers = nnx.List([DecoderLayer(cfg, i, rngs, mesh, token_axes)
+                            for i in range(cfg.num_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _init(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
+    self.cfg, self.mesh, self.rules = cfg, mesh, rules
+
+  def __call__(self, tokens, positions, replay_routes=None, *, token_mask=None, key_mask=None,
+               cache=None, cache_index=None):
+    """tokens, positions [B, T] int32 -> (logits [B, T, V] float32, routes [B, T, L, k] int32, cache).
+
+    token_mask [B, T]: real (non-padding) input positions; padding is never attended to and is not
+      checked under replay. Default: all real.
+    replay_routes [B, T, L, k]: experts to use per (position, layer); dense layers hold -1.
+    cache: list over layers of {'k','v': [B, S, K, H]}, written at slots cache_index + [0, T); then
+      key_mask [B, S] says which cache slots hold real tokens (it must include the new ones).
+    """
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    B, T = tokens.shape
+    if token_mask is None:
+      token_mask = jnp.ones((B, T), bool)
+    if cache is None:
+      key_mask = token_mask
+    elif key_mask is None:
+      raise ValueError("key_mask [B, S] is required with a cache")
+    if replay_routes is not None:
+      validate_replay_routes(replay_routes, cfg, token_mask, (B, T))
+    x = jnp.take(materialize(self.embed_tokens.get_value(), dt), tokens, axis=0)
+    if self.mesh is not None:
+      x = jax.lax.with_sharding_constraint(
+          x, NamedSharding(self.mesh, batch_spec(self.rules, 3, self.mesh, B)))
+    all_ids, new_cache = [], []
+    for i, layer in enumerate(self.layers):
+      replay_ids = None if replay_routes is None else replay_routes[:, :, i, :]
+      x, ids, c = layer(x, positions, key_mask, token_mask, replay_ids,
+                        None if cache is None else cache[i], cache_index)
+      all_ids.append(ids)
+      new_cache.append(c)
+    x = self.norm(x)
+    if cfg.tie_word_embeddings:
+      head = materialize(self.embed_tokens.get_value(), jnp.float32).T
+    else:
+      head = materialize(self.lm_head.get_value(), jnp.float32)
+    logits = x.astype(jnp.float32) @ head
+    routes = jnp.stack(all_ids, axis=2)
+    return logits, routes, (None if cache is None else new_cache)
+
+
+def validate_replay_routes(routes, cfg: ModelConfig, token_mask=None, bt=None) -> None:
+  """Check replay routes before any compute: shape, dense layers hold -1, MoE ids in [0, E) at real
+  tokens. Concrete arrays raise ValueError; traced ones are checked inside the layers (NaN outputs)."""
+  expected = (*(bt or routes.shape[:2]), cfg.num_layers, cfg.route_slots)
+  if tuple(routes.shape) != expected:
+    raise ValueError(f"replay routes have shape {tuple(routes.shape)}, expected [B, T, L, k] = "
+                     f"{expected}")
+  if isinstance(routes, jax.core.Tracer) or isinstance(token_mask, jax.core.Tracer):
+    return
+  r = np.asarray(jax.device_get(routes))
+  m = np.ones(r.shape[:2], bool) if token_mask is None else np.asarray(jax.device_get(token_mask))
+  for i in range(cfg.num_layers):
+    ids = r[:, :, i, :][m]
+    if cfg.is_moe_layer(i):
+      bad = (ids < 0) | (ids >= cfg.num_experts)
+      if bad.any():
+        raise ValueError(f"replay routes: layer {i} is a MoE layer but holds expert id "
+                         f"{int(ids[bad][0])} outside [0, {cfg.num_experts}) at a real token "
+                         f"(-1 marks a dense layer)")
+    elif (ids != DENSE_ROUTE).any():
+      raise ValueError(f"replay routes: layer {i} is a dense layer but holds expert id "
+                       f"{int(ids[ids != DENSE_ROUTE][0])}; dense layers must hold -1 (are the layer "
+                       f"indices shifted?)")
