@@ -1,0 +1,38 @@
+"""Timing helpers shared by the benchmark suites."""
+from __future__ import annotations
+
+import time
+
+import jax
+
+
+def time_jax(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
+  """Median seconds per call of a jitted fn (outputs blocked on)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  times.sort()
+  return times[len(times) // 2]
+
+
+def time_call(fn, repeats: int = 5, warmup: int = 1) -> float:
+  """Median seconds per call of a plain Python callable."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  times.sort()
+  return times[len(times) // 2]
+
+
+def row(name: str, fo_rl: float, peer: float, unit: str, **extra) -> dict:
+  """One benchmark line; ratio = fo_rl / peer in `unit` (higher-is-better units say so in the name)."""
+  return {"name": name, "fo_rl": round(fo_rl, 6), "peer": round(peer, 6),
+          "ratio": round(fo_rl / peer, 4) if peer else None, "unit": unit, **extra}
