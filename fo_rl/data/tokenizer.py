@@ -1,0 +1,71 @@
+"""A thin wrapper around the project's SentencePiece model.
+
+``Tokenizer.default()`` loads the committed ``assets/tokenizer.model`` (made
+by `fo_rl.data.train_tokenizer`). Encoding never adds BOS/EOS by itself and
+``decode(encode(text)) == text`` for any text (byte fallback, no
+normalisation); special ids are pad=0, unk=1, bos=2, eos=3.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import sentencepiece as spm
+
+DEFAULT_MODEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer.model")
+
+
+class Tokenizer:
+    """Encode/decode text with a SentencePiece model."""
+
+    def __init__(self, model: str | os.PathLike | bytes):
+        """``model`` is a path to a ``.model`` file or its serialized bytes."""
+        if isinstance(model, bytes):
+            self._sp = spm.SentencePieceProcessor(model_proto=model)
+        else:
+            self._sp = spm.SentencePieceProcessor(model_file=os.fspath(model))
+        for name in ("pad_id", "bos_id", "eos_id"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"tokenizer model has no {name[:-3]} piece")
+
+    @classmethod
+    def default(cls) -> "Tokenizer":
+        """The committed project tokenizer."""
+        return cls(DEFAULT_MODEL_PATH)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def pad_id(self) -> int:
+        return self._sp.pad_id()
+
+    @property
+    def unk_id(self) -> int:
+        return self._sp.unk_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Token ids of ``text``, optionally with BOS prepended / EOS appended."""
+        ids = self._sp.encode(text)
+        return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``; pad/bos/eos (control pieces) decode to nothing."""
+        return self._sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
+
+    def is_byte(self, token_id: int) -> bool:
+        """Whether ``token_id`` is a byte-fallback piece (text outside the trained vocabulary)."""
+        return self._sp.is_byte(int(token_id))
