@@ -1,0 +1,248 @@
+"""The RL train step: old-logprob pass, then N mini-batch policy updates (algorithms.md sections 3-5).
+
+One call of `Trainer.train_step(state, rollouts)`:
+  1. old-logprob pass with the parameters that produced the rollouts: logp_old = log pi_old(y_t).
+       replay=none: live routing.   replay=r2: live routing, and the routes are *recorded*.
+       replay=r3: the sampler's routes are *replayed* (a live pass is also run, for the disagreement metric).
+  2. the global batch is split into N = rl.mini_batches contiguous mini-batches; each gets one AdamW update
+     of the registered policy loss (fo_rl/rl/losses.py). r2 and r3 replay their routes in every update.
+     An update whose gradient or loss is not finite is skipped (parameters and optimizer state unchanged)
+     and counted.
+The update is one jax.jit with explicit in/out shardings over the mesh and a donated train state.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from fo_rl.model import ModelConfig, make_apply, validate_replay_routes
+from fo_rl.parallel.sharding import DEFAULT_RULES, Rules, batch_spec
+from fo_rl.rl import metrics as rl_metrics
+from fo_rl.rl.losses import LossConfig, LossInputs, policy_loss
+
+REPLAY_MODES = ("none", "r2", "r3")
+
+
+def _from_mapping(cls, d: Mapping[str, Any] | Any, where: str):
+  d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - known)
+  if unknown:
+    raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+  return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with linear warmup then constant LR, and global grad-norm clipping. The paper does not state
+  these (algorithms.md section 6: open); the defaults suit the tiny CPU models."""
+  learning_rate: float = 1e-4
+  warmup_steps: int = 0  # optimizer updates (not RL steps)
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  grad_clip: float = 1.0  # global norm; <= 0 disables
+
+  def __post_init__(self):
+    if not self.learning_rate > 0:
+      raise ValueError(f"optim.learning_rate={self.learning_rate!r}: must be > 0")
+    if self.warmup_steps < 0:
+      raise ValueError(f"optim.warmup_steps={self.warmup_steps!r}: must be >= 0")
+
+  @classmethod
+  def from_config(cls, d) -> "OptimConfig":
+    return _from_mapping(cls, d, "optim")
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+  schedule = (optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+              if cfg.warmup_steps else cfg.learning_rate)
+  if cfg.warmup_steps:
+    schedule = optax.join_schedules([schedule, optax.constant_schedule(cfg.learning_rate)],
+                                    [cfg.warmup_steps])
+  parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+  parts.append(optax.adamw(schedule, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay))
+  return optax.chain(*parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+  mini_batches: int = 1  # N: optimizer updates per rollout batch (the off-policiness)
+  replay: str = "none"  # none | r2 | r3
+  temperature: float = 1.0  # must equal the sampler's: pi_old, pi_theta and mu share one distribution
+  loss: LossConfig = LossConfig()
+  optim: OptimConfig = OptimConfig()
+
+  def __post_init__(self):
+    if self.replay not in REPLAY_MODES:
+      raise ValueError(f"rl.replay={self.replay!r}: must be one of {REPLAY_MODES}")
+    if int(self.mini_batches) < 1:
+      raise ValueError(f"rl.mini_batches={self.mini_batches!r}: must be >= 1")
+    if not self.temperature > 0:
+      raise ValueError(f"rl.temperature={self.temperature!r}: must be > 0")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Rollouts:
+  """A global batch of sampled sequences, aligned to input positions (prompt left-padded, response
+  right-padded). Per-token arrays hold the value *of the token at that position*."""
+  tokens: jax.Array  # [B, T] int32
+  token_mask: jax.Array  # [B, T] bool: real tokens (prompt or response)
+  positions: jax.Array  # [B, T] int32
+  response_mask: jax.Array  # [B, T] float32: 1 on sampled response tokens
+  logp_mu: jax.Array  # [B, T] float32: sampler logprob of each response token
+  sampler_routes: jax.Array  # [B, T, L, k] int32: experts the sampler used when each token was fed
+  advantages: jax.Array  # [B] float32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  params: Any  # nnx.State
+  opt_state: Any
+  step: jax.Array  # optimizer updates applied or skipped
+  skipped: jax.Array  # updates skipped for a non-finite gradient
+
+
+def token_logprobs(logits, tokens, temperature: float = 1.0):
+  """[B, T, V] logits (position t predicts token t+1) -> [B, T] log pi(token_t | <t); position 0 gets 0."""
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32) / temperature, axis=-1)
+  lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  return jnp.pad(lp, ((0, 0), (1, 0)))
+
+
+def _where_finite(ok, new, old):
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+class Trainer:
+  """Holds the compiled old-logprob pass and update for one (model, mesh, rules, config)."""
+
+  def __init__(self, graphdef, model_cfg: ModelConfig, cfg: TrainerConfig, mesh: Mesh | None = None,
+               rules: Rules = DEFAULT_RULES):
+    if cfg.replay != "none" and model_cfg.num_experts == 0:
+      raise ValueError(f"rl.replay={cfg.replay!r} needs a MoE model, but model.num_experts=0")
+    self.cfg, self.model_cfg, self.mesh, self.rules = cfg, model_cfg, mesh, rules
+    self.apply = make_apply(graphdef)
+    self.tx = make_optimizer(cfg.optim)
+    self._old_pass = jax.jit(self._old_pass_fn)
+    self._update = None  # compiled on first use, once the state's shardings are known
+
+  # ---- state --------------------------------------------------------------------------------
+  def init_state(self, params) -> TrainState:
+    opt_state = jax.jit(self.tx.init)(params)  # moments inherit the parameters' shardings
+    state = TrainState(params, opt_state, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    if self.mesh is None:
+      return state
+    replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    # Scalars (Adam's count, the counters) come out on one device: replicate them over the mesh.
+    return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding)
+                        else jax.device_put(x, replicated), state)
+
+  def _batch_sharding(self, x):
+    if self.mesh is None:
+      return None
+    return NamedSharding(self.mesh, batch_spec(self.rules, x.ndim, self.mesh, x.shape[0]))
+
+  def _shard_batch(self, tree):
+    if self.mesh is None:
+      return tree
+    return jax.tree.map(lambda x: jax.device_put(x, self._batch_sharding(x)), tree)
+
+  # ---- old-logprob pass ---------------------------------------------------------------------
+  def _old_pass_fn(self, params, ro: Rollouts):
+    temp = self.cfg.temperature
+    logits, live_routes = self.apply(params, ro.tokens, ro.positions, None, ro.token_mask)
+    logp_live = token_logprobs(logits, ro.tokens, temp)
+    mask = ro.response_mask
+    # Entropy of pi_old at each response token's predicting position (logits t-1 predict token t).
+    ent_logits = jnp.pad(logits[:, :-1], ((0, 0), (1, 0), (0, 0))) / temp
+    out = {"entropy": rl_metrics.token_entropy(ent_logits, mask)}
+    if self.cfg.replay == "r3":
+      logits_r, _ = self.apply(params, ro.tokens, ro.positions, ro.sampler_routes, ro.token_mask)
+      logp_old = token_logprobs(logits_r, ro.tokens, temp)
+      out["r3_vs_live_logp_gap"] = rl_metrics.masked_mean(jnp.abs(logp_old - logp_live), mask)
+    else:
+      logp_old = logp_live
+    if self.model_cfg.num_experts > 0:
+      dis = rl_metrics.router_disagreement(ro.sampler_routes, live_routes, ro.token_mask)
+      out["router_disagreement_per_decision"] = dis["per_decision"]
+      out["router_disagreement_per_token"] = dis["per_token"]
+    out["train_infer_kl"] = rl_metrics.train_infer_kl(ro.logp_mu, logp_old, mask)
+    out["train_infer_k3"] = rl_metrics.k3_kl(ro.logp_mu, logp_old, mask)
+    out["train_infer_frac_tau2"] = rl_metrics.frac_ratio_beyond(ro.logp_mu, logp_old, mask, 2.0)
+    return logp_old, live_routes, out
+
+  # ---- one update -----------------------------------------------------------------------------
+  def _update_fn(self, state: TrainState, ro: Rollouts, logp_old, replay):
+    temp = self.cfg.temperature
+
+    def loss_fn(params):
+      logits, _ = self.apply(params, ro.tokens, ro.positions, replay, ro.token_mask)
+      logp = token_logprobs(logits, ro.tokens, temp)
+      return policy_loss(LossInputs(logp, logp_old, ro.logp_mu, ro.advantages, ro.response_mask),
+                         self.cfg.loss)
+
+    (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
+    grads = jax.tree.map(lambda g: jnp.where(ok, g, 0), grads)  # keep Adam's moments finite too
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    params = _where_finite(ok, params, state.params)
+    opt_state = _where_finite(ok, opt_state, state.opt_state)
+    update_norm = optax.global_norm(jax.tree.map(jnp.subtract, params, state.params))
+    new = TrainState(params, opt_state, state.step + 1, state.skipped + (~ok).astype(jnp.int32))
+    m = dict(m, loss=loss, grad_norm=grad_norm, update_norm=update_norm)
+    return new, m
+
+  def _compile_update(self, state: TrainState, mb, logp_old, replay):
+    if self.mesh is None:
+      return jax.jit(self._update_fn, donate_argnums=0)
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    batch_sh = jax.tree.map(self._batch_sharding, (mb, logp_old, replay))
+    return jax.jit(self._update_fn, in_shardings=(state_sh, *batch_sh),
+                   out_shardings=(state_sh, NamedSharding(self.mesh, jax.sharding.PartitionSpec())),
+                   donate_argnums=0)
+
+  # ---- the step -------------------------------------------------------------------------------
+  def train_step(self, state: TrainState, ro: Rollouts) -> tuple[TrainState, dict[str, float]]:
+    cfg, N = self.cfg, self.cfg.mini_batches
+    B = ro.tokens.shape[0]
+    if B % N:
+      raise ValueError(f"rl.mini_batches={N} does not divide the global batch of {B} responses")
+    if cfg.replay == "r3":  # the sampler's routes are outside data: check them before any compute
+      validate_replay_routes(ro.sampler_routes, self.model_cfg, ro.token_mask)
+    ro = self._shard_batch(ro)
+    logp_old, live_routes, old_metrics = self._old_pass(state.params, ro)
+    replay = {"none": None, "r2": live_routes, "r3": ro.sampler_routes}[cfg.replay]
+    per_mb = []
+    mb_size = B // N
+    for i in range(N):
+      sl = lambda x: x[i * mb_size:(i + 1) * mb_size]
+      mb, lo, rp = self._shard_batch(jax.tree.map(sl, (ro, logp_old, replay)))
+      if self._update is None:
+        self._update = self._compile_update(state, mb, lo, rp)
+      state, m = self._update(state, mb, lo, rp)
+      per_mb.append(m)
+    return state, self._summarize(ro, old_metrics, per_mb, state)
+
+  @staticmethod
+  def _summarize(ro: Rollouts, old_metrics, per_mb, state) -> dict[str, float]:
+    per_mb = jax.device_get(per_mb)
+    out = {k: float(v) for k, v in jax.device_get(old_metrics).items()}
+    for k in per_mb[0]:
+      vals = np.asarray([m[k] for m in per_mb], np.float64)
+      out[k] = float(vals.max() if k.endswith("_max") else vals.mean())
+    out["staleness_ratio_first_minibatch_max"] = float(per_mb[0].get("ratio_max", np.nan))
+    out["skipped_steps"] = int(state.skipped)
+    out["response_length"] = float(np.asarray(ro.response_mask).sum(-1).mean())
+    return out
