@@ -1,0 +1,247 @@
+"""The main job, top to bottom: data, model, cold start, then the RL loop with evaluation and checkpoints.
+
+Each RL step:  sample G responses per prompt with the quantized sampler -> score with the verifier ->
+group advantages -> Trainer.train_step (old-logprob pass + N mini-batch updates, replay per config) ->
+sync weights to the sampler. Every `eval.every` steps: held-out greedy accuracy and mean accuracy over
+`eval.samples` samples. The workdir holds config.json, metrics.jsonl, tb/, checkpoints/, summary.json and
+curves.png; re-running with the same workdir resumes from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fo_rl import config as config_lib
+from fo_rl.checkpoint import Checkpointer, abstract_like
+from fo_rl.data import get_task
+from fo_rl.data.tokenizer import Tokenizer
+from fo_rl.metrics_writer import MetricsWriter, read_metrics
+from fo_rl.model import init_model
+from fo_rl.parallel.sharding import make_mesh
+from fo_rl.plots import plot_curves
+from fo_rl.rl.advantages import group_advantages
+from fo_rl.rl.trainer import Rollouts, Trainer, TrainState
+from fo_rl.sampler.sampler import Sampler, SamplingParams
+from fo_rl.sft import cold_start
+
+# Fields a resumed run may change (they do not alter what was already computed).
+RESUMABLE_CHANGES = ("rl.steps", "eval.", "checkpoint.")
+
+
+def _flatten(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _write_config(c, workdir: str) -> None:
+  """config.json; resuming with a different config is an error unless only harmless fields changed."""
+  path = os.path.join(workdir, "config.json")
+  new = json.loads(c.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    a, b = _flatten(old), _flatten(new)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
+                     and not any(k.startswith(p) for p in RESUMABLE_CHANGES))
+    if changed:
+      raise ValueError(f"{path}: this workdir was started with a different config ({changed[:5]} "
+                       f"differ); use a new --workdir or the same config")
+  if jax.process_index() == 0:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(new, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+class Rollout:
+  """Prompts -> samples -> rewards, shared by training and evaluation."""
+
+  def __init__(self, sampler: Sampler, tokenizer, task, group_size: int):
+    self.sampler, self.tok, self.task, self.G = sampler, tokenizer, task, group_size
+
+  def prompts(self, records):
+    return [self.tok.encode(self.task.format_prompt(r), add_bos=True) for r in records]
+
+  def sample(self, records, sampling: SamplingParams, samples: int, seed):
+    prompt_ids = [p for p in self.prompts(records) for _ in range(samples)]  # prompt-major
+    out = self.sampler.generate(prompt_ids, sampling, seed)
+    tokens, lengths, eos = jax.device_get((out.tokens, out.lengths, out.finished_eos))
+    rewards = np.zeros(len(prompt_ids), np.float32)
+    for i in range(len(prompt_ids)):
+      n = int(lengths[i]) - int(eos[i])  # drop the EOS token itself
+      text = self.tok.decode([int(t) for t in tokens[i, :n]])
+      rewards[i] = self.task.verify(text, records[i // samples])
+    return out, rewards
+
+  def evaluate(self, records, sampling: SamplingParams, samples: int, seed) -> dict[str, float]:
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=sampling.max_new_tokens,
+                            eos_ids=sampling.eos_ids)
+    _, r_greedy = self.sample(records, greedy, 1, seed)
+    _, r_samp = self.sample(records, sampling, samples, seed)
+    return {"eval/greedy_accuracy": float(r_greedy.mean()), "eval/mean_accuracy": float(r_samp.mean())}
+
+
+def to_rollouts(out, advantages) -> Rollouts:
+  """Sampler output -> the trainer's per-position layout [B, P + T] (prompt left-, response right-padded)."""
+  inp = out.trainer_inputs()
+  P = out.prompt_tokens.shape[1]
+  pad = lambda x: jnp.pad(x, ((0, 0), (P, 0)))
+  return Rollouts(tokens=inp["tokens"], token_mask=inp["token_mask"], positions=inp["positions"],
+                  response_mask=pad(out.response_mask.astype(jnp.float32)),
+                  logp_mu=pad(out.logp_mu.astype(jnp.float32)), sampler_routes=inp["replay_routes"],
+                  advantages=jnp.asarray(advantages, jnp.float32))
+
+
+class _Preempted:
+  """SIGTERM (a TPU preemption notice) asks the loop to checkpoint and exit at the next step boundary."""
+
+  def __init__(self):
+    self.flag = False
+    self._old = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.flag = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._old)
+
+
+def _fmt_eta(seconds: float) -> str:
+  m, s = divmod(int(max(seconds, 0)), 60)
+  return f"{m}m{s:02d}s"
+
+
+def run(c, workdir: str, log=print) -> dict:
+  """Run (or resume) the job described by ConfigDict `c` in `workdir`; returns the summary."""
+  t_start = time.time()
+  rc = config_lib.parse(c, jax.device_count())
+  os.makedirs(workdir, exist_ok=True)
+  _write_config(c, workdir)
+
+  # ---- data, tokenizer, model ------------------------------------------------------------------
+  tokenizer = Tokenizer(c.data.tokenizer) if c.data.tokenizer else Tokenizer.default()
+  if rc.model.vocab_size < tokenizer.vocab_size:
+    raise ValueError(f"model.vocab_size={rc.model.vocab_size} is smaller than the tokenizer's "
+                     f"{tokenizer.vocab_size}")
+  task = get_task(c.data.task, **c.data.options.to_dict())
+  data_dir = c.data.data_dir or None
+  train_records = task.load("train", data_dir)
+  test_records = task.load("test", data_dir, num_examples=c.eval.num_prompts)
+  sampling = SamplingParams(temperature=rc.sampling.temperature, max_new_tokens=rc.sampling.max_new_tokens,
+                            eos_ids=(tokenizer.eos_id,))
+
+  mesh = make_mesh(rc.mesh, where="parallel.mesh")
+  sampler_mesh = make_mesh(rc.sampler_mesh, where="parallel.sampler_mesh")
+  graphdef, params = init_model(rc.model, mesh, rc.rules, rc.seed)
+  trainer = Trainer(graphdef, rc.model, rc.trainer, mesh, rc.rules)
+
+  # ---- resume or cold start --------------------------------------------------------------------
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.max_to_keep)
+  latest = ckpt.latest_step()
+  state = trainer.init_state(params)
+  bundle = {"train": state, "rng": jax.random.key_data(jax.random.key(rc.seed))}
+  if latest is None:
+    if c.sft.enabled:
+      params, sft_info = cold_start(c, graphdef, params, tokenizer, task, train_records, workdir, log)
+      state = trainer.init_state(params)
+    meta = {"step": 0, "data_position": 0, "cold_start_accuracy": None, "best_accuracy": None,
+            "wall_seconds": 0.0}
+  else:
+    bundle, meta = ckpt.restore(latest, abstract_like(bundle))
+    state = bundle["train"]
+    log(f"resuming from {workdir}/checkpoints step {latest}")
+  rng = jax.random.wrap_key_data(bundle["rng"]) if latest is not None else jax.random.key(rc.seed)
+
+  sampler = Sampler(rc.model, rc.sampler, sampler_mesh)
+  sampler.update_weights(state.params)
+  rollout = Rollout(sampler, tokenizer, task, rc.group_size)
+  writer = MetricsWriter(workdir, resume_step=meta["step"])
+  order = np.random.default_rng(rc.seed).permutation(len(train_records))
+
+  def evaluate(step):
+    eval_rng = jax.random.fold_in(jax.random.fold_in(rng, 2**31 - 1), step)  # disjoint from training's
+    m = rollout.evaluate(test_records, sampling, int(c.eval.samples), eval_rng)
+    acc = m["eval/mean_accuracy"]
+    if meta["best_accuracy"] is None or acc > meta["best_accuracy"]:
+      meta["best_accuracy"] = acc
+    return m
+
+  if meta["step"] == 0 and meta["cold_start_accuracy"] is None:
+    m0 = evaluate(0)
+    meta["cold_start_accuracy"] = m0["eval/mean_accuracy"]
+    meta["cold_start_greedy_accuracy"] = m0["eval/greedy_accuracy"]
+    writer.write(0, m0)
+    log(f"cold start: held-out accuracy {m0['eval/mean_accuracy']:.3f} "
+        f"(greedy {m0['eval/greedy_accuracy']:.3f})")
+
+  # ---- RL loop ---------------------------------------------------------------------------------
+  preempt = _Preempted()
+  P, G, steps = rc.prompts_per_step, rc.group_size, rc.steps
+  t_loop, first_step = time.time(), meta["step"]
+  wall_before = float(meta.get("wall_seconds", 0.0))
+  last_eval = {}
+  try:
+    for step in range(meta["step"], steps):
+      t0 = time.time()
+      pos = meta["data_position"]
+      records = [train_records[int(order[(pos + i) % len(order)])] for i in range(P)]
+      out, rewards = rollout.sample(records, sampling, G, jax.random.fold_in(rng, step))
+      adv = group_advantages(rewards, G, rc.advantage)
+      state, m = trainer.train_step(state, to_rollouts(out, adv))
+      sampler.update_weights(state.params)
+      meta["data_position"] = pos + P
+      meta["step"] = step + 1
+      n_tokens = float(np.asarray(jax.device_get(out.lengths)).sum())
+      m.update(reward_mean=float(rewards.mean()), accuracy=float(rewards.mean()),
+               tokens_per_second=n_tokens / (time.time() - t0), step_seconds=time.time() - t0)
+      if (step + 1) % c.eval.every == 0 or step + 1 == steps:
+        last_eval = evaluate(step + 1)
+        m.update(last_eval)
+      writer.write(step + 1, m)
+      done = step + 1 - first_step
+      eta = (time.time() - t_loop) / done * (steps - step - 1)
+      log(f"step {step + 1}/{steps} reward {m['reward_mean']:.3f} "
+          f"acc {last_eval.get('eval/mean_accuracy', float('nan')):.3f} "
+          f"kl {m['train_infer_kl']:.2e} entropy {m['entropy']:.3f} "
+          f"tok/s {m['tokens_per_second']:.0f} ETA {_fmt_eta(eta)}")
+      if (step + 1) % c.checkpoint.every == 0 or step + 1 == steps or preempt.flag:
+        meta["wall_seconds"] = wall_before + time.time() - t_start
+        ckpt.save(step + 1, {"train": state, "rng": jax.random.key_data(rng)}, meta, force=True)
+      if preempt.flag:
+        log(f"SIGTERM: checkpointed step {step + 1}, exiting")
+        break
+  finally:
+    preempt.restore()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+
+  rows = read_metrics(workdir)
+  evals = [r for r in rows if "eval/mean_accuracy" in r]
+  summary = {
+      "cold_start_accuracy": meta["cold_start_accuracy"],
+      "cold_start_greedy_accuracy": meta.get("cold_start_greedy_accuracy"),
+      "final_accuracy": evals[-1]["eval/mean_accuracy"] if evals else None,
+      "final_greedy_accuracy": evals[-1]["eval/greedy_accuracy"] if evals else None,
+      "best_accuracy": meta["best_accuracy"],
+      "steps": meta["step"],
+      "wall_seconds": wall_before + time.time() - t_start,  # summed over resumed sessions
+      "preempted": bool(preempt.flag),
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+    plot_curves(rows, os.path.join(workdir, "curves.png"))
+  return summary

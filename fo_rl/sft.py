@@ -1,0 +1,105 @@
+"""Cold start: supervised fine-tuning on an imperfect teacher's traces.
+
+The teacher is a programmatic solver whose traces contain a configurable rate of mistakes, or a different
+solution style (fo_rl/data/teachers.py), so the cold-started model sits well below the ceiling and RL has
+room to improve. The result is checkpointed (in `<workdir>/sft`, or in a shared `sft.cache_dir` keyed by
+everything that determines it) and reused on re-runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fo_rl.checkpoint import Checkpointer, abstract_like
+from fo_rl.data import teachers
+from fo_rl.model import make_apply
+from fo_rl.rl.trainer import token_logprobs
+
+
+def sft_key(c) -> str:
+  """A hash of everything the cold-start result depends on."""
+  parts = {"model": c.model.to_dict(), "sft": c.sft.to_dict(), "data": c.data.to_dict(),
+           "seed": c.seed}
+  parts["sft"].pop("cache_dir", None)
+  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def encode_example(tokenizer, task, record, response: str, max_len: int):
+  """(tokens, loss_mask) for prompt + response + EOS; the loss covers the response and its EOS."""
+  prompt = tokenizer.encode(task.format_prompt(record), add_bos=True)
+  resp = tokenizer.encode(response) + [tokenizer.eos_id]
+  ids = (prompt + resp)[:max_len]
+  mask = ([0] * len(prompt) + [1] * len(resp))[:max_len]
+  return ids, mask
+
+
+def _batches(tokenizer, task, records, c, rng: random.Random, max_len: int):
+  B = c.sft.batch_size
+  rate = None if c.sft.error_rate < 0 else float(c.sft.error_rate)
+  while True:
+    toks = np.full((B, max_len), tokenizer.pad_id, np.int32)
+    mask = np.zeros((B, max_len), np.float32)
+    for b in range(B):
+      rec = records[rng.randrange(len(records))]
+      resp = teachers.teacher(task.problem(rec), c.sft.teacher, rng, error_rate=rate)
+      ids, m = encode_example(tokenizer, task, rec, resp, max_len)
+      toks[b, :len(ids)] = ids
+      mask[b, :len(m)] = m
+    yield toks, mask
+
+
+def cold_start(c, graphdef, params, tokenizer, task, records, workdir: str, log=print):
+  """Returns (params after SFT, info). Reuses a finished cold start when one is on disk."""
+  cache_dir = c.sft.get("cache_dir", "") or ""
+  directory = (os.path.join(cache_dir, sft_key(c)) if cache_dir
+               else os.path.join(workdir, "sft"))
+  ckpt = Checkpointer(directory, max_to_keep=1)
+  if ckpt.latest_step() is not None:
+    params, meta = ckpt.restore(None, abstract_like(params))
+    ckpt.close()
+    log(f"cold start: reusing {directory} ({meta.get('steps')} SFT steps)")
+    return params, dict(meta, reused=True)
+
+  apply = make_apply(graphdef)
+  steps = int(c.sft.steps)
+  sched = optax.warmup_cosine_decay_schedule(0.0, c.sft.learning_rate, c.sft.warmup_steps, steps,
+                                             c.sft.learning_rate * 0.1)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
+  opt_state = jax.jit(tx.init)(params)
+
+  @jax.jit
+  def step(params, opt_state, toks, mask):
+    def loss_fn(p):
+      positions = jnp.broadcast_to(jnp.arange(toks.shape[1]), toks.shape)
+      logits, _ = apply(p, toks, positions)
+      logp = token_logprobs(logits, toks)  # logp[t] = log p(token t | < t)
+      return -jnp.sum(logp * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  max_len = int(c.sft.get("max_len", 0) or 0) or 64
+  it = _batches(tokenizer, task, records, c, random.Random(c.seed), max_len)
+  t0, losses = time.time(), []
+  for i in range(steps):
+    toks, mask = next(it)
+    params, opt_state, loss = step(params, opt_state, toks, mask)
+    if (i + 1) % max(1, steps // 10) == 0 or i + 1 == steps:
+      losses.append(float(loss))
+      log(f"cold start: SFT step {i + 1}/{steps} loss {losses[-1]:.4f} "
+          f"({time.time() - t0:.0f}s, teacher={c.sft.teacher})")
+  info = {"steps": steps, "final_loss": losses[-1], "seconds": time.time() - t0,
+          "teacher": c.sft.teacher, "key": sft_key(c)}
+  ckpt.save(0, params, info, force=True)
+  ckpt.wait()
+  ckpt.close()
+  return params, dict(info, reused=False)
