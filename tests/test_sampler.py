@@ -1,0 +1,322 @@
+"""fo_rl.sampler: logprobs and routes against the trainer's teacher-forced forward, quantized samplers
+(KL, router disagreement, R3), sampling semantics against numpy, bucketing and weight sync."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+
+from fo_rl.model import ModelConfig, QTensor, init_model, make_apply, validate_replay_routes
+from fo_rl.parallel.sharding import DEFAULT_RULES, make_mesh, state_shardings
+from fo_rl.model.init import abstract_model
+from fo_rl.sampler import (Sampler, SamplerConfig, SamplingParams, quantize_state, sample_logits,
+                           truncate_logits)
+
+CFG = ModelConfig(vocab_size=128, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
+                  moe_intermediate_size=16, intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+                  mlp_only_layers=(1,))
+MOE = list(CFG.moe_layers)  # [0, 2]; layer 1 is dense
+SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=24, eos_ids=(3, 7, 11))
+
+
+@pytest.fixture(scope="module")
+def trainer():
+  """A trainer state with weights 10x the init scale (std 0.2): sharper next-token distributions and
+  router logits, closer to a trained model than the near-uniform init."""
+  graphdef, state = init_model(CFG, seed=0)
+  state = jax.tree_util.tree_map(lambda x: x * 10.0 if x.ndim > 1 else x, state)
+  return graphdef, state, jax.jit(make_apply(graphdef))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+  rng = np.random.default_rng(0)
+  return [list(rng.integers(12, 128, n)) for n in rng.integers(1, 16, 32)]  # lengths 1..15 -> P = 16
+
+
+_SAMPLERS = {}
+
+
+def sampler(trainer, weight_dtype) -> Sampler:
+  if weight_dtype not in _SAMPLERS:
+    _SAMPLERS[weight_dtype] = Sampler(CFG, SamplerConfig(weight_dtype=weight_dtype),
+                                      trainer_state=trainer[1])
+  return _SAMPLERS[weight_dtype]
+
+
+def trainer_logp(trainer, out, replay: bool = False):
+  """Teacher-forced log pi(response token) at temperature 1 (no truncation), and the trainer's routes."""
+  _, state, apply = trainer
+  inp = out.trainer_inputs()
+  logits, routes = apply(state, inp["tokens"], inp["positions"],
+                         inp["replay_routes"] if replay else None, inp["token_mask"])
+  Pl = out.prompt_tokens.shape[1]
+  lp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, Pl - 1:-1]), out.tokens[..., None], -1)[..., 0]
+  return np.asarray(lp), np.asarray(routes), np.asarray(logits[:, Pl - 1:-1])
+
+
+def check_well_formed(out, sp: SamplingParams):
+  tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+  mask, logp = np.asarray(out.response_mask), np.asarray(out.logp_mu)
+  B, T = tokens.shape
+  assert T >= sp.max_new_tokens and np.all((lengths >= 1) & (lengths <= sp.max_new_tokens))
+  np.testing.assert_array_equal(mask, np.arange(T)[None] < lengths[:, None])
+  assert np.all((tokens >= 0) & (tokens < CFG.vocab_size)) and np.all(tokens[~mask] == 0)
+  assert np.all(np.isfinite(logp)) and np.all(logp[mask] <= 0) and np.all(logp[~mask] == 0)
+  for b, reason in enumerate(out.finish_reason):
+    real = tokens[b, :lengths[b]]
+    assert not np.isin(real[:-1], sp.eos_ids).any()
+    if reason == "eos":
+      assert real[-1] in sp.eos_ids
+    else:
+      assert lengths[b] == sp.max_new_tokens and real[-1] not in sp.eos_ids
+  # routes: the model's replay layout, valid ids in MoE layers everywhere, -1 in dense layers
+  routes = np.asarray(out.routes)
+  assert routes.shape == (B, out.prompt_tokens.shape[1] + T, CFG.num_layers, CFG.num_experts_per_tok)
+  assert np.all((routes[:, :, MOE] >= 0) & (routes[:, :, MOE] < CFG.num_experts))
+  assert np.all(routes[:, :, [1]] == -1)
+  inp = out.trainer_inputs()
+  validate_replay_routes(routes, CFG, np.asarray(inp["token_mask"]))
+
+
+def test_float32_sampler_matches_trainer(trainer, prompts):
+  out = sampler(trainer, "float32").generate(prompts, SAMPLING, seed=1)
+  check_well_formed(out, SAMPLING)
+  assert out.prompt_tokens.shape == (32, 16) and out.tokens.shape == (32, 32)
+  np.testing.assert_array_equal(np.asarray(out.prompt_mask).sum(1), [len(p) for p in prompts])
+  assert set(out.finish_reason) == {"eos", "length"}
+  lp, routes, _ = trainer_logp(trainer, out)
+  mask = np.asarray(out.response_mask)
+  np.testing.assert_allclose(np.asarray(out.logp_mu)[mask], lp[mask], atol=1e-4, rtol=0)
+  real = np.asarray(out.trainer_inputs()["token_mask"])
+  np.testing.assert_array_equal(np.asarray(out.routes)[real], routes[real])  # prompt + response
+
+
+def _gaps(trainer, out):
+  mask = np.asarray(out.response_mask)
+  mu = np.asarray(out.logp_mu)[mask]
+  live_lp, live_routes, _ = trainer_logp(trainer, out)
+  r3_lp, _, _ = trainer_logp(trainer, out, replay=True)
+  real = np.asarray(out.trainer_inputs()["token_mask"])
+  a = np.sort(np.asarray(out.routes)[:, :, MOE], -1)[real]
+  b = np.sort(live_routes[:, :, MOE], -1)[real]
+  disagree = np.any(a != b, axis=-1)  # [tokens, MoE layers]: top-k sets differ
+  return mu - live_lp[mask], mu - r3_lp[mask], disagree
+
+
+@pytest.mark.parametrize("weight_dtype", ["float8_e4m3fn", "int8"])
+def test_quantized_sampler_kl_routes_and_r3(trainer, prompts, weight_dtype):
+  out = sampler(trainer, weight_dtype).generate(prompts, SAMPLING, seed=2)
+  check_well_formed(out, SAMPLING)
+  live, r3, disagree = _gaps(trainer, out)
+  kl, se = live.mean(), live.std() / np.sqrt(live.size)
+  print(f"\n[{weight_dtype}] tokens={live.size} KL[mu||pi] ~ mean(logp_mu - logp_pi) = {kl:.5f} "
+        f"(+- {se:.5f}); router disagreement: {disagree.mean():.3%} of (token, layer) top-k sets, "
+        f"{disagree.any(-1).mean():.3%} of tokens; mean |logp_mu - logp_pi|: live {np.abs(live).mean():.5f}"
+        f", R3 {np.abs(r3).mean():.5f}")
+  assert np.abs(live).max() > 1e-3  # the sampler really computes with quantized weights
+  assert -3 * se < kl < 0.1  # small, non-negative within noise
+  assert 0 < disagree.mean() < 0.5  # quantization flips some routing decisions
+  assert np.abs(r3).mean() < 0.8 * np.abs(live).mean()  # R3 lowers the trainer-sampler gap
+
+
+def test_greedy_is_deterministic_and_scores_at_temperature_one(trainer, prompts):
+  s = sampler(trainer, "float32")
+  greedy = dataclasses.replace(SAMPLING, temperature=0.0)
+  a = s.generate(prompts, greedy, seed=0)
+  b = s.generate(prompts, greedy, seed=123)
+  np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+  check_well_formed(a, greedy)
+  lp, _, logits = trainer_logp(trainer, a)
+  mask = np.asarray(a.response_mask)
+  np.testing.assert_array_equal(np.asarray(a.tokens)[mask], logits.argmax(-1)[mask])
+  np.testing.assert_allclose(np.asarray(a.logp_mu)[mask], lp[mask], atol=1e-4, rtol=0)
+
+
+def test_same_seed_reproduces(trainer, prompts):
+  s = sampler(trainer, "float32")
+  a, b, c = (s.generate(prompts, SAMPLING, seed=seed) for seed in (5, 5, 6))
+  for f in ("tokens", "logp_mu", "routes", "lengths"):
+    np.testing.assert_array_equal(np.asarray(getattr(a, f)), np.asarray(getattr(b, f)))
+  assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+
+
+def test_no_recompile_within_buckets(trainer):
+  s = sampler(trainer, "float32")
+  rng = np.random.default_rng(1)
+  s.generate([list(rng.integers(12, 128, n)) for n in (3, 12, 9, 1) * 8], SAMPLING, seed=0)  # warm-up
+  before = s.num_compiles()
+  for lens, max_new, seed in (((16, 2, 5, 7) * 8, 17, 1), ((9, 9, 9, 9) * 8, 32, 2)):
+    out = s.generate([list(rng.integers(12, 128, n)) for n in lens],
+                     dataclasses.replace(SAMPLING, max_new_tokens=max_new), seed=seed)
+    assert int(np.asarray(out.lengths).max()) <= max_new
+  assert s.num_compiles() == before
+  s.generate([list(rng.integers(12, 128, 17))] * 32, SAMPLING, seed=0)  # P: 16 -> 32, compiles once
+  after = s.num_compiles()
+  assert after["prefill"] == before["prefill"] + 1 and after["decode"] == before["decode"] + 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling semantics on hand-made logits, against numpy.
+# ------------------------------------------------------------------------------------------------
+PROBS = np.array([[0.40, 0.25, 0.15, 0.10, 0.05, 0.03, 0.02, 0.0, 0.0, 0.0],
+                  [0.05, 0.05, 0.30, 0.02, 0.33, 0.05, 0.10, 0.04, 0.03, 0.03],
+                  [0.10] * 10,
+                  [0.91, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01]])
+
+
+def np_truncated_probs(logits, temperature, top_k, top_p):
+  """Reference: softmax(logits / T); keep the top_k; renormalize; keep the smallest most-probable
+  prefix whose mass reaches top_p (token i kept iff the mass before it is < top_p); renormalize."""
+  x = logits.astype(np.float64) / temperature
+  out = np.zeros_like(x)
+  for r in range(x.shape[0]):
+    order = np.argsort(-x[r], kind="stable")
+    keep = order[:top_k] if top_k else order
+    p = np.exp(x[r, keep] - x[r, keep].max())
+    p /= p.sum()
+    before = np.cumsum(p) - p
+    keep, p = keep[before < top_p], p[before < top_p]
+    out[r, keep] = p / p.sum()
+  return out
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.7),
+                                                     (1.0, 2, 0.5), (0.5, 0, 0.9), (2.0, 5, 0.8)])
+def test_truncation_matches_numpy(temperature, top_k, top_p):
+  rng = np.random.default_rng(0)
+  logits = np.log(np.maximum(PROBS, 1e-9)).astype(np.float32)
+  logits[2] += rng.normal(0, 0.3, 10).astype(np.float32)  # break the ties of the uniform row
+  ref = np_truncated_probs(logits, temperature, top_k, top_p)
+  x = np.asarray(truncate_logits(jnp.asarray(logits), temperature, top_k, top_p))
+  np.testing.assert_array_equal(np.isfinite(x), ref > 0)  # exactly the intended tokens are kept
+  reps = 2000
+  big = jnp.asarray(np.repeat(logits, reps, axis=0))
+  fn = jax.jit(sample_logits, static_argnums=(2, 3, 4))
+  tok, lp = fn(jax.random.key(0), big, temperature, top_k, top_p)
+  tok, lp = np.asarray(tok).reshape(4, reps), np.asarray(lp).reshape(4, reps)
+  rows = np.arange(4)[:, None]
+  assert np.all(ref[rows, tok] > 0)  # never a truncated token
+  np.testing.assert_allclose(lp, np.log(ref[rows, tok]), atol=2e-5)  # log renormalized probability
+  freq = np.stack([np.bincount(t, minlength=10) for t in tok]) / reps
+  np.testing.assert_allclose(freq, ref, atol=0.04)  # and sampled from it
+
+
+def test_greedy_logp_is_untruncated_temperature_one():
+  logits = jnp.log(jnp.asarray(PROBS[:2] + 1e-9, jnp.float32))
+  tok, lp = sample_logits(jax.random.key(0), logits, 0.0, 3, 0.5)
+  np.testing.assert_array_equal(np.asarray(tok), [0, 4])
+  np.testing.assert_allclose(np.asarray(lp), np.log([0.40, 0.33]), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Weight sync across meshes.
+# ------------------------------------------------------------------------------------------------
+def test_update_weights_across_meshes(trainer, prompts):
+  _, state, _ = trainer
+  rules = DEFAULT_RULES
+  trainer_mesh = make_mesh({"fsdp": 2, "expert": 4})
+  _, abstract = abstract_model(CFG, trainer_mesh, rules)
+  place = lambda st: jax.device_put(st, state_shardings(abstract, trainer_mesh, rules))
+  sampler_mesh = make_mesh({"data": 4, "tensor": 2})
+  s = Sampler(CFG, SamplerConfig(weight_dtype="int8"), mesh=sampler_mesh)
+  flat = lambda st: jax.tree_util.tree_leaves(st)
+  for scale in (1.0, 1.5):
+    src = jax.tree_util.tree_map(lambda x: x * scale, state)
+    s.update_weights(place(src))
+    assert s.num_compiles()["update_weights"] == 1  # the second sync reuses the first compile
+    expect = jax.jit(quantize_state, static_argnums=1)(src, "int8")
+    for got, want, sh in zip(flat(s.params), flat(expect), flat(s.param_shardings)):
+      np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
+                                    np.asarray(want.astype(jnp.float32)))
+      assert got.sharding.is_equivalent_to(sh, got.ndim) and got.dtype == want.dtype
+  assert isinstance(s.params["layers"][0]["mlp"]["gate_proj"].get_value(), QTensor)
+  q = s.params["layers"][0]["self_attn"]["q_proj"].get_value()
+  assert q.q.sharding.spec[1] == "tensor" and q.scale.sharding.spec[0] is None  # heads over tensor
+  # the sharded sampler samples what the single-device one does
+  s.update_weights(place(state))
+  single = sampler(trainer, "int8")
+  a = s.generate(prompts, SAMPLING, seed=7)
+  b = single.generate(prompts, SAMPLING, seed=7)
+  assert a.tokens.sharding.spec[0] == "data"
+  np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+  np.testing.assert_allclose(np.asarray(a.logp_mu), np.asarray(b.logp_mu), atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(a.routes), np.asarray(b.routes))
+
+
+# ------------------------------------------------------------------------------------------------
+# The user tool: python -m fo_rl.tools.sample.
+# ------------------------------------------------------------------------------------------------
+def test_sample_tool_hf_checkpoint_matches_transformers(tmp_path):
+  import io
+
+  import torch
+  from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+  from fo_rl.tools import sample as tool
+  torch.manual_seed(0)
+  hf_cfg = Qwen3MoeConfig(vocab_size=128, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                          num_experts=8, num_experts_per_tok=2, mlp_only_layers=[1], eos_token_id=3,
+                          initializer_range=0.2, tie_word_embeddings=False)
+  model = Qwen3MoeForCausalLM(hf_cfg).eval()
+  model.save_pretrained(tmp_path)  # no tokenizer: prompts and samples are token ids
+  prompt = [5, 17, 99, 42]
+  buf = io.StringIO()
+  out = tool.sample(hf_checkpoint=str(tmp_path), prompt=" ".join(map(str, prompt)), temperature=0.0,
+                    max_new_tokens=6, eos_id=-1, num_samples=2, out=buf)
+  text = buf.getvalue()
+  assert "=== sample 2/2: 6 tokens, finish=length" in text
+  n = int(np.asarray(out.lengths)[0])
+  ours, lp = np.asarray(out.tokens)[0, :n], np.asarray(out.logp_mu)[0, :n]
+  with torch.no_grad():
+    ref = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=6, min_new_tokens=6,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+  ref_tokens = ref.sequences[0, len(prompt):].numpy()
+  ref_lp = np.array([torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(ref.logits, ref_tokens)])
+  np.testing.assert_array_equal(ours, ref_tokens)  # greedy continuation of transformers
+  np.testing.assert_allclose(lp, ref_lp, atol=1e-4)  # printed logp = temperature-1 logprob
+  assert f"{lp[0]:.4f}" in text
+  with pytest.raises(ValueError, match="token ids"):
+    tool.sample(hf_checkpoint=str(tmp_path), prompt="hello", out=io.StringIO())
+
+
+def test_sample_tool_fo_rl_workdir(tmp_path):
+  """A run directory laid out as fo_rl.run writes it: config.json + checkpoints/<step> of the bundle."""
+  import io
+  import json
+
+  from fo_rl import config as config_lib
+  from fo_rl.checkpoint import Checkpointer
+  from fo_rl.rl.trainer import Trainer
+  from fo_rl.tools import sample as tool
+  c = config_lib.base_config()
+  rc = config_lib.parse(c)
+  (tmp_path / "config.json").write_text(json.dumps(json.loads(c.to_json_best_effort())))
+  graphdef, params = init_model(rc.model, None, rc.rules, seed=3)
+  state = Trainer(graphdef, rc.model, rc.trainer).init_state(params)
+  with Checkpointer(tmp_path / "checkpoints") as ck:
+    ck.save(7, {"train": state, "rng": jax.random.key_data(jax.random.key(0))}, {"step": 7}, force=True)
+  cfg, restored, tok, eos = tool.load_workdir(str(tmp_path), None)  # the latest step
+  assert cfg == rc.model and eos == tok.eos_id == 3
+  for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="has steps"):
+    tool.load_workdir(str(tmp_path), 5)
+  buf = io.StringIO()
+  out = tool.sample(checkpoint=str(tmp_path), prompt="12+34=", temperature=0.0, max_new_tokens=4, out=buf)
+  assert np.asarray(out.lengths)[0] >= 1 and "'12+34='" in buf.getvalue()
+  assert "=== sample 1/1:" in buf.getvalue()
+
+
+def test_chunked_decode_equals_one_call(trainer, prompts):
+  s = sampler(trainer, "float32")
+  full = s.generate(prompts, SAMPLING, seed=11)
+  tok, mask = s.pad_prompts(prompts)
+  st = s.decode(s.prefill(tok, mask, SAMPLING, seed=11), SAMPLING, limit=5)
+  assert int(st.step) == 5
+  st = s.decode(s.decode(st, SAMPLING, limit=9), SAMPLING)
+  for a, b in (("tokens", "tokens"), ("logp", "logp_mu"), ("routes", "routes"), ("lengths", "lengths")):
+    np.testing.assert_array_equal(np.asarray(getattr(st, a)), np.asarray(getattr(full, b)))
