@@ -8,7 +8,12 @@ One call of `Trainer.train_step(state, rollouts)`:
      of the registered policy loss (fo_rl/rl/losses.py). r2 and r3 replay their routes in every update.
      An update whose gradient or loss is not finite is skipped (parameters and optimizer state unchanged)
      and counted.
-The update is one jax.jit with explicit in/out shardings over the mesh and a donated train state.
+The update is one jax.jit with explicit in/out shardings over the mesh and a donated train state: the
+state passed to `train_step` (and the params given to `init_state`) must not be used afterwards.
+
+Under R2 the first update evaluates the same parameters and routes as the old-logprob pass, so its staleness
+ratio is 1 up to float rounding: the two are different XLA programs (forward vs forward+backward) and may
+fuse differently, which moves logp by a few float32 ulps (|ratio - 1| <= ~1e-6 on CPU).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from fo_rl.model import ModelConfig, make_apply, validate_replay_routes
+from fo_rl.parallel.multihost import host_get  # device_get that also works across processes
 from fo_rl.parallel.sharding import DEFAULT_RULES, Rules, batch_spec
 from fo_rl.rl import metrics as rl_metrics
 from fo_rl.rl.losses import LossConfig, LossInputs, policy_loss
@@ -134,18 +140,55 @@ class Trainer:
     self.apply = make_apply(graphdef)
     self.tx = make_optimizer(cfg.optim)
     self._old_pass = jax.jit(self._old_pass_fn)
-    self._update = None  # compiled on first use, once the state's shardings are known
+    self._update = None  # the last update used; compiled on first use, once the shardings are known
+    self._updates = {}  # mini-batch size -> jitted update (the batch sharding depends on it)
+    self.last_minibatch_metrics: list[dict[str, Any]] | None = None  # set by train_step
 
   # ---- state --------------------------------------------------------------------------------
   def init_state(self, params) -> TrainState:
-    opt_state = jax.jit(self.tx.init)(params)  # moments inherit the parameters' shardings
-    state = TrainState(params, opt_state, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    """A fresh TrainState around `params` (taken over: the first update donates them)."""
+    zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
     if self.mesh is None:
-      return state
+      return TrainState(params, jax.jit(self.tx.init)(params), zero(), zero())
     replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    # Scalars (Adam's count, the counters) come out on one device: replicate them over the mesh.
-    return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding)
-                        else jax.device_put(x, replicated), state)
+    params = jax.tree.map(lambda x: x if isinstance(getattr(x, "sharding", None), NamedSharding)
+                          else jax.device_put(x, replicated), params)
+    # Adam's moments get exactly the parameters' shardings (left to the compiler, zeros_like comes out
+    # replicated: every device would hold the full moments); its step counts are replicated.
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, jax.eval_shape(self.tx.init, params),
+                                   param_sh, transform_non_params=lambda _: replicated)
+    opt_state = jax.jit(self.tx.init, out_shardings=opt_sh)(params)
+    return TrainState(params, opt_state, jax.device_put(zero(), replicated),
+                      jax.device_put(zero(), replicated))
+
+  # ---- ahead-of-time compilation (fo_rl/parallel/dry_run.py) -------------------------------------
+  def abstract_state(self, params) -> TrainState:
+    """The TrainState `init_state` builds, as ShapeDtypeStructs with the same shardings; `params` are
+    ShapeDtypeStructs with NamedShardings. Nothing is allocated."""
+    replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    opt = jax.eval_shape(self.tx.init, params)
+    opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, opt, jax.tree.map(lambda x: x.sharding,
+                                                                               params),
+                                   transform_non_params=lambda _: replicated)
+    opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt, opt_sh)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    return TrainState(params, opt, scalar, scalar)
+
+  def lower(self, state: TrainState, ro: Rollouts) -> dict[str, Any]:
+    """Lower the two jitted functions of `train_step` for abstract `state` / global batch `ro`
+    (ShapeDtypeStructs): {"old_pass": the old-logprob pass over ro, "update": one mini-batch update}."""
+    B, N = ro.tokens.shape[0], self.cfg.mini_batches
+    ro = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._batch_sharding(x)),
+                      ro)
+    logp_old, live_routes, _ = jax.eval_shape(self._old_pass_fn, state.params, ro)
+    replay = {"none": None, "r2": live_routes, "r3": ro.sampler_routes}[self.cfg.replay]
+    mb = jax.tree.map(lambda x: jax.ShapeDtypeStruct((B // N, *x.shape[1:]), x.dtype),
+                      (ro, logp_old, replay))
+    mb = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._batch_sharding(x)),
+                      mb)
+    return {"old_pass": self._old_pass.lower(state.params, ro),
+            "update": self._compile_update(state, *mb).lower(state, *mb)}
 
   def _batch_sharding(self, x):
     if self.mesh is None:
@@ -158,20 +201,34 @@ class Trainer:
     return jax.tree.map(lambda x: jax.device_put(x, self._batch_sharding(x)), tree)
 
   # ---- old-logprob pass ---------------------------------------------------------------------
+  def old_pass(self, params, ro: Rollouts):
+    """Step 1 of `train_step`: (logp_old [B, T] (0 at position 0), the live routes [B, T, L, k] (what r2
+    records and replays), old-pass metrics). Under r3 logp_old replays the sampler's routes, which are
+    checked here first: they are outside data."""
+    if self.cfg.replay == "r3":
+      validate_replay_routes(ro.sampler_routes, self.model_cfg, ro.token_mask)
+    return self._old_pass(params, self._shard_batch(ro))
+
+  def old_logprobs(self, params, ro: Rollouts) -> jax.Array:
+    """[B, T] logp_old = log pi_old(y_t), exactly as `train_step` computes it."""
+    return self.old_pass(params, ro)[0]
+
   def _old_pass_fn(self, params, ro: Rollouts):
     temp = self.cfg.temperature
     logits, live_routes = self.apply(params, ro.tokens, ro.positions, None, ro.token_mask)
     logp_live = token_logprobs(logits, ro.tokens, temp)
     mask = ro.response_mask
-    # Entropy of pi_old at each response token's predicting position (logits t-1 predict token t).
-    ent_logits = jnp.pad(logits[:, :-1], ((0, 0), (1, 0), (0, 0))) / temp
-    out = {"entropy": rl_metrics.token_entropy(ent_logits, mask)}
+    out = {}
     if self.cfg.replay == "r3":
-      logits_r, _ = self.apply(params, ro.tokens, ro.positions, ro.sampler_routes, ro.token_mask)
-      logp_old = token_logprobs(logits_r, ro.tokens, temp)
+      logits, _ = self.apply(params, ro.tokens, ro.positions, ro.sampler_routes, ro.token_mask)
+      logp_old = token_logprobs(logits, ro.tokens, temp)
       out["r3_vs_live_logp_gap"] = rl_metrics.masked_mean(jnp.abs(logp_old - logp_live), mask)
     else:
       logp_old = logp_live
+    # Entropy of pi_old (the policy logp_old comes from: replayed under r3) at each response token's
+    # predicting position (logits t-1 predict token t).
+    ent_logits = jnp.pad(logits[:, :-1], ((0, 0), (1, 0), (0, 0))) / temp
+    out["entropy"] = rl_metrics.token_entropy(ent_logits, mask)
     if self.model_cfg.num_experts > 0:
       dis = rl_metrics.router_disagreement(ro.sampler_routes, live_routes, ro.token_mask)
       out["router_disagreement_per_decision"] = dis["per_decision"]
@@ -182,16 +239,16 @@ class Trainer:
     return logp_old, live_routes, out
 
   # ---- one update -----------------------------------------------------------------------------
+  def loss_fn(self, params, ro: Rollouts, logp_old, replay):
+    """(policy loss, loss metrics) of one mini-batch; `replay` None (live routing) or [B, T, L, k]."""
+    logits, _ = self.apply(params, ro.tokens, ro.positions, replay, ro.token_mask)
+    logp = token_logprobs(logits, ro.tokens, self.cfg.temperature)
+    return policy_loss(LossInputs(logp, logp_old, ro.logp_mu, ro.advantages, ro.response_mask),
+                       self.cfg.loss)
+
   def _update_fn(self, state: TrainState, ro: Rollouts, logp_old, replay):
-    temp = self.cfg.temperature
-
-    def loss_fn(params):
-      logits, _ = self.apply(params, ro.tokens, ro.positions, replay, ro.token_mask)
-      logp = token_logprobs(logits, ro.tokens, temp)
-      return policy_loss(LossInputs(logp, logp_old, ro.logp_mu, ro.advantages, ro.response_mask),
-                         self.cfg.loss)
-
-    (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, m), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state.params, ro, logp_old,
+                                                                        replay)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
     grads = jax.tree.map(lambda g: jnp.where(ok, g, 0), grads)  # keep Adam's moments finite too
@@ -200,8 +257,9 @@ class Trainer:
     params = _where_finite(ok, params, state.params)
     opt_state = _where_finite(ok, opt_state, state.opt_state)
     update_norm = optax.global_norm(jax.tree.map(jnp.subtract, params, state.params))
-    new = TrainState(params, opt_state, state.step + 1, state.skipped + (~ok).astype(jnp.int32))
-    m = dict(m, loss=loss, grad_norm=grad_norm, update_norm=update_norm)
+    skipped = (~ok).astype(jnp.int32)
+    new = TrainState(params, opt_state, state.step + 1, state.skipped + skipped)
+    m = dict(m, loss=loss, grad_norm=grad_norm, update_norm=update_norm, skipped=skipped)
     return new, m
 
   def _compile_update(self, state: TrainState, mb, logp_old, replay):
@@ -219,30 +277,37 @@ class Trainer:
     B = ro.tokens.shape[0]
     if B % N:
       raise ValueError(f"rl.mini_batches={N} does not divide the global batch of {B} responses")
-    if cfg.replay == "r3":  # the sampler's routes are outside data: check them before any compute
-      validate_replay_routes(ro.sampler_routes, self.model_cfg, ro.token_mask)
     ro = self._shard_batch(ro)
-    logp_old, live_routes, old_metrics = self._old_pass(state.params, ro)
+    logp_old, live_routes, old_metrics = self.old_pass(state.params, ro)
     replay = {"none": None, "r2": live_routes, "r3": ro.sampler_routes}[cfg.replay]
     per_mb = []
     mb_size = B // N
     for i in range(N):
       sl = lambda x: x[i * mb_size:(i + 1) * mb_size]
       mb, lo, rp = self._shard_batch(jax.tree.map(sl, (ro, logp_old, replay)))
-      if self._update is None:
-        self._update = self._compile_update(state, mb, lo, rp)
+      if mb_size not in self._updates:
+        self._updates[mb_size] = self._compile_update(state, mb, lo, rp)
+      self._update = self._updates[mb_size]
       state, m = self._update(state, mb, lo, rp)
       per_mb.append(m)
+    per_mb = host_get(per_mb)
+    self.last_minibatch_metrics = per_mb  # per-update values, for tests and debugging
     return state, self._summarize(ro, old_metrics, per_mb, state)
 
   @staticmethod
   def _summarize(ro: Rollouts, old_metrics, per_mb, state) -> dict[str, float]:
-    per_mb = jax.device_get(per_mb)
-    out = {k: float(v) for k, v in jax.device_get(old_metrics).items()}
+    """Old-pass metrics, then each update metric averaged (max for *_max) over the updates that were
+    applied: a skipped update's NaN loss / grad norm would otherwise hide the others (it is counted in
+    skipped_steps instead; all NaN when every update of the step was skipped)."""
+    out = {k: float(v) for k, v in host_get(old_metrics).items()}
+    applied = np.asarray([int(m["skipped"]) == 0 for m in per_mb])
     for k in per_mb[0]:
-      vals = np.asarray([m[k] for m in per_mb], np.float64)
-      out[k] = float(vals.max() if k.endswith("_max") else vals.mean())
+      if k == "skipped":
+        continue
+      vals = np.asarray([m[k] for m in per_mb], np.float64)[applied]
+      out[k] = float(vals.max() if k.endswith("_max") else vals.mean()) if vals.size else float("nan")
     out["staleness_ratio_first_minibatch_max"] = float(per_mb[0].get("ratio_max", np.nan))
-    out["skipped_steps"] = int(state.skipped)
-    out["response_length"] = float(np.asarray(ro.response_mask).sum(-1).mean())
+    out["skipped_steps"] = int(sum(int(m["skipped"]) for m in per_mb))  # in this train_step
+    out["skipped_steps_total"] = int(state.skipped)  # since init_state
+    out["response_length"] = float(np.asarray(host_get(ro.response_mask)).sum(-1).mean())
     return out

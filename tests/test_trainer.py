@@ -1,0 +1,408 @@
+"""The RL train step (fo_rl/rl/trainer.py): updates and metrics, non-finite skipping, Routing Replay (R2/R3)
+and its silent failure modes (algorithms.md section 5), sharded vs single device, config errors.
+
+One batch layout is shared by every test: B rows of [left-padded prompt (P) | right-padded response (R)],
+prompt and response lengths varying per row, junk tokens in the padding. The "fp32 sampler" is teacher
+forcing with the trainer's own parameters: logp_mu and the sampler's routes are what a float32 sampler
+would have returned, so under R3 the old-logprob pass must reproduce logp_mu exactly.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fo_rl.model import ModelConfig, abstract_model, make_apply, positions_from_mask
+from fo_rl.parallel.sharding import DEFAULT_RULES, make_mesh, state_shardings
+from fo_rl.rl.trainer import OptimConfig, Rollouts, Trainer, TrainerConfig
+
+CFG = ModelConfig(vocab_size=96, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
+                  intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                  mlp_only_layers=(1,))
+E, L, K = CFG.num_experts, CFG.num_layers, CFG.num_experts_per_tok
+B, P, R = 16, 8, 8
+T = P + R
+N = 2  # mini-batches per train step
+MB = B // N
+# Adam divides each gradient component by its own magnitude: with the default eps (1e-8) a component whose
+# gradient is at the roundoff level of a reordered (sharded) sum moves by +-lr either way. eps = 1e-4 keeps
+# such components linear, so parameters can be compared across meshes at 1e-5.
+OPTIM = OptimConfig(learning_rate=1e-3, eps=1e-4)
+TRAINER_KEYS = (  # every per-step metric the trainer owns (reward / accuracy come from the main loop)
+    "response_length", "entropy", "train_infer_kl", "train_infer_k3", "train_infer_frac_tau2",
+    "is_weight_mean", "is_weight_max", "is_truncated_frac", "clip_frac_high", "clip_frac_low",
+    "ratio_mean", "ratio_max", "router_disagreement_per_decision", "router_disagreement_per_token",
+    "grad_norm", "update_norm", "skipped_steps", "loss")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Helpers.
+# ------------------------------------------------------------------------------------------------------
+def _copy(tree):
+  """A copy that survives donation of the original."""
+  return jax.tree.map(jnp.copy, tree)
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _np_logp(logits, tokens):
+  """Independent reference: numpy float64 log-softmax; [B, T] logp of token t from logits t-1 (0 at t=0)."""
+  lf = np.asarray(logits, np.float64)
+  m = lf.max(-1, keepdims=True)
+  ls = lf - (m + np.log(np.exp(lf - m).sum(-1, keepdims=True)))
+  tok = np.asarray(tokens)
+  out = np.zeros(tok.shape)
+  out[:, 1:] = np.take_along_axis(ls[:, :-1], tok[:, 1:, None], -1)[..., 0]
+  return out, ls
+
+
+def _params(seed=0):
+  """Parameters drawn in numpy (no init program to compile): norms near 1, weights std 0.15, which gives
+  peakier logits and routing than the std-0.02 init."""
+  rng = np.random.default_rng(seed)
+  _, abstract = abstract_model(CFG)
+  return jax.tree.map(lambda a: jnp.asarray(
+      rng.uniform(0.8, 1.2, a.shape) if len(a.shape) == 1 else rng.normal(0.0, 0.15, a.shape),
+      np.float32), abstract)
+
+
+def _layout(seed=0):
+  """Left-padded prompts, right-padded responses, junk in the padding. Lengths from small sets so the
+  unpadded reference needs few compiles."""
+  rng = np.random.default_rng(seed)
+  plen = rng.choice([3, 5, 8], B)
+  rlen = rng.choice([3, 8], B)
+  plen[:2], rlen[:2] = (8, 3), (8, 8)
+  tokens = rng.integers(1, CFG.vocab_size, (B, T)).astype(np.int32)  # padding keeps its junk tokens
+  token_mask = np.zeros((B, T), bool)
+  resp = np.zeros((B, T), np.float32)
+  for b in range(B):
+    token_mask[b, P - plen[b]:P + rlen[b]] = True
+    resp[b, P:P + rlen[b]] = 1
+  return tokens, token_mask, resp, plen, rlen
+
+
+def _with(ro: Rollouts, **kw) -> Rollouts:
+  d = {k: getattr(ro, k) for k in ro.__dataclass_fields__}
+  d.update({k: jnp.asarray(v) for k, v in kw.items()})
+  return Rollouts(**d)
+
+
+def _mb(tree, i):
+  return jax.tree.map(lambda x: None if x is None else x[i * MB:(i + 1) * MB], tree)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Fixtures (module scope: every trainer compiles once).
+# ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def env():
+  graphdef, _ = abstract_model(CFG)
+  params = _params()
+  apply = jax.jit(make_apply(graphdef))
+  tokens, token_mask, resp, plen, rlen = _layout()
+  pos = np.asarray(positions_from_mask(jnp.asarray(token_mask)))
+  logits, routes = apply(params, tokens, pos, None, token_mask)
+  logp_live, logsm = _np_logp(logits, tokens)
+  rng = np.random.default_rng(1)
+  adv = (rng.choice([-1.0, 1.0], B) * rng.uniform(0.5, 1.5, B)).astype(np.float32)
+  # "fp32 sampler": exact logp_mu and routes, by teacher forcing with the same parameters.
+  exact = Rollouts(jnp.asarray(tokens), jnp.asarray(token_mask), jnp.asarray(pos), jnp.asarray(resp),
+                   jnp.asarray(np.where(resp > 0, logp_live, 0.0).astype(np.float32)), routes,
+                   jnp.asarray(adv))
+  # A sampler with a gap: noisy logp_mu (a few tokens far below: TIS truncation) and ~10% of the MoE
+  # decisions at real tokens changed to a different expert set.
+  noise = rng.normal(0, 0.3, (B, T)) - 3.0 * (rng.uniform(size=(B, T)) < 0.08)
+  logp_mu = np.where(resp > 0, logp_live + noise, 0.0).astype(np.float32)
+  r = np.asarray(routes).copy()
+  flip = (rng.uniform(size=(B, T, L)) < 0.1) & token_mask[..., None]
+  flip[:, :, 1] = False  # layer 1 is dense
+  r[flip] = (r[flip] + 1) % E  # {a+1, b+1} != {a, b} for k=2, E=8
+  noisy = _with(exact, logp_mu=logp_mu, sampler_routes=r)
+  return dict(graphdef=graphdef, params=params, apply=apply, logits=np.asarray(logits),
+              logsm=logsm, routes=np.asarray(routes), logp_live=logp_live, exact=exact, noisy=noisy,
+              flip=flip, plen=plen, rlen=rlen)
+
+
+@pytest.fixture(scope="module")
+def trainers(env):
+  return {rp: Trainer(env["graphdef"], CFG, TrainerConfig(mini_batches=N, replay=rp, optim=OPTIM))
+          for rp in ("r2", "r3")}  # (r2's old pass is the live, no-replay one)
+
+
+@pytest.fixture(scope="module")
+def runs(env, trainers):
+  """(replay, batch name) -> (state after the step, metrics, per-update metrics); computed once."""
+  cache = {}
+
+  def get(replay, batch="noisy"):
+    if (replay, batch) not in cache:
+      tr = trainers[replay]
+      state, m = tr.train_step(tr.init_state(_copy(env["params"])), env[batch])
+      cache[replay, batch] = (state, m, tr.last_minibatch_metrics)
+    return cache[replay, batch]
+
+  return get
+
+
+def _grad(state):
+  """The (clipped) gradient of a state's first and only update, read back from Adam's first moment."""
+  return [x / (1 - OPTIM.b1) for x in _leaves(state.opt_state[1][0].mu)]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Train step basics.
+# ------------------------------------------------------------------------------------------------------
+def test_train_step_updates_and_metrics(env, trainers, runs):
+  state, m, per_mb = runs("r2")
+  assert int(state.step) == N and int(state.skipped) == 0 and len(per_mb) == N
+  for k in TRAINER_KEYS:
+    assert k in m and np.isfinite(m[k]), k
+  assert m["skipped_steps"] == 0
+  p0, p1 = _leaves(env["params"]), _leaves(state.params)
+  assert all(np.abs(a - b).max() > 0 for a, b in zip(p0, p1))  # every parameter moved
+  assert m["update_norm"] > 0 and m["grad_norm"] > 0
+
+  # Old-pass metrics against an independent numpy computation (logp_old = live logp under r2).
+  ro, resp = env["noisy"], np.asarray(env["noisy"].response_mask) > 0
+  mu, lo = np.asarray(ro.logp_mu, np.float64), env["logp_live"]
+  d = (mu - lo)[resp]
+  np.testing.assert_allclose(m["train_infer_kl"], d.mean(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(m["train_infer_k3"], (np.exp(-d) - 1 + d).mean(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(m["train_infer_frac_tau2"], (np.abs(d) > np.log(2)).mean(), atol=1e-6)
+  assert abs(m["train_infer_kl"]) > 0.01 and m["train_infer_frac_tau2"] > 0  # the data has a gap
+  ent_prev = -(np.exp(env["logsm"]) * env["logsm"]).sum(-1)  # entropy of the distribution at t-1
+  np.testing.assert_allclose(m["entropy"], ent_prev[:, :-1][resp[:, 1:]].mean(), rtol=1e-5)
+  np.testing.assert_allclose(m["response_length"], env["rlen"].mean())
+  flip, real = env["flip"], np.asarray(ro.token_mask)
+  np.testing.assert_allclose(m["router_disagreement_per_decision"],
+                             flip[real][:, [0, 2]].mean(), atol=1e-6)
+  np.testing.assert_allclose(m["router_disagreement_per_token"], flip[real].any(-1).mean(), atol=1e-6)
+  assert 0 < m["router_disagreement_per_decision"] < m["router_disagreement_per_token"]
+
+  # First update: staleness ratio 1, so the IS weight is the capped pi_old / mu.
+  rho = np.exp(lo - mu)[:MB][resp[:MB]]
+  first = per_mb[0]
+  np.testing.assert_allclose(first["is_weight_mean"], np.minimum(rho, 5.0).mean(), rtol=1e-5)
+  np.testing.assert_allclose(first["is_truncated_frac"], (rho > 5.0).mean(), atol=1e-6)
+  assert first["is_truncated_frac"] > 0
+  np.testing.assert_allclose([first["ratio_mean"], first["ratio_max"]], 1.0, atol=1e-6)
+
+
+def test_non_finite_update_is_skipped_and_counted(env, trainers, runs):
+  tr = trainers["r2"]
+  runs("r2")  # the update is compiled
+  adv = np.asarray(env["noisy"].advantages).copy()
+  adv[1] = np.nan  # poisons mini-batch 0 only
+  bad = _with(env["noisy"], advantages=adv)
+  state0 = tr.init_state(_copy(env["params"]))
+  keep = _leaves((state0.params, state0.opt_state))
+  state, m = tr.train_step(_copy(state0), bad)
+  assert m["skipped_steps"] == 1 and m["skipped_steps_total"] == 1 and int(state.step) == N
+  assert [int(x["skipped"]) for x in tr.last_minibatch_metrics] == [1, 0]
+  assert np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])  # averaged over the applied update
+
+  # The same two updates one at a time: the bad one leaves params and optimizer state bitwise unchanged,
+  # the good one then applies exactly as inside train_step.
+  logp_old, recorded, _ = tr.old_pass(state0.params, bad)
+  s1, m1 = tr._update(_copy(state0), _mb(bad, 0), _mb(logp_old, 0), _mb(recorded, 0))
+  assert int(m1["skipped"]) == 1 and not np.isfinite(float(m1["loss"]))
+  assert int(s1.step) == 1 and int(s1.skipped) == 1
+  for a, b in zip(keep, _leaves((s1.params, s1.opt_state))):
+    np.testing.assert_array_equal(a, b)
+  before = _leaves(s1.params)
+  s2, m2 = tr._update(s1, _mb(bad, 1), _mb(logp_old, 1), _mb(recorded, 1))
+  assert int(m2["skipped"]) == 0
+  after = _leaves(s2.params)
+  assert any(np.abs(a - b).max() > 0 for a, b in zip(before, after))
+  np.testing.assert_allclose(float(m2["update_norm"]),
+                             np.sqrt(sum(((a - b).astype(np.float64) ** 2).sum()
+                                         for a, b in zip(before, after))), rtol=1e-4)
+  for a, b in zip(_leaves((s2.params, s2.opt_state)), _leaves((state.params, state.opt_state))):
+    np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Routing Replay.
+# ------------------------------------------------------------------------------------------------------
+def test_r2_first_minibatch_is_exactly_the_no_replay_update(env, trainers, runs):
+  _, m, per_mb = runs("r2")
+  first = per_mb[0]
+  # Staleness ratio 1: same params, same (recorded) routes. The old pass and the update are different
+  # XLA programs (forward vs forward+backward) that may round differently: measured on CPU, one token's
+  # logp (|logp| ~ 6.9) differs by 2 float32 ulps, ratio_max - 1 = 9.5e-7; ratio_mean is exactly 1.
+  # Allowed: 1e-6, or 4 ulps of the largest |logp| -- rounding, never a single misrouted token (~1e-2).
+  resp = np.asarray(env["noisy"].response_mask)[:MB] > 0
+  ulp = float(np.spacing(np.float32(np.abs(env["logp_live"][:MB][resp]).max())))
+  assert abs(first["ratio_max"] - 1) <= max(1e-6, 4 * ulp) and abs(first["ratio_mean"] - 1) <= 1e-6
+  assert m["staleness_ratio_first_minibatch_max"] == first["ratio_max"]
+  # Loss and gradient of the first update (replaying the recorded routes) vs live routing, no replay.
+  tr, params, ro = trainers["r2"], env["params"], env["noisy"]
+  logp_old, recorded, _ = tr.old_pass(params, ro)
+  (loss, _), g = jax.jit(jax.value_and_grad(tr.loss_fn, has_aux=True))(
+      params, _mb(ro, 0), _mb(logp_old, 0), None)
+  g = _leaves(g)
+  norm = np.sqrt(sum((x.astype(np.float64) ** 2).sum() for x in g))
+  np.testing.assert_allclose(first["loss"], float(loss), rtol=1e-6)
+  np.testing.assert_allclose(first["grad_norm"], norm, rtol=1e-6)
+  s_rep, _ = tr._update(tr.init_state(_copy(params)), _mb(ro, 0), _mb(logp_old, 0), _mb(recorded, 0))
+  clip = min(1.0, OPTIM.grad_clip / norm)
+  for x, y in zip(_grad(s_rep), g):
+    np.testing.assert_allclose(x, clip * y, rtol=1e-5, atol=1e-8)
+
+
+def test_r3_with_fp32_sampler_reproduces_logp_mu(env, trainers):
+  """(A whole r3 train step on this batch runs, sharded, in test_sharded_train_step_matches_single_device.)"""
+  ro = env["exact"]
+  resp = np.asarray(ro.response_mask) > 0
+  logp_old, _, m = trainers["r3"].old_pass(env["params"], ro)
+  assert np.abs(np.asarray(logp_old) - np.asarray(ro.logp_mu))[resp].max() <= 1e-5
+  m = {k: float(v) for k, v in m.items()}
+  assert abs(m["train_infer_kl"]) < 1e-6 and m["train_infer_k3"] < 1e-6
+  assert m["train_infer_frac_tau2"] == 0
+  assert m["router_disagreement_per_decision"] == 0 and m["r3_vs_live_logp_gap"] < 1e-6
+
+
+def test_replay_changes_the_computation(env, trainers, runs):
+  runs("r2")  # the update is compiled
+  tr, params, ro = trainers["r2"], env["params"], env["noisy"]
+  logp_old, recorded, _ = tr.old_pass(params, ro)
+  rep = np.asarray(recorded)[:MB].copy()
+  s_own, m_own = tr._update(tr.init_state(_copy(params)), _mb(ro, 0), _mb(logp_old, 0), jnp.asarray(rep))
+  rep[:, :, 2] = (rep[:, :, 2] + 3) % E  # permute the experts of MoE layer 2 only
+  s_perm, m_perm = tr._update(tr.init_state(_copy(params)), _mb(ro, 0), _mb(logp_old, 0),
+                              jnp.asarray(rep))
+  assert int(m_perm["skipped"]) == 0
+  assert abs(float(m_perm["loss"]) - float(m_own["loss"])) > 1e-2 * abs(float(m_own["loss"]))
+  assert abs(float(m_perm["ratio_mean"]) - 1) > 1e-3  # pi_theta under other experts is not pi_old
+  gdiff = max(np.abs(x - y).max() for x, y in zip(_grad(s_perm), _grad(s_own)))
+  assert gdiff > 1e-3
+  # R3 with sampler routes that differ from the live ones: the old pass follows the sampler's routes.
+  resp = np.asarray(ro.response_mask) > 0
+  logp_r3, _, m = trainers["r3"].old_pass(params, ro)
+  gap = np.abs(np.asarray(logp_r3) - env["logp_live"])
+  assert gap[resp].max() > 1e-3 and m["r3_vs_live_logp_gap"] > 1e-5
+  # ... and only there: a row whose routes were never changed matches live routing.
+  clean = ~env["flip"].any(axis=(1, 2))
+  if clean.any():
+    assert gap[clean][resp[clean]].max() < 1e-5
+
+
+def test_dense_layer_keeps_its_index_and_shifted_routes_are_rejected(env, trainers, runs):
+  tr, params, ro = trainers["r2"], env["params"], env["noisy"]
+  runs("r2")  # the update is compiled
+  logp_old, recorded, _ = tr.old_pass(params, ro)
+  rec = np.asarray(recorded)
+  real = np.asarray(ro.token_mask)
+  assert (rec[:, :, 1] == -1).all()  # dense layer 1 holds the sentinel
+  moe = rec[:, :, [0, 2]][real]
+  assert ((moe >= 0) & (moe < E)).all() and (moe[..., 0] != moe[..., 1]).all()
+  np.testing.assert_array_equal(rec[real], env["routes"][real])  # what the model itself routes
+  shifted = np.roll(rec, 1, axis=2)  # routes shifted by one layer
+  with pytest.raises(ValueError, match="layer"):
+    trainers["r3"].train_step(trainers["r3"].init_state(_copy(params)), _with(ro, sampler_routes=shifted))
+  # Inside jit nothing can raise: the shifted routes make the loss NaN and the update is skipped.
+  state0 = tr.init_state(_copy(params))
+  keep = _leaves((state0.params, state0.opt_state))
+  s1, m1 = tr._update(state0, _mb(ro, 0), _mb(logp_old, 0), jnp.asarray(shifted[:MB]))
+  assert int(m1["skipped"]) == 1 and int(s1.skipped) == 1 and not np.isfinite(float(m1["loss"]))
+  for a, b in zip(keep, _leaves((s1.params, s1.opt_state))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_left_padded_prompts_keep_routes_aligned(env, trainers):
+  """R3 replay of routes computed on the unpadded sequences, shifted into the padded layout, gives the
+  unpadded logprobs at every response token; left unshifted, it does not.
+
+  The unpadded reference runs every row from column 0 with positions 0..n-1 (one compiled shape): the
+  model is causal and its MoE dispatch dropless, so what follows a row's n real tokens cannot change them.
+  """
+  ro, plen, rlen = env["exact"], env["plen"], env["rlen"]
+  tokens, n = np.asarray(ro.tokens), env["plen"] + env["rlen"]
+  starts = P - plen
+  seq = np.stack([np.roll(tokens[b], -starts[b]) for b in range(B)])  # real tokens first
+  seq_mask = np.arange(T)[None, :] < n[:, None]
+  logits_u, routes_u = env["apply"](env["params"], seq, np.broadcast_to(np.arange(T), (B, T)), None,
+                                    seq_mask)
+  lp_u, _ = _np_logp(logits_u, seq)
+  routes_u = np.asarray(routes_u)
+  aligned = np.full((B, T, L, K), -7, np.int32)  # junk at padding: never checked, never used
+  unshifted = np.zeros((B, T, L, K), np.int32)  # valid ids everywhere, but at the wrong positions
+  unshifted[:, :, 1] = -1
+  logp_ref = np.full((B, T), np.nan)
+  for b in range(B):
+    aligned[b, starts[b]:P + rlen[b]] = routes_u[b, :n[b]]
+    unshifted[b, :n[b]] = routes_u[b, :n[b]]
+    logp_ref[b, starts[b]:P + rlen[b]] = lp_u[b, :n[b]]
+  resp = np.asarray(ro.response_mask) > 0
+  r3 = trainers["r3"]
+  logp_old = np.asarray(r3.old_logprobs(env["params"], _with(ro, sampler_routes=aligned)))
+  np.testing.assert_allclose(logp_old[resp], logp_ref[resp], rtol=1e-5, atol=1e-5)
+  lp_bad = np.asarray(r3.old_logprobs(env["params"], _with(ro, sampler_routes=unshifted)))
+  padded = plen < P
+  assert np.abs(lp_bad - logp_ref)[padded][resp[padded]].max() > 1e-3  # the check can fail
+
+
+# ------------------------------------------------------------------------------------------------------
+# Sharding.
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mesh_cfg,replay,batch", [
+    ({"fsdp": 2, "expert": 4}, "r2", "noisy"),
+    # r3 replaying exact sampler routes computes what r2 does: compared with the single-device r2 step.
+    ({"data": 2, "expert": 2, "tensor": 2}, "r3", "exact")])
+def test_sharded_train_step_matches_single_device(env, runs, mesh_cfg, replay, batch):
+  ref_state, ref_m, ref_per_mb = runs("r2", batch)
+  ro = env[batch]
+  mesh = make_mesh(mesh_cfg)
+  graphdef, abstract = abstract_model(CFG, mesh)
+  params = jax.device_put(_copy(env["params"]), state_shardings(abstract, mesh, DEFAULT_RULES))
+  tr = Trainer(graphdef, CFG, TrainerConfig(mini_batches=N, replay=replay, optim=OPTIM), mesh=mesh)
+  state = tr.init_state(params)
+  in_sh = [x.sharding for x in jax.tree.leaves(state)]
+  assert all(len(s.device_set) == 8 and s.mesh.shape == mesh.shape for s in in_sh)
+  mu = jax.tree.leaves(state.opt_state[1][0].mu)  # Adam's first moment: sharded like the parameters
+  for p, m in zip(jax.tree.leaves(state.params), mu):
+    assert m.sharding.is_equivalent_to(p.sharding, p.ndim)
+  old = jax.tree.leaves(state)
+  new, m = tr.train_step(state, ro)
+  assert all(x.is_deleted() for x in old)  # the state was donated
+  out_sh = [x.sharding for x in jax.tree.leaves(new)]
+  assert all(a.is_equivalent_to(b, x.ndim) for a, b, x in zip(out_sh, in_sh, old))
+  assert sum(any(s.spec) for s in out_sh) > len(out_sh) // 2  # most of the state is really sharded
+
+  # The compiled update's in/out shardings are the state's mesh shardings.
+  logp_old, routes, _ = tr.old_pass(new.params, ro)
+  args = tr._shard_batch(_mb((ro, logp_old, routes if replay == "r2" else ro.sampler_routes), 0))
+  compiled = tr._update.lower(new, *args).compile()
+  for sh in (compiled.input_shardings[0][0], compiled.output_shardings[0]):
+    assert all(a.is_equivalent_to(b, x.ndim) for a, b, x in zip(jax.tree.leaves(sh), out_sh, old))
+
+  assert int(new.step) == N and m["skipped_steps"] == 0
+  if batch == "exact":  # the fp32-sampler batch: no train-inference gap under r3 either
+    assert abs(m["train_infer_kl"]) < 1e-6 and m["is_truncated_frac"] == 0
+    assert abs(m["train_infer_ratio_max"] - 1) < 1e-5 and m["router_disagreement_per_decision"] == 0
+  for k in ref_m:
+    np.testing.assert_allclose(m[k], ref_m[k], rtol=1e-5, atol=1e-5, err_msg=k)
+  for a, b in zip(_leaves(new.params), _leaves(ref_state.params)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Config errors.
+# ------------------------------------------------------------------------------------------------------
+def test_config_errors_name_the_field(env):
+  with pytest.raises(ValueError, match=r"rl\.replay"):
+    TrainerConfig(replay="r4")
+  with pytest.raises(ValueError, match=r"rl\.mini_batches"):
+    TrainerConfig(mini_batches=0)
+  dense = CFG.replace(num_experts=0)
+  graphdef, _ = abstract_model(dense)
+  with pytest.raises(ValueError, match=r"rl\.replay"):
+    Trainer(graphdef, dense, TrainerConfig(replay="r3"))
+  Trainer(graphdef, dense, TrainerConfig(replay="none"))  # fine without replay
+  tr = Trainer(env["graphdef"], CFG, TrainerConfig(mini_batches=3))
+  with pytest.raises(ValueError, match=r"rl\.mini_batches=3"):
+    tr.train_step(None, env["noisy"])  # rejected before any compute
+  with pytest.raises(ValueError, match=r"optim\.learning_rate"):
+    OptimConfig(learning_rate=0.0)
