@@ -200,6 +200,20 @@ def _jsonable(x: Any, path: str = "meta") -> Any:
     raise TypeError(f"{path}: value of type {type(x).__name__} is not JSON-serializable")
 
 
+def _use_distributed_barriers() -> None:
+    """Multi-process: make orbax's barriers go through the jax.distributed client (a key-value store)
+    instead of its default, a jitted all-device collective. That collective is also issued from orbax's
+    background save thread, where it can interleave differently with the training step's collectives
+    on each process and deadlock them (seen on CPU/gloo after an async save)."""
+    if jax.process_count() == 1:
+        return
+    from absl import flags
+
+    name = "experimental_orbax_use_distributed_barrier"
+    if name in flags.FLAGS:
+        flags.FLAGS[name].value = True
+
+
 # ---------------------------------------------------------------------------
 # Checkpointer
 # ---------------------------------------------------------------------------
@@ -238,6 +252,7 @@ class Checkpointer:
             raise ValueError(f"max_to_keep must be None or >= 1, got {max_to_keep}")
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
+        _use_distributed_barriers()
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
         registry.add(_STATE, ocp.args.StandardSave)
         registry.add(_STATE, ocp.args.StandardRestore)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import ml_collections
@@ -20,6 +21,7 @@ from fo_rl.sampler import quantize as Q
 from fo_rl.sampler.sampler import SamplerConfig, SamplingParams
 
 TASKS = ("arithmetic", "countdown", "sorting", "jsonl")
+JSONL_OPTIONS = ("train_file", "test_file")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -28,8 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.dry_run = False  # compile the trainer update and sampler decode for parallel.topology, then exit
 
-  c.model = ModelConfig(vocab_size=320, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                        head_dim=32, intermediate_size=256, moe_intermediate_size=128,
+  c.model = ModelConfig(vocab_size=320, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+                        head_dim=16, intermediate_size=128, moe_intermediate_size=64,
                         num_experts=8, num_experts_per_tok=2, mlp_only_layers=(),
                         rope_theta=10_000.0, tie_word_embeddings=False).to_dict()
   # A Hugging Face Qwen3-MoE checkpoint directory to start from ('' = random init + cold start). With
@@ -46,18 +48,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.task = "arithmetic"
   c.data.options = ml_collections.ConfigDict({"num_digits": 3, "ops": "+-"})  # passed to get_task
+  c.data.train_file = ""  # data.task=jsonl: JSON Lines, one {"prompt": ..., "answer": ...} per line
+  c.data.test_file = ""
   c.data.data_dir = ""  # tfds data dir ('' = $FO_RL_DATA_DIR or ~/.cache/fo_rl/tfds)
   c.data.tokenizer = ""  # SentencePiece model ('' = the committed fo_rl/data/assets/tokenizer.model)
 
   c.sft = ml_collections.ConfigDict()
   c.sft.enabled = True
-  c.sft.steps = 1500
-  c.sft.batch_size = 64
-  c.sft.learning_rate = 2e-3
+  c.sft.steps = 800
+  c.sft.batch_size = 32
+  c.sft.learning_rate = 3e-3
   c.sft.warmup_steps = 100
   c.sft.teacher = "careful"  # see fo_rl/data/teachers.py
   c.sft.error_rate = -1.0  # -1: the teacher variant's own rate
-  c.sft.max_len = 64  # tokens of prompt + response
+  c.sft.max_len = 48  # tokens of prompt + response
   c.sft.cache_dir = ""  # '' = <workdir>/sft; a shared dir reuses a cold start across runs (keyed by hash)
 
   c.sampler = ml_collections.ConfigDict()
@@ -70,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler.gen_bucket = 16
 
   c.rl = ml_collections.ConfigDict()
-  c.rl.steps = 60
+  c.rl.steps = 120
   c.rl.prompts_per_step = 16
   c.rl.group_size = 8  # G samples per prompt
   c.rl.mini_batches = 4  # N optimizer updates per rollout batch
@@ -79,7 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.advantage = "mean"  # mean | std | rloo
   c.rl.loss = ml_collections.ConfigDict(dataclasses.asdict(LossConfig()))
 
-  c.optim = ml_collections.ConfigDict(dataclasses.asdict(OptimConfig(learning_rate=3e-4)))
+  c.optim = ml_collections.ConfigDict(dataclasses.asdict(OptimConfig(learning_rate=7e-5,
+                                                                     warmup_steps=10)))
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 10  # RL steps
@@ -139,6 +144,59 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+THIRD_PARTY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "third_party")
+
+
+def hf_model(name: str, **overrides) -> dict:
+  """model.* of a published Hugging Face config.json kept in third_party/ (e.g.
+  "qwen3_moe/qwen3_30b_a3b.config.json"), with ModelConfig overrides (dtype, param_dtype, ...)."""
+  import json
+
+  from fo_rl.model.hf import config_from_hf
+  path = os.path.join(THIRD_PARTY, name)
+  with open(path) as f:
+    return config_from_hf(json.load(f), where=path, **overrides).to_dict()
+
+
+def tiny_moe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`tiny` for a large-MoE recipe: the same shape family (every layer MoE, top-k of many experts with
+  renormalized gates, grouped-query attention, q/k norm, untied head, bf16 params and compute, expert
+  parallelism) at CPU size, on the committed tokenizer and a random init + cold start."""
+  tiny(c)
+  c.model.vocab_size = 320
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 1
+  c.model.head_dim = 8
+  c.model.num_experts = 8
+  c.model.num_experts_per_tok = 4
+  c.model.moe_intermediate_size = 16
+  c.model.rope_theta = 10_000.0
+  c.init.hf_checkpoint = ""
+  c.data.task = "arithmetic"
+  c.data.options = ml_collections.ConfigDict({"num_digits": 3, "ops": "+-"})
+  c.sft.enabled = True
+  c.sampler.prompt_bucket = 16
+  c.sampler.gen_bucket = 16
+  c.sampler.max_new_tokens = 12
+  c.rl.prompts_per_step = 4
+  c.rl.group_size = 4
+  c.rl.mini_batches = min(int(c.rl.mini_batches), 4)
+  c.optim.learning_rate = 3e-5  # the base recipe's: a random-init tiny model, not a pretrained one
+  c.optim.warmup_steps = 10
+  c.parallel.mesh = {"data": 1, "fsdp": -1, "expert": 2, "tensor": 1}
+  c.parallel.sampler_mesh = {"data": -1, "fsdp": 1, "expert": 2, "tensor": 1}
+  c.parallel.topology = "v5p:2x2x1"  # for --config.dry_run=True: 4 chips, compiles in a minute on CPU
+  c.parallel.hbm_gib = 0.0
+  return c
+
+
+def task_options(c: ml_collections.ConfigDict) -> dict:
+  """get_task's options: data.train_file/test_file for data.task=jsonl, else data.options."""
+  if c.data.task == "jsonl":
+    return {f: c.data.get(f, "") for f in JSONL_OPTIONS}
+  return c.data.options.to_dict()
+
+
 def parse(c: ml_collections.ConfigDict, num_devices: int | None = None) -> RunConfig:
   """Validate everything that can be checked without data or compilation."""
   model = ModelConfig.from_dict(c.model)
@@ -173,6 +231,14 @@ def parse(c: ml_collections.ConfigDict, num_devices: int | None = None) -> RunCo
     _bad("rl.advantage", c.rl.advantage, f"must be one of {ADVANTAGE_MODES}")
   if c.data.task not in TASKS:
     _bad("data.task", c.data.task, f"must be one of {TASKS}")
+  for f in JSONL_OPTIONS:
+    path = c.data.get(f, "")
+    if c.data.task == "jsonl" and not path:
+      _bad(f"data.{f}", path, "data.task=jsonl needs a JSON Lines file per split")
+    if c.data.task == "jsonl" and not os.path.isfile(path):
+      _bad(f"data.{f}", path, "no such file")
+    if c.data.task != "jsonl" and path:
+      _bad(f"data.{f}", path, f"only used with data.task=jsonl, not {c.data.task!r}")
   sampler = SamplerConfig(weight_dtype=c.sampler.weight_dtype,
                           keep_high_precision=tuple(c.sampler.keep_high_precision),
                           prompt_bucket=int(c.sampler.prompt_bucket),

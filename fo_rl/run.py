@@ -23,6 +23,7 @@ from fo_rl.data import get_task
 from fo_rl.data.tokenizer import Tokenizer
 from fo_rl.metrics_writer import MetricsWriter, read_metrics
 from fo_rl.model import init_model
+from fo_rl.parallel.multihost import host_get
 from fo_rl.parallel.sharding import make_mesh
 from fo_rl.plots import plot_curves
 from fo_rl.rl.advantages import group_advantages
@@ -44,8 +45,9 @@ def _flatten(d, prefix=""):
   return out
 
 
-def _write_config(c, workdir: str) -> None:
-  """config.json; resuming with a different config is an error unless only harmless fields changed."""
+def _check_config(c, workdir: str) -> dict:
+  """The config as JSON; resuming with a different config is an error unless only harmless fields
+  changed. Reads only: a rejected run leaves the workdir as it was."""
   path = os.path.join(workdir, "config.json")
   new = json.loads(c.to_json_best_effort())
   if os.path.exists(path):
@@ -57,6 +59,13 @@ def _write_config(c, workdir: str) -> None:
     if changed:
       raise ValueError(f"{path}: this workdir was started with a different config ({changed[:5]} "
                        f"differ); use a new --workdir or the same config")
+  return new
+
+
+def _write_config(c, workdir: str) -> None:
+  """config.json (after _check_config)."""
+  path = os.path.join(workdir, "config.json")
+  new = _check_config(c, workdir)
   if jax.process_index() == 0:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -76,7 +85,7 @@ class Rollout:
   def sample(self, records, sampling: SamplingParams, samples: int, seed):
     prompt_ids = [p for p in self.prompts(records) for _ in range(samples)]  # prompt-major
     out = self.sampler.generate(prompt_ids, sampling, seed)
-    tokens, lengths, eos = jax.device_get((out.tokens, out.lengths, out.finished_eos))
+    tokens, lengths, eos = host_get((out.tokens, out.lengths, out.finished_eos))  # all rows, every host
     rewards = np.zeros(len(prompt_ids), np.float32)
     for i in range(len(prompt_ids)):
       n = int(lengths[i]) - int(eos[i])  # drop the EOS token itself
@@ -103,6 +112,11 @@ def to_rollouts(out, advantages) -> Rollouts:
                   advantages=jnp.asarray(advantages, jnp.float32))
 
 
+def _replicated(x, mesh):
+  """x replicated over the mesh: a global array every process can checkpoint (orbax, multi-host)."""
+  return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 class _Preempted:
   """SIGTERM (a TPU preemption notice) asks the loop to checkpoint and exit at the next step boundary."""
 
@@ -127,18 +141,19 @@ def run(c, workdir: str, log=print) -> dict:
   """Run (or resume) the job described by ConfigDict `c` in `workdir`; returns the summary."""
   t_start = time.time()
   rc = config_lib.parse(c, jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
-  _write_config(c, workdir)
+  _check_config(c, workdir)
 
-  # ---- data, tokenizer, model ------------------------------------------------------------------
+  # ---- data, tokenizer, model (bad data is an error before anything is written) ----------------
   tokenizer = Tokenizer(c.data.tokenizer) if c.data.tokenizer else Tokenizer.default()
   if rc.model.vocab_size < tokenizer.vocab_size:
     raise ValueError(f"model.vocab_size={rc.model.vocab_size} is smaller than the tokenizer's "
                      f"{tokenizer.vocab_size}")
-  task = get_task(c.data.task, **c.data.options.to_dict())
+  task = get_task(c.data.task, **config_lib.task_options(c))
   data_dir = c.data.data_dir or None
   train_records = task.load("train", data_dir)
   test_records = task.load("test", data_dir, num_examples=c.eval.num_prompts)
+  os.makedirs(workdir, exist_ok=True)
+  _write_config(c, workdir)
   sampling = SamplingParams(temperature=rc.sampling.temperature, max_new_tokens=rc.sampling.max_new_tokens,
                             eos_ids=(tokenizer.eos_id,))
 
@@ -151,7 +166,7 @@ def run(c, workdir: str, log=print) -> dict:
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.max_to_keep)
   latest = ckpt.latest_step()
   state = trainer.init_state(params)
-  bundle = {"train": state, "rng": jax.random.key_data(jax.random.key(rc.seed))}
+  bundle = {"train": state, "rng": _replicated(jax.random.key_data(jax.random.key(rc.seed)), mesh)}
   if latest is None:
     if c.sft.enabled:
       params, sft_info = cold_start(c, graphdef, params, tokenizer, task, train_records, workdir, log)
@@ -162,7 +177,10 @@ def run(c, workdir: str, log=print) -> dict:
     bundle, meta = ckpt.restore(latest, abstract_like(bundle))
     state = bundle["train"]
     log(f"resuming from {workdir}/checkpoints step {latest}")
-  rng = jax.random.wrap_key_data(bundle["rng"]) if latest is not None else jax.random.key(rc.seed)
+  # Restored key data is committed to one device; through numpy it is uncommitted again, as a fresh key
+  # is (else jit sees it on device 0 and the parameters on the mesh: "incompatible devices").
+  rng = (jax.random.wrap_key_data(np.asarray(host_get(bundle["rng"]))) if latest is not None
+         else jax.random.key(rc.seed))
 
   sampler = Sampler(rc.model, rc.sampler, sampler_mesh)
   sampler.update_weights(state.params)
@@ -203,7 +221,7 @@ def run(c, workdir: str, log=print) -> dict:
       sampler.update_weights(state.params)
       meta["data_position"] = pos + P
       meta["step"] = step + 1
-      n_tokens = float(np.asarray(jax.device_get(out.lengths)).sum())
+      n_tokens = float(np.asarray(host_get(out.lengths)).sum())
       m.update(reward_mean=float(rewards.mean()), accuracy=float(rewards.mean()),
                tokens_per_second=n_tokens / (time.time() - t0), step_seconds=time.time() - t0)
       if (step + 1) % c.eval.every == 0 or step + 1 == steps:
@@ -218,7 +236,8 @@ def run(c, workdir: str, log=print) -> dict:
           f"tok/s {m['tokens_per_second']:.0f} ETA {_fmt_eta(eta)}")
       if (step + 1) % c.checkpoint.every == 0 or step + 1 == steps or preempt.flag:
         meta["wall_seconds"] = wall_before + time.time() - t_start
-        ckpt.save(step + 1, {"train": state, "rng": jax.random.key_data(rng)}, meta, force=True)
+        ckpt.save(step + 1, {"train": state, "rng": _replicated(jax.random.key_data(rng), mesh)}, meta,
+                  force=True)
       if preempt.flag:
         log(f"SIGTERM: checkpointed step {step + 1}, exiting")
         break

@@ -7,6 +7,7 @@ everything that determines it) and reused on re-runs.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -17,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
+from fo_rl import config as config_lib
 from fo_rl.checkpoint import Checkpointer, abstract_like
 from fo_rl.data import teachers
 from fo_rl.model import make_apply
@@ -28,6 +31,9 @@ def sft_key(c) -> str:
   """A hash of everything the cold-start result depends on."""
   parts = {"model": c.model.to_dict(), "sft": c.sft.to_dict(), "data": c.data.to_dict(),
            "seed": c.seed}
+  if c.data.task != "jsonl":  # the JSONL files are unused (and keys of earlier cold starts stay valid)
+    for f in config_lib.JSONL_OPTIONS:
+      parts["data"].pop(f, None)
   parts["sft"].pop("cache_dir", None)
   return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -74,8 +80,16 @@ def cold_start(c, graphdef, params, tokenizer, task, records, workdir: str, log=
                                              c.sft.learning_rate * 0.1)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
   opt_state = jax.jit(tx.init)(params)
+  # Adam's step counts come out on one device: put them on the parameters' mesh, and keep every output
+  # of `step` in its input's sharding, or the second step compiles everything again.
+  meshes = [x.sharding.mesh for x in jax.tree.leaves(params) if isinstance(x.sharding, NamedSharding)]
+  if meshes:
+    rep = NamedSharding(meshes[0], PartitionSpec())
+    opt_state = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding)
+                             else jax.device_put(x, rep), opt_state)
+  shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=(*shardings, None))
   def step(params, opt_state, toks, mask):
     def loss_fn(p):
       positions = jnp.broadcast_to(jnp.arange(toks.shape[1]), toks.shape)

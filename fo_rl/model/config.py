@@ -37,6 +37,7 @@ class ModelConfig:
   moe_impl: str = "fast"  # "fast" (sorted, dropless, expert-parallel) or "reference" (dense one-hot)
   gmm_backend: str = "auto"  # grouped matmul: "blocked" (padded batched matmul), "ragged_dot", or auto
   moe_block_size: int = 32  # rows per block of the blocked grouped matmul
+  remat: bool = False  # recompute each decoder layer in the backward pass instead of keeping activations
 
   def __post_init__(self):
     object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
@@ -134,7 +135,7 @@ class ModelConfig:
   def to_hf(self) -> dict[str, Any]:
     inv = {v: k for k, v in self._HF_RENAMES.items()}
     d = {inv.get(k, k): v for k, v in self.to_dict().items()
-         if k not in ("dtype", "param_dtype", "moe_impl", "gmm_backend", "moe_block_size")}
+         if k not in ("dtype", "param_dtype", "moe_impl", "gmm_backend", "moe_block_size", "remat")}
     d.update(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_act="silu",
              attention_bias=False, attention_dropout=0.0, max_position_embeddings=32768,
              output_router_logits=False, router_aux_loss_coef=0.0, use_sliding_window=False,

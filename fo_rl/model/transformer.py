@@ -7,6 +7,8 @@ E experts, F hidden, V vocab, L layers, k experts per token.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,23 +68,17 @@ class Attention(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x, positions, key_mask, cache=None, cache_index=None):
-    """x [B, T, D]; key_mask [B, S] (S = T, or the cache length); cache {'k','v': [B, S, K, H]}."""
+    """x [B, T, D]; key_mask [B, S] (S = T, or the cache length); cache {'k','v': [B, K, S, H]}."""
     cfg, dt = self.cfg, x.dtype
     q = jnp.einsum("btd,dnh->btnh", x, materialize(self.q_proj.get_value(), dt))
     k = jnp.einsum("btd,dkh->btkh", x, materialize(self.k_proj.get_value(), dt))
     v = jnp.einsum("btd,dkh->btkh", x, materialize(self.v_proj.get_value(), dt))
     q = rope(self.q_norm(q), positions, cfg.rope_theta)
     k = rope(self.k_norm(k), positions, cfg.rope_theta)
+    if cache is not None:
+      return self._attend_cached(q, k, v, key_mask, cache, cache_index)
     T = x.shape[1]
-    if cache is None:
-      q_slot = jnp.arange(T)
-      new_cache = None
-    else:
-      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)
-      new_cache = {"k": k, "v": v}
-      k, v = k.astype(dt), v.astype(dt)
-      q_slot = cache_index + jnp.arange(T)
+    q_slot = jnp.arange(T)
     S = k.shape[1]
     B, _, N, H = q.shape
     K = k.shape[2]
@@ -93,7 +89,33 @@ class Attention(nnx.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
     out = jnp.einsum("btnh,nhd->btd", out, materialize(self.o_proj.get_value(), dt))
-    return out, new_cache
+    return out, None
+
+  def _attend_cached(self, q, k, v, key_mask, cache, cache_index):
+    """Attention over a KV cache {'k','v': [B, K, S, H]}, writing the new keys/values at slots
+    cache_index + [0, T). The cache is kv-head-major so that decode reads it as B*K plain [S, H] matrices
+    (batch dims leading, contraction on the minor axis): with a [B, S, K, H] cache XLA transposed the
+    whole cache on every decode step, about half of a small model's step time on CPU."""
+    dt = q.dtype
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    G = N // K
+    ck = jax.lax.dynamic_update_slice_in_dim(
+        cache["k"], k.transpose(0, 2, 1, 3).astype(cache["k"].dtype), cache_index, 2)
+    cv = jax.lax.dynamic_update_slice_in_dim(
+        cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), cache_index, 2)
+    S = ck.shape[2]
+    q_slot = cache_index + jnp.arange(T)
+    allowed = (jnp.arange(S)[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :]  # [B, T, S]
+    qm = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    scores = jnp.einsum("bkmh,bksh->bkms", qm, ck.astype(dt),
+                        preferred_element_type=jnp.float32) * H**-0.5
+    scores = jnp.where(allowed[:, None, None], scores.reshape(B, K, G, T, S), _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(B, K, G * T, S)
+    out = jnp.einsum("bkms,bksh->bkmh", probs, cv.astype(dt)).reshape(B, K, G, T, H)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+    out = jnp.einsum("btnh,nhd->btd", out, materialize(self.o_proj.get_value(), dt))
+    return out, {"k": ck, "v": cv}
 
 
 class MLP(nnx.Module):
@@ -201,7 +223,7 @@ class Transformer(nnx.Module):
     token_mask [B, T]: real (non-padding) input positions; padding is never attended to and is not
       checked under replay. Default: all real.
     replay_routes [B, T, L, k]: experts to use per (position, layer); dense layers hold -1.
-    cache: list over layers of {'k','v': [B, S, K, H]}, written at slots cache_index + [0, T); then
+    cache: list over layers of {'k','v': [B, K, S, H]}, written at slots cache_index + [0, T); then
       key_mask [B, S] says which cache slots hold real tokens (it must include the new ones).
     """
     cfg = self.cfg
@@ -222,8 +244,11 @@ class Transformer(nnx.Module):
     all_ids, new_cache = [], []
     for i, layer in enumerate(self.layers):
       replay_ids = None if replay_routes is None else replay_routes[:, :, i, :]
-      x, ids, c = layer(x, positions, key_mask, token_mask, replay_ids,
-                        None if cache is None else cache[i], cache_index)
+      if cfg.remat and cache is None:  # training: keep only each layer's input for the backward pass
+        (x, ids), c = _remat_layer(layer, x, positions, key_mask, token_mask, replay_ids), None
+      else:
+        x, ids, c = layer(x, positions, key_mask, token_mask, replay_ids,
+                          None if cache is None else cache[i], cache_index)
       all_ids.append(ids)
       new_cache.append(c)
     x = self.norm(x)
@@ -236,6 +261,13 @@ class Transformer(nnx.Module):
     return logits, routes, (None if cache is None else new_cache)
 
 
+@nnx.remat
+def _remat_layer(layer, x, positions, key_mask, token_mask, replay_ids):
+  """A decoder layer (no KV cache) whose activations are recomputed in the backward pass (model.remat)."""
+  x, ids, _ = layer(x, positions, key_mask, token_mask, replay_ids)
+  return x, ids
+
+
 def validate_replay_routes(routes, cfg: ModelConfig, token_mask=None, bt=None) -> None:
   """Check replay routes before any compute: shape, dense layers hold -1, MoE ids in [0, E) at real
   tokens. Concrete arrays raise ValueError; traced ones are checked inside the layers (NaN outputs)."""
@@ -245,6 +277,8 @@ def validate_replay_routes(routes, cfg: ModelConfig, token_mask=None, bt=None) -
                      f"{expected}")
   if isinstance(routes, jax.core.Tracer) or isinstance(token_mask, jax.core.Tracer):
     return
+  if isinstance(routes, jax.Array) and not routes.is_fully_addressable:
+    return _validate_global_replay_routes(routes, cfg, token_mask)
   r = np.asarray(jax.device_get(routes))
   m = np.ones(r.shape[:2], bool) if token_mask is None else np.asarray(jax.device_get(token_mask))
   for i in range(cfg.num_layers):
@@ -259,3 +293,34 @@ def validate_replay_routes(routes, cfg: ModelConfig, token_mask=None, bt=None) -
       raise ValueError(f"replay routes: layer {i} is a dense layer but holds expert id "
                        f"{int(ids[ids != DENSE_ROUTE][0])}; dense layers must hold -1 (are the layer "
                        f"indices shifted?)")
+
+
+@functools.lru_cache(maxsize=None)
+def _route_checker(moe_layers: tuple[bool, ...], num_experts: int):
+  """jit: (routes [B, T, L, k], token_mask [B, T] | None) -> (any bad id per layer [L], one of them [L])."""
+  moe_layer = np.asarray(moe_layers)
+  lowest = np.iinfo(np.int32).min
+
+  @jax.jit
+  def check(r, m):
+    bad = jnp.where(moe_layer[None, None, :, None], (r < 0) | (r >= num_experts), r != DENSE_ROUTE)
+    if m is not None:
+      bad = bad & m[:, :, None, None]
+    return jnp.any(bad, axis=(0, 1, 3)), jnp.max(jnp.where(bad, r, lowest), axis=(0, 1, 3))
+
+  return check
+
+
+def _validate_global_replay_routes(routes, cfg: ModelConfig, token_mask=None) -> None:
+  """validate_replay_routes for routes spread over several processes: each process checks the rows on
+  its own devices (one jitted reduction), and only the per-layer verdicts [L] are read on the host, so
+  every process raises the same error without gathering the routes."""
+  from fo_rl.parallel.multihost import host_get
+  moe_layers = tuple(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+  any_bad, example = host_get(_route_checker(moe_layers, cfg.num_experts)(routes, token_mask))
+  for i in np.nonzero(any_bad)[0]:
+    if moe_layers[i]:
+      raise ValueError(f"replay routes: layer {i} is a MoE layer but holds expert id {int(example[i])} "
+                       f"outside [0, {cfg.num_experts}) at a real token (-1 marks a dense layer)")
+    raise ValueError(f"replay routes: layer {i} is a dense layer but holds expert id {int(example[i])}; "
+                     f"dense layers must hold -1 (are the layer indices shifted?)")

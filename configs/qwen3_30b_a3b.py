@@ -1,0 +1,72 @@
+"""Qwen3-30B-A3B (48 layers, 128 experts, top-8) RL on Cloud TPU: MiniRL, N = 4, R3, FP8 sampler.
+
+  python -m fo_rl.main --config=configs/qwen3_30b_a3b.py --config.dry_run=True           # v5p-64, any CPU
+  python -m fo_rl.main --config=configs/qwen3_30b_a3b.py:v6e-256 --config.dry_run=True   # v6e-256
+  launchers/run.sh --name=q30 -- python -m fo_rl.main --config=configs/qwen3_30b_a3b.py --workdir=gs://B/q30
+  python -m fo_rl.main --config=configs/qwen3_30b_a3b.py:tiny --workdir=/tmp/tiny          # CPU, for tests
+
+Architecture: third_party/qwen3_moe/qwen3_30b_a3b.config.json (the published config.json), bf16 params,
+bf16 compute (logits, router and softmaxes in float32), AdamW moments in bf16. Weights: the Hugging Face
+checkpoint in `init.hf_checkpoint`, a local directory on every worker holding config.json, the
+*.safetensors and tokenizer.json, e.g. fetched on all workers with
+`launchers/run.sh --name=fetch -- huggingface-cli download Qwen/Qwen3-30B-A3B --local-dir
+checkpoints/Qwen3-30B-A3B` (or a gcsfuse mount of a bucket holding it). No cold start: RL starts from
+the checkpoint.
+
+Topologies (the config argument picks one; the dry run compiles for `parallel.topology`):
+  v5p-64  (default): 32 v5p chips ("v5p:2x4x4", 95 GiB HBM each, 8 hosts). Trainer mesh fsdp 4 x expert 8
+          (16 of the 128 experts per expert shard, their embed dim split 4 ways); sampler mesh
+          data 4 x expert 8. 32 prompts x 8 samples = 256 responses per step, 4 mini-batches of 64.
+  v6e-256: 256 v6e chips ("v6e:16x16", 31.25 GiB each, 64 hosts). Trainer fsdp 16 x expert 16;
+          sampler data 16 x expert 16. 128 prompts x 8 samples = 1024 responses, 4 mini-batches of 256.
+Sequence: prompts up to 256 tokens (sampler.prompt_bucket), responses up to 1024 (max_new_tokens):
+1280 positions per row. The forward materializes the float32 logits [B, 1280, 151936] (0.78 GB per row):
+the old-logprob pass holds them for the whole global batch (8 rows per chip on v5p-64, 4 on v6e-256)
+and each update for its mini-batch (2 / 1 rows per chip), which is what bounds the batch and length here;
+`--config.dry_run=True` prints the per-chip numbers (README, "Running on Cloud TPU").
+"""
+from fo_rl.config import base_config, hf_model, tiny_moe
+
+TOPOLOGIES = {
+    "v5p-64": dict(topology="v5p:2x4x4",
+                   mesh={"data": 1, "fsdp": -1, "expert": 8, "tensor": 1},
+                   sampler_mesh={"data": -1, "fsdp": 1, "expert": 8, "tensor": 1},
+                   prompts_per_step=32, eval_prompts=64),
+    "v6e-256": dict(topology="v6e:16x16",
+                    mesh={"data": 1, "fsdp": -1, "expert": 16, "tensor": 1},
+                    sampler_mesh={"data": -1, "fsdp": 1, "expert": 16, "tensor": 1},
+                    prompts_per_step=128, eval_prompts=256),
+}
+
+
+def get_config(arg: str = ""):
+  c = base_config()
+  c.name = "qwen3_30b_a3b"
+  c.model = hf_model("qwen3_moe/qwen3_30b_a3b.config.json", dtype="bfloat16", param_dtype="bfloat16",
+                     remat=True)
+  c.init.hf_checkpoint = "checkpoints/Qwen3-30B-A3B"
+  c.sft.enabled = False
+  c.data.task = "countdown"
+  c.data.options = {}
+  c.sampler.weight_dtype = "float8_e4m3fn"
+  c.sampler.prompt_bucket = 256
+  c.sampler.gen_bucket = 1024
+  c.sampler.max_new_tokens = 1024
+  c.rl.steps = 200
+  c.rl.group_size = 8
+  c.rl.mini_batches = 4
+  c.rl.replay = "r3"
+  c.optim.learning_rate = 1e-6
+  c.optim.warmup_steps = 10
+  c.eval.every = 20
+  c.eval.samples = 4
+  c.checkpoint.every = 10
+  if arg == "tiny":
+    return tiny_moe(c)
+  topo = TOPOLOGIES[arg or "v5p-64"]
+  c.parallel.topology = topo["topology"]
+  c.parallel.mesh = topo["mesh"]
+  c.parallel.sampler_mesh = topo["sampler_mesh"]
+  c.rl.prompts_per_step = topo["prompts_per_step"]
+  c.eval.num_prompts = topo["eval_prompts"]
+  return c

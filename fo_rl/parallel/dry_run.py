@@ -1,0 +1,342 @@
+"""`--config.dry_run=True`: compile the RL step ahead of time for a TPU topology and check that it fits in HBM.
+
+    python -m fo_rl.main --config=configs/qwen3_30b_a3b.py:v5p-64 --config.dry_run=True
+
+Runs on any machine with libtpu installed (`pip install -r requirements-tpu.txt`; no TPU needed): the
+topology `parallel.topology` (e.g. "v5p:2x4x4", the chip grid of a v5p-64) comes from
+`jax.experimental.topologies.get_topology_desc`, the meshes `parallel.mesh` / `parallel.sampler_mesh` are
+built over its devices, and the parameters, optimizer state, rollouts and KV cache are
+`jax.ShapeDtypeStruct`s carrying their NamedShardings: nothing is materialized. The functions compiled are
+the ones the job runs (the same jitted callables, lowered with `.lower(...)`):
+
+  trainer.old_pass        the old-logprob pass over the global batch (Trainer._old_pass)
+  trainer.update          one mini-batch update (Trainer._compile_update: donated state, explicit shardings)
+  sampler.update_weights  trainer -> sampler weight sync (reshard + quantize)
+  sampler.prefill         the prompt pass that fills the KV cache
+  sampler.decode          the decode loop (one while_loop; the decode state is donated)
+
+Shapes: the trainer's global batch is rl.prompts_per_step * rl.group_size rows of P + T tokens, with
+P = sampler.prompt_bucket (prompts longer than that get a bigger bucket and more memory) and
+T = bucket(sampler.max_new_tokens); the sampler's batch is the largest of the training batch and the
+evaluation batch (eval.num_prompts * eval.samples).
+
+Memory, per device, from `compiled.memory_analysis()`: arguments, outputs, aliased (donated) bytes,
+temporaries and code. `total = arguments + outputs - aliased + temporaries + code + resident`, where
+`resident` is what stays in HBM while the function runs but is not one of its arguments: the sampler's
+weights during the trainer's functions (plus the rollouts of the whole step during an update), the train
+state during the sampler's. The plan fits when every total is <= the HBM of one chip
+(`parallel.hbm_gib`, default: the chip's, see HBM_GIB).
+
+Output: one JSON object per line, one per compiled function, then the verdict
+`{"verdict": "fits" | "does not fit", ...}`. When the plan does not fit, a message naming the function
+and its numbers goes to stderr and the process exits with status 1 (also when the TPU compiler itself
+reports that a function runs out of HBM).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+GIB = 1024**3
+
+# HBM per chip (GiB) by jax device_kind, as the TPU runtime reports it (bytes_limit).
+HBM_GIB = {
+    "TPU v5": 95.0,  # v5p
+    "TPU v5p": 95.0,
+    "TPU v6 lite": 31.25,  # v6e (Trillium): 32 GB
+    "TPU v6e": 31.25,
+    "TPU v5 lite": 15.75,  # v5e: 16 GB
+    "TPU v5e": 15.75,
+    "TPU v4": 32.0,
+    "TPU7x": 192.0,
+}
+
+
+class DryRunError(RuntimeError):
+  """The plan cannot be compiled or does not fit; the message names the function and the numbers."""
+
+
+def topology_devices(topology: str):
+  """The devices of a TPU topology ("v5p:2x4x4", "v6e:16x16", ...) without a TPU (needs libtpu)."""
+  if not topology:
+    raise DryRunError("parallel.topology is empty: set it to a TPU topology such as 'v5p:2x4x4' "
+                      "(v5p-64) or 'v6e:16x16' (v6e-256)")
+  try:
+    import libtpu  # noqa: F401  (only to give a clear error: get_topology_desc loads libtpu.so)
+  except ImportError:
+    raise DryRunError("the dry run needs libtpu to compile for TPU: pip install -r requirements-tpu.txt"
+                      ) from None
+  # On a machine without TPUs: no GCE metadata queries, and other processes that loaded libtpu (any
+  # `import jax` with libtpu installed does) must not lock us out.
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies
+  try:
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+  except Exception as e:  # noqa: BLE001  (libtpu raises XlaRuntimeError / ValueError)
+    raise DryRunError(f"parallel.topology={topology!r}: {str(e).splitlines()[0]} (the format is "
+                      f"'<version>:<chips per axis>', e.g. 'v5p:2x4x4' for a v5p-64)") from None
+  return list(desc.devices)
+
+
+def hbm_bytes(devices, override_gib: float = 0.0) -> int:
+  if override_gib and override_gib > 0:
+    return int(override_gib * GIB)
+  kind = devices[0].device_kind
+  if kind not in HBM_GIB:
+    raise DryRunError(f"unknown HBM size for device kind {kind!r}: set parallel.hbm_gib")
+  return int(HBM_GIB[kind] * GIB)
+
+
+def _sds(shape, dtype, sharding):
+  return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+
+def with_shardings(abstract, shardings):
+  """A pytree of ShapeDtypeStructs (e.g. nnx.eval_shape's) given a matching pytree of shardings."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                      shardings)
+
+
+def device_bytes(tree) -> int:
+  """Bytes one device holds of a pytree of ShapeDtypeStructs / arrays with shardings (the largest
+  shard: uneven shardings are padded)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    if x is None:
+      continue
+    shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+    total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+  return total
+
+
+def _memory(compiled) -> dict[str, int]:
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  out = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
+         for k in ("argument", "output", "alias", "temp", "generated_code")}
+  peak = getattr(m, "peak_memory_in_bytes", None)
+  if peak:
+    out["peak"] = int(peak)
+  return out
+
+
+def _is_oom(e: Exception) -> bool:
+  s = str(e)
+  return "RESOURCE_EXHAUSTED" in s or "Ran out of memory" in s or "exceeds the memory" in s.lower()
+
+
+def _compile(name: str, lowered_fn, resident: int, hbm: int, extra: dict | None = None) -> tuple:
+  """(report row, compiled or None)."""
+  t0 = time.time()
+  row: dict[str, Any] = {"function": name}
+  row.update(extra or {})
+  try:
+    compiled = lowered_fn().compile()
+  except Exception as e:  # noqa: BLE001
+    if not _is_oom(e):
+      raise
+    msg = " ".join(l.strip() for l in str(e).splitlines() if l.strip())[:600]
+    row.update(fits=False, compiler_error=msg, hbm_gib=round(hbm / GIB, 3),
+               compile_seconds=round(time.time() - t0, 1))
+    return row, None
+  mem = _memory(compiled)
+  total = (mem.get("argument", 0) + mem.get("output", 0) - mem.get("alias", 0) + mem.get("temp", 0)
+           + mem.get("generated_code", 0) + resident)
+  row.update({f"{k}_bytes": v for k, v in mem.items()})
+  row.update(resident_bytes=resident, total_bytes=total, total_gib=round(total / GIB, 3),
+             hbm_gib=round(hbm / GIB, 3), fits=bool(total <= hbm),
+             compile_seconds=round(time.time() - t0, 1))
+  return row, compiled
+
+
+class _Setup:
+  """The abstract (never materialized) trainer and sampler of a config on a topology's devices."""
+
+  def __init__(self, config, devices=None):
+    from fo_rl import config as config_lib
+    from fo_rl.model import abstract_model
+    from fo_rl.parallel.sharding import make_mesh, state_shardings
+    from fo_rl.rl.trainer import Trainer
+    from fo_rl.sampler.sampler import Sampler
+
+    c = config
+    self.topology = str(c.parallel.get("topology", "") or "")
+    self.devices = topology_devices(self.topology) if devices is None else list(devices)
+    self.rc = rc = config_lib.parse(c, len(self.devices))
+    self.hbm = hbm_bytes(self.devices, float(c.parallel.get("hbm_gib", 0.0) or 0.0))
+    model_cfg = rc.model
+    if model_cfg.gmm_backend == "auto" and self.devices[0].platform == "tpu":
+      model_cfg = model_cfg.replace(gmm_backend="ragged_dot")  # what "auto" picks on TPU at run time
+    self.model_cfg = model_cfg
+    self.mesh = make_mesh(rc.mesh, devices=self.devices, where="parallel.mesh")
+    self.sampler_mesh = make_mesh(rc.sampler_mesh, devices=self.devices, where="parallel.sampler_mesh")
+    graphdef, abstract = abstract_model(model_cfg, self.mesh, rc.rules)
+    self.params = with_shardings(abstract, state_shardings(abstract, self.mesh, rc.rules))
+    self.trainer = Trainer(graphdef, model_cfg, rc.trainer, self.mesh, rc.rules)
+    self.state = self.trainer.abstract_state(self.params)
+    self.sampler = Sampler(model_cfg, rc.sampler, self.sampler_mesh)
+    self.sparams = with_shardings(jax.eval_shape(self.sampler._quantize, self.params),
+                                  self.sampler.param_shardings)
+    self.state_bytes = device_bytes(self.state)
+    self.param_bytes = device_bytes(self.state.params)
+    self.sampler_bytes = device_bytes(self.sparams)
+
+  def head(self) -> dict:
+    d = self.devices
+    return {"topology": self.topology, "devices": len(d), "device_kind": d[0].device_kind,
+            "processes": len({x.process_index for x in d}),
+            "mesh": dict(zip(self.mesh.axis_names, self.mesh.devices.shape)),
+            "sampler_mesh": dict(zip(self.sampler_mesh.axis_names, self.sampler_mesh.devices.shape))}
+
+
+def resident_bytes(config, devices=None) -> int:
+  """Per-device bytes of the train state plus the sampler's weights (what stays in HBM), no compile."""
+  s = _Setup(config, devices)
+  return s.state_bytes + s.sampler_bytes
+
+
+def plan(config, devices=None, log=None) -> list[dict]:
+  """Compile the RL step for `config` on `devices` (default: parallel.topology's); returns the report rows
+  (one per function, then the verdict). Raises DryRunError for a bad topology / missing libtpu."""
+  from fo_rl.parallel.sharding import batch_spec
+  from fo_rl.rl.trainer import Rollouts
+  from fo_rl.sampler.sampler import SamplingParams, bucket
+
+  log = log or (lambda s: None)
+  c = config
+  setup = _Setup(config, devices)
+  rc, hbm, mesh, sampler_mesh = setup.rc, setup.hbm, setup.mesh, setup.sampler_mesh
+  model_cfg, trainer, sampler = setup.model_cfg, setup.trainer, setup.sampler
+  params, state, sparams = setup.params, setup.state, setup.sparams
+  state_bytes, param_bytes, sampler_bytes = setup.state_bytes, setup.param_bytes, setup.sampler_bytes
+  head = setup.head()
+  log(f"dry run: {head}")
+
+  # ---- shapes --------------------------------------------------------------------------------------
+  B = rc.prompts_per_step * rc.group_size
+  Pl = bucket(1, int(c.sampler.prompt_bucket))
+  T = bucket(rc.sampling.max_new_tokens, int(c.sampler.gen_bucket))
+  Lt = Pl + T
+  Ly, k = model_cfg.num_layers, model_cfg.route_slots
+  bsh = lambda shape, dt, m=mesh: _sds(shape, dt, NamedSharding(m, batch_spec(rc.rules, len(shape), m,
+                                                                               shape[0])))
+  ro = Rollouts(tokens=bsh((B, Lt), jnp.int32), token_mask=bsh((B, Lt), jnp.bool_),
+                positions=bsh((B, Lt), jnp.int32), response_mask=bsh((B, Lt), jnp.float32),
+                logp_mu=bsh((B, Lt), jnp.float32), sampler_routes=bsh((B, Lt, Ly, k), jnp.int32),
+                advantages=bsh((B,), jnp.float32))
+  step_bytes = device_bytes(ro) + device_bytes((bsh((B, Lt), jnp.float32), bsh((B, Lt, Ly, k), jnp.int32)))
+
+  # ---- sampler inputs ------------------------------------------------------------------------------
+  Bs = max(B, int(c.eval.num_prompts) * int(c.eval.samples))
+  sampling = SamplingParams(temperature=rc.sampling.temperature, top_k=rc.sampling.top_k,
+                            top_p=rc.sampling.top_p, max_new_tokens=rc.sampling.max_new_tokens,
+                            eos_ids=(0,)).compile_key
+  replicated = NamedSharding(sampler_mesh, P())
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
+
+  shapes = {"global_batch": B, "mini_batch": B // rc.trainer.mini_batches, "prompt_len": Pl,
+            "gen_len": T, "sampler_batch": Bs}
+  head.update(shapes, train_state_bytes=state_bytes, sampler_params_bytes=sampler_bytes)
+  if state_bytes + sampler_bytes > hbm:  # no need to compile anything
+    rows = [{"function": "resident state", "fits": False, "resident_bytes": state_bytes + sampler_bytes,
+             "total_bytes": state_bytes + sampler_bytes,
+             "total_gib": round((state_bytes + sampler_bytes) / GIB, 3), "hbm_gib": round(hbm / GIB, 3)}]
+    return rows + [judge(rows, head, hbm)]
+  rows = []
+
+  def run(name, fn, resident, extra=None):
+    log(f"dry run: compiling {name} ...")
+    row, compiled = _compile(name, fn, resident, hbm, extra)
+    log(f"dry run: {name}: " + (f"{row['total_gib']} GiB of {row['hbm_gib']}" if "total_gib" in row
+                                 else "out of memory") + f" ({row['compile_seconds']}s)")
+    rows.append(row)
+    return compiled
+
+  lowered = trainer.lower(state, ro)
+  run("trainer.old_pass", lambda: lowered["old_pass"], sampler_bytes,
+      {"batch": B, "seq_len": Lt})
+  run("trainer.update", lambda: lowered["update"], sampler_bytes + step_bytes,
+      {"batch": B // rc.trainer.mini_batches, "seq_len": Lt})
+  run("sampler.update_weights", lambda: sampler._sync.lower(params),
+      state_bytes - param_bytes + sampler_bytes, {})
+  prompt = bsh((Bs, Pl), jnp.int32, sampler_mesh)
+  pmask = bsh((Bs, Pl), jnp.bool_, sampler_mesh)
+  max_new = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+  prefill = run("sampler.prefill",
+                lambda: sampler._prefill.lower(sparams, prompt, pmask, key, max_new, sampling=sampling,
+                                               gen_len=T),
+                state_bytes, {"batch": Bs, "seq_len": Lt})
+  if prefill is not None:
+    dstate = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          prefill.out_info, prefill.output_shardings)
+    run("sampler.decode", lambda: sampler._decode.lower(sparams, dstate, max_new, sampling=sampling),
+        state_bytes, {"batch": Bs, "seq_len": Lt})
+  return rows + [judge(rows, head, hbm)]
+
+
+def judge(rows: list[dict], head: dict, hbm: int) -> dict:
+  """The verdict row for the function rows against `hbm` bytes per device (rows keep their byte counts,
+  so a plan can be judged again for another HBM size without compiling)."""
+  for r in rows:
+    if "total_bytes" in r:
+      r["fits"] = bool(r["total_bytes"] <= hbm)
+      r["hbm_gib"] = round(hbm / GIB, 3)
+  bad = [r for r in rows if not r["fits"]]
+  worst = max(rows, key=lambda r: r.get("total_bytes", float("inf")))
+  verdict = dict(head, verdict="fits" if not bad else "does not fit", hbm_gib=round(hbm / GIB, 3),
+                 max_total_gib=worst.get("total_gib"), worst_function=worst["function"])
+  if bad:
+    verdict["failing"] = [r["function"] for r in bad]
+    verdict["message"] = failure_message(bad, head, hbm)
+  return verdict
+
+
+def failure_message(bad: list[dict], head: dict, hbm: int) -> str:
+  parts = []
+  for r in bad:
+    g = lambda k: r.get(f"{k}_bytes", 0) / GIB  # noqa: E731
+    if "compiler_error" in r:
+      parts.append(f"{r['function']}: the TPU compiler ran out of HBM: {r['compiler_error']}")
+    elif r["function"] == "resident state":
+      parts.append(f"the train state ({head['train_state_bytes'] / GIB:.3g} GiB per device) and the "
+                   f"sampler's weights ({head['sampler_params_bytes'] / GIB:.3g} GiB) alone need "
+                   f"{g('total'):.3g} GiB per device > {hbm / GIB:.3g} GiB HBM")
+    else:
+      parts.append(
+          f"{r['function']} needs {g('total'):.3g} GiB per device > {hbm / GIB:.3g} GiB HBM "
+          f"(arguments {g('argument'):.3g} + outputs {g('output'):.3g} - donated {g('alias'):.3g} + "
+          f"temporaries {g('temp'):.3g} + code {g('generated_code'):.3g} + resident "
+          f"{g('resident'):.3g} GiB)")
+  return (f"dry run: the plan does not fit on {head['topology']} ({head['devices']} x "
+          f"{head['device_kind']}): " + "; ".join(parts) +
+          ". Lower the batch (rl.prompts_per_step, rl.group_size, more rl.mini_batches), the lengths "
+          "(sampler.max_new_tokens, sampler.prompt_bucket) or shard more (parallel.mesh, "
+          "parallel.sampler_mesh).")
+
+
+def main(config) -> list[dict]:
+  """Print the report (JSON lines) and exit with status 1 when the plan does not fit."""
+  try:
+    rows = plan(config, log=lambda s: print(s, file=sys.stderr, flush=True))
+  except (DryRunError, ValueError) as e:  # a bad topology or config value: the message names it
+    print(f"dry run: {e}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
+  for r in rows:
+    print(json.dumps(r, sort_keys=False), flush=True)
+  verdict = rows[-1]
+  if verdict["verdict"] != "fits":
+    print(verdict["message"], file=sys.stderr, flush=True)
+    raise SystemExit(1)
+  return rows
