@@ -7,7 +7,9 @@ Recipe: a 4-layer, 8-expert (top-2) MoE is cold-started by SFT on an imperfect a
 trained with MiniRL (token-level TIS cap 5, clip mask 0.2/0.27, no length normalization, R - mean
 advantages) on 16 prompts x 8 samples per step, split into N = 4 mini-batch updates (off-policy), with the
 sampler's experts replayed in the old-logprob pass and every update (R3) and FP8 (e4m3) sampler weights.
-Hardware: a 2-core CPU, no accelerator. Expected: see the README's "Results" section (measured there).
+Hardware: a 2-core CPU, no accelerator. Expected wall time: about 10 minutes (measured 693 s with the
+cores shared by other jobs; SFT is ~2.5 min of it). Expected result (seed 0, measured): held-out mean
+accuracy 0.471 after the cold start -> 0.711 after 120 RL steps, no collapse (README "Results").
 """
 from fo_rl.config import base_config, tiny
 
