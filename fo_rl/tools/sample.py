@@ -29,7 +29,8 @@ from absl import app, flags
 from fo_rl.sampler.quantize import WEIGHT_DTYPES
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("hf_checkpoint", None, "Hugging Face checkpoint directory.")
+if "hf_checkpoint" not in flags.FLAGS:  # shared with the other tool when both are imported
+  flags.DEFINE_string("hf_checkpoint", None, "Hugging Face checkpoint directory.")
 flags.DEFINE_string("checkpoint", None, "fo_rl training run directory (--workdir of fo_rl.main).")
 flags.DEFINE_integer("step", None, "With --checkpoint: the checkpoint step (default: the latest).")
 flags.DEFINE_string("prompt", None, "Prompt text (token ids when there is no tokenizer).")

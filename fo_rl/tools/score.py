@@ -18,7 +18,8 @@ import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("hf_checkpoint", None, "Hugging Face checkpoint directory (config.json + *.safetensors).")
+if "hf_checkpoint" not in flags.FLAGS:  # shared with the other tool when both are imported
+  flags.DEFINE_string("hf_checkpoint", None, "Hugging Face checkpoint directory (config.json + *.safetensors).")
 flags.DEFINE_string("input_ids", None, "Token ids, .npy integer array [B, T].")
 flags.DEFINE_string("output", None, "Where to write the logits, .npy float32 [B, T, V].")
 flags.DEFINE_string("routes_output", None, "Optional: where to write the routes, .npy int32 [B, T, L, k].")
