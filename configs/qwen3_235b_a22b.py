@@ -38,7 +38,7 @@ def get_config(arg: str = ""):
   c = base_config()
   c.name = "qwen3_235b_a22b"
   c.model = hf_model("qwen3_moe/qwen3_235b_a22b.config.json", dtype="bfloat16", param_dtype="bfloat16",
-                     remat=True)
+                     remat=True, scan_layers=True)
   c.init.hf_checkpoint = "checkpoints/Qwen3-235B-A22B"
   c.sft.enabled = False
   c.data.task = "countdown"

@@ -43,7 +43,7 @@ def get_config(arg: str = ""):
   c = base_config()
   c.name = "qwen3_30b_a3b"
   c.model = hf_model("qwen3_moe/qwen3_30b_a3b.config.json", dtype="bfloat16", param_dtype="bfloat16",
-                     remat=True)
+                     remat=True, scan_layers=True)
   c.init.hf_checkpoint = "checkpoints/Qwen3-30B-A3B"
   c.sft.enabled = False
   c.data.task = "countdown"

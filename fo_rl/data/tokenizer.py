@@ -69,3 +69,48 @@ class Tokenizer:
     def is_byte(self, token_id: int) -> bool:
         """Whether ``token_id`` is a byte-fallback piece (text outside the trained vocabulary)."""
         return self._sp.is_byte(int(token_id))
+
+
+class HFTokenizer:
+    """A Hugging Face checkpoint's ``tokenizer.json`` (the ``tokenizers`` library), behind the same
+    surface as :class:`Tokenizer`. EOS is the checkpoint's ``eos_token_id`` (generation_config.json, else
+    config.json; the first one when it lists several); a tokenizer without a BOS token (Qwen3) never
+    prepends one."""
+
+    def __init__(self, directory: str | os.PathLike):
+        import json
+
+        from tokenizers import Tokenizer as _Tok
+
+        directory = os.fspath(directory)
+        path = os.path.join(directory, "tokenizer.json")
+        if not os.path.exists(path):
+            raise ValueError(f"HF checkpoint {directory!r}: no tokenizer.json")
+        self._tok = _Tok.from_file(path)
+        ids: dict = {}
+        for name in ("config.json", "generation_config.json"):  # the later file wins
+            p = os.path.join(directory, name)
+            if os.path.exists(p):
+                with open(p) as f:
+                    d = json.load(f)
+                ids.update({k: d[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                            if d.get(k) is not None})
+        first = lambda v: v[0] if isinstance(v, list) else v  # noqa: E731
+        if "eos_token_id" not in ids:
+            raise ValueError(f"HF checkpoint {directory!r}: no eos_token_id in config.json or "
+                             f"generation_config.json")
+        self.eos_id = int(first(ids["eos_token_id"]))
+        self.pad_id = int(first(ids.get("pad_token_id", self.eos_id)))
+        self.bos_id = None  # Qwen3 tokenizers add no BOS
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        del add_bos  # no BOS token
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return list(ids) + ([self.eos_id] if add_eos else [])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -38,6 +38,10 @@ class ModelConfig:
   gmm_backend: str = "auto"  # grouped matmul: "blocked" (padded batched matmul), "ragged_dot", or auto
   moe_block_size: int = 32  # rows per block of the blocked grouped matmul
   remat: bool = False  # recompute each decoder layer in the backward pass instead of keeping activations
+  # Without a KV cache (training, scoring), run the layers as one lax.scan over their weights stacked
+  # inside the step: one compiled layer whatever the depth (fast compiles for 48-94 layers), and under
+  # remat one layer's recomputation live at a time. Needs identical layers (else the loop is used).
+  scan_layers: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
@@ -135,7 +139,8 @@ class ModelConfig:
   def to_hf(self) -> dict[str, Any]:
     inv = {v: k for k, v in self._HF_RENAMES.items()}
     d = {inv.get(k, k): v for k, v in self.to_dict().items()
-         if k not in ("dtype", "param_dtype", "moe_impl", "gmm_backend", "moe_block_size", "remat")}
+         if k not in ("dtype", "param_dtype", "moe_impl", "gmm_backend", "moe_block_size", "remat",
+                                   "scan_layers")}
     d.update(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_act="silu",
              attention_bias=False, attention_dropout=0.0, max_position_embeddings=32768,
              output_router_logits=False, router_aux_loss_coef=0.0, use_sliding_window=False,

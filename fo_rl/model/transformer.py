@@ -242,7 +242,11 @@ class Transformer(nnx.Module):
       x = jax.lax.with_sharding_constraint(
           x, NamedSharding(self.mesh, batch_spec(self.rules, 3, self.mesh, B)))
     all_ids, new_cache = [], []
-    for i, layer in enumerate(self.layers):
+    scanned = (_scan_layers(self.layers, x, positions, key_mask, token_mask, replay_routes, cfg.remat)
+               if cfg.scan_layers and cache is None else None)
+    if scanned is not None:
+      x, routes = scanned
+    for i, layer in enumerate(self.layers if scanned is None else ()):
       replay_ids = None if replay_routes is None else replay_routes[:, :, i, :]
       if cfg.remat and cache is None:  # training: keep only each layer's input for the backward pass
         (x, ids), c = _remat_layer(layer, x, positions, key_mask, token_mask, replay_ids), None
@@ -251,14 +255,40 @@ class Transformer(nnx.Module):
                           None if cache is None else cache[i], cache_index)
       all_ids.append(ids)
       new_cache.append(c)
+    if scanned is None:
+      routes = jnp.stack(all_ids, axis=2)
     x = self.norm(x)
     if cfg.tie_word_embeddings:
       head = materialize(self.embed_tokens.get_value(), jnp.float32).T
     else:
       head = materialize(self.lm_head.get_value(), jnp.float32)
     logits = x.astype(jnp.float32) @ head
-    routes = jnp.stack(all_ids, axis=2)
     return logits, routes, (None if cache is None else new_cache)
+
+
+def _scan_layers(layers, x, positions, key_mask, token_mask, replay_routes, remat: bool):
+  """(x, routes [B, T, L, k]) of the layers run as one lax.scan (model.scan_layers), or None when the
+  layers differ in structure (e.g. dense and MoE layers mixed) and cannot be stacked.
+
+  The weights are stacked along a new leading axis inside the step (one extra copy of the parameters,
+  sharded as they are); the scan body is one decoder layer, so XLA compiles a single layer whatever the
+  depth, and with remat its recomputation in the backward pass runs one layer at a time."""
+  splits = [nnx.split(layer) for layer in layers]
+  graphdef = splits[0][0]
+  if any(g != graphdef for g, _ in splits[1:]):
+    return None
+  stacked = jax.tree.map(lambda *w: jnp.stack(w), *[s for _, s in splits])
+  replay = None if replay_routes is None else jnp.moveaxis(replay_routes, 2, 0)  # [L, B, T, k]
+
+  def body(h, inputs):
+    state, replay_ids = inputs
+    h, ids, _ = nnx.merge(graphdef, state)(h, positions, key_mask, token_mask, replay_ids)
+    return h, ids
+
+  if remat:
+    body = jax.checkpoint(body)
+  x, ids = jax.lax.scan(body, x, (stacked, replay))
+  return x, jnp.moveaxis(ids, 0, 2)
 
 
 @nnx.remat
