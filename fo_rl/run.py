@@ -20,7 +20,7 @@ import numpy as np
 from fo_rl import config as config_lib
 from fo_rl.checkpoint import Checkpointer, abstract_like
 from fo_rl.data import get_task
-from fo_rl.data.tokenizer import Tokenizer
+from fo_rl.data.tokenizer import HFTokenizer, Tokenizer
 from fo_rl.metrics_writer import MetricsWriter, read_metrics
 from fo_rl.model import init_model
 from fo_rl.parallel.multihost import host_get
@@ -112,6 +112,23 @@ def to_rollouts(out, advantages) -> Rollouts:
                   advantages=jnp.asarray(advantages, jnp.float32))
 
 
+def load_pretrained(directory: str, rc, mesh):
+  """(graphdef, params) of the Hugging Face checkpoint `init.hf_checkpoint`, each parameter created in its
+  sharding (every host reads the tensors it needs). Its config.json must describe the architecture in
+  model.* (the fields fo_rl adds: dtype, remat, ... come from model.*)."""
+  from fo_rl.model.hf import load_hf_checkpoint, load_hf_config
+  ours = ("dtype", "param_dtype", "moe_impl", "gmm_backend", "moe_block_size", "remat", "scan_layers")
+  theirs = load_hf_config(directory)
+  differ = [f for f in theirs.to_dict() if f not in ours and getattr(theirs, f) != getattr(rc.model, f)]
+  if differ:
+    raise ValueError(f"init.hf_checkpoint={directory!r}: its config.json differs from model.* in "
+                     + ", ".join(f"{f} ({getattr(theirs, f)!r} vs {getattr(rc.model, f)!r})"
+                                 for f in differ))
+  over = {f: getattr(rc.model, f) for f in ours if hasattr(rc.model, f)}
+  _, graphdef, params = load_hf_checkpoint(directory, mesh=mesh, rules=rc.rules, **over)
+  return graphdef, params
+
+
 def _replicated(x, mesh):
   """x replicated over the mesh: a global array every process can checkpoint (orbax, multi-host)."""
   return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -144,7 +161,11 @@ def run(c, workdir: str, log=print) -> dict:
   _check_config(c, workdir)
 
   # ---- data, tokenizer, model (bad data is an error before anything is written) ----------------
-  tokenizer = Tokenizer(c.data.tokenizer) if c.data.tokenizer else Tokenizer.default()
+  hf_dir = os.path.expanduser(str(c.init.get("hf_checkpoint", "") or ""))
+  if hf_dir:  # a pretrained model: its weights and its tokenizer
+    tokenizer = HFTokenizer(hf_dir)
+  else:
+    tokenizer = Tokenizer(c.data.tokenizer) if c.data.tokenizer else Tokenizer.default()
   if rc.model.vocab_size < tokenizer.vocab_size:
     raise ValueError(f"model.vocab_size={rc.model.vocab_size} is smaller than the tokenizer's "
                      f"{tokenizer.vocab_size}")
@@ -159,7 +180,8 @@ def run(c, workdir: str, log=print) -> dict:
 
   mesh = make_mesh(rc.mesh, where="parallel.mesh")
   sampler_mesh = make_mesh(rc.sampler_mesh, where="parallel.sampler_mesh")
-  graphdef, params = init_model(rc.model, mesh, rc.rules, rc.seed)
+  graphdef, params = (load_pretrained(hf_dir, rc, mesh) if hf_dir
+                      else init_model(rc.model, mesh, rc.rules, rc.seed))
   trainer = Trainer(graphdef, rc.model, rc.trainer, mesh, rc.rules)
 
   # ---- resume or cold start --------------------------------------------------------------------
@@ -167,9 +189,16 @@ def run(c, workdir: str, log=print) -> dict:
   latest = ckpt.latest_step()
   state = trainer.init_state(params)
   bundle = {"train": state, "rng": _replicated(jax.random.key_data(jax.random.key(rc.seed)), mesh)}
+  # SIGTERM (preemption) from here on: SFT saves its progress, the step-0 eval and the RL loop checkpoint.
+  preempt = _Preempted()
   if latest is None:
     if c.sft.enabled:
-      params, sft_info = cold_start(c, graphdef, params, tokenizer, task, train_records, workdir, log)
+      params, sft_info = cold_start(c, graphdef, params, tokenizer, task, train_records, workdir, log,
+                                    stop=lambda: preempt.flag)
+      if sft_info.get("preempted"):
+        preempt.restore()
+        return _finish(workdir, {"cold_start_accuracy": None, "best_accuracy": None, "step": 0},
+                       0.0, t_start, preempted=True)
       state = trainer.init_state(params)
     meta = {"step": 0, "data_position": 0, "cold_start_accuracy": None, "best_accuracy": None,
             "wall_seconds": 0.0}
@@ -203,15 +232,18 @@ def run(c, workdir: str, log=print) -> dict:
     writer.write(0, m0)
     log(f"cold start: held-out accuracy {m0['eval/mean_accuracy']:.3f} "
         f"(greedy {m0['eval/greedy_accuracy']:.3f})")
+    if preempt.flag:  # SIGTERM during the cold start's eval: keep the cold start and its accuracy
+      meta["wall_seconds"] = time.time() - t_start
+      ckpt.save(0, {"train": state, "rng": _replicated(jax.random.key_data(rng), mesh)}, meta, force=True)
+      log("SIGTERM: checkpointed step 0 (the cold start), exiting")
 
   # ---- RL loop ---------------------------------------------------------------------------------
-  preempt = _Preempted()
   P, G, steps = rc.prompts_per_step, rc.group_size, rc.steps
   t_loop, first_step = time.time(), meta["step"]
   wall_before = float(meta.get("wall_seconds", 0.0))
   last_eval = {}
   try:
-    for step in range(meta["step"], steps):
+    for step in range(meta["step"], steps if not preempt.flag else meta["step"]):
       t0 = time.time()
       pos = meta["data_position"]
       records = [train_records[int(order[(pos + i) % len(order)])] for i in range(P)]
@@ -247,6 +279,11 @@ def run(c, workdir: str, log=print) -> dict:
     ckpt.close()
     writer.close()
 
+  return _finish(workdir, meta, wall_before, t_start, preempted=preempt.flag)
+
+
+def _finish(workdir: str, meta: dict, wall_before: float, t_start: float, preempted: bool) -> dict:
+  """Writes summary.json and curves.png (process 0) and returns the summary."""
   rows = read_metrics(workdir)
   evals = [r for r in rows if "eval/mean_accuracy" in r]
   summary = {
@@ -257,10 +294,11 @@ def run(c, workdir: str, log=print) -> dict:
       "best_accuracy": meta["best_accuracy"],
       "steps": meta["step"],
       "wall_seconds": wall_before + time.time() - t_start,  # summed over resumed sessions
-      "preempted": bool(preempt.flag),
+      "preempted": bool(preempted),
   }
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
-    plot_curves(rows, os.path.join(workdir, "curves.png"))
+    if rows:
+      plot_curves(rows, os.path.join(workdir, "curves.png"))
   return summary

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import time
 
 import jax
@@ -62,8 +63,13 @@ def _batches(tokenizer, task, records, c, rng: random.Random, max_len: int):
     yield toks, mask
 
 
-def cold_start(c, graphdef, params, tokenizer, task, records, workdir: str, log=print):
-  """Returns (params after SFT, info). Reuses a finished cold start when one is on disk."""
+def cold_start(c, graphdef, params, tokenizer, task, records, workdir: str, log=print,
+               stop=lambda: False):
+  """Returns (params after SFT, info). Reuses a finished cold start when one is on disk.
+
+  `stop()` is polled after every SFT step (run.py: a SIGTERM arrived). When it turns true, the SFT state
+  (parameters, optimizer state, step) is saved in `<directory>.partial` and (params, info) returns with
+  info["preempted"] = True; the next call resumes SFT from there (same batches, same result)."""
   cache_dir = c.sft.get("cache_dir", "") or ""
   directory = (os.path.join(cache_dir, sft_key(c)) if cache_dir
                else os.path.join(workdir, "sft"))
@@ -103,17 +109,34 @@ def cold_start(c, graphdef, params, tokenizer, task, records, workdir: str, log=
 
   max_len = int(c.sft.get("max_len", 0) or 0) or 64
   it = _batches(tokenizer, task, records, c, random.Random(c.seed), max_len)
-  t0, losses = time.time(), []
-  for i in range(steps):
+  partial = Checkpointer(directory.rstrip("/") + ".partial", max_to_keep=1)
+  first, losses, seconds = 0, [], 0.0
+  if partial.latest_step() is not None:  # an SFT preempted earlier: continue it where it stopped
+    (params, opt_state), meta = partial.restore(None, abstract_like((params, opt_state)))
+    first, losses, seconds = int(meta["step"]), list(meta["losses"]), float(meta["seconds"])
+    for _ in range(first):  # the batches it already trained on (host-side only)
+      next(it)
+    log(f"cold start: resuming SFT at step {first}/{steps} from {partial.directory}")
+  t0 = time.time()
+  for i in range(first, steps):
     toks, mask = next(it)
     params, opt_state, loss = step(params, opt_state, toks, mask)
     if (i + 1) % max(1, steps // 10) == 0 or i + 1 == steps:
       losses.append(float(loss))
       log(f"cold start: SFT step {i + 1}/{steps} loss {losses[-1]:.4f} "
-          f"({time.time() - t0:.0f}s, teacher={c.sft.teacher})")
-  info = {"steps": steps, "final_loss": losses[-1], "seconds": time.time() - t0,
+          f"({seconds + time.time() - t0:.0f}s, teacher={c.sft.teacher})")
+    if stop() and i + 1 < steps:
+      partial.save(i + 1, (params, opt_state),
+                   {"step": i + 1, "losses": losses, "seconds": seconds + time.time() - t0}, force=True)
+      partial.wait()
+      partial.close()
+      log(f"SIGTERM: saved the cold start at SFT step {i + 1}/{steps} in {partial.directory}")
+      return params, {"steps": i + 1, "preempted": True}
+  partial.close()
+  info = {"steps": steps, "final_loss": losses[-1], "seconds": seconds + time.time() - t0,
           "teacher": c.sft.teacher, "key": sft_key(c)}
   ckpt.save(0, params, info, force=True)
   ckpt.wait()
   ckpt.close()
-  return params, dict(info, reused=False)
+  shutil.rmtree(partial.directory, ignore_errors=True)  # the finished cold start supersedes it
+  return params, dict(info, reused=False, preempted=False)
