@@ -74,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler.gen_bucket = 16
 
   c.rl = ml_collections.ConfigDict()
-  c.rl.steps = 120
+  c.rl.steps = 200
   c.rl.prompts_per_step = 16
   c.rl.group_size = 8  # G samples per prompt
   c.rl.mini_batches = 4  # N optimizer updates per rollout batch
