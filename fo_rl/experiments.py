@@ -253,7 +253,7 @@ def build_plan(suite: str, seeds: Sequence[int], workdir: str | Path, *, variant
         set_field(c, field, parse_value(text, get_field(c, field)))
         flags.append(f"--config.{field}={text}")
       config_lib.parse(c)  # a bad variant or override fails here, before anything runs
-      data = (c.data.task, json.dumps(c.data.options.to_dict(), sort_keys=True), c.data.data_dir)
+      data = (c.data.task, json.dumps(config_lib.task_options(c), sort_keys=True), c.data.data_dir)
       runs.append(Run(suite=suite, variant=variant, seed=int(seed), config_arg=arg,
                       workdir=root / variant / f"seed{seed}", flags=flags,
                       target_steps=int(c.rl.steps),
