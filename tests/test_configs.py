@@ -152,28 +152,6 @@ def _tiny_runs():
   return out
 
 
-@pytest.fixture(scope="module")
-def run_caches(tmp_path_factory):
-  """For this module only: a persistent XLA compilation cache (the tiny variants share their model, so
-  their sampler, eval and cold-start programs compile once; tests/test_main.py's subprocesses use the
-  same directory) and a shared cold-start dir (tiny variants with one SFT key train it once)."""
-  from jax.experimental.compilation_cache import compilation_cache as cc
-
-  d = tmp_path_factory.getbasetemp() / "fo_rl_run_caches"
-  (d / "xla").mkdir(parents=True, exist_ok=True)
-  settings = {"jax_compilation_cache_dir": str(d / "xla"),
-              "jax_persistent_cache_min_compile_time_secs": 0.0,
-              "jax_persistent_cache_min_entry_size_bytes": -1}
-  old = {k: getattr(jax.config, k) for k in settings}
-  for k, v in settings.items():
-    jax.config.update(k, v)
-  cc.reset_cache()  # jax decides once per process whether to use the cache: decide again
-  yield d
-  for k, v in old.items():
-    jax.config.update(k, v)
-  cc.reset_cache()
-
-
 TINY_RUNS = _tiny_runs()
 
 

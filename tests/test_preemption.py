@@ -58,8 +58,9 @@ def _ckpt_steps(workdir: Path):
 
 
 @pytest.fixture(scope="module")
-def eval_preempted(tmp_path_factory):
-  """SIGTERM after the last SFT step (so during the step-0 eval), then the re-run."""
+def eval_preempted(tmp_path_factory, run_caches):
+  """SIGTERM after the last SFT step (so during the step-0 eval), then the re-run. (run_caches: the
+  compiled programs are shared with test_configs' tiny runs; the cold starts are not.)"""
   workdir = tmp_path_factory.mktemp("eval_preempted") / "run"
   first = _run(workdir, sigterm_on="cold start: SFT step 10/10")
   ckpts = _ckpt_steps(workdir)
