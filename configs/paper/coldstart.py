@@ -17,7 +17,10 @@ teacher one of (fo_rl/data/teachers.py)
 "tiny" alone is the tiny version of the first variant (careful); "" is careful at full size.
 Shared RL recipe: the fo_rl default (configs/moe_r3.py): MiniRL, N = 4 mini-batch updates, R3, FP8 e4m3
 sampler weights; only sft.teacher differs.
-Hardware: a 2-core CPU (about 2.5 minutes of cold start + 3 minutes of RL per run).
+Hardware: a 2-core CPU. Measured (docs/results/paper/report.md): the suite in miniature (--steps=40
+--override=rl.prompts_per_step=8 --override=optim.learning_rate=1.5e-4 --override=eval.num_prompts=64,
+as in the README) took 13.1 min for 9 runs (about 1.5 min of cold start + 0.6 min of RL per run); the
+full recipe (200 RL steps of 16 prompts) takes about 4 min of RL per run.
 Expected (the paper, section 4.5): once training is stable, different cold starts reach comparable final
 accuracy. Measured: see the suite's report.md.
 """

@@ -19,7 +19,10 @@ variant = n<N>_<recipe> (n2_noclip, ..., n8_minirl: 15 variants), N in {2, 4, 8}
 Shared recipe: fo_rl.config.base_config() (4-layer 8-expert top-2 MoE, cold start on the 'careful'
 teacher, FP8 e4m3 sampler weights) with rl.mini_batches=N: the global batch of
 rl.prompts_per_step x rl.group_size responses is split into N updates, so updates 2..N are off-policy.
-Hardware: a 2-core CPU (about 3 minutes of RL per run after the shared cold start).
+Hardware: a 2-core CPU. Measured (docs/results/paper/report.md): the suite in miniature (--steps=40
+--override=rl.prompts_per_step=8 --override=optim.learning_rate=1.5e-4 --override=eval.num_prompts=64,
+as in the README) took 28.4 min for 45 runs, about 0.6 min per run after the shared cold start; the full
+recipe (200 RL steps of 16 prompts) takes about 4 min of RL per run.
 Expected (the paper, section 4.4): dropping clipping or replay collapses; R2 beats R3 at N=2, R3 beats R2
 at N=4 and 8. Measured: see the suite's report.md.
 """
