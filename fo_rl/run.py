@@ -117,14 +117,14 @@ def load_pretrained(directory: str, rc, mesh):
   sharding (every host reads the tensors it needs). Its config.json must describe the architecture in
   model.* (the fields fo_rl adds: dtype, remat, ... come from model.*)."""
   from fo_rl.model.hf import load_hf_checkpoint, load_hf_config
-  ours = ("dtype", "param_dtype", "moe_impl", "gmm_backend", "moe_block_size", "remat", "scan_layers")
+  ours = rc.model.RUNTIME_FIELDS
   theirs = load_hf_config(directory)
   differ = [f for f in theirs.to_dict() if f not in ours and getattr(theirs, f) != getattr(rc.model, f)]
   if differ:
     raise ValueError(f"init.hf_checkpoint={directory!r}: its config.json differs from model.* in "
                      + ", ".join(f"{f} ({getattr(theirs, f)!r} vs {getattr(rc.model, f)!r})"
                                  for f in differ))
-  over = {f: getattr(rc.model, f) for f in ours if hasattr(rc.model, f)}
+  over = {f: getattr(rc.model, f) for f in ours}
   _, graphdef, params = load_hf_checkpoint(directory, mesh=mesh, rules=rc.rules, **over)
   return graphdef, params
 
@@ -164,6 +164,9 @@ def run(c, workdir: str, log=print) -> dict:
   hf_dir = os.path.expanduser(str(c.init.get("hf_checkpoint", "") or ""))
   if hf_dir:  # a pretrained model: its weights and its tokenizer
     tokenizer = HFTokenizer(hf_dir)
+    if tokenizer.eos_id is None:
+      raise ValueError(f"init.hf_checkpoint={hf_dir!r}: no eos_token_id in its config.json or "
+                       f"generation_config.json (sampling stops at EOS)")
   else:
     tokenizer = Tokenizer(c.data.tokenizer) if c.data.tokenizer else Tokenizer.default()
   if rc.model.vocab_size < tokenizer.vocab_size:
@@ -243,7 +246,8 @@ def run(c, workdir: str, log=print) -> dict:
   wall_before = float(meta.get("wall_seconds", 0.0))
   last_eval = {}
   try:
-    for step in range(meta["step"], steps if not preempt.flag else meta["step"]):
+    last = meta["step"] if preempt.flag else steps  # SIGTERM during the step-0 eval: no RL step
+    for step in range(meta["step"], last):
       t0 = time.time()
       pos = meta["data_position"]
       records = [train_records[int(order[(pos + i) % len(order)])] for i in range(P)]

@@ -74,8 +74,8 @@ class Tokenizer:
 class HFTokenizer:
     """A Hugging Face checkpoint's ``tokenizer.json`` (the ``tokenizers`` library), behind the same
     surface as :class:`Tokenizer`. EOS is the checkpoint's ``eos_token_id`` (generation_config.json, else
-    config.json; the first one when it lists several); a tokenizer without a BOS token (Qwen3) never
-    prepends one."""
+    config.json; the first one when it lists several; None when neither names one); a tokenizer without
+    a BOS token (Qwen3) never prepends one."""
 
     def __init__(self, directory: str | os.PathLike):
         import json
@@ -96,11 +96,10 @@ class HFTokenizer:
                 ids.update({k: d[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                             if d.get(k) is not None})
         first = lambda v: v[0] if isinstance(v, list) else v  # noqa: E731
-        if "eos_token_id" not in ids:
-            raise ValueError(f"HF checkpoint {directory!r}: no eos_token_id in config.json or "
-                             f"generation_config.json")
-        self.eos_id = int(first(ids["eos_token_id"]))
-        self.pad_id = int(first(ids.get("pad_token_id", self.eos_id)))
+        # None when the checkpoint names no EOS (run.py, which stops sampling at EOS, rejects that).
+        self.eos_id = int(first(ids["eos_token_id"])) if "eos_token_id" in ids else None
+        pad = ids.get("pad_token_id", self.eos_id)
+        self.pad_id = None if pad is None else int(first(pad))
         self.bos_id = None  # Qwen3 tokenizers add no BOS
 
     @property
@@ -114,3 +113,6 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._tok.id_to_token(int(token_id))

@@ -43,6 +43,10 @@ class ModelConfig:
   # remat one layer's recomputation live at a time. Needs identical layers (else the loop is used).
   scan_layers: bool = False
 
+  # How fo_rl computes, not what the architecture is: never read from / written to a HF config.json.
+  RUNTIME_FIELDS = ("dtype", "param_dtype", "moe_impl", "gmm_backend", "moe_block_size", "remat",
+                    "scan_layers")
+
   def __post_init__(self):
     object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
     self.validate()
@@ -139,8 +143,7 @@ class ModelConfig:
   def to_hf(self) -> dict[str, Any]:
     inv = {v: k for k, v in self._HF_RENAMES.items()}
     d = {inv.get(k, k): v for k, v in self.to_dict().items()
-         if k not in ("dtype", "param_dtype", "moe_impl", "gmm_backend", "moe_block_size", "remat",
-                                   "scan_layers")}
+         if k not in self.RUNTIME_FIELDS}
     d.update(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_act="silu",
              attention_bias=False, attention_dropout=0.0, max_position_embeddings=32768,
              output_router_logits=False, router_aux_loss_coef=0.0, use_sliding_window=False,

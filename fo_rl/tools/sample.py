@@ -6,9 +6,9 @@
     python -m fo_rl.tools.sample --checkpoint=WORKDIR [--step=N] --prompt="..."
 
 --hf_checkpoint: a Hugging Face Qwen3-MoE / Qwen3 directory (config.json + *.safetensors). Text goes through
-  the directory's own tokenizer when it has one (tokenizer.json / tokenizer_config.json via transformers, or
-  a SentencePiece tokenizer.model); without one, --prompt is token ids ("1 2 3" or "1,2,3") and samples
-  print as ids. EOS: --eos_id, else the tokenizer's, else config.json's eos_token_id.
+  the directory's own tokenizer when it has one (tokenizer.json, read by fo_rl.data.tokenizer.HFTokenizer,
+  or a SentencePiece tokenizer.model); without one, --prompt is token ids ("1 2 3" or "1,2,3") and samples
+  print as ids. EOS: --eos_id, else generation_config.json's eos_token_id, else config.json's.
 --checkpoint: an fo_rl training run directory (fo_rl.main --workdir): its config.json gives the model,
   checkpoints/<step> the parameters (the latest step unless --step), and data.tokenizer (default: the
   committed SentencePiece model) the tokenizer.
@@ -45,56 +45,14 @@ flags.DEFINE_integer("eos_id", None, "End-of-sequence id (default: the tokenizer
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
-class _HFTokenizer:
-  """transformers' tokenizer of a checkpoint directory, behind fo_rl's encode/decode/eos_id surface."""
-
-  def __init__(self, tok):
-    self._tok = tok
-
-  @property
-  def eos_id(self):
-    return self._tok.eos_token_id
-
-  def encode(self, text: str) -> list[int]:
-    return list(self._tok.encode(text, add_special_tokens=False))
-
-  def decode(self, ids) -> str:
-    return self._tok.decode([int(i) for i in ids])
-
-  def piece(self, i: int) -> str:
-    return self._tok.convert_ids_to_tokens(int(i))
-
-
-class _SPTokenizer:
-  def __init__(self, tok):
-    self._tok = tok
-
-  @property
-  def eos_id(self):
-    return self._tok.eos_id
-
-  def encode(self, text: str) -> list[int]:
-    return self._tok.encode(text)
-
-  def decode(self, ids) -> str:
-    return self._tok.decode(ids)
-
-  def piece(self, i: int) -> str:
-    return self._tok.id_to_piece(int(i))
-
-
 def hf_tokenizer(directory: str):
-  """The checkpoint directory's tokenizer, or None when it has none (then prompts are token ids)."""
-  if any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-    try:
-      from transformers import AutoTokenizer
-    except ImportError:
-      AutoTokenizer = None
-    if AutoTokenizer is not None:
-      return _HFTokenizer(AutoTokenizer.from_pretrained(directory))
+  """The checkpoint directory's tokenizer (tokenizer.json, else a SentencePiece tokenizer.model), or None
+  when it has none (then prompts are token ids)."""
+  from fo_rl.data.tokenizer import HFTokenizer, Tokenizer
+  if os.path.exists(os.path.join(directory, "tokenizer.json")):
+    return HFTokenizer(directory)
   if os.path.exists(os.path.join(directory, "tokenizer.model")):
-    from fo_rl.data.tokenizer import Tokenizer
-    return _SPTokenizer(Tokenizer(os.path.join(directory, "tokenizer.model")))
+    return Tokenizer(os.path.join(directory, "tokenizer.model"))
   return None
 
 
@@ -169,7 +127,7 @@ def load_workdir(workdir: str, step: int | None):
     ckpt.close()
   raw = rc.raw
   tok = Tokenizer(raw.data.tokenizer) if raw.data.get("tokenizer") else Tokenizer.default()
-  return rc.model, bundle["train"].params, _SPTokenizer(tok), tok.eos_id
+  return rc.model, bundle["train"].params, tok, tok.eos_id
 
 
 def sample(hf_checkpoint=None, checkpoint=None, step=None, prompt="", prompt_ids=False,
@@ -214,7 +172,7 @@ def sample(hf_checkpoint=None, checkpoint=None, step=None, prompt="", prompt_ids
       print(tok.decode(toks), file=out)
     print(f"{'#':>5} {'id':>8}  {'token':<20} {'logp':>10}", file=out)
     for i, (t, lp) in enumerate(zip(toks, lps)):
-      piece = repr(tok.piece(t)) if tok is not None else ""
+      piece = repr(tok.id_to_piece(t)) if tok is not None else ""
       print(f"{i:>5} {int(t):>8}  {piece:<20} {lp:>10.4f}", file=out)
   return res
 
