@@ -72,6 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler.top_p = 1.0
   c.sampler.prompt_bucket = 16
   c.sampler.gen_bucket = 16
+  c.sampler.moe_impl = "auto"  # auto (dense dispatch when num_experts <= 4 k) | fast | reference | dense
+  c.sampler.decode_segments = 0  # windowed decode segments; 0 = automatic (small KV caches only)
 
   c.rl = ml_collections.ConfigDict()
   c.rl.steps = 200
@@ -242,7 +244,8 @@ def parse(c: ml_collections.ConfigDict, num_devices: int | None = None) -> RunCo
   sampler = SamplerConfig(weight_dtype=c.sampler.weight_dtype,
                           keep_high_precision=tuple(c.sampler.keep_high_precision),
                           prompt_bucket=int(c.sampler.prompt_bucket),
-                          gen_bucket=int(c.sampler.gen_bucket), rules=rules)
+                          gen_bucket=int(c.sampler.gen_bucket), moe_impl=c.sampler.moe_impl,
+                          decode_segments=int(c.sampler.decode_segments) or None, rules=rules)
   sampling = SamplingParams(temperature=float(c.rl.temperature), top_k=int(c.sampler.top_k),
                             top_p=float(c.sampler.top_p),
                             max_new_tokens=int(c.sampler.max_new_tokens))

@@ -349,7 +349,8 @@ def _last_error_line(out: str) -> str:
     (["--config.rl.loss.name=nope"], "rl.loss.name"),
     (["--config.parallel.mesh.fsdp=3"], "parallel.mesh"),  # 3 devices, 8 available
     (["--config.rl.foo=1"], "foo"),  # not a field: ml_collections rejects it
-], ids=["mini_batches", "replay_dense", "loss_name", "mesh", "unknown_field"])
+    (["--config.sampler.moe_impl=sparse"], "sampler.moe_impl"),
+], ids=["mini_batches", "replay_dense", "loss_name", "mesh", "unknown_field", "sampler_moe_impl"])
 def test_bad_config_is_a_fast_error_naming_the_field(tmp_path, caches, overrides, field):
   workdir = tmp_path / "run"
   out = _fails_fast(workdir, caches, *overrides)

@@ -11,8 +11,9 @@ from jax.sharding import NamedSharding
 from fo_rl.model import ModelConfig, QTensor, init_model, make_apply, validate_replay_routes
 from fo_rl.parallel.sharding import DEFAULT_RULES, make_mesh, state_shardings
 from fo_rl.model.init import abstract_model
-from fo_rl.sampler import (Sampler, SamplerConfig, SamplingParams, quantize_state, sample_logits,
+from fo_rl.sampler import (Sampler, SamplerConfig, SamplingParams, bucket, quantize_state, sample_logits,
                            truncate_logits)
+from fo_rl.sampler.sampler import exponential, threefry2x32
 
 CFG = ModelConfig(vocab_size=128, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
                   moe_intermediate_size=16, intermediate_size=48, num_experts=8, num_experts_per_tok=2,
@@ -204,6 +205,28 @@ def test_truncation_matches_numpy(temperature, top_k, top_p):
   np.testing.assert_allclose(freq, ref, atol=0.04)  # and sampled from it
 
 
+def test_threefry_and_exponential_match_jax():
+  """The sampler's unrolled Threefry-2x32 is bit-identical to JAX's, and its Exp(1) draws are the ones
+  jax.random.exponential makes from the same key (partitionable threefry, JAX's default)."""
+  rng = np.random.default_rng(0)
+  k1, k2 = (jnp.asarray(rng.integers(0, 2**32, 4), jnp.uint32) for _ in range(2))
+  counts = jnp.asarray(rng.integers(0, 2**32, (4, 2, 1000)), jnp.uint32)
+  for i in range(4):
+    # jax's threefry_2x32 hashes the two halves of a flat count array as the block's two words
+    ref = jax.extend.random.threefry_2x32((k1[i], k2[i]), counts[i].ravel()).reshape(2, 1000)
+    ours = jax.jit(threefry2x32)(k1[i], k2[i], counts[i, 0], counts[i, 1])
+    np.testing.assert_array_equal(np.stack([np.asarray(o) for o in ours]), np.asarray(ref))
+  with jax.threefry_partitionable(True):
+    key = jax.random.fold_in(jax.random.key(3), 7)
+    for shape in ((64, 512), (3, 5), (7,)):
+      np.testing.assert_array_equal(np.asarray(jax.jit(exponential, static_argnums=1)(key, shape)),
+                                    np.asarray(jax.random.exponential(key, shape)))
+  e = np.asarray(exponential(jax.random.key(5), (200_000,)), np.float64)
+  assert abs(e.mean() - 1) < 0.01 and abs(e.var() - 1) < 0.03
+  for t in (0.1, 1.0, 3.0):  # the Exp(1) tail P(E > t) = exp(-t)
+    assert abs((e > t).mean() - np.exp(-t)) < 0.005
+
+
 def test_greedy_logp_is_untruncated_temperature_one():
   logits = jnp.log(jnp.asarray(PROBS[:2] + 1e-9, jnp.float32))
   tok, lp = sample_logits(jax.random.key(0), logits, 0.0, 3, 0.5)
@@ -317,6 +340,30 @@ def test_chunked_decode_equals_one_call(trainer, prompts):
   tok, mask = s.pad_prompts(prompts)
   st = s.decode(s.prefill(tok, mask, SAMPLING, seed=11), SAMPLING, limit=5)
   assert int(st.step) == 5
-  st = s.decode(s.decode(st, SAMPLING, limit=9), SAMPLING)
+  st = s.decode(s.decode(s.decode(st, SAMPLING, limit=9), SAMPLING, limit=21), SAMPLING)  # segments end
+  # at 16 and 32: the third call starts in the second one, over slots the second call wrote
   for a, b in (("tokens", "tokens"), ("logp", "logp_mu"), ("routes", "routes"), ("lengths", "lengths")):
     np.testing.assert_array_equal(np.asarray(getattr(st, a)), np.asarray(getattr(full, b)))
+
+
+def test_windowed_decode_and_dense_dispatch_change_nothing(trainer, prompts):
+  """The default sampler decodes in segments that attend over a window of the cache and dispatches
+  densely (moe_impl="auto" -> "dense" for E=8 k=2); one segment over the whole bucket with the model's
+  own dispatch must give the same samples, routes and (to rounding) logprobs."""
+  s = sampler(trainer, "float32")
+  B, T = len(prompts), bucket(SAMPLING.max_new_tokens, s.config.gen_bucket)  # 32 rows, T = 32, P = 16
+  assert s.segment_ends(B, 16, T) == [16, 32] and s.model_cfg.moe_impl == "dense"
+  plain = Sampler(CFG, SamplerConfig(decode_segments=1, moe_impl=None), trainer_state=trainer[1])
+  assert plain.segment_ends(B, 16, T) == [T] and plain.model_cfg.moe_impl == "fast"
+  a, b = s.generate(prompts, SAMPLING, seed=4), plain.generate(prompts, SAMPLING, seed=4)
+  for f in ("tokens", "routes", "lengths", "finished_eos"):
+    np.testing.assert_array_equal(np.asarray(getattr(a, f)), np.asarray(getattr(b, f)))
+  np.testing.assert_allclose(np.asarray(a.logp_mu), np.asarray(b.logp_mu), atol=1e-5)
+  with pytest.raises(ValueError, match="moe_impl"):
+    SamplerConfig(moe_impl="sparse")
+  # the automatic rule: segments of decode_window steps, at most max_decode_segments, small caches only
+  assert s.segment_ends(B, 16, 256) == list(range(32, 257, 32))
+  assert Sampler(CFG, SamplerConfig(decode_window=8)).segment_ends(B, 16, T) == [8, 16, 24, 32]
+  assert Sampler(CFG, SamplerConfig(window_cache_mib=0.1)).segment_ends(B, 16, T) == [T]
+  with pytest.raises(ValueError, match="decode_segments"):
+    SamplerConfig(decode_segments=0)

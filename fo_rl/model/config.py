@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any, Mapping
 
 DTYPES = ("float32", "bfloat16", "float16")
-MOE_IMPLS = ("fast", "reference")
+MOE_IMPLS = ("fast", "reference", "dense")
 GMM_BACKENDS = ("auto", "blocked", "ragged_dot")
 
 
@@ -34,7 +34,9 @@ class ModelConfig:
   tie_word_embeddings: bool = False
   dtype: str = "float32"  # activations / matmul inputs; logits are always float32
   param_dtype: str = "float32"
-  moe_impl: str = "fast"  # "fast" (sorted, dropless, expert-parallel) or "reference" (dense one-hot)
+  # "fast" (sorted, dropless, expert-parallel), "reference" (dense one-hot, the test oracle) or "dense"
+  # (every expert on every token in three plain matmuls: for few tokens and experts, see moe.py)
+  moe_impl: str = "fast"
   gmm_backend: str = "auto"  # grouped matmul: "blocked" (padded batched matmul), "ragged_dot", or auto
   moe_block_size: int = 32  # rows per block of the blocked grouped matmul
   remat: bool = False  # recompute each decoder layer in the backward pass instead of keeping activations

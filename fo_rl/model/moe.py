@@ -90,6 +90,22 @@ def dispatch_reference(x: jax.Array, ids: jax.Array, weights: jax.Array, experts
   return jnp.einsum("ned,ne->nd", y.astype(jnp.float32), combine).astype(dt)
 
 
+def dispatch_dense(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: Experts) -> jax.Array:
+  """x [N, D], ids/weights [N, k] -> [N, D]: every expert on every token, like dispatch_reference, but
+  with the routing weights applied to the hidden activations, so that the down projection also sums
+  over the experts: y = (c * h) [N, E*F] @ down [E*F, D]. Two [N, D] @ [D, E*F] matmuls and one
+  [N, E*F] @ [E*F, D], no sort, gather or scatter. E/k times the FLOPs of a dropless dispatch, so it
+  pays off only with few experts per active one (the sampler's moe_impl="auto" picks it for E <= 4k)."""
+  E, D, F = experts.gate.shape
+  dt = x.dtype
+  combine = jnp.sum(jax.nn.one_hot(ids, E, dtype=jnp.float32) * weights[..., None], axis=-2)  # [N, E]
+  gate, up = (materialize(w, dt).transpose(1, 0, 2).reshape(D, E * F)
+              for w in (experts.gate, experts.up))
+  h = jax.nn.silu(x @ gate) * (x @ up)  # [N, E*F]
+  h = (h.reshape(-1, E, F) * combine[..., None].astype(dt)).reshape(-1, E * F)
+  return h @ materialize(experts.down, dt).reshape(E * F, D)
+
+
 def _expert_ffn_blocked(xs, group_sizes, experts: Experts, block: int):
   """Grouped SwiGLU FFN as a padded batched matmul. xs [A, D] sorted by group; group_sizes [G].
 

@@ -10,7 +10,7 @@ Layout of one batch (B rows). Prompts are LEFT-padded to a bucket length P, resp
 bucket length T (T >= max_new_tokens), so the full sequence is [prompt (P) | response (T)] and every row's
 first generated token sits at column P. Positions count real tokens only (0 at the first real prompt token,
 `fo_rl.model.positions_from_mask`), so padding changes nothing a real token sees. The KV cache (the
-model's layout: per layer {'k','v': [B, K, P + T, H]}) has one slot per input column; `key_mask` marks the
+model's layout: per layer {'k','v': [B, K, H, P + T]}) has one slot per input column; `key_mask` marks the
 real prompt slots (generated slots are all marked: the causal mask already hides slots not yet written),
 and all rows share the write slot `cache_index = P + t` at decode step t.
 
@@ -26,7 +26,9 @@ padding token was routed to. Either way the trainer never checks them (its token
 Decode loop: a `lax.while_loop` inside ONE jitted call, `cond = step < limit & some row still has a token
 to feed`. Compared with a host loop over jitted single steps it has no per-token dispatch or host sync, and
 it still exits as soon as every row is done. (`decode(state, limit)` stops at `limit` steps, so a caller
-that wants to stream can run it in chunks; `generate` runs it once.)
+that wants to stream can run it in chunks; `generate` runs it once.) For small models the loop is split
+into segments that attend over the part of the cache they can reach (SamplerConfig.decode_segments), so
+decode time stays linear in the number of tokens; the prefill attends over the prompt's own P slots.
 
 Bucketing. P = bucket(longest prompt), T = bucket(max_new_tokens) (powers of two, at least
 `prompt_bucket` / `gen_bucket`); max_new_tokens, the prompt lengths and the seed are traced values, so
@@ -51,7 +53,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fo_rl.model.config import ModelConfig
+from fo_rl.model.config import MOE_IMPLS, ModelConfig
 from fo_rl.model.init import abstract_model, positions_from_mask
 from fo_rl.model.qtensor import QTensor
 from fo_rl.model.transformer import DENSE_ROUTE
@@ -77,7 +79,20 @@ class SamplerConfig:
   prompt_bucket / gen_bucket: prompt and generation lengths are padded to the next power of two that is
     at least this, so different lengths share compiled code.
   pad_id: token id written at padding positions (prompt left padding, response right padding).
-  moe_impl / gmm_backend: override the model config's MoE dispatch for sampling (None: keep).
+  moe_impl: the sampler's MoE dispatch. "auto" (default): "dense" (fo_rl.model.moe.dispatch_dense: every
+    expert on every token in three plain matmuls, no sort / gather / scatter) when num_experts <=
+    4 * num_experts_per_tok, i.e. at most 4x the expert FLOPs of a dropless dispatch, and the sampler's
+    mesh does not shard the experts (dense would all-gather them every step), where it is the faster
+    one (measured on CPU: 0.95x the generate time with the benchmark's E=8 k=2 model), else the
+    model's; None: the model's; or any model moe_impl. The routes are the same whatever the
+    dispatch (routing comes first); the outputs differ by float rounding only.
+  gmm_backend: override the model config's grouped-matmul backend for sampling (None: keep).
+  decode_segments: the decode loop runs in this many segments of equal length, each attending over the
+    cache slots it can reach (windowed decode, see Sampler._decode_impl): less attention work, at the
+    price of a second copy of the reached part of the KV cache while decoding and one compiled step
+    per segment. 1: one loop over the whole bucket. None (default): segments of `decode_window` steps
+    (at most `max_decode_segments`) while the KV cache is at most `window_cache_mib` MiB per device
+    (small models, where attention is a large part of a step and the copy is cheap), else 1.
   rules: the sampler's logical-axis rules (its mesh is given to Sampler).
   """
   weight_dtype: str = "float32"
@@ -87,8 +102,12 @@ class SamplerConfig:
   prompt_bucket: int = 16
   gen_bucket: int = 16
   pad_id: int = 0
-  moe_impl: str | None = None
+  moe_impl: str | None = "auto"
   gmm_backend: str | None = None
+  decode_segments: int | None = None
+  decode_window: int = 16
+  max_decode_segments: int = 8
+  window_cache_mib: float = 256.0
   rules: tuple = DEFAULT_RULES
 
   def __post_init__(self):
@@ -97,8 +116,10 @@ class SamplerConfig:
                                             for n, a in self.rules))
     Q.validate(self.weight_dtype, self.keep_high_precision)
     validate_rules(self.rules, "sampler.rules")
-    for f in ("prompt_bucket", "gen_bucket"):
-      if getattr(self, f) < 1:
+    if self.moe_impl is not None and self.moe_impl not in ("auto",) + MOE_IMPLS:
+      raise ValueError(f"sampler.moe_impl={self.moe_impl!r}: must be None, 'auto' or one of {MOE_IMPLS}")
+    for f in ("prompt_bucket", "gen_bucket", "decode_segments", "decode_window", "max_decode_segments"):
+      if getattr(self, f) is not None and getattr(self, f) < 1:
         raise ValueError(f"sampler.{f}={getattr(self, f)}: must be >= 1")
 
 
@@ -150,13 +171,46 @@ def _argmax(x: jax.Array) -> jax.Array:
   return jnp.minimum(first, n - 1).astype(jnp.int32)  # (NaN logits match nothing: stay in range)
 
 
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry2x32(k1, k2, x1, x2):
+  """The Threefry-2x32 block function (20 rounds; Salmon et al. 2011) on uint32 arrays, unrolled.
+  Bit-identical to jax.extend.random.threefry_2x32 (tests check it), which XLA:CPU lowers as a rolled
+  loop that copies its whole state every round: twice as slow for a decode step's [B, V] draw."""
+  ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+  x1, x2 = x1 + ks[0], x2 + ks[1]
+  for i in range(5):
+    for r in _THREEFRY_ROTATIONS[i % 2]:
+      x1 = x1 + x2
+      x2 = ((x2 << np.uint32(r)) | (x2 >> np.uint32(32 - r))) ^ x1
+    x1 = x1 + ks[(i + 1) % 3]
+    x2 = x2 + ks[(i + 2) % 3] + np.uint32(i + 1)
+  return x1, x2
+
+
+def exponential(key, shape: tuple[int, ...]) -> jax.Array:
+  """float32 Exp(1) draws of `shape` from a threefry PRNG key, as jax.random.exponential(key, shape)
+  computes them (with jax_threefry_partitionable, the default: bits = the XOR of the two words of the
+  Threefry block of each element's counter; u = uniform [0, 1) from 23 of them; -log(1 - u)), but with
+  the unrolled block function, which XLA:CPU runs twice as fast."""
+  data = jax.random.key_data(key)
+  if data.shape != (2,):  # not a threefry key (e.g. jax_default_prng_impl=rbg): JAX's own sampler
+    return jax.random.exponential(key, shape, jnp.float32)
+  counts = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+  w1, w2 = threefry2x32(data[0], data[1], jnp.zeros_like(counts), counts)
+  u = jax.lax.bitcast_convert_type(((w1 ^ w2) >> np.uint32(9)) | np.uint32(0x3F800000),
+                                   jnp.float32) - 1.0
+  return -jnp.log1p(-u)
+
+
 def _categorical(key, x: jax.Array) -> jax.Array:
   """A draw from softmax(x) over the last axis by an exponential race: argmax_i p_i / E_i with
   E_i ~ Exp(1) i.i.d. is distributed as p (it is the Gumbel-max trick, log p_i - log E_i = x_i + Gumbel,
   up to a constant) but takes one log per entry instead of Gumbel's two, which is most of the sampling
   cost of a CPU decode step. -inf logits get p_i = 0 and are never drawn."""
   p = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
-  e = jnp.maximum(jax.random.exponential(key, x.shape, jnp.float32), jnp.finfo(jnp.float32).tiny)
+  e = jnp.maximum(exponential(key, x.shape), jnp.finfo(jnp.float32).tiny)
   return _argmax(p / e)
 
 
@@ -222,7 +276,7 @@ def sample_logits(key, logits: jax.Array, temperature: float, top_k: int = 0, to
 @dataclasses.dataclass
 class DecodeState:
   """Everything decode carries. P = routes.shape[1] - tokens.shape[1] is the prompt bucket."""
-  cache: list  # per layer {'k', 'v': [B, K, P + T, H]}
+  cache: list  # per layer {'k', 'v': [B, K, H, P + T]}
   key_mask: jax.Array  # [B, P + T] bool: real cache slots
   prompt_len: jax.Array  # [B] int32: real prompt tokens (= position of response token 0)
   tokens: jax.Array  # [B, T] int32: response tokens, pad_id past each row's length
@@ -292,13 +346,17 @@ class Sampler:
     over = {}
     if config.dtype is not None:
       over["dtype"] = config.dtype
-    if config.moe_impl is not None:
+    self.mesh = mesh if mesh is not None else make_mesh({"data": 1}, devices=jax.devices()[:1])
+    if config.moe_impl == "auto":
+      few = model_cfg.num_experts <= 4 * model_cfg.num_experts_per_tok
+      local = self.mesh.shape.get("expert", 1) == 1  # experts not sharded: no weight all-gathers
+      over["moe_impl"] = "dense" if few and local else model_cfg.moe_impl
+    elif config.moe_impl is not None:
       over["moe_impl"] = config.moe_impl
     if config.gmm_backend is not None:
       over["gmm_backend"] = config.gmm_backend
     self.model_cfg = model_cfg.replace(**over) if over else model_cfg
     self.config = config
-    self.mesh = mesh if mesh is not None else make_mesh({"data": 1}, devices=jax.devices()[:1])
     self.graphdef, abstract = abstract_model(self.model_cfg, self.mesh, config.rules)
     self._hp_shardings = state_shardings(abstract, self.mesh, config.rules)  # high precision layout
     quantized = jax.eval_shape(self._quantize, abstract)
@@ -354,7 +412,7 @@ class Sampler:
     return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
   def _cache_shape(self, B: int, S: int) -> tuple[int, ...]:
-    return (B, self.model_cfg.num_kv_heads, S, self.model_cfg.head_dim)  # the model's [B, K, S, H]
+    return (B, self.model_cfg.num_kv_heads, self.model_cfg.head_dim, S)  # the model's [B, K, H, S]
 
   def _cache_sharding(self, B: int, K: int) -> NamedSharding:
     table = validate_rules(self.config.rules)
@@ -372,13 +430,16 @@ class Sampler:
     B, Pl = prompt.shape
     S = Pl + gen_len
     csh = self._cache_sharding(B, cfg.num_kv_heads)
-    zeros = lambda: jax.lax.with_sharding_constraint(
-        jnp.zeros(self._cache_shape(B, S), self._cache_dtype), csh)
-    cache = [{"k": zeros(), "v": zeros()} for _ in range(cfg.num_layers)]
+    # The prompt fills a cache of exactly P slots (the model then attends over the new keys only, not over
+    # P + T mostly empty slots); it is padded to P + T for decode afterwards.
+    window = [{n: jnp.zeros(self._cache_shape(B, Pl), self._cache_dtype) for n in ("k", "v")}
+              for _ in range(cfg.num_layers)]
     key_mask = jnp.concatenate([prompt_mask, jnp.ones((B, gen_len), bool)], axis=1)
     prompt_len = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
-    logits, routes, cache = model(prompt, positions_from_mask(prompt_mask), token_mask=prompt_mask,
-                                  key_mask=key_mask, cache=cache, cache_index=0)
+    logits, routes, window = model(prompt, positions_from_mask(prompt_mask), token_mask=prompt_mask,
+                                   key_mask=prompt_mask, cache=window, cache_index=0)
+    pad = ((0, 0),) * 3 + ((0, gen_len),)
+    cache = [{n: jax.lax.with_sharding_constraint(jnp.pad(c[n], pad), csh) for n in c} for c in window]
     route_buf = jnp.broadcast_to(jnp.asarray(self._route_fill), (B, S, *self._route_fill.shape))
     route_buf = jax.lax.dynamic_update_slice_in_dim(self._constrain(route_buf), routes, 0, axis=1)
     tok, lp = sample_logits(jax.random.fold_in(key, 0), logits[:, -1], sampling.temperature,
@@ -399,14 +460,26 @@ class Sampler:
       eos = eos | (tok == e)
     return eos
 
+  def segment_ends(self, B: int, P: int, T: int) -> list[int]:
+    """Response columns at which the decode segments end, [W, 2W, ..., T], for a batch of B rows, prompt
+    bucket P and generation bucket T (see SamplerConfig.decode_segments)."""
+    c = self.config
+    n = c.decode_segments
+    if n is None:
+      cfg = self.model_cfg
+      shape = self._cache_shape(B, P + T)
+      shard = self._cache_sharding(B, cfg.num_kv_heads).shard_shape(shape)
+      mib = 2 * cfg.num_layers * math.prod(shard) * self._cache_dtype.itemsize / 2**20
+      n = min(-(-T // c.decode_window), c.max_decode_segments) if mib <= c.window_cache_mib else 1
+    W = -(-T // max(1, min(n, T)))
+    return list(range(W, T, W)) + [T]
+
   def _decode_impl(self, params, state: DecodeState, limit, *, sampling: SamplingParams):
     model = nnx.merge(self.graphdef, params)
     B, T = state.tokens.shape
     Pl = state.routes.shape[1] - T
     ones = jnp.ones((B, 1), bool)
-
-    def cond(s: DecodeState):
-      return (s.step < jnp.minimum(limit, T)) & jnp.any(s.lengths > s.step)
+    end = jnp.minimum(limit, T)
 
     def body(s: DecodeState):
       t = s.step
@@ -425,7 +498,28 @@ class Sampler:
           logp=_rmw_column(s.logp, t + 1, lp, active),
           eos=s.eos | eos, done=s.done | eos | (lengths >= s.max_new))
 
-    return jax.lax.while_loop(cond, body, state)
+    # Windowed decode: segment j feeds the response columns [stop_{j-1}, stop_j) and attends over the
+    # first P + stop_j cache slots only, the most any of its steps can see. Each segment's while_loop
+    # carries that prefix of the cache: the first is sliced from the state's cache, each next one is the
+    # last one extended by the slots it adds (taken from the state's cache: empty unless an earlier decode
+    # call got that far), and the last one is the whole cache again. The prefix is a copy (XLA cannot
+    # alias part of a buffer), hence the memory rule in SamplerConfig.decode_segments. With n segments
+    # a decode of T tokens costs about T * (a + b (P + T / 2 + T / n)) instead of T * (a + b (P + T))
+    # (a: per-step work, b: attention per cache slot); the samples are the same.
+    full_cache, full_mask = state.cache, state.key_mask
+    ends = self.segment_ends(B, Pl, T)
+    for j, stop in enumerate(ends):
+      window = Pl + stop
+      if j == 0:
+        cache = [{n: c[n][..., :window] for n in c} for c in state.cache]
+      else:
+        cache = [{n: jnp.concatenate([c[n], f[n][..., Pl + ends[j - 1]:window]], axis=3) for n in c}
+                 for c, f in zip(state.cache, full_cache)]
+      state = dataclasses.replace(state, cache=cache, key_mask=full_mask[:, :window])
+      state = jax.lax.while_loop(
+          lambda s, stop=stop: (s.step < jnp.minimum(end, stop)) & jnp.any(s.lengths > s.step),
+          body, state)
+    return state
 
   def prefill(self, prompt, prompt_mask, sampling: SamplingParams, seed=0) -> DecodeState:
     """prompt, prompt_mask [B, P] (left-padded, P a bucket length) -> the decode state after y_0."""
