@@ -142,6 +142,7 @@ class Trainer:
     self._old_pass = jax.jit(self._old_pass_fn)
     self._update = None  # the last update used; compiled on first use, once the shardings are known
     self._updates = {}  # mini-batch size -> jitted update (the batch sharding depends on it)
+    self._minibatch = jax.jit(self._minibatch_fn, static_argnames=("size",))
     self.last_minibatch_metrics: list[dict[str, Any]] | None = None  # set by train_step
 
   # ---- state --------------------------------------------------------------------------------
@@ -199,6 +200,16 @@ class Trainer:
     if self.mesh is None:
       return tree
     return jax.tree.map(lambda x: jax.device_put(x, self._batch_sharding(x)), tree)
+
+  def _minibatch_fn(self, tree, start, *, size: int):
+    """Rows [start, start + size) of every array of `tree`, in the trainer's batch sharding. One jitted
+    program for the whole mini-batch rather than an eager slice and a device_put per array: in a
+    2-process run those eager per-array programs once hung with the processes inside different ones."""
+    def rows(x):
+      y = jax.lax.dynamic_slice_in_dim(x, start, size, axis=0)
+      sh = self._batch_sharding(y)
+      return y if sh is None else jax.lax.with_sharding_constraint(y, sh)
+    return jax.tree.map(rows, tree)
 
   # ---- old-logprob pass ---------------------------------------------------------------------
   def old_pass(self, params, ro: Rollouts):
@@ -283,8 +294,7 @@ class Trainer:
     per_mb = []
     mb_size = B // N
     for i in range(N):
-      sl = lambda x: x[i * mb_size:(i + 1) * mb_size]
-      mb, lo, rp = self._shard_batch(jax.tree.map(sl, (ro, logp_old, replay)))
+      mb, lo, rp = self._minibatch((ro, logp_old, replay), i * mb_size, size=mb_size)
       if mb_size not in self._updates:
         self._updates[mb_size] = self._compile_update(state, mb, lo, rp)
       self._update = self._updates[mb_size]
