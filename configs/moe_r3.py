@@ -7,10 +7,10 @@ Recipe: a 4-layer, 8-expert (top-2) MoE is cold-started by SFT on an imperfect a
 trained with MiniRL (token-level TIS cap 5, clip mask 0.2/0.27, no length normalization, R - mean
 advantages) on 16 prompts x 8 samples per step, split into N = 4 mini-batch updates (off-policy), with the
 sampler's experts replayed in the old-logprob pass and every update (R3) and FP8 (e4m3) sampler weights.
-Hardware: a 2-core CPU, no accelerator. Measured wall time on an idle 2-core machine: 333 s (5.5 min;
+Hardware: a 2-core CPU, no accelerator. Measured wall time on an idle 2-core machine: 292 s (4.9 min;
 compilation and the ~90 s SFT cold start included; the tfds data was already generated). Expected result
-(seed 0, measured): held-out mean accuracy 0.533 after the cold start -> 0.764 after 200 RL steps
-(+0.231), greedy 0.875 -> 0.906, no collapse (README "Results").
+(seed 0, measured): held-out mean accuracy 0.533 after the cold start -> 0.754 after 200 RL steps
+(+0.221, best 0.775 at step 190), greedy 0.875 -> 0.875, no collapse (README "Results").
 """
 from fo_rl.config import base_config, tiny
 
