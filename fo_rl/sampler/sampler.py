@@ -471,7 +471,7 @@ class Sampler:
       shard = self._cache_sharding(B, cfg.num_kv_heads).shard_shape(shape)
       mib = 2 * cfg.num_layers * math.prod(shard) * self._cache_dtype.itemsize / 2**20
       n = min(-(-T // c.decode_window), c.max_decode_segments) if mib <= c.window_cache_mib else 1
-    W = -(-T // max(1, min(n, T)))
+    W = -(-T // min(n, T))
     return list(range(W, T, W)) + [T]
 
   def _decode_impl(self, params, state: DecodeState, limit, *, sampling: SamplingParams):
