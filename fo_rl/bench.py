@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 
 SUITES = ("moe", "sampler", "train")
@@ -21,8 +22,12 @@ def main(argv=None) -> int:
   flags.DEFINE_bool("quick", False, "Smaller sizes and fewer repeats (for a smoke test).")
   FLAGS = flags.FLAGS
   FLAGS(argv or sys.argv)
-  # XLA:CPU uses one thread per core; on the 2-core reference machine that is `threads` = 2. The peer
-  # (PyTorch) side is pinned with torch.set_num_threads(threads) inside each suite.
+  # `threads` cores for each side. PyTorch: torch.set_num_threads(threads) inside each suite. XLA:CPU runs
+  # one computation per device on one core, so JAX gets `threads` CPU devices (set before JAX starts);
+  # suites that run on one device use the first, the sampler suite shards its batch over all of them.
+  flag = f"--xla_force_host_platform_device_count={FLAGS.threads}"
+  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
   suite = importlib.import_module(f"fo_rl.benchmarks.{FLAGS.suite}")
   for row in suite.run(threads=FLAGS.threads, quick=FLAGS.quick):
     print(json.dumps(row), flush=True)

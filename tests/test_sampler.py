@@ -221,6 +221,9 @@ def test_threefry_and_exponential_match_jax():
     for shape in ((64, 512), (3, 5), (7,)):
       np.testing.assert_array_equal(np.asarray(jax.jit(exponential, static_argnums=1)(key, shape)),
                                     np.asarray(jax.random.exponential(key, shape)))
+    # a shard's rows [offset, offset + 3) draw that slice of the whole batch's draws (per-shard decode)
+    part = jax.jit(exponential, static_argnums=1)(key, (3, 5), jnp.int32(2))
+    np.testing.assert_array_equal(np.asarray(part), np.asarray(jax.random.exponential(key, (8, 5)))[2:5])
   e = np.asarray(exponential(jax.random.key(5), (200_000,)), np.float64)
   assert abs(e.mean() - 1) < 0.01 and abs(e.var() - 1) < 0.03
   for t in (0.1, 1.0, 3.0):  # the Exp(1) tail P(E > t) = exp(-t)
@@ -263,7 +266,7 @@ def test_update_weights_across_meshes(trainer, prompts):
   single = sampler(trainer, "int8")
   a = s.generate(prompts, SAMPLING, seed=7)
   b = single.generate(prompts, SAMPLING, seed=7)
-  assert a.tokens.sharding.spec[0] == "data"
+  assert a.tokens.sharding.spec[0] == "data" and s.loop_axes(len(prompts)) == ("data",)
   np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
   np.testing.assert_allclose(np.asarray(a.logp_mu), np.asarray(b.logp_mu), atol=1e-4)
   np.testing.assert_array_equal(np.asarray(a.routes), np.asarray(b.routes))
@@ -367,3 +370,43 @@ def test_windowed_decode_and_dense_dispatch_change_nothing(trainer, prompts):
   assert Sampler(CFG, SamplerConfig(window_cache_mib=0.1)).segment_ends(B, 16, T) == [T]
   with pytest.raises(ValueError, match="decode_segments"):
     SamplerConfig(decode_segments=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-shard decode loops.
+# ------------------------------------------------------------------------------------------------
+def test_loop_axes_are_the_batch_axes_that_hold_no_weights():
+  mesh = make_mesh({"data": 2, "fsdp": 2, "expert": 2})
+  s = Sampler(CFG, SamplerConfig(), mesh=mesh)
+  assert s.loop_axes(8) == ("data",)  # fsdp and expert also split the batch, but they hold weights
+  assert s.loop_axes(3) == ()  # 3 rows do not split over data
+  assert Sampler(CFG, SamplerConfig(), mesh=make_mesh({"fsdp": 8})).loop_axes(8) == ()
+  no_tensor = tuple((n, "tensor" if n == "batch" else None) if n == "batch" or a == "tensor" else (n, a)
+                    for n, a in DEFAULT_RULES)  # tensor splits the batch only
+  assert Sampler(CFG, SamplerConfig(rules=no_tensor), mesh=make_mesh(
+      {"data": 2, "tensor": 4})).loop_axes(8) == ("tensor",)
+
+
+@pytest.mark.parametrize("mesh_shape", [{"data": 8}, {"data": 2, "expert": 4}])
+def test_per_shard_decode_samples_what_one_device_does(trainer, prompts, mesh_shape):
+  """The batch split over `data`, each shard decoding in its own loop (with its own early exit;
+  {"data": 2, "expert": 4}: each loop dispatches its tokens over 4 expert shards), samples exactly what one
+  device does: same tokens, lengths, routes (padding columns hold the fill value whichever loop ran
+  longest) and, to float rounding, logprobs; with top-k / top-p (the sorted draw) and in chunked calls."""
+  sp = dataclasses.replace(SAMPLING, top_k=20, top_p=0.9)
+  s = Sampler(CFG, SamplerConfig(), mesh=make_mesh(mesh_shape), trainer_state=trainer[1])
+  assert s.loop_axes(len(prompts)) == ("data",)
+  one = sampler(trainer, "float32")
+  tok, mask = s.pad_prompts(prompts)
+  st = s.decode(s.prefill(tok, mask, sp, seed=2), sp, limit=9)
+  assert int(st.step) == 9
+  st = s.decode(st, sp)
+  ref = one.generate(prompts, sp, seed=2)
+  lengths = np.asarray(ref.lengths)
+  assert lengths.min() < lengths.max() == sp.max_new_tokens  # the shards' rows end at different steps
+  for a, b in (("tokens", "tokens"), ("routes", "routes"), ("lengths", "lengths"), ("eos", "finished_eos")):
+    np.testing.assert_array_equal(np.asarray(getattr(st, a)), np.asarray(getattr(ref, b)))
+  np.testing.assert_allclose(np.asarray(st.logp), np.asarray(ref.logp_mu), atol=1e-5)
+  routes, P = np.asarray(st.routes), tok.shape[1]
+  after = np.arange(routes.shape[1])[None] >= P + lengths[:, None]  # never-fed response columns
+  assert np.all(routes[after][:, MOE] == 0) and np.all(routes[after][:, [1]] == -1)

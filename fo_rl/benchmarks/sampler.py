@@ -8,6 +8,9 @@ no EOS on fo_rl, so both generate exactly 64 tokens per row). Timed after a warm
 (see _best_of), fo_rl's and the peer's measured one after the other in the same process. fo_rl's sampler
 runs with its default SamplerConfig, which for this model means: dense MoE dispatch (moe_impl="auto",
 E=8 <= 4k) and windowed decode in segments of 16 steps (decode_segments=None: its KV cache is small).
+On CPU its mesh is `threads` CPU devices (fo_rl/bench.py asks XLA for them) along "data": the batch is
+split over them and each runs its own decode loop (Sampler.loop_axes), one core each, as PyTorch runs
+`threads` OpenMP threads.
 
 Rows:
   generate/tokens_per_s   fo_rl / peer generated tokens per second (higher is better; target >= 3).
@@ -15,6 +18,10 @@ Rows:
   generate/time_2L_over_L the same for whole generate calls (prefill included), fo_rl's and the peer's.
   generate/<dtype>_vs_float32  fo_rl's generate time with FP8 / int8 / bf16 weights over float32 (on CPU
                           the weights are dequantized inside the step, so > 1 is expected there).
+  generate/one_device_vs_<n>  fo_rl's generate time on one device over the n-device mesh (context: how much
+                          the second core gives).
+  decode/one_device_time_2L_over_L  decode/time_2L_over_L on one device (context: one core's cache and
+                          memory bandwidth are shared by the whole batch's KV cache).
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import numpy as np
 
 from fo_rl.benchmarks.common import row
 from fo_rl.model import ModelConfig, init_model
+from fo_rl.parallel.sharding import make_mesh
 
 CFG = ModelConfig(vocab_size=512, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
                   intermediate_size=128, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2)
@@ -69,8 +77,15 @@ def run(threads: int = 2, quick: bool = False):
   prompts = np.random.default_rng(0).integers(1, CFG.vocab_size, (B, P))
   extra = dict(backend=jax.default_backend(), threads=threads, batch=B, prompt_len=P, new_tokens=L,
                config="V512 D64 L4 N4 K2 H16 E8 k2 F64", timing=f"best of {repeats}")
-  samplers = {d: Sampler(CFG, SamplerConfig(weight_dtype=d), trainer_state=state)
+  devices = jax.devices()
+  ndev = min(threads, len(devices)) if devices[0].platform == "cpu" else 1
+  while B % ndev:
+    ndev -= 1
+  mesh = make_mesh({"data": ndev}, devices=devices[:ndev])
+  extra["devices"] = ndev
+  samplers = {d: Sampler(CFG, SamplerConfig(weight_dtype=d), mesh=mesh, trainer_state=state)
               for d in ("float32", "bfloat16", "float8_e4m3fn", "int8")}
+  one = Sampler(CFG, SamplerConfig(), trainer_state=state)  # the first device only
   f32 = samplers["float32"]
   seed = iter(range(10**6))
 
@@ -80,13 +95,12 @@ def run(threads: int = 2, quick: bool = False):
     jax.block_until_ready(out.tokens)
     return out
 
-  tok, mask = f32.pad_prompts(prompts)
-
-  def fo_decode(n):  # decode only: the prefill runs first, untimed
+  def fo_decode(n, s=f32):  # decode only: the prefill runs first, untimed
     sampling = SamplingParams(max_new_tokens=n)
-    st = jax.block_until_ready(f32.prefill(tok, mask, sampling, seed=next(seed)))
+    tok, mask = s.pad_prompts(prompts)
+    st = jax.block_until_ready(s.prefill(tok, mask, sampling, seed=next(seed)))
     t0 = time.perf_counter()
-    jax.block_until_ready(f32.decode(st, sampling))
+    jax.block_until_ready(s.decode(st, sampling))
     return time.perf_counter() - t0
 
   model = _peer_model(CFG, state, threads)
@@ -112,15 +126,20 @@ def run(threads: int = 2, quick: bool = False):
             f"time of a generate call at {2 * L} vs {L} new tokens, prefill included "
             f"(fo_rl's ratio, the peer's ratio)", **extra)
 
-  d = {"L": float("inf"), "2L": float("inf")}
-  fo_decode(L), fo_decode(2 * L)  # warm-up
-  for _ in range(repeats):
-    d["L"], d["2L"] = min(d["L"], fo_decode(L)), min(d["2L"], fo_decode(2 * L))
-  yield row("decode/time_2L_over_L", d["2L"], d["L"],
-            f"seconds (fo_rl decode at {2 * L} new tokens / at {L}, prefill excluded; target ratio <= 2.2)",
-            **extra)
+  for name, s in (("decode/time_2L_over_L", f32), ("decode/one_device_time_2L_over_L", one)):
+    d = {"L": float("inf"), "2L": float("inf")}
+    fo_decode(L, s), fo_decode(2 * L, s)  # warm-up
+    for _ in range(repeats):
+      d["L"], d["2L"] = min(d["L"], fo_decode(L, s)), min(d["2L"], fo_decode(2 * L, s))
+    yield row(name, d["2L"], d["L"],
+              f"seconds (fo_rl decode at {2 * L} new tokens / at {L}, prefill excluded; "
+              + ("target ratio <= 2.2)" if s is f32 else "one device: context)"), **extra)
 
-  t = _best_of({k: (lambda s=s: fo_generate(s, L)) for k, s in samplers.items()}, repeats)
+  t = _best_of({k: (lambda s=s: fo_generate(s, L)) for k, s in (*samplers.items(), ("one", one))},
+               repeats)
+  yield row(f"generate/one_device_vs_{ndev}", t["one"], t["float32"],
+            f"seconds per generate call (fo_rl on one device / on the {ndev}-device mesh; context)",
+            **extra)
   for dtype in ("bfloat16", "float8_e4m3fn", "int8"):
     yield row(f"generate/{dtype}_vs_float32", t[dtype], t["float32"],
               f"seconds per generate call (fo_rl {dtype} weights / fo_rl float32; lower is better)",

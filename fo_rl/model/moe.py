@@ -247,6 +247,9 @@ def dispatch_fast(x, ids, weights, experts: Experts, *, mesh: Mesh | None = None
                                      _weight_spec(experts.down, w_out)))
   body = functools.partial(_dispatch_expert_parallel, backend=backend, block=block,
                            expert_axis="expert", tensor_axis=tensor)
+  context = jax.sharding.get_abstract_mesh()
+  if context.manual_axes:  # inside a shard_map over other axes (the sampler's per-shard decode)
+    mesh = context
   out = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=tok, check_vma=False)(
       x, ids, weights, experts)
   return out[:N]

@@ -19,14 +19,19 @@ y_0. Decode step t feeds y_t at slot P + t, records the experts used for it and 
 after EOS or max_new_tokens. The step that feeds a row's LAST token is run as well (its sampled successor is
 discarded): it costs one extra forward per row (1/T of the decode), and gives that token the experts the
 sampler really uses for it, so `routes` holds real sampler decisions at every real position of the full
-sequence and R3 can replay all of them. Positions never fed (padding after a row ends, steps the early exit
-skipped) hold valid ids (0) in MoE layers and -1 in dense layers; prompt padding holds the experts the
-padding token was routed to. Either way the trainer never checks them (its token_mask is False there).
+sequence and R3 can replay all of them. Response columns after a row's last token hold valid ids (0) in
+MoE layers and -1 in dense layers (routes are recorded for real tokens only, so these do not depend on how
+long the other rows kept the loop going); prompt padding holds the experts the padding token was routed
+to. Either way the trainer never checks them (its token_mask is False there).
 
 Decode loop: a `lax.while_loop` inside ONE jitted call, `cond = step < limit & some row still has a token
 to feed`. Compared with a host loop over jitted single steps it has no per-token dispatch or host sync, and
 it still exits as soon as every row is done. (`decode(state, limit)` stops at `limit` steps, so a caller
-that wants to stream can run it in chunks; `generate` runs it once.) For small models the loop is split
+that wants to stream can run it in chunks; `generate` runs it once.) When the batch is split over mesh axes
+that hold no weights (`data`, see Sampler.loop_axes), each shard runs its own loop under shard_map: it
+exits when ITS rows are done and its loop condition needs no cross-device reduction per step (on a
+multi-device CPU host, one loop per device and core). The random draws are indexed by the global row, so
+the samples are the same on any mesh. For small models the loop is split
 into segments that attend over the part of the cache they can reach (SamplerConfig.decode_segments), so
 decode time stays linear in the number of tokens; the prefill attends over the prompt's own P slots.
 
@@ -189,28 +194,37 @@ def threefry2x32(k1, k2, x1, x2):
   return x1, x2
 
 
-def exponential(key, shape: tuple[int, ...]) -> jax.Array:
+def exponential(key, shape: tuple[int, ...], row_offset=None) -> jax.Array:
   """float32 Exp(1) draws of `shape` from a threefry PRNG key, as jax.random.exponential(key, shape)
   computes them (with jax_threefry_partitionable, the default: bits = the XOR of the two words of the
   Threefry block of each element's counter; u = uniform [0, 1) from 23 of them; -log(1 - u)), but with
-  the unrolled block function, which XLA:CPU runs twice as fast."""
+  the unrolled block function, which XLA:CPU runs twice as fast.
+
+  row_offset (traced int, optional): `shape` is rows [row_offset, row_offset + shape[0]) of a larger
+  array; the draws are that slice of the larger array's (the sampler's per-shard decode uses it, so the
+  samples do not depend on the mesh). A non-threefry key (jax_default_prng_impl=rbg) falls back to JAX's
+  own sampler, with the offset folded into the key: reproducible, but mesh-dependent."""
   data = jax.random.key_data(key)
-  if data.shape != (2,):  # not a threefry key (e.g. jax_default_prng_impl=rbg): JAX's own sampler
+  if data.shape != (2,):
+    if row_offset is not None:
+      key = jax.random.fold_in(key, row_offset)
     return jax.random.exponential(key, shape, jnp.float32)
   counts = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+  if row_offset is not None:
+    counts = counts + jnp.asarray(row_offset, jnp.uint32) * np.uint32(math.prod(shape[1:]))
   w1, w2 = threefry2x32(data[0], data[1], jnp.zeros_like(counts), counts)
   u = jax.lax.bitcast_convert_type(((w1 ^ w2) >> np.uint32(9)) | np.uint32(0x3F800000),
                                    jnp.float32) - 1.0
   return -jnp.log1p(-u)
 
 
-def _categorical(key, x: jax.Array) -> jax.Array:
+def _categorical(key, x: jax.Array, row_offset=None) -> jax.Array:
   """A draw from softmax(x) over the last axis by an exponential race: argmax_i p_i / E_i with
   E_i ~ Exp(1) i.i.d. is distributed as p (it is the Gumbel-max trick, log p_i - log E_i = x_i + Gumbel,
   up to a constant) but takes one log per entry instead of Gumbel's two, which is most of the sampling
   cost of a CPU decode step. -inf logits get p_i = 0 and are never drawn."""
   p = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
-  e = jnp.maximum(exponential(key, x.shape), jnp.finfo(jnp.float32).tiny)
+  e = jnp.maximum(exponential(key, x.shape, row_offset), jnp.finfo(jnp.float32).tiny)
   return _argmax(p / e)
 
 
@@ -246,9 +260,11 @@ def truncate_logits(logits: jax.Array, temperature: float, top_k: int = 0, top_p
   return jnp.full_like(x, -jnp.inf).at[rows, ids].set(jnp.where(keep, vals, -jnp.inf))
 
 
-def sample_logits(key, logits: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0):
+def sample_logits(key, logits: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                  row_offset=None):
   """logits [B, V] -> (tokens [B] int32, logp [B] float32 of each token under the distribution it was
-  sampled from: softmax(logits / temperature) over the top-k / top-p set, renormalized).
+  sampled from: softmax(logits / temperature) over the top-k / top-p set, renormalized). row_offset: the
+  rows are [row_offset, row_offset + B) of a larger batch, drawn as that batch's (see exponential).
   Greedy (temperature 0): the argmax, with its log-probability under softmax(logits) (temperature 1,
   untruncated). With truncation the draw is made among the n sorted candidates only (no scatter back to
   the vocabulary)."""
@@ -259,12 +275,12 @@ def sample_logits(key, logits: jax.Array, temperature: float, top_k: int = 0, to
     return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
   x = logits / temperature
   if not _truncates(x.shape[-1], top_k, top_p):
-    tok = _categorical(key, x)
+    tok = _categorical(key, x, row_offset)
     lp = jax.nn.log_softmax(x, axis=-1)
     return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
   vals, ids, keep = _truncated_sorted(x, top_k, top_p)
   masked = jnp.where(keep, vals, -jnp.inf)
-  j = _categorical(key, masked)[:, None]
+  j = _categorical(key, masked, row_offset)[:, None]
   lp = jnp.take_along_axis(jax.nn.log_softmax(masked, axis=-1), j, axis=-1)[:, 0]
   return jnp.take_along_axis(ids, j, axis=-1)[:, 0].astype(jnp.int32), lp
 
@@ -328,9 +344,11 @@ class SampleOutput:
 # The sampler.
 # ------------------------------------------------------------------------------------------------
 def _rmw_column(buf, t, new, active):
-  """buf[:, t] = where(active, new, buf[:, t]). Read and write use the same (clamped) index, so a step
-  past the last column rewrites the old values instead of clobbering the last column."""
+  """buf[:, t] = where(active, new, buf[:, t]) (buf [B, S, ...], new [B, ...], active [B]). Read and write
+  use the same (clamped) index, so a step past the last column rewrites the old values instead of
+  clobbering the last column."""
   old = jax.lax.dynamic_index_in_dim(buf, t, axis=1, keepdims=False)
+  active = active.reshape(active.shape + (1,) * (new.ndim - 1))
   return jax.lax.dynamic_update_index_in_dim(buf, jnp.where(active, new, old), t, axis=1)
 
 
@@ -372,6 +390,7 @@ class Sampler:
     # is an in-place dynamic_update_slice of the loop-carried buffer (no copy per token).
     self._decode = jax.jit(self._decode_impl, static_argnames=("sampling",), donate_argnums=(1,))
     self._cache_dtype = jnp.dtype(config.cache_dtype or self.model_cfg.dtype)
+    self._local_graphdefs = {}
     route_fill = np.array([0 if self.model_cfg.is_moe_layer(i) else DENSE_ROUTE
                            for i in range(self.model_cfg.num_layers)], np.int32)
     self._route_fill = np.broadcast_to(route_fill[:, None],
@@ -474,8 +493,54 @@ class Sampler:
     W = -(-T // min(n, T))
     return list(range(W, T, W)) + [T]
 
+  def loop_axes(self, B: int) -> tuple[str, ...]:
+    """The mesh axes over which decode runs one loop per shard for a batch of B rows: the batch axes
+    (batch_spec) that hold no parameter or head (no other rule names them) and have size > 1. Along them
+    the shards share nothing but the weights, so each runs its own while_loop, with its own early exit
+    and no cross-device reduction per step (XLA:CPU: one loop per device, each on its own core)."""
+    spec = batch_spec(self.config.rules, 1, self.mesh, B)[0]
+    spec = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    table = validate_rules(self.config.rules)
+    used = {a for name, axes in table.items() if name != "batch" for a in axes}
+    return tuple(a for a in spec if a not in used and self.mesh.shape[a] > 1)
+
+  def _local_graphdef(self, axes: tuple[str, ...]):
+    """The model as seen inside the per-shard decode: the same parameters, with `axes` (manual there)
+    dropped from the batch rule, so the model's activation constraints and expert-parallel dispatch
+    only name the mesh axes that are still automatic."""
+    if axes not in self._local_graphdefs:
+      batch = tuple(a for a in validate_rules(self.config.rules).get("batch", ()) if a not in axes)
+      rules = tuple((n, batch or None) if n == "batch" else (n, v) for n, v in self.config.rules)
+      self._local_graphdefs[axes] = abstract_model(self.model_cfg, self.mesh, rules)[0]
+    return self._local_graphdefs[axes]
+
   def _decode_impl(self, params, state: DecodeState, limit, *, sampling: SamplingParams):
-    model = nnx.merge(self.graphdef, params)
+    B, T = state.tokens.shape
+    ends = self.segment_ends(B, state.routes.shape[1] - T, T)
+    axes = self.loop_axes(B)
+    if not axes:
+      return self._decode_loops(self.graphdef, params, state, limit, sampling, ends, None)
+    graphdef = self._local_graphdef(axes)
+    rows = B // math.prod(self.mesh.shape[a] for a in axes)
+
+    def per_shard(params, state, limit):
+      out = self._decode_loops(graphdef, params, state, limit, sampling, ends,
+                               jax.lax.axis_index(axes) * rows)
+      # Shards stop on their own; a shard that stopped early has every row done, so the furthest step
+      # is where a later decode call (limit) resumes for all of them.
+      return dataclasses.replace(out, step=jax.lax.pmax(out.step, axes))
+
+    split = P(axes)  # batch rows over the manual axes; the other axes stay automatic
+    spec = jax.tree_util.tree_map(lambda x: split if x.ndim else P(), state)
+    return jax.shard_map(per_shard, mesh=self.mesh, in_specs=(P(), spec, P()), out_specs=spec,
+                         axis_names=set(axes), check_vma=False)(params, state, limit)
+
+  def _decode_loops(self, graphdef, params, state: DecodeState, limit, sampling: SamplingParams,
+                    ends: list[int], row_offset):
+    """The decode loops (one per segment, ending at response columns `ends`) over the rows in `state`:
+    all of them, or one shard's, which are rows [row_offset, row_offset + B) of the batch (their random
+    draws are that slice of the batch's)."""
+    model = nnx.merge(graphdef, params)
     B, T = state.tokens.shape
     Pl = state.routes.shape[1] - T
     ones = jnp.ones((B, 1), bool)
@@ -486,9 +551,11 @@ class Sampler:
       fed = jax.lax.dynamic_slice_in_dim(s.tokens, t, 1, axis=1)  # y_t (pad for finished rows)
       logits, routes, cache = model(fed, (s.prompt_len + t)[:, None], token_mask=ones,
                                     key_mask=s.key_mask, cache=s.cache, cache_index=Pl + t)
-      route_buf = jax.lax.dynamic_update_slice_in_dim(s.routes, routes, Pl + t, axis=1)
+      # Routes are recorded for real tokens only (t < length), so a padding column holds the fill value
+      # however long the loop ran: the output does not depend on the other rows or the mesh.
+      route_buf = _rmw_column(s.routes, Pl + t, routes[:, 0], t < s.lengths)
       tok, lp = sample_logits(jax.random.fold_in(s.key, t + 1), logits[:, 0], sampling.temperature,
-                              sampling.top_k, sampling.top_p)
+                              sampling.top_k, sampling.top_p, row_offset)
       active = ~s.done  # rows that produce y_{t+1}
       eos = active & self._is_eos(tok, sampling)
       lengths = s.lengths + active.astype(jnp.int32)
@@ -507,7 +574,6 @@ class Sampler:
     # a decode of T tokens costs about T * (a + b (P + T / 2 + T / n)) instead of T * (a + b (P + T))
     # (a: per-step work, b: attention per cache slot); the samples are the same.
     full_cache, full_mask = state.cache, state.key_mask
-    ends = self.segment_ends(B, Pl, T)
     for j, stop in enumerate(ends):
       window = Pl + stop
       if j == 0:
