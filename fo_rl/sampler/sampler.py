@@ -521,11 +521,10 @@ class Sampler:
     if not axes:
       return self._decode_loops(self.graphdef, params, state, limit, sampling, ends, None)
     graphdef = self._local_graphdef(axes)
-    rows = B // math.prod(self.mesh.shape[a] for a in axes)
 
-    def per_shard(params, state, limit):
+    def per_shard(params, state, limit):  # state: this shard's rows
       out = self._decode_loops(graphdef, params, state, limit, sampling, ends,
-                               jax.lax.axis_index(axes) * rows)
+                               jax.lax.axis_index(axes) * state.tokens.shape[0])
       # Shards stop on their own; a shard that stopped early has every row done, so the furthest step
       # is where a later decode call (limit) resumes for all of them.
       return dataclasses.replace(out, step=jax.lax.pmax(out.step, axes))
