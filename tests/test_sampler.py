@@ -381,7 +381,7 @@ def test_loop_axes_are_the_batch_axes_that_hold_no_weights():
   assert s.loop_axes(8) == ("data",)  # fsdp and expert also split the batch, but they hold weights
   assert s.loop_axes(3) == ()  # 3 rows do not split over data
   assert Sampler(CFG, SamplerConfig(), mesh=make_mesh({"fsdp": 8})).loop_axes(8) == ()
-  no_tensor = tuple((n, "tensor" if n == "batch" else None) if n == "batch" or a == "tensor" else (n, a)
+  no_tensor = tuple((n, "tensor") if n == "batch" else (n, None if a == "tensor" else a)
                     for n, a in DEFAULT_RULES)  # tensor splits the batch only
   assert Sampler(CFG, SamplerConfig(rules=no_tensor), mesh=make_mesh(
       {"data": 2, "tensor": 4})).loop_axes(8) == ("tensor",)
