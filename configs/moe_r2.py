@@ -10,6 +10,7 @@ Expected wall time: about 5 minutes
 (the same model, cold start and 200 RL steps as configs/moe_r3.py, which measured 292 s).
 Expected result: a rise in held-out accuracy like the default run's; not yet measured for this recipe.
 """
+
 from fo_rl.config import base_config, tiny
 
 

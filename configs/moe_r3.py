@@ -12,6 +12,7 @@ compilation and the ~90 s SFT cold start included; the tfds data was already gen
 (seed 0, measured): held-out mean accuracy 0.533 after the cold start -> 0.754 after 200 RL steps
 (+0.221, best 0.775 at step 190), greedy 0.875 -> 0.875, no collapse (README "Results").
 """
+
 from fo_rl.config import base_config, tiny
 
 

@@ -20,25 +20,37 @@ Sequence: prompts up to 256 tokens, responses up to 512: 768 positions per row (
 [B, 768, 151936] are 0.47 GB per row). `--config.dry_run=True` prints the per-chip memory of each compiled
 function; compiling 94 layers for 256 chips takes several minutes on a CPU.
 """
+
 from fo_rl.config import base_config, hf_model, tiny_moe
 
 TOPOLOGIES = {
-    "v6e-256": dict(topology="v6e:16x16",
-                    mesh={"data": 1, "fsdp": -1, "expert": 16, "tensor": 1},
-                    sampler_mesh={"data": 1, "fsdp": 1, "expert": -1, "tensor": 4},
-                    prompts_per_step=128, eval_prompts=256),
-    "v5p-64": dict(topology="v5p:2x4x4",
-                   mesh={"data": 1, "fsdp": -1, "expert": 8, "tensor": 1},
-                   sampler_mesh={"data": 1, "fsdp": 1, "expert": -1, "tensor": 4},
-                   prompts_per_step=32, eval_prompts=64),
+    "v6e-256": dict(
+        topology="v6e:16x16",
+        mesh={"data": 1, "fsdp": -1, "expert": 16, "tensor": 1},
+        sampler_mesh={"data": 1, "fsdp": 1, "expert": -1, "tensor": 4},
+        prompts_per_step=128,
+        eval_prompts=256,
+    ),
+    "v5p-64": dict(
+        topology="v5p:2x4x4",
+        mesh={"data": 1, "fsdp": -1, "expert": 8, "tensor": 1},
+        sampler_mesh={"data": 1, "fsdp": 1, "expert": -1, "tensor": 4},
+        prompts_per_step=32,
+        eval_prompts=64,
+    ),
 }
 
 
 def get_config(arg: str = ""):
   c = base_config()
   c.name = "qwen3_235b_a22b"
-  c.model = hf_model("qwen3_moe/qwen3_235b_a22b.config.json", dtype="bfloat16", param_dtype="bfloat16",
-                     remat=True, scan_layers=True)
+  c.model = hf_model(
+      "qwen3_moe/qwen3_235b_a22b.config.json",
+      dtype="bfloat16",
+      param_dtype="bfloat16",
+      remat=True,
+      scan_layers=True,
+  )
   c.init.hf_checkpoint = "checkpoints/Qwen3-235B-A22B"
   c.sft.enabled = False
   c.data.task = "countdown"

@@ -25,25 +25,37 @@ the old-logprob pass holds them for the whole global batch (8 rows per chip on v
 and each update for its mini-batch (2 / 1 rows per chip), which is what bounds the batch and length here;
 `--config.dry_run=True` prints the per-chip numbers (README, "Running on Cloud TPU").
 """
+
 from fo_rl.config import base_config, hf_model, tiny_moe
 
 TOPOLOGIES = {
-    "v5p-64": dict(topology="v5p:2x4x4",
-                   mesh={"data": 1, "fsdp": -1, "expert": 8, "tensor": 1},
-                   sampler_mesh={"data": -1, "fsdp": 1, "expert": 8, "tensor": 1},
-                   prompts_per_step=32, eval_prompts=64),
-    "v6e-256": dict(topology="v6e:16x16",
-                    mesh={"data": 1, "fsdp": -1, "expert": 16, "tensor": 1},
-                    sampler_mesh={"data": -1, "fsdp": 1, "expert": 16, "tensor": 1},
-                    prompts_per_step=128, eval_prompts=256),
+    "v5p-64": dict(
+        topology="v5p:2x4x4",
+        mesh={"data": 1, "fsdp": -1, "expert": 8, "tensor": 1},
+        sampler_mesh={"data": -1, "fsdp": 1, "expert": 8, "tensor": 1},
+        prompts_per_step=32,
+        eval_prompts=64,
+    ),
+    "v6e-256": dict(
+        topology="v6e:16x16",
+        mesh={"data": 1, "fsdp": -1, "expert": 16, "tensor": 1},
+        sampler_mesh={"data": -1, "fsdp": 1, "expert": 16, "tensor": 1},
+        prompts_per_step=128,
+        eval_prompts=256,
+    ),
 }
 
 
 def get_config(arg: str = ""):
   c = base_config()
   c.name = "qwen3_30b_a3b"
-  c.model = hf_model("qwen3_moe/qwen3_30b_a3b.config.json", dtype="bfloat16", param_dtype="bfloat16",
-                     remat=True, scan_layers=True)
+  c.model = hf_model(
+      "qwen3_moe/qwen3_30b_a3b.config.json",
+      dtype="bfloat16",
+      param_dtype="bfloat16",
+      remat=True,
+      scan_layers=True,
+  )
   c.init.hf_checkpoint = "checkpoints/Qwen3-30B-A3B"
   c.sft.enabled = False
   c.data.task = "countdown"

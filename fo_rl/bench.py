@@ -5,6 +5,7 @@ Each suite lives in fo_rl/benchmarks/<suite>.py and yields dicts with at least
 their ratio and the unit. One JSON object per line goes to stdout. Ratios, not absolute times, are what to
 compare across machines.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -17,6 +18,7 @@ SUITES = ("moe", "sampler", "train")
 
 def main(argv=None) -> int:
   from absl import flags
+
   flags.DEFINE_enum("suite", "moe", SUITES, "Which benchmark suite to run.")
   flags.DEFINE_integer("threads", 2, "CPU threads for each side (XLA and PyTorch).")
   flags.DEFINE_bool("quick", False, "Smaller sizes and fewer repeats (for a smoke test).")

@@ -4,6 +4,7 @@
 `parse(config)` turns the ConfigDict into frozen dataclasses and raises a ValueError naming the field
 (`rl.mini_batches`, `model.num_experts_per_tok`, ...) before anything is compiled or written.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,12 +29,25 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "run"  # default workdir name: workdirs/<name>
   c.seed = 0
-  c.dry_run = False  # compile the trainer update and sampler decode for parallel.topology, then exit
+  c.dry_run = (
+      False  # compile the trainer update and sampler decode for parallel.topology, then exit
+  )
 
-  c.model = ModelConfig(vocab_size=320, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
-                        head_dim=16, intermediate_size=128, moe_intermediate_size=64,
-                        num_experts=8, num_experts_per_tok=2, mlp_only_layers=(),
-                        rope_theta=10_000.0, tie_word_embeddings=False).to_dict()
+  c.model = ModelConfig(
+      vocab_size=320,
+      hidden_size=64,
+      num_layers=4,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=16,
+      intermediate_size=128,
+      moe_intermediate_size=64,
+      num_experts=8,
+      num_experts_per_tok=2,
+      mlp_only_layers=(),
+      rope_theta=10_000.0,
+      tie_word_embeddings=False,
+  ).to_dict()
   # A Hugging Face Qwen3-MoE checkpoint directory to start from ('' = random init + cold start). With
   # one, model.* comes from its config.json and its tokenizer is used.
   c.init = ml_collections.ConfigDict({"hf_checkpoint": ""})
@@ -51,7 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train_file = ""  # data.task=jsonl: JSON Lines, one {"prompt": ..., "answer": ...} per line
   c.data.test_file = ""
   c.data.data_dir = ""  # tfds data dir ('' = $FO_RL_DATA_DIR or ~/.cache/fo_rl/tfds)
-  c.data.tokenizer = ""  # SentencePiece model ('' = the committed fo_rl/data/assets/tokenizer.model)
+  c.data.tokenizer = (
+      ""  # SentencePiece model ('' = the committed fo_rl/data/assets/tokenizer.model)
+  )
 
   c.sft = ml_collections.ConfigDict()
   c.sft.enabled = True
@@ -62,7 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft.teacher = "careful"  # see fo_rl/data/teachers.py
   c.sft.error_rate = -1.0  # -1: the teacher variant's own rate
   c.sft.max_len = 48  # tokens of prompt + response
-  c.sft.cache_dir = ""  # '' = <workdir>/sft; a shared dir reuses a cold start across runs (keyed by hash)
+  c.sft.cache_dir = (
+      ""  # '' = <workdir>/sft; a shared dir reuses a cold start across runs (keyed by hash)
+  )
 
   c.sampler = ml_collections.ConfigDict()
   c.sampler.weight_dtype = "float8_e4m3fn"
@@ -72,7 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler.top_p = 1.0
   c.sampler.prompt_bucket = 16
   c.sampler.gen_bucket = 16
-  c.sampler.moe_impl = "auto"  # auto (dense dispatch when num_experts <= 4 k) | fast | reference | dense
+  c.sampler.moe_impl = (
+      "auto"  # auto (dense dispatch when num_experts <= 4 k) | fast | reference | dense
+  )
   c.sampler.decode_segments = 0  # windowed decode segments; 0 = automatic (small KV caches only)
 
   c.rl = ml_collections.ConfigDict()
@@ -85,8 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.advantage = "mean"  # mean | std | rloo
   c.rl.loss = ml_collections.ConfigDict(dataclasses.asdict(LossConfig()))
 
-  c.optim = ml_collections.ConfigDict(dataclasses.asdict(OptimConfig(learning_rate=7e-5,
-                                                                     warmup_steps=10)))
+  c.optim = ml_collections.ConfigDict(
+      dataclasses.asdict(OptimConfig(learning_rate=7e-5, warmup_steps=10))
+  )
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 10  # RL steps
@@ -102,6 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """The validated view of a ConfigDict."""
+
   raw: Any
   seed: int
   model: ModelConfig
@@ -146,7 +168,9 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-THIRD_PARTY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "third_party")
+THIRD_PARTY = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "third_party"
+)
 
 
 def hf_model(name: str, **overrides) -> dict:
@@ -155,6 +179,7 @@ def hf_model(name: str, **overrides) -> dict:
   import json
 
   from fo_rl.model.hf import config_from_hf
+
   path = os.path.join(THIRD_PARTY, name)
   with open(path) as f:
     return config_from_hf(json.load(f), where=path, **overrides).to_dict()
@@ -187,7 +212,9 @@ def tiny_moe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 10
   c.parallel.mesh = {"data": 1, "fsdp": -1, "expert": 2, "tensor": 1}
   c.parallel.sampler_mesh = {"data": -1, "fsdp": 1, "expert": 2, "tensor": 1}
-  c.parallel.topology = "v5p:2x2x1"  # for --config.dry_run=True: 4 chips, compiles in a minute on CPU
+  c.parallel.topology = (
+      "v5p:2x2x1"  # for --config.dry_run=True: 4 chips, compiles in a minute on CPU
+  )
   c.parallel.hbm_gib = 0.0
   return c
 
@@ -202,7 +229,9 @@ def task_options(c: ml_collections.ConfigDict) -> dict:
 def parse(c: ml_collections.ConfigDict, num_devices: int | None = None) -> RunConfig:
   """Validate everything that can be checked without data or compilation."""
   model = ModelConfig.from_dict(c.model)
-  rules = tuple((str(n), a if a is None or isinstance(a, str) else tuple(a)) for n, a in c.parallel.rules)
+  rules = tuple(
+      (str(n), a if a is None or isinstance(a, str) else tuple(a)) for n, a in c.parallel.rules
+  )
   validate_rules(rules, "parallel.rules")
   if num_devices is not None:
     mesh_shape(c.parallel.mesh, num_devices, "parallel.mesh")
@@ -218,8 +247,13 @@ def parse(c: ml_collections.ConfigDict, num_devices: int | None = None) -> RunCo
     _bad("rl.replay", c.rl.replay, "must be one of none, r2, r3")
   if c.rl.replay != "none" and model.num_experts == 0:
     _bad("rl.replay", c.rl.replay, "routing replay needs a MoE model, but model.num_experts=0")
-  trainer = TrainerConfig(mini_batches=int(c.rl.mini_batches), replay=c.rl.replay,
-                          temperature=float(c.rl.temperature), loss=loss, optim=optim)
+  trainer = TrainerConfig(
+      mini_batches=int(c.rl.mini_batches),
+      replay=c.rl.replay,
+      temperature=float(c.rl.temperature),
+      loss=loss,
+      optim=optim,
+  )
   for f in ("steps", "prompts_per_step", "group_size"):
     if int(c.rl[f]) < 1:
       _bad(f"rl.{f}", c.rl[f], "must be >= 1")
@@ -227,8 +261,11 @@ def parse(c: ml_collections.ConfigDict, num_devices: int | None = None) -> RunCo
     _bad("rl.group_size", c.rl.group_size, "group-relative advantages need >= 2 samples per prompt")
   global_batch = c.rl.prompts_per_step * c.rl.group_size
   if global_batch % c.rl.mini_batches:
-    _bad("rl.mini_batches", c.rl.mini_batches,
-         f"must divide the global batch rl.prompts_per_step * rl.group_size = {global_batch}")
+    _bad(
+        "rl.mini_batches",
+        c.rl.mini_batches,
+        f"must divide the global batch rl.prompts_per_step * rl.group_size = {global_batch}",
+    )
   if c.rl.advantage not in ADVANTAGE_MODES:
     _bad("rl.advantage", c.rl.advantage, f"must be one of {ADVANTAGE_MODES}")
   if c.data.task not in TASKS:
@@ -241,19 +278,29 @@ def parse(c: ml_collections.ConfigDict, num_devices: int | None = None) -> RunCo
       _bad(f"data.{f}", path, "no such file")
     if c.data.task != "jsonl" and path:
       _bad(f"data.{f}", path, f"only used with data.task=jsonl, not {c.data.task!r}")
-  sampler = SamplerConfig(weight_dtype=c.sampler.weight_dtype,
-                          keep_high_precision=tuple(c.sampler.keep_high_precision),
-                          prompt_bucket=int(c.sampler.prompt_bucket),
-                          gen_bucket=int(c.sampler.gen_bucket), moe_impl=c.sampler.moe_impl,
-                          decode_segments=int(c.sampler.decode_segments) or None, rules=rules)
-  sampling = SamplingParams(temperature=float(c.rl.temperature), top_k=int(c.sampler.top_k),
-                            top_p=float(c.sampler.top_p),
-                            max_new_tokens=int(c.sampler.max_new_tokens))
+  sampler = SamplerConfig(
+      weight_dtype=c.sampler.weight_dtype,
+      keep_high_precision=tuple(c.sampler.keep_high_precision),
+      prompt_bucket=int(c.sampler.prompt_bucket),
+      gen_bucket=int(c.sampler.gen_bucket),
+      moe_impl=c.sampler.moe_impl,
+      decode_segments=int(c.sampler.decode_segments) or None,
+      rules=rules,
+  )
+  sampling = SamplingParams(
+      temperature=float(c.rl.temperature),
+      top_k=int(c.sampler.top_k),
+      top_p=float(c.sampler.top_p),
+      max_new_tokens=int(c.sampler.max_new_tokens),
+  )
   if sampling.top_k or sampling.top_p < 1.0:
     # The trainer scores pi at temperature only; truncation in the sampler would bias the IS ratio by
     # the log of the kept mass (algorithms.md section 7).
-    _bad("sampler.top_k/top_p", (sampling.top_k, sampling.top_p),
-         "RL needs an untruncated sampler (top_k=0, top_p=1.0) so that mu and pi share one distribution")
+    _bad(
+        "sampler.top_k/top_p",
+        (sampling.top_k, sampling.top_p),
+        "RL needs an untruncated sampler (top_k=0, top_p=1.0) so that mu and pi share one distribution",
+    )
   for f in ("every", "num_prompts", "samples"):
     if int(c.eval[f]) < 1:
       _bad(f"eval.{f}", c.eval[f], "must be >= 1")
@@ -261,8 +308,18 @@ def parse(c: ml_collections.ConfigDict, num_devices: int | None = None) -> RunCo
     _bad("checkpoint.every", c.checkpoint.every, "must be >= 1")
   if c.sft.enabled and int(c.sft.steps) < 1:
     _bad("sft.steps", c.sft.steps, "must be >= 1 when sft.enabled")
-  return RunConfig(raw=c, seed=int(c.seed), model=model, trainer=trainer, sampler=sampler,
-                   sampling=sampling, mesh=dict(c.parallel.mesh),
-                   sampler_mesh=dict(c.parallel.sampler_mesh), rules=rules,
-                   prompts_per_step=int(c.rl.prompts_per_step), group_size=int(c.rl.group_size),
-                   steps=int(c.rl.steps), advantage=c.rl.advantage)
+  return RunConfig(
+      raw=c,
+      seed=int(c.seed),
+      model=model,
+      trainer=trainer,
+      sampler=sampler,
+      sampling=sampling,
+      mesh=dict(c.parallel.mesh),
+      sampler_mesh=dict(c.parallel.sampler_mesh),
+      rules=rules,
+      prompts_per_step=int(c.rl.prompts_per_step),
+      group_size=int(c.rl.group_size),
+      steps=int(c.rl.steps),
+      advantage=c.rl.advantage,
+  )

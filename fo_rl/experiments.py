@@ -21,6 +21,7 @@ Then everything under DIR (every suite that has runs there) is read back into DI
 and per-run statistics), the verdict rules below are applied to it, and DIR/report.md and one figure per
 suite (DIR/<suite>.png) are written. `--report_only` does only that.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,9 @@ SUITES = ("onpolicy", "offpolicy", "coldstart")
 # --------------------------------------------------------------------------------------------------------
 
 ACC_DROP = 0.15  # a held-out accuracy drop below the run's peak that counts as a collapse
-TAIL_EVALS = 2  # the drop must hold at each of the last TAIL_EVALS evaluations (no recovery by the end)
+TAIL_EVALS = (
+    2  # the drop must hold at each of the last TAIL_EVALS evaluations (no recovery by the end)
+)
 FINAL_EVALS = 2  # final accuracy = mean of the last FINAL_EVALS evaluations after the cold start
 ENTROPY_CRASH_FRAC = 0.2  # late entropy below this fraction of the early entropy: collapse
 ENTROPY_SURGE_MULT = 3.0  # late entropy above this multiple of the early entropy: collapse
@@ -144,8 +147,9 @@ def parse_variant_arg(arg: str, variants: Sequence[str]) -> tuple[str, bool]:
   return variant, tiny
 
 
-def suite_config(suite: str, common: Mapping[str, Any], variants: Mapping[str, Mapping[str, Any]],
-                 arg: str = ""):
+def suite_config(
+    suite: str, common: Mapping[str, Any], variants: Mapping[str, Mapping[str, Any]], arg: str = ""
+):
   """base_config() + the suite's shared knobs + the variant's knobs (+ tiny())."""
   from fo_rl.config import base_config, tiny as make_tiny
 
@@ -191,8 +195,14 @@ class Run:
     return f"configs/paper/{self.suite}.py"
 
   def argv(self, python: str = "python") -> list[str]:
-    return [python, "-m", self.module, f"--config={self.config_file}:{self.config_arg}",
-            f"--workdir={display_path(self.workdir)}", *self.flags]
+    return [
+        python,
+        "-m",
+        self.module,
+        f"--config={self.config_file}:{self.config_arg}",
+        f"--workdir={display_path(self.workdir)}",
+        *self.flags,
+    ]
 
   def shell(self) -> str:
     """The one command that reproduces this run, from the repository root."""
@@ -222,9 +232,16 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[str, str]]:
   return out
 
 
-def build_plan(suite: str, seeds: Sequence[int], workdir: str | Path, *, variants: Sequence[str] = (),
-               tiny: bool = False, steps: int | None = None,
-               overrides: Sequence[tuple[str, str]] = ()) -> list[Run]:
+def build_plan(
+    suite: str,
+    seeds: Sequence[int],
+    workdir: str | Path,
+    *,
+    variants: Sequence[str] = (),
+    tiny: bool = False,
+    steps: int | None = None,
+    overrides: Sequence[tuple[str, str]] = (),
+) -> list[Run]:
   """Every (variant, seed) run of `suite`, variant-major, each with its command and cold-start key."""
   from fo_rl import config as config_lib
   from fo_rl.sft import sft_key
@@ -254,10 +271,19 @@ def build_plan(suite: str, seeds: Sequence[int], workdir: str | Path, *, variant
         flags.append(f"--config.{field}={text}")
       config_lib.parse(c)  # a bad variant or override fails here, before anything runs
       data = (c.data.task, json.dumps(config_lib.task_options(c), sort_keys=True), c.data.data_dir)
-      runs.append(Run(suite=suite, variant=variant, seed=int(seed), config_arg=arg,
-                      workdir=root / variant / f"seed{seed}", flags=flags,
-                      target_steps=int(c.rl.steps),
-                      sft_key=sft_key(c) if c.sft.enabled else None, data=data))
+      runs.append(
+          Run(
+              suite=suite,
+              variant=variant,
+              seed=int(seed),
+              config_arg=arg,
+              workdir=root / variant / f"seed{seed}",
+              flags=flags,
+              target_steps=int(c.rl.steps),
+              sft_key=sft_key(c) if c.sft.enabled else None,
+              data=data,
+          )
+      )
   return runs
 
 
@@ -328,6 +354,7 @@ def prepare_data(runs: Sequence[Run], log=print) -> None:
 
 
 class _Stop:
+
   def __init__(self):
     self.flag = False
     self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -335,24 +362,37 @@ class _Stop:
   def _handle(self, signum, frame):
     del frame
     self.flag = True
-    print(f"experiments: signal {signum}: stopping the running runs (they checkpoint) ...", flush=True)
+    print(
+        f"experiments: signal {signum}: stopping the running runs (they checkpoint) ...", flush=True
+    )
 
   def restore(self):
     for s, h in self._old.items():
       signal.signal(s, h)
 
 
-def execute(runs: Sequence[Run], parallel: int, *, log=print, poll_seconds: float = 2.0,
-            python: str = sys.executable, compilation_cache: str | Path | None = None) -> dict[str, int]:
+def execute(
+    runs: Sequence[Run],
+    parallel: int,
+    *,
+    log=print,
+    poll_seconds: float = 2.0,
+    python: str = sys.executable,
+    compilation_cache: str | Path | None = None,
+) -> dict[str, int]:
   """Runs the unfinished runs, `parallel` at a time; returns {run name: exit code} of those started."""
   todo = [r for r in runs if not is_finished(r.workdir, r.target_steps)]
-  log(f"experiments: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run, "
-      f"{parallel} at a time")
+  log(
+      f"experiments: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run, "
+      f"{parallel} at a time"
+  )
   if not todo:
     return {}
   cpus = _cpus()
   per = max(1, len(cpus) // parallel)
-  slots = [cpus[i * per:(i + 1) * per] if (i + 1) * per <= len(cpus) else cpus for i in range(parallel)]
+  slots = [
+      cpus[i * per : (i + 1) * per] if (i + 1) * per <= len(cpus) else cpus for i in range(parallel)
+  ]
   env = child_env(per, compilation_cache)
   free = list(range(parallel))
   running: dict[int, tuple[Run, subprocess.Popen, float, Any]] = {}  # slot -> (run, proc, t0, logf)
@@ -383,16 +423,24 @@ def execute(runs: Sequence[Run], parallel: int, *, log=print, poll_seconds: floa
         logf = open(nxt.workdir / "run.log", "a")
         logf.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {nxt.shell()}\n")
         logf.flush()
-        proc = subprocess.Popen(nxt.argv(python), cwd=REPO, env=env, stdout=logf,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            nxt.argv(python),
+            cwd=REPO,
+            env=env,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         if parallel > 1 and hasattr(os, "sched_setaffinity"):
           try:
             os.sched_setaffinity(proc.pid, slots[slot])
           except OSError:
             pass
         running[slot] = (nxt, proc, time.time(), logf)
-        log(f"  start {nxt.name} (pid {proc.pid}, cpus {slots[slot]})"
-            + (" [computes its cold start]" if leaders.get(nxt.sft_key) == nxt.name else ""))
+        log(
+            f"  start {nxt.name} (pid {proc.pid}, cpus {slots[slot]})"
+            + (" [computes its cold start]" if leaders.get(nxt.sft_key) == nxt.name else "")
+        )
       time.sleep(poll_seconds)
       for slot, (r, proc, t0, logf) in list(running.items()):
         rc = proc.poll()
@@ -408,7 +456,9 @@ def execute(runs: Sequence[Run], parallel: int, *, log=print, poll_seconds: floa
         durations.append(time.time() - t0)
         left = len(pending) + len(running)
         eta = np.mean(durations) * math.ceil(left / parallel) if left else 0.0
-        status = "done" if rc == 0 else f"FAILED (exit {rc}, see {display_path(r.workdir / 'run.log')})"
+        status = (
+            "done" if rc == 0 else f"FAILED (exit {rc}, see {display_path(r.workdir / 'run.log')})"
+        )
         log(f"  {status}: {r.name} in {durations[-1]:.0f}s; {left} left, ETA {eta / 60:.0f} min")
   finally:
     if running:
@@ -430,8 +480,14 @@ def execute(runs: Sequence[Run], parallel: int, *, log=print, poll_seconds: floa
 # Reading runs back: curves and per-run statistics.
 # --------------------------------------------------------------------------------------------------------
 
-_STEP_KEYS = {"reward": "reward_mean", "entropy": "entropy", "kl": "train_infer_kl",
-              "k3": "train_infer_k3", "clip_high": "clip_frac_high", "clip_low": "clip_frac_low"}
+_STEP_KEYS = {
+    "reward": "reward_mean",
+    "entropy": "entropy",
+    "kl": "train_infer_kl",
+    "k3": "train_infer_k3",
+    "clip_high": "clip_frac_high",
+    "clip_low": "clip_frac_low",
+}
 
 
 def _num(v) -> float:
@@ -469,8 +525,10 @@ def collapse_reasons(curves: Mapping[str, Sequence[float]]) -> list[str]:
   if len(acc) >= TAIL_EVALS + 1:
     peak, tail = max(acc), acc[-TAIL_EVALS:]
     if all(a <= peak - ACC_DROP + EPS for a in tail):
-      reasons.append(f"accuracy {max(tail):.3f} at the end, {peak - max(tail):.3f} below its peak "
-                     f"{peak:.3f}")
+      reasons.append(
+          f"accuracy {max(tail):.3f} at the end, {peak - max(tail):.3f} below its peak "
+          f"{peak:.3f}"
+      )
   ent = list(curves.get("entropy", []))
   if len(ent) >= 2:
     w = _window(len(ent))
@@ -504,12 +562,15 @@ def run_stats(curves: Mapping[str, Sequence[float]]) -> dict[str, Any]:
       "cold_start_accuracy": acc[steps.index(0)] if 0 in steps else math.nan,
       "final_accuracy": mean(after[-FINAL_EVALS:]),
       "peak_accuracy": max(acc) if acc else math.nan,
-      "final_greedy_accuracy": mean([g for s, g in zip(steps, curves.get("eval_greedy", [])) if s > 0]
-                                    [-FINAL_EVALS:]),
-      "entropy_early": mean(ent[:w]), "entropy_late": mean(ent[-w:]) if w else math.nan,
+      "final_greedy_accuracy": mean(
+          [g for s, g in zip(steps, curves.get("eval_greedy", [])) if s > 0][-FINAL_EVALS:]
+      ),
+      "entropy_early": mean(ent[:w]),
+      "entropy_late": mean(ent[-w:]) if w else math.nan,
       "mean_train_infer_kl": mean(kl),
-      "final_reward": mean([r for r in curves.get("reward", []) if math.isfinite(r)][-max(w, 1):]),
-      "collapsed": bool(reasons), "collapse_reasons": reasons,
+      "final_reward": mean([r for r in curves.get("reward", []) if math.isfinite(r)][-max(w, 1) :]),
+      "collapsed": bool(reasons),
+      "collapse_reasons": reasons,
   }
 
 
@@ -533,9 +594,16 @@ def _knobs(cfg: Mapping | None) -> dict:
   if not cfg:
     return {}
   g = lambda f: get_field(cfg, f)
-  return {"N": g("rl.mini_batches"), "replay": g("rl.replay"), "clip": g("rl.loss.clip"),
-          "train_infer_is": g("rl.loss.train_infer_is"), "length_norm": g("rl.loss.length_norm"),
-          "teacher": g("sft.teacher"), "sampler": g("sampler.weight_dtype"), "steps": g("rl.steps")}
+  return {
+      "N": g("rl.mini_batches"),
+      "replay": g("rl.replay"),
+      "clip": g("rl.loss.clip"),
+      "train_infer_is": g("rl.loss.train_infer_is"),
+      "length_norm": g("rl.loss.length_norm"),
+      "teacher": g("sft.teacher"),
+      "sampler": g("sampler.weight_dtype"),
+      "steps": g("rl.steps"),
+  }
 
 
 def read_run(wd: Path) -> dict[str, Any]:
@@ -548,11 +616,19 @@ def read_run(wd: Path) -> dict[str, Any]:
   curves = curves_from_rows(read_metrics(wd))
   cmd = (wd / "command.txt").read_text().strip() if (wd / "command.txt").exists() else None
   status = "done" if done else ("running or stopped" if curves["step"] or cfg else "not started")
-  return run_record(curves, status, workdir=display_path(wd), command=cmd,
-                    wall_seconds=(summary or {}).get("wall_seconds"), knobs=_knobs(cfg))
+  return run_record(
+      curves,
+      status,
+      workdir=display_path(wd),
+      command=cmd,
+      wall_seconds=(summary or {}).get("wall_seconds"),
+      knobs=_knobs(cfg),
+  )
 
 
-def run_record(curves: Mapping[str, Sequence[float]], status: str = "done", **extra) -> dict[str, Any]:
+def run_record(
+    curves: Mapping[str, Sequence[float]], status: str = "done", **extra
+) -> dict[str, Any]:
   """One run as results.json holds it: identity, curves and run_stats() (tests build synthetic ones)."""
   rec = {"workdir": None, "status": status, "command": None, "wall_seconds": None, "knobs": {}}
   rec.update(extra)
@@ -561,42 +637,79 @@ def run_record(curves: Mapping[str, Sequence[float]], status: str = "done", **ex
   return rec
 
 
-def suite_record(variants: Mapping[str, Mapping[str, Mapping[str, Any]]],
-                 groups: Mapping[str, str] | None = None, setup: Mapping | None = None) -> dict:
+def suite_record(
+    variants: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    groups: Mapping[str, str] | None = None,
+    setup: Mapping | None = None,
+) -> dict:
   """{variant: {seed: run_record}} -> a suite of results.json (variant stats included)."""
   out = {}
   for name, runs in variants.items():
     runs = {str(k): v for k, v in runs.items()}
     first = next((r["knobs"] for r in runs.values() if r.get("knobs")), {})
-    out[name] = {"config": None, "knobs": first, "group": (groups or {}).get(name, ""), "runs": runs,
-                 "stats": variant_stats(runs)}
+    out[name] = {
+        "config": None,
+        "knobs": first,
+        "group": (groups or {}).get(name, ""),
+        "runs": runs,
+        "stats": variant_stats(runs),
+    }
   return {"variants": out, "setup": dict(setup or {})}
 
 
 def _stat(values: Sequence[float]) -> dict[str, Any]:
   v = [float(x) for x in values if x is not None and math.isfinite(x)]
-  return {"values": v, "n": len(v), "mean": float(np.mean(v)) if v else math.nan,
-          "std": float(np.std(v, ddof=1)) if len(v) > 1 else math.nan,
-          "min": min(v) if v else math.nan, "max": max(v) if v else math.nan}
+  return {
+      "values": v,
+      "n": len(v),
+      "mean": float(np.mean(v)) if v else math.nan,
+      "std": float(np.std(v, ddof=1)) if len(v) > 1 else math.nan,
+      "min": min(v) if v else math.nan,
+      "max": max(v) if v else math.nan,
+  }
 
 
 def variant_stats(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
   done = {s: r for s, r in runs.items() if r["status"] == "done"}
   n_col = sum(bool(r["collapsed"]) for r in done.values())
-  label = ("no data" if not done else "collapses" if n_col * 2 > len(done)
-           else "stable" if n_col == 0 else "mixed")
-  return {"seeds_done": sorted(int(s) for s in done), "n_done": len(done), "n_collapsed": n_col,
-          "collapse": label,
-          **{k: _stat([r[k] for r in done.values()])
-             for k in ("final_accuracy", "peak_accuracy", "cold_start_accuracy", "final_greedy_accuracy",
-                       "mean_train_infer_kl", "entropy_late", "final_reward")}}
+  label = (
+      "no data"
+      if not done
+      else "collapses"
+      if n_col * 2 > len(done)
+      else "stable"
+      if n_col == 0
+      else "mixed"
+  )
+  return {
+      "seeds_done": sorted(int(s) for s in done),
+      "n_done": len(done),
+      "n_collapsed": n_col,
+      "collapse": label,
+      **{
+          k: _stat([r[k] for r in done.values()])
+          for k in (
+              "final_accuracy",
+              "peak_accuracy",
+              "cold_start_accuracy",
+              "final_greedy_accuracy",
+              "mean_train_infer_kl",
+              "entropy_late",
+              "final_reward",
+          )
+      },
+  }
 
 
 def collect(workdir: str | Path, suites: Sequence[str] = SUITES) -> dict[str, Any]:
   """Everything under workdir -> the results dict (written as results.json)."""
   root = Path(workdir).resolve()
-  out = {"workdir": display_path(root), "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
-         "rules": RULES_TEXT, "suites": {}}
+  out = {
+      "workdir": display_path(root),
+      "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
+      "rules": RULES_TEXT,
+      "suites": {},
+  }
   for suite in suites:
     mod = load_suite(suite)
     variants, groups, config_path = {}, {}, None
@@ -608,7 +721,9 @@ def collect(workdir: str | Path, suites: Sequence[str] = SUITES) -> dict[str, An
       group = mod.GROUP_BY and get_field(mod.get_config(v), mod.GROUP_BY)
       groups[v] = f"N={group}" if mod.GROUP_BY == "rl.mini_batches" else str(group or "")
       if config_path is None:
-        config_path = next((wd / "config.json" for _, wd in seeds if (wd / "config.json").exists()), None)
+        config_path = next(
+            (wd / "config.json" for _, wd in seeds if (wd / "config.json").exists()), None
+        )
     if variants:
       rec = suite_record(variants, groups, setup_of(config_path))
       for v in rec["variants"]:
@@ -627,26 +742,36 @@ def setup_of(config_path: Path | None) -> dict[str, Any]:
   g = lambda f: get_field(cfg, f)
   m = g("model") or {}
   return {
-      "model": (f"{m.get('num_layers')} layers, hidden {m.get('hidden_size')}, {m.get('num_heads')} "
-                f"heads / {m.get('num_kv_heads')} kv (head dim {m.get('head_dim')}), "
-                f"{m.get('num_experts')} experts top-{m.get('num_experts_per_tok')} (expert FFN "
-                f"{m.get('moe_intermediate_size')}), vocab {m.get('vocab_size')}, random init"),
+      "model": (
+          f"{m.get('num_layers')} layers, hidden {m.get('hidden_size')}, {m.get('num_heads')} "
+          f"heads / {m.get('num_kv_heads')} kv (head dim {m.get('head_dim')}), "
+          f"{m.get('num_experts')} experts top-{m.get('num_experts_per_tok')} (expert FFN "
+          f"{m.get('moe_intermediate_size')}), vocab {m.get('vocab_size')}, random init"
+      ),
       "task": f"{g('data.task')} {json.dumps(g('data.options'))}",
-      "cold start (SFT)": (f"{g('sft.steps')} steps x batch {g('sft.batch_size')}, LR "
-                           f"{g('sft.learning_rate')} (warmup {g('sft.warmup_steps')}), teacher "
-                           f"{g('sft.teacher')} unless the variant says otherwise; cached per "
-                           f"(teacher, seed) and shared by every variant"),
-      "RL": (f"{g('rl.steps')} steps x {g('rl.prompts_per_step')} prompts x {g('rl.group_size')} "
-             f"samples, temperature {g('rl.temperature')}, advantage {g('rl.advantage')}, loss "
-             f"{g('rl.loss.name')} (TIS cap {g('rl.loss.tis_cap')}, tis_mode {g('rl.loss.tis_mode')}, "
-             f"clip eps {g('rl.loss.eps_low')}/{g('rl.loss.eps_high')}, normalizer "
-             f"{g('rl.loss.normalizer')}); N, replay, clip, IS, length_norm per variant"),
+      "cold start (SFT)": (
+          f"{g('sft.steps')} steps x batch {g('sft.batch_size')}, LR "
+          f"{g('sft.learning_rate')} (warmup {g('sft.warmup_steps')}), teacher "
+          f"{g('sft.teacher')} unless the variant says otherwise; cached per "
+          f"(teacher, seed) and shared by every variant"
+      ),
+      "RL": (
+          f"{g('rl.steps')} steps x {g('rl.prompts_per_step')} prompts x {g('rl.group_size')} "
+          f"samples, temperature {g('rl.temperature')}, advantage {g('rl.advantage')}, loss "
+          f"{g('rl.loss.name')} (TIS cap {g('rl.loss.tis_cap')}, tis_mode {g('rl.loss.tis_mode')}, "
+          f"clip eps {g('rl.loss.eps_low')}/{g('rl.loss.eps_high')}, normalizer "
+          f"{g('rl.loss.normalizer')}); N, replay, clip, IS, length_norm per variant"
+      ),
       "optimizer": ", ".join(f"{k} {v}" for k, v in (g("optim") or {}).items()),
-      "sampler": (f"weights {g('sampler.weight_dtype')} (kept in high precision: "
-                  f"{g('sampler.keep_high_precision')}), at most {g('sampler.max_new_tokens')} new "
-                  f"tokens, no top-k / top-p"),
-      "eval": (f"every {g('eval.every')} RL steps and at the end: {g('eval.num_prompts')} held-out "
-               f"prompts x {g('eval.samples')} samples (mean accuracy) and greedy"),
+      "sampler": (
+          f"weights {g('sampler.weight_dtype')} (kept in high precision: "
+          f"{g('sampler.keep_high_precision')}), at most {g('sampler.max_new_tokens')} new "
+          f"tokens, no top-k / top-p"
+      ),
+      "eval": (
+          f"every {g('eval.every')} RL steps and at the end: {g('eval.num_prompts')} held-out "
+          f"prompts x {g('eval.samples')} samples (mean accuracy) and greedy"
+      ),
       "read from": display_path(config_path),
   }
 
@@ -656,8 +781,9 @@ def setup_of(config_path: Path | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def compare(a: Mapping[str, Any], b: Mapping[str, Any], *, higher_is_better: bool = True,
-            floor: float = 0.0) -> str:
+def compare(
+    a: Mapping[str, Any], b: Mapping[str, Any], *, higher_is_better: bool = True, floor: float = 0.0
+) -> str:
   """'better' | 'worse' | 'tie' | 'n/a' for stats dicts of _stat() (see RULES_TEXT)."""
   if a["n"] < 2 or b["n"] < 2:
     return "n/a"
@@ -695,8 +821,14 @@ def _cmp_acc(a, b) -> str:
 
 
 def _finding(fid, suite, claim, verdict, evidence, checks=None) -> dict:
-  return {"id": fid, "suite": suite, "claim": claim, "verdict": verdict, "evidence": evidence,
-          "checks": checks or []}
+  return {
+      "id": fid,
+      "suite": suite,
+      "claim": claim,
+      "verdict": verdict,
+      "evidence": evidence,
+      "checks": checks or [],
+  }
 
 
 def combine(verdicts: Sequence[str]) -> str:
@@ -710,14 +842,22 @@ def combine(verdicts: Sequence[str]) -> str:
 
 def _missing(fid, suite, claim, s, names) -> dict:
   missing = [n for n in names if not _v(s, n)]
-  return _finding(fid, suite, claim, INCONCLUSIVE, f"no finished run of {', '.join(missing or names)}")
+  return _finding(
+      fid, suite, claim, INCONCLUSIVE, f"no finished run of {', '.join(missing or names)}"
+  )
 
 
 def onpolicy_findings(s: Mapping | None) -> list[dict]:
   S = "onpolicy"
   out = []
   m = _v(s, "minirl")
-  others = ["minirl_length_norm", "minirl_no_is", "minirl_r3", "minirl_length_norm_r3", "minirl_no_is_r3"]
+  others = [
+      "minirl_length_norm",
+      "minirl_no_is",
+      "minirl_r3",
+      "minirl_length_norm_r3",
+      "minirl_no_is_r3",
+  ]
 
   claim = "MiniRL is best on-policy"
   have = {o: _v(s, o) for o in others if _v(s, o)}
@@ -727,15 +867,24 @@ def onpolicy_findings(s: Mapping | None) -> list[dict]:
     cmps = {o: _cmp_acc(m, v) for o, v in have.items()}
     beaten = [o for o, c in cmps.items() if c == "worse"]
     ev = f"minirl final accuracy {_acc(m)}; " + "; ".join(
-        f"vs {o} {_acc(have[o])}: minirl {c}" for o, c in cmps.items())
+        f"vs {o} {_acc(have[o])}: minirl {c}" for o, c in cmps.items()
+    )
     if beaten:
       verdict = NOT_REPRODUCED
     elif any(cmps.get(o) == "better" for o in ("minirl_length_norm", "minirl_no_is")):
       verdict = REPRODUCED
     else:
       verdict = INCONCLUSIVE
-    out.append(_finding("1a", S, claim + " (no variant better than minirl, and minirl better than "
-                        "length normalization or no-IS)", verdict, ev))
+    out.append(
+        _finding(
+            "1a",
+            S,
+            claim + " (no variant better than minirl, and minirl better than "
+            "length normalization or no-IS)",
+            verdict,
+            ev,
+        )
+    )
 
   claim = "Length normalization is stable but worse than MiniRL"
   ln = _v(s, "minirl_length_norm")
@@ -743,7 +892,7 @@ def onpolicy_findings(s: Mapping | None) -> list[dict]:
     out.append(_missing("1b", S, claim, s, ["minirl", "minirl_length_norm"]))
   else:
     c = _cmp_acc(m, ln)
-    ev = (f"minirl_length_norm {_col(ln)}, final accuracy {_acc(ln)}; minirl {_acc(m)}: minirl {c}")
+    ev = f"minirl_length_norm {_col(ln)}, final accuracy {_acc(ln)}; minirl {_acc(m)}: minirl {c}"
     if ln["stats"]["collapse"] == "collapses" or c == "worse":
       verdict = NOT_REPRODUCED
     elif ln["stats"]["collapse"] == "stable" and c == "better":
@@ -757,10 +906,19 @@ def onpolicy_findings(s: Mapping | None) -> list[dict]:
   if not m or not ni:
     out.append(_missing("1c", S, claim, s, ["minirl", "minirl_no_is"]))
   else:
-    reasons = sorted({reason_kind(x) for r in ni["runs"].values() if r["status"] == "done"
-                      for x in r["collapse_reasons"]})
-    ev = (f"minirl_no_is {_col(ni)}" + (f" [{'; '.join(reasons)}]" if reasons else "")
-          + f"; minirl {_col(m)}")
+    reasons = sorted(
+        {
+            reason_kind(x)
+            for r in ni["runs"].values()
+            if r["status"] == "done"
+            for x in r["collapse_reasons"]
+        }
+    )
+    ev = (
+        f"minirl_no_is {_col(ni)}"
+        + (f" [{'; '.join(reasons)}]" if reasons else "")
+        + f"; minirl {_col(m)}"
+    )
     ni_r3 = _v(s, "minirl_no_is_r3")
     if ni_r3:
       ev += f"; (minirl_no_is_r3 {_col(ni_r3)})"
@@ -777,8 +935,11 @@ def onpolicy_findings(s: Mapping | None) -> list[dict]:
   if not m or not r3:
     out.append(_missing("1d", S, claim, s, ["minirl", "minirl_r3"]))
   else:
-    c = compare(r3["stats"]["mean_train_infer_kl"], m["stats"]["mean_train_infer_kl"],
-                higher_is_better=False)
+    c = compare(
+        r3["stats"]["mean_train_infer_kl"],
+        m["stats"]["mean_train_infer_kl"],
+        higher_is_better=False,
+    )
     k = lambda v: f"{v['stats']['mean_train_infer_kl']['mean']:.3g}"
     ev = f"mean train-infer KL minirl_r3 {k(r3)} vs minirl {k(m)}: R3 {c} (lower is better)"
     verdict = {"better": REPRODUCED, "worse": NOT_REPRODUCED}.get(c, INCONCLUSIVE)
@@ -790,7 +951,9 @@ def onpolicy_findings(s: Mapping | None) -> list[dict]:
   else:
     c = _cmp_acc(r3, m)
     ev = f"minirl_r3 {_acc(r3)} vs minirl {_acc(m)}: R3 {c}"
-    verdict = NOT_REPRODUCED if c == "better" else REPRODUCED if c in ("tie", "worse") else INCONCLUSIVE
+    verdict = (
+        NOT_REPRODUCED if c == "better" else REPRODUCED if c in ("tie", "worse") else INCONCLUSIVE
+    )
     out.append(_finding("1e", S, claim, verdict, ev))
   return out
 
@@ -803,8 +966,13 @@ def offpolicy_findings(s: Mapping | None, ns: Sequence[int] = (2, 4, 8)) -> list
   for n in ns:
     nc, r2 = _v(s, f"n{n}_r2_noclip"), _v(s, f"n{n}_r2")
     if not nc or not r2:
-      checks.append({"name": f"N={n}", "verdict": INCONCLUSIVE,
-                     "evidence": f"no finished run of n{n}_r2_noclip or n{n}_r2"})
+      checks.append(
+          {
+              "name": f"N={n}",
+              "verdict": INCONCLUSIVE,
+              "evidence": f"no finished run of n{n}_r2_noclip or n{n}_r2",
+          }
+      )
       continue
     if nc["stats"]["collapse"] == "stable":
       v = NOT_REPRODUCED
@@ -813,19 +981,37 @@ def offpolicy_findings(s: Mapping | None, ns: Sequence[int] = (2, 4, 8)) -> list
     else:
       v = INCONCLUSIVE
     noclip = _v(s, f"n{n}_noclip")
-    checks.append({"name": f"N={n}", "verdict": v,
-                   "evidence": f"n{n}_r2_noclip {_col(nc)}; n{n}_r2 {_col(r2)}"
-                   + (f"; (n{n}_noclip {_col(noclip)})" if noclip else "")})
-  out.append(_finding("2a", S, "Off-policy, clipping is necessary: R2 without the clip mask collapses, "
-                      "R2 with it is stable", combine([c["verdict"] for c in checks]),
-                      "; ".join(f"{c['name']}: {c['verdict']}" for c in checks), checks))
+    checks.append(
+        {
+            "name": f"N={n}",
+            "verdict": v,
+            "evidence": f"n{n}_r2_noclip {_col(nc)}; n{n}_r2 {_col(r2)}"
+            + (f"; (n{n}_noclip {_col(noclip)})" if noclip else ""),
+        }
+    )
+  out.append(
+      _finding(
+          "2a",
+          S,
+          "Off-policy, clipping is necessary: R2 without the clip mask collapses, "
+          "R2 with it is stable",
+          combine([c["verdict"] for c in checks]),
+          "; ".join(f"{c['name']}: {c['verdict']}" for c in checks),
+          checks,
+      )
+  )
   # 2b: routing replay is necessary.
   checks = []
   for n in ns:
     nr, r2, r3 = _v(s, f"n{n}_minirl"), _v(s, f"n{n}_r2"), _v(s, f"n{n}_r3")
     if not nr or not (r2 or r3):
-      checks.append({"name": f"N={n}", "verdict": INCONCLUSIVE,
-                     "evidence": f"no finished run of n{n}_minirl or of n{n}_r2 / n{n}_r3"})
+      checks.append(
+          {
+              "name": f"N={n}",
+              "verdict": INCONCLUSIVE,
+              "evidence": f"no finished run of n{n}_minirl or of n{n}_r2 / n{n}_r3",
+          }
+      )
       continue
     replay_stable = any(x and x["stats"]["collapse"] == "stable" for x in (r2, r3))
     if nr["stats"]["collapse"] == "stable":
@@ -837,53 +1023,96 @@ def offpolicy_findings(s: Mapping | None, ns: Sequence[int] = (2, 4, 8)) -> list
     ev = f"n{n}_minirl (clip, no replay) {_col(nr)}"
     ev += "".join(f"; {name} {_col(x)}" for name, x in ((f"n{n}_r2", r2), (f"n{n}_r3", r3)) if x)
     checks.append({"name": f"N={n}", "verdict": v, "evidence": ev})
-  out.append(_finding("2b", S, "Off-policy, routing replay is necessary: MiniRL with clipping but no "
-                      "replay collapses, with R2 or R3 it is stable",
-                      combine([c["verdict"] for c in checks]),
-                      "; ".join(f"{c['name']}: {c['verdict']}" for c in checks), checks))
+  out.append(
+      _finding(
+          "2b",
+          S,
+          "Off-policy, routing replay is necessary: MiniRL with clipping but no "
+          "replay collapses, with R2 or R3 it is stable",
+          combine([c["verdict"] for c in checks]),
+          "; ".join(f"{c['name']}: {c['verdict']}" for c in checks),
+          checks,
+      )
+  )
 
   # 3: R2 vs R3.
   def r2_vs_r3(n, r2_should_win):
     r2, r3 = _v(s, f"n{n}_r2"), _v(s, f"n{n}_r3")
     if not r2 or not r3:
-      return {"name": f"N={n}", "verdict": INCONCLUSIVE, "evidence": f"no finished run of n{n}_r2 or n{n}_r3"}
+      return {
+          "name": f"N={n}",
+          "verdict": INCONCLUSIVE,
+          "evidence": f"no finished run of n{n}_r2 or n{n}_r3",
+      }
     c = _cmp_acc(r2, r3)
     want, against = ("better", "worse") if r2_should_win else ("worse", "better")
     v = REPRODUCED if c == want else NOT_REPRODUCED if c == against else INCONCLUSIVE
-    return {"name": f"N={n}", "verdict": v,
-            "evidence": f"n{n}_r2 {_acc(r2)} vs n{n}_r3 {_acc(r3)}: R2 {c}"}
+    return {
+        "name": f"N={n}",
+        "verdict": v,
+        "evidence": f"n{n}_r2 {_acc(r2)} vs n{n}_r3 {_acc(r3)}: R2 {c}",
+    }
 
   checks = [r2_vs_r3(n, True) for n in ns if n <= 2]
-  out.append(_finding("3a", S, "R2 beats R3 at N=2 (final accuracy)", combine([c["verdict"] for c in checks]),
-                      "; ".join(c["evidence"] for c in checks), checks))
+  out.append(
+      _finding(
+          "3a",
+          S,
+          "R2 beats R3 at N=2 (final accuracy)",
+          combine([c["verdict"] for c in checks]),
+          "; ".join(c["evidence"] for c in checks),
+          checks,
+      )
+  )
   checks = [r2_vs_r3(n, False) for n in ns if n >= 4]
-  out.append(_finding("3b", S, "R3 beats R2 at N=4 and N=8 (final accuracy)",
-                      combine([c["verdict"] for c in checks]),
-                      "; ".join(f"{c['name']}: {c['evidence']}" for c in checks), checks))
+  out.append(
+      _finding(
+          "3b",
+          S,
+          "R3 beats R2 at N=4 and N=8 (final accuracy)",
+          combine([c["verdict"] for c in checks]),
+          "; ".join(f"{c['name']}: {c['evidence']}" for c in checks),
+          checks,
+      )
+  )
   return out
 
 
-def coldstart_findings(s: Mapping | None, teachers: Sequence[str] = ("careful", "terse", "noisy")) -> list[dict]:
+def coldstart_findings(
+    s: Mapping | None, teachers: Sequence[str] = ("careful", "terse", "noisy")
+) -> list[dict]:
   S = "coldstart"
-  claim = ("Once stable, different cold starts reach comparable final accuracy (cold starts separated "
-           "by the rule at step 0, no pair separated at the end, all stable)")
+  claim = (
+      "Once stable, different cold starts reach comparable final accuracy (cold starts separated "
+      "by the rule at step 0, no pair separated at the end, all stable)"
+  )
   vs = {t: _v(s, t) for t in teachers}
   if not all(vs.values()):
     return [_missing("4", S, claim, s, [t for t, v in vs.items() if not v])]
-  pairs = [(a, b) for i, a in enumerate(teachers) for b in teachers[i + 1:]]
+  pairs = [(a, b) for i, a in enumerate(teachers) for b in teachers[i + 1 :]]
   final = {(a, b): _cmp_acc(vs[a], vs[b]) for a, b in pairs}
-  cold = {(a, b): compare(vs[a]["stats"]["cold_start_accuracy"], vs[b]["stats"]["cold_start_accuracy"],
-                          floor=ACC_MIN_DIFF) for a, b in pairs}
+  cold = {
+      (a, b): compare(
+          vs[a]["stats"]["cold_start_accuracy"],
+          vs[b]["stats"]["cold_start_accuracy"],
+          floor=ACC_MIN_DIFF,
+      )
+      for a, b in pairs
+  }
   cs = lambda t: vs[t]["stats"]["cold_start_accuracy"]["mean"]
-  ev = "; ".join(f"{t}: cold start {cs(t):.3f} -> final {_acc(vs[t])}, {vs[t]['stats']['collapse']}"
-                 for t in teachers)
+  ev = "; ".join(
+      f"{t}: cold start {cs(t):.3f} -> final {_acc(vs[t])}, {vs[t]['stats']['collapse']}"
+      for t in teachers
+  )
   ev += "; at the end: " + ", ".join(f"{a} vs {b} {c}" for (a, b), c in final.items())
   ev += "; at step 0: " + ", ".join(f"{a} vs {b} {c}" for (a, b), c in cold.items())
   if any(c in ("better", "worse") for c in final.values()):
     verdict = NOT_REPRODUCED
-  elif (all(v["stats"]["collapse"] == "stable" for v in vs.values())
-        and all(c == "tie" for c in final.values())
-        and any(c in ("better", "worse") for c in cold.values())):
+  elif (
+      all(v["stats"]["collapse"] == "stable" for v in vs.values())
+      and all(c == "tie" for c in final.values())
+      and any(c in ("better", "worse") for c in cold.values())
+  ):
     verdict = REPRODUCED
   else:
     verdict = INCONCLUSIVE
@@ -906,10 +1135,12 @@ def findings(results: Mapping[str, Any]) -> list[dict]:
 # Figures.
 # --------------------------------------------------------------------------------------------------------
 
-PANELS = (("held-out accuracy", "eval_step", "eval_acc", False),
-          ("training reward", "step", "reward", True),
-          ("token entropy", "step", "entropy", True),
-          ("train-infer KL", "step", "kl", True))
+PANELS = (
+    ("held-out accuracy", "eval_step", "eval_acc", False),
+    ("training reward", "step", "reward", True),
+    ("token entropy", "step", "entropy", True),
+    ("train-infer KL", "step", "kl", True),
+)
 SMOOTH = 5  # moving-average window (steps) for the per-step panels
 
 
@@ -918,7 +1149,7 @@ def _smooth(y: np.ndarray, w: int) -> np.ndarray:
     return y
   out = np.empty_like(y)
   for i in range(len(y)):
-    seg = y[max(0, i - w // 2):i + w // 2 + 1]
+    seg = y[max(0, i - w // 2) : i + w // 2 + 1]
     seg = seg[np.isfinite(seg)]
     out[i] = seg.mean() if len(seg) else np.nan
   return out
@@ -936,8 +1167,12 @@ def band(runs: Sequence[Mapping[str, Any]], xkey: str, ykey: str, smooth: bool):
         per.setdefault(int(x), []).append(float(y))
   steps = np.array(sorted(per))
   vals = [per[s] for s in steps]
-  return (steps, np.array([np.mean(v) for v in vals]), np.array([min(v) for v in vals]),
-          np.array([max(v) for v in vals]))
+  return (
+      steps,
+      np.array([np.mean(v) for v in vals]),
+      np.array([min(v) for v in vals]),
+      np.array([max(v) for v in vals]),
+  )
 
 
 def plot_suite(suite: str, suite_res: Mapping[str, Any], path: str | Path) -> str:
@@ -969,19 +1204,36 @@ def plot_suite(suite: str, suite_res: Mapping[str, Any], path: str | Path) -> st
         base = name.removesuffix("_r3") if suite == "onpolicy" else name
         color = colors[bases.index(base) % len(colors)]
         ls = "--" if suite == "onpolicy" and name.endswith("_r3") else "-"
-        ax.plot(x, mean, color=color, linestyle=ls, linewidth=1.4,
-                marker="o" if not smooth or len(x) < 10 else None,
-                markersize=3, label=f"{name} (n={len(runs)})")
+        ax.plot(
+            x,
+            mean,
+            color=color,
+            linestyle=ls,
+            linewidth=1.4,
+            marker="o" if not smooth or len(x) < 10 else None,
+            markersize=3,
+            label=f"{name} (n={len(runs)})",
+        )
         if len(runs) > 1:
           ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
         drawn += 1
       if not drawn:
-        ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes,
-                color="gray")
+        ax.text(
+            0.5,
+            0.5,
+            "no finished runs",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="gray",
+        )
       elif pi == 0:
         ax.legend(fontsize=7)
-  fig.suptitle(f"{suite}: mean over seeds, band = min-max over seeds; per-step panels smoothed over "
-               f"{SMOOTH} steps", fontsize=10)
+  fig.suptitle(
+      f"{suite}: mean over seeds, band = min-max over seeds; per-step panels smoothed over "
+      f"{SMOOTH} steps",
+      fontsize=10,
+  )
   path = Path(path)
   tmp = path.with_suffix(".tmp.png")
   fig.savefig(tmp, format="png")
@@ -1001,65 +1253,109 @@ def _f(x, nd=3) -> str:
 def _knob_text(k: Mapping) -> str:
   if not k:
     return "-"
-  parts = [f"N={k.get('N')}", f"replay={k.get('replay')}", f"clip={k.get('clip')}",
-           f"IS={k.get('train_infer_is')}", f"length_norm={k.get('length_norm')}",
-           f"teacher={k.get('teacher')}", f"sampler={k.get('sampler')}"]
+  parts = [
+      f"N={k.get('N')}",
+      f"replay={k.get('replay')}",
+      f"clip={k.get('clip')}",
+      f"IS={k.get('train_infer_is')}",
+      f"length_norm={k.get('length_norm')}",
+      f"teacher={k.get('teacher')}",
+      f"sampler={k.get('sampler')}",
+  ]
   return ", ".join(parts)
 
 
 def write_report(results: Mapping[str, Any], root: str | Path) -> str:
   root = Path(root)
-  L = ["# The paper's findings in miniature (fo_rl)", "",
-       f"Generated {results['generated']} by `python -m fo_rl.experiments` from the runs under "
-       f"`{results['workdir']}`; every verdict below is computed by `fo_rl/experiments.py` from "
-       "`results.json` (no verdict is typed by hand). Paper: *Stabilizing Reinforcement Learning with "
-       "LLMs: Formulation and Practices* (arXiv 2512.01374), section 4.", ""]
+  L = [
+      "# The paper's findings in miniature (fo_rl)",
+      "",
+      f"Generated {results['generated']} by `python -m fo_rl.experiments` from the runs under "
+      f"`{results['workdir']}`; every verdict below is computed by `fo_rl/experiments.py` from "
+      "`results.json` (no verdict is typed by hand). Paper: *Stabilizing Reinforcement Learning with "
+      "LLMs: Formulation and Practices* (arXiv 2512.01374), section 4.",
+      "",
+  ]
   L += ["## Setup (read from the runs' config.json)", ""]
   for suite, sres in results["suites"].items():
-    L += [f"**{suite}** (configs/paper/{suite}.py; shared cold start per (teacher, seed) in "
-          f"`{results['workdir']}/sft_cache`):", ""]
+    L += [
+        f"**{suite}** (configs/paper/{suite}.py; shared cold start per (teacher, seed) in "
+        f"`{results['workdir']}/sft_cache`):",
+        "",
+    ]
     for k, v in sres.get("setup", {}).items():
       L.append(f"- {k}: {v}")
     n_runs = sum(len(v["runs"]) for v in sres["variants"].values())
-    wall = sum(r.get("wall_seconds") or 0.0 for v in sres["variants"].values() for r in v["runs"].values())
-    L.append(f"- seeds: {', '.join(map(str, sres.get('seeds', [])))}; {len(sres['variants'])} variants, "
-             f"{n_runs} runs (knobs per variant in the suite's table below), {wall / 3600:.2f} h of "
-             f"run time in all (summed over runs, cold starts included where a run computed one)")
+    wall = sum(
+        r.get("wall_seconds") or 0.0 for v in sres["variants"].values() for r in v["runs"].values()
+    )
+    L.append(
+        f"- seeds: {', '.join(map(str, sres.get('seeds', [])))}; {len(sres['variants'])} variants, "
+        f"{n_runs} runs (knobs per variant in the suite's table below), {wall / 3600:.2f} h of "
+        f"run time in all (summed over runs, cold starts included where a run computed one)"
+    )
     L.append("")
-  L += ["Miniature vs the paper: a tiny MoE from random init, cold-started by SFT on a procedural "
-        "teacher, instead of Qwen3-30B-A3B-Base; the FP8 (e4m3) sampler vs the full-precision trainer "
-        "keeps the training-inference discrepancy real, as the paper's FP8-inference / BF16-training "
-        "stress test does; N is the number of mini-batch updates per rollout batch.", ""]
-  L += ["## Verdict rules", "", RULES_TEXT, "## Findings", "",
-        "| # | claim | verdict | evidence |", "|---|---|---|---|"]
+  L += [
+      "Miniature vs the paper: a tiny MoE from random init, cold-started by SFT on a procedural "
+      "teacher, instead of Qwen3-30B-A3B-Base; the FP8 (e4m3) sampler vs the full-precision trainer "
+      "keeps the training-inference discrepancy real, as the paper's FP8-inference / BF16-training "
+      "stress test does; N is the number of mini-batch updates per rollout batch.",
+      "",
+  ]
+  L += [
+      "## Verdict rules",
+      "",
+      RULES_TEXT,
+      "## Findings",
+      "",
+      "| # | claim | verdict | evidence |",
+      "|---|---|---|---|",
+  ]
   for f in results["findings"]:
     L.append(f"| {f['id']} | {f['claim']} | **{f['verdict']}** | {f['evidence']} |")
   L.append("")
   for f in results["findings"]:
     if f["checks"]:
-      L.append(f"- {f['id']} sub-checks: " + "; ".join(
-          f"{c['name']} **{c['verdict']}** ({c['evidence']})" for c in f["checks"]))
+      L.append(
+          f"- {f['id']} sub-checks: "
+          + "; ".join(f"{c['name']} **{c['verdict']}** ({c['evidence']})" for c in f["checks"])
+      )
   L.append("")
   for suite, sres in results["suites"].items():
-    L += [f"## Suite: {suite}", "", f"![{suite}]({suite}.png)", "",
-          "| variant | knobs | seeds done | final acc (mean +- std [min, max]) | peak acc | cold start "
-          "acc | collapse | mean train-infer KL | late entropy |", "|---|---|---|---|---|---|---|---|---|"]
+    L += [
+        f"## Suite: {suite}",
+        "",
+        f"![{suite}]({suite}.png)",
+        "",
+        "| variant | knobs | seeds done | final acc (mean +- std [min, max]) | peak acc | cold start "
+        "acc | collapse | mean train-infer KL | late entropy |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, v in sres["variants"].items():
       s = v["stats"]
       fa = s["final_accuracy"]
-      L.append(f"| {name} | {_knob_text(v['knobs'])} | {s['n_done']} ({', '.join(map(str, s['seeds_done']))}) "
-               f"| {_f(fa['mean'])} +- {_f(fa['std'])} [{_f(fa['min'])}, {_f(fa['max'])}] "
-               f"| {_f(s['peak_accuracy']['mean'])} | {_f(s['cold_start_accuracy']['mean'])} "
-               f"| {s['collapse']} ({s['n_collapsed']}/{s['n_done']}) "
-               f"| {_f(s['mean_train_infer_kl']['mean'], 5)} | {_f(s['entropy_late']['mean'])} |")
-    L += ["", "Runs (each reproduced by its command, run from the repository root):", "",
-          "| run | status | final acc | peak acc | collapsed | wall | command |", "|---|---|---|---|---|---|---|"]
+      L.append(
+          f"| {name} | {_knob_text(v['knobs'])} | {s['n_done']} ({', '.join(map(str, s['seeds_done']))}) "
+          f"| {_f(fa['mean'])} +- {_f(fa['std'])} [{_f(fa['min'])}, {_f(fa['max'])}] "
+          f"| {_f(s['peak_accuracy']['mean'])} | {_f(s['cold_start_accuracy']['mean'])} "
+          f"| {s['collapse']} ({s['n_collapsed']}/{s['n_done']}) "
+          f"| {_f(s['mean_train_infer_kl']['mean'], 5)} | {_f(s['entropy_late']['mean'])} |"
+      )
+    L += [
+        "",
+        "Runs (each reproduced by its command, run from the repository root):",
+        "",
+        "| run | status | final acc | peak acc | collapsed | wall | command |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, v in sres["variants"].items():
       for seed, r in v["runs"].items():
         col = "; ".join(r["collapse_reasons"]) if r["collapsed"] else "no"
         wall = f"{r['wall_seconds'] / 60:.1f} min" if r.get("wall_seconds") else "-"
-        L.append(f"| {name}/seed{seed} | {r['status']} | {_f(r['final_accuracy'])} "
-                 f"| {_f(r['peak_accuracy'])} | {col} | {wall} | `{r['command'] or '-'}` |")
+        L.append(
+            f"| {name}/seed{seed} | {r['status']} | {_f(r['final_accuracy'])} "
+            f"| {_f(r['peak_accuracy'])} | {col} | {wall} | `{r['command'] or '-'}` |"
+        )
     L.append("")
   path = root / "report.md"
   tmp = path.with_suffix(".md.tmp")
@@ -1093,8 +1389,10 @@ def write_outputs(root: str | Path, log=print) -> dict[str, Any]:
   write_report(results, root)
   for f in results["findings"]:
     log(f"  finding {f['id']}: {f['verdict']}: {f['evidence']}")
-  log(f"experiments: wrote {display_path(root / 'report.md')}, results.json and "
-      f"{', '.join(s + '.png' for s in results['suites'])}")
+  log(
+      f"experiments: wrote {display_path(root / 'report.md')}, results.json and "
+      f"{', '.join(s + '.png' for s in results['suites'])}"
+  )
   return results
 
 
@@ -1113,24 +1411,46 @@ def _seeds(text: str) -> list[int]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m fo_rl.experiments", description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--suite", choices=SUITES, help="which suite to run (not needed with --report_only)")
-  p.add_argument("--seeds", type=_seeds, default=_seeds("3"),
-                 help="number of seeds (0..n-1), or a comma list of seeds (default 3)")
+  p = argparse.ArgumentParser(
+      prog="python -m fo_rl.experiments",
+      description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument(
+      "--suite", choices=SUITES, help="which suite to run (not needed with --report_only)"
+  )
+  p.add_argument(
+      "--seeds",
+      type=_seeds,
+      default=_seeds("3"),
+      help="number of seeds (0..n-1), or a comma list of seeds (default 3)",
+  )
   p.add_argument("--workdir", required=True, help="DIR: runs go to DIR/<variant>/seed<k>")
-  p.add_argument("--parallel", type=int, default=default_parallel(),
-                 help="runs at a time (default max(1, cpus // 2) = %(default)s)")
+  p.add_argument(
+      "--parallel",
+      type=int,
+      default=default_parallel(),
+      help="runs at a time (default max(1, cpus // 2) = %(default)s)",
+  )
   p.add_argument("--steps", type=int, default=None, help="override rl.steps of every run")
   p.add_argument("--variants", default="", help="comma list: run only these variants of the suite")
   p.add_argument("--tiny", action="store_true", help="the ':tiny' version of every variant (tests)")
-  p.add_argument("--override", action="append", default=[],
-                 help="field=value, any config field (repeatable), e.g. --override=eval.every=5")
-  p.add_argument("--compilation_cache", default="",
-                 help="persistent XLA compilation cache shared by the runs (default DIR/jax_cache; "
-                 "'none' disables; an exported JAX_COMPILATION_CACHE_DIR wins)")
+  p.add_argument(
+      "--override",
+      action="append",
+      default=[],
+      help="field=value, any config field (repeatable), e.g. --override=eval.every=5",
+  )
+  p.add_argument(
+      "--compilation_cache",
+      default="",
+      help="persistent XLA compilation cache shared by the runs (default DIR/jax_cache; "
+      "'none' disables; an exported JAX_COMPILATION_CACHE_DIR wins)",
+  )
   p.add_argument("--dry_run", action="store_true", help="print the plan and commands, run nothing")
-  p.add_argument("--report_only", action="store_true", help="only rewrite report.md / results.json / plots")
+  p.add_argument(
+      "--report_only", action="store_true", help="only rewrite report.md / results.json / plots"
+  )
   p.add_argument("--poll_seconds", type=float, default=2.0, help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   if not a.report_only and not a.suite:
@@ -1149,15 +1469,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_outputs(root, log)
     return 0
   variants = [v.strip() for v in a.variants.split(",") if v.strip()]
-  runs = build_plan(a.suite, a.seeds, root, variants=variants, tiny=a.tiny, steps=a.steps,
-                    overrides=parse_overrides(a.override))
+  runs = build_plan(
+      a.suite,
+      a.seeds,
+      root,
+      variants=variants,
+      tiny=a.tiny,
+      steps=a.steps,
+      overrides=parse_overrides(a.override),
+  )
   if a.dry_run:
     for r in runs:
       state = "finished, skip" if is_finished(r.workdir, r.target_steps) else "to run"
       log(f"[{state}] {r.name} (cold start {r.sft_key or 'none'}):\n  {r.shell()}")
     todo = [r for r in runs if not is_finished(r.workdir, r.target_steps)]
-    log(f"experiments: dry run, {len(runs)} runs planned ({len(todo)} to run, "
-        f"{len({r.sft_key for r in runs if r.sft_key})} distinct cold starts), nothing started")
+    log(
+        f"experiments: dry run, {len(runs)} runs planned ({len(todo)} to run, "
+        f"{len({r.sft_key for r in runs if r.sft_key})} distinct cold starts), nothing started"
+    )
     return 0
   root.mkdir(parents=True, exist_ok=True)
   todo = [r for r in runs if not is_finished(r.workdir, r.target_steps)]

@@ -1,4 +1,5 @@
 """`python -m fo_rl.main --config=configs/moe_r3.py --workdir=DIR [--config.rl.mini_batches=4 ...]`"""
+
 from __future__ import annotations
 
 import os
@@ -6,50 +7,79 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/moe_r3.py", "Run config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/moe_r3.py", "Run config file.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where config, metrics, checkpoints and plots go.")
 # Multi-process runs (fo_rl/parallel/multihost.py): every process runs this same command.
 _DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "on", "off"],
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
     "Start jax.distributed: auto = when a coordinator / several processes are given (flags or env) or on a "
-    "Cloud TPU VM; on = always (unset values auto-detected by JAX); off = never.")
+    "Cloud TPU VM; on = always (unset values auto-detected by JAX); off = never.",
+)
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 (env FO_RL_COORDINATOR_ADDRESS or "
-    "JAX_COORDINATOR_ADDRESS); not needed on Cloud TPU.")
+    "coordinator_address",
+    None,
+    "host:port of process 0 (env FO_RL_COORDINATOR_ADDRESS or "
+    "JAX_COORDINATOR_ADDRESS); not needed on Cloud TPU.",
+)
 _NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "Number of processes (env FO_RL_NUM_PROCESSES or JAX_NUM_PROCESSES).")
+    "num_processes", None, "Number of processes (env FO_RL_NUM_PROCESSES or JAX_NUM_PROCESSES)."
+)
 _PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "This process's index in [0, num_processes) (env FO_RL_PROCESS_ID or "
-    "JAX_PROCESS_ID).")
+    "process_id",
+    None,
+    "This process's index in [0, num_processes) (env FO_RL_PROCESS_ID or " "JAX_PROCESS_ID).",
+)
 _HEARTBEAT = flags.DEFINE_integer(
-    "heartbeat_timeout_seconds", 100, "A process silent for this long is declared dead and the others "
-    "exit with an error instead of hanging.")
+    "heartbeat_timeout_seconds",
+    100,
+    "A process silent for this long is declared dead and the others "
+    "exit with an error instead of hanging.",
+)
 _INIT_TIMEOUT = flags.DEFINE_integer(
-    "initialization_timeout", 300, "Seconds to wait for every process to join.")
+    "initialization_timeout", 300, "Seconds to wait for every process to join."
+)
 
 
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; progress lines are printed
+    logging.set_verbosity(
+        logging.WARNING
+    )  # orbax logs every save at INFO; progress lines are printed
   import jax  # after absl parsed flags (XLA_FLAGS may be set by the caller)
+
   config = _CONFIG.value
   if not config.dry_run:  # the dry run compiles for a topology from one process
     from fo_rl.parallel import multihost
-    multihost.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                         heartbeat_timeout_seconds=_HEARTBEAT.value,
-                         initialization_timeout=_INIT_TIMEOUT.value)
+
+    multihost.initialize(
+        _DISTRIBUTED.value,
+        _COORDINATOR.value,
+        _NUM_PROCESSES.value,
+        _PROCESS_ID.value,
+        heartbeat_timeout_seconds=_HEARTBEAT.value,
+        initialization_timeout=_INIT_TIMEOUT.value,
+    )
     if jax.process_count() > 1:
-      print(f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} of "
-            f"{jax.device_count()} devices", flush=True)
-  workdir = _WORKDIR.value or os.path.join("workdirs", os.path.splitext(
-      os.path.basename(_CONFIG.value.get("name", "run") or "run"))[0])
+      print(
+          f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} of "
+          f"{jax.device_count()} devices",
+          flush=True,
+      )
+  workdir = _WORKDIR.value or os.path.join(
+      "workdirs", os.path.splitext(os.path.basename(_CONFIG.value.get("name", "run") or "run"))[0]
+  )
   if config.dry_run:
     from fo_rl.parallel import dry_run
+
     dry_run.main(config)
     return
   from fo_rl.run import run
+
   summary = run(config, workdir, log=lambda s: print(s, flush=True))
   logging.info("summary: %s", summary)
   print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}, flush=True)

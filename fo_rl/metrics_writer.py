@@ -52,66 +52,67 @@ _STR_TO_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.i
 
 
 def _to_host(x: Any) -> Any:
-    """jax.Array -> numpy (works for fully replicated multi-host arrays too)."""
-    try:
-        import jax
-    except ImportError:  # pragma: no cover
-        return x
-    if isinstance(x, jax.Array):
-        if not x.is_fully_addressable:
-            if not x.is_fully_replicated:
-                raise ValueError("cannot log a metric sharded across hosts; "
-                                 "replicate it (or reduce it) first")
-            x = x.addressable_data(0)
-        return np.asarray(x)
+  """jax.Array -> numpy (works for fully replicated multi-host arrays too)."""
+  try:
+    import jax
+  except ImportError:  # pragma: no cover
     return x
+  if isinstance(x, jax.Array):
+    if not x.is_fully_addressable:
+      if not x.is_fully_replicated:
+        raise ValueError(
+            "cannot log a metric sharded across hosts; " "replicate it (or reduce it) first"
+        )
+      x = x.addressable_data(0)
+    return np.asarray(x)
+  return x
 
 
 def _scalar(x: Any) -> Any:
-    """Python bool / int / float / str for scalar-like x, else a list or None."""
-    x = _to_host(x)
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (numbers.Integral, np.integer)):
-        return int(x)
-    if isinstance(x, (numbers.Real, np.floating)):
-        return float(x)
-    if isinstance(x, str):
-        return x
-    if isinstance(x, np.ndarray):
-        if x.size == 1:
-            return _scalar(x.reshape(()).item())
-        return x.tolist()
-    if isinstance(x, (list, tuple)):
-        return [_scalar(v) for v in x]
-    return None
+  """Python bool / int / float / str for scalar-like x, else a list or None."""
+  x = _to_host(x)
+  if isinstance(x, (bool, np.bool_)):
+    return bool(x)
+  if isinstance(x, (numbers.Integral, np.integer)):
+    return int(x)
+  if isinstance(x, (numbers.Real, np.floating)):
+    return float(x)
+  if isinstance(x, str):
+    return x
+  if isinstance(x, np.ndarray):
+    if x.size == 1:
+      return _scalar(x.reshape(()).item())
+    return x.tolist()
+  if isinstance(x, (list, tuple)):
+    return [_scalar(v) for v in x]
+  return None
 
 
 def _json_safe(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return _NONFINITE_TO_STR[repr(v)]
-    if isinstance(v, list):
-        return [_json_safe(u) for u in v]
-    return v
+  if isinstance(v, float) and not math.isfinite(v):
+    return _NONFINITE_TO_STR[repr(v)]
+  if isinstance(v, list):
+    return [_json_safe(u) for u in v]
+  return v
 
 
 def _flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in metrics.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "/"))
-        else:
-            out[key] = v
-    return out
+  out: dict[str, Any] = {}
+  for k, v in metrics.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, key + "/"))
+    else:
+      out[key] = v
+  return out
 
 
 def _decode(v: Any) -> Any:
-    if isinstance(v, str):
-        return _STR_TO_NONFINITE.get(v, v)
-    if isinstance(v, list):
-        return [_decode(u) for u in v]
-    return v
+  if isinstance(v, str):
+    return _STR_TO_NONFINITE.get(v, v)
+  if isinstance(v, list):
+    return [_decode(u) for u in v]
+  return v
 
 
 # ---------------------------------------------------------------------------
@@ -120,42 +121,42 @@ def _decode(v: Any) -> Any:
 
 
 def _iter_lines(path: str) -> Iterable[tuple[str, bool]]:
-    """(line, complete) pairs; complete=False only for a torn last line."""
-    with open(path, "r", encoding="utf-8") as f:
-        for line in f:
-            yield line, line.endswith("\n")
+  """(line, complete) pairs; complete=False only for a torn last line."""
+  with open(path, "r", encoding="utf-8") as f:
+    for line in f:
+      yield line, line.endswith("\n")
 
 
 def _parse(line: str) -> dict | None:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return row if isinstance(row, dict) else None
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError:
+    return None
+  return row if isinstance(row, dict) else None
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Rows of a metrics.jsonl (or of ``<path>/metrics.jsonl`` for a workdir).
+  """Rows of a metrics.jsonl (or of ``<path>/metrics.jsonl`` for a workdir).
 
-    "NaN" / "Infinity" / "-Infinity" strings are decoded back to floats;
-    malformed lines (e.g. a line torn by a SIGKILL) are skipped. Missing file
-    -> [].
-    """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, METRICS_FILENAME)
-    if not os.path.exists(path):
-        return []
-    rows = []
-    for i, (line, _) in enumerate(_iter_lines(path)):
-        if not line.strip():
-            continue
-        row = _parse(line)
-        if row is None:
-            log.warning("%s:%d: skipping malformed metrics line", path, i + 1)
-            continue
-        rows.append({k: _decode(v) for k, v in row.items()})
-    return rows
+  "NaN" / "Infinity" / "-Infinity" strings are decoded back to floats;
+  malformed lines (e.g. a line torn by a SIGKILL) are skipped. Missing file
+  -> [].
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    path = os.path.join(path, METRICS_FILENAME)
+  if not os.path.exists(path):
+    return []
+  rows = []
+  for i, (line, _) in enumerate(_iter_lines(path)):
+    if not line.strip():
+      continue
+    row = _parse(line)
+    if row is None:
+      log.warning("%s:%d: skipping malformed metrics line", path, i + 1)
+      continue
+    rows.append({k: _decode(v) for k, v in row.items()})
+  return rows
 
 
 # ---------------------------------------------------------------------------
@@ -164,166 +165,166 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 class MetricsWriter:
-    """Append-only jsonl + TensorBoard scalar writer (see module docstring).
+  """Append-only jsonl + TensorBoard scalar writer (see module docstring).
 
-    Args:
-      workdir: run directory; creates ``metrics.jsonl`` and ``tb/`` inside.
-      enabled: write anything at all; default ``jax.process_index() == 0``.
-      resume_step: if given, same as calling :meth:`truncate_after` right away.
-      tensorboard: also write TensorBoard event files.
-      fsync: ``os.fsync`` after every line (survives machine crashes, not just
-        process kills; slower on network filesystems).
+  Args:
+    workdir: run directory; creates ``metrics.jsonl`` and ``tb/`` inside.
+    enabled: write anything at all; default ``jax.process_index() == 0``.
+    resume_step: if given, same as calling :meth:`truncate_after` right away.
+    tensorboard: also write TensorBoard event files.
+    fsync: ``os.fsync`` after every line (survives machine crashes, not just
+      process kills; slower on network filesystems).
+  """
+
+  def __init__(
+      self,
+      workdir: str | os.PathLike,
+      enabled: bool | None = None,
+      *,
+      resume_step: int | None = None,
+      tensorboard: bool = True,
+      fsync: bool = False,
+  ):
+    if enabled is None:
+      import jax
+
+      enabled = jax.process_index() == 0
+    self.workdir = os.fspath(workdir)
+    self.enabled = bool(enabled)
+    self.path = os.path.join(self.workdir, METRICS_FILENAME)
+    self.tb_dir = os.path.join(self.workdir, TB_SUBDIR)
+    self._use_tb = tensorboard
+    self._fsync = fsync
+    self._file = None
+    self._tb = None
+    if not self.enabled:
+      return
+    os.makedirs(self.workdir, exist_ok=True)
+    self._repair_torn_tail()
+    if resume_step is not None:
+      self._truncate_file(resume_step)
+    self._file = open(self.path, "a", encoding="utf-8")
+    self._open_tb(None if resume_step is None else int(resume_step) + 1)
+
+  # -- internals -----------------------------------------------------------
+
+  def _open_tb(self, purge_step: int | None) -> None:
+    if not self._use_tb:
+      return
+    from tensorboardX import SummaryWriter
+
+    self._tb = SummaryWriter(logdir=self.tb_dir, purge_step=purge_step, flush_secs=30)
+
+  def _repair_torn_tail(self) -> None:
+    """Drop a partial last line (no trailing newline) left by a kill."""
+    if not os.path.exists(self.path):
+      return
+    with open(self.path, "rb+") as f:
+      f.seek(0, os.SEEK_END)
+      size = f.tell()
+      if size == 0:
+        return
+      f.seek(size - 1)
+      if f.read(1) == b"\n":
+        return
+      # Find the last newline and truncate after it.
+      pos = size - 1
+      chunk = 4096
+      while pos > 0:
+        start = max(0, pos - chunk)
+        f.seek(start)
+        buf = f.read(pos - start)
+        nl = buf.rfind(b"\n")
+        if nl >= 0:
+          f.truncate(start + nl + 1)
+          log.warning("%s: dropped a torn last line", self.path)
+          return
+        pos = start
+      f.truncate(0)
+
+  def _truncate_file(self, step: int) -> int:
+    if not os.path.exists(self.path):
+      return 0
+    kept, dropped = [], 0
+    for line, complete in _iter_lines(self.path):
+      if not line.strip():
+        continue
+      row = _parse(line) if complete else None
+      if row is None or not isinstance(row.get("step"), (int, float)) or row["step"] > step:
+        dropped += 1
+        continue
+      kept.append(line)
+    tmp = self.path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, self.path)  # atomic: a kill leaves the old or new file
+    return dropped
+
+  # -- public API ----------------------------------------------------------
+
+  def truncate_after(self, step: int) -> int:
+    """Drop metrics with ``step > step`` (and hide them in TensorBoard).
+
+    Call when resuming from the checkpoint at ``step``. Returns the number of
+    jsonl lines dropped (0 when disabled).
     """
+    if not self.enabled:
+      return 0
+    step = int(step)
+    if self._file is not None:
+      self._file.close()
+    dropped = self._truncate_file(step)
+    self._file = open(self.path, "a", encoding="utf-8")
+    if self._tb is not None:
+      self._tb.close()
+    self._open_tb(step + 1)
+    return dropped
 
-    def __init__(
-        self,
-        workdir: str | os.PathLike,
-        enabled: bool | None = None,
-        *,
-        resume_step: int | None = None,
-        tensorboard: bool = True,
-        fsync: bool = False,
-    ):
-        if enabled is None:
-            import jax
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    """Append ``{"step": step, **metrics}`` and log scalars to TensorBoard."""
+    if not self.enabled:
+      return
+    if self._file is None:
+      raise RuntimeError("MetricsWriter is closed")
+    step = int(step)
+    row: dict[str, Any] = {"step": step}
+    for k, v in _flatten(metrics).items():
+      if k == "step":
+        continue
+      conv = _scalar(v)
+      if conv is None:
+        log.warning("metric %r of type %s is not loggable; skipped", k, type(v).__name__)
+        continue
+      row[k] = conv
+    line = json.dumps({k: _json_safe(v) for k, v in row.items()}, allow_nan=False)
+    self._file.write(line + "\n")
+    self._file.flush()
+    if self._fsync:
+      os.fsync(self._file.fileno())
+    if self._tb is not None:
+      for k, v in row.items():
+        if k != "step" and isinstance(v, (int, float)):  # bools log as 0/1
+          self._tb.add_scalar(k, float(v), global_step=step)
+      self._tb.flush()
 
-            enabled = jax.process_index() == 0
-        self.workdir = os.fspath(workdir)
-        self.enabled = bool(enabled)
-        self.path = os.path.join(self.workdir, METRICS_FILENAME)
-        self.tb_dir = os.path.join(self.workdir, TB_SUBDIR)
-        self._use_tb = tensorboard
-        self._fsync = fsync
-        self._file = None
-        self._tb = None
-        if not self.enabled:
-            return
-        os.makedirs(self.workdir, exist_ok=True)
-        self._repair_torn_tail()
-        if resume_step is not None:
-            self._truncate_file(resume_step)
-        self._file = open(self.path, "a", encoding="utf-8")
-        self._open_tb(None if resume_step is None else int(resume_step) + 1)
+  def flush(self) -> None:
+    if self._file is not None:
+      self._file.flush()
+    if self._tb is not None:
+      self._tb.flush()
 
-    # -- internals -----------------------------------------------------------
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
 
-    def _open_tb(self, purge_step: int | None) -> None:
-        if not self._use_tb:
-            return
-        from tensorboardX import SummaryWriter
+  def __enter__(self) -> "MetricsWriter":
+    return self
 
-        self._tb = SummaryWriter(logdir=self.tb_dir, purge_step=purge_step, flush_secs=30)
-
-    def _repair_torn_tail(self) -> None:
-        """Drop a partial last line (no trailing newline) left by a kill."""
-        if not os.path.exists(self.path):
-            return
-        with open(self.path, "rb+") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            if size == 0:
-                return
-            f.seek(size - 1)
-            if f.read(1) == b"\n":
-                return
-            # Find the last newline and truncate after it.
-            pos = size - 1
-            chunk = 4096
-            while pos > 0:
-                start = max(0, pos - chunk)
-                f.seek(start)
-                buf = f.read(pos - start)
-                nl = buf.rfind(b"\n")
-                if nl >= 0:
-                    f.truncate(start + nl + 1)
-                    log.warning("%s: dropped a torn last line", self.path)
-                    return
-                pos = start
-            f.truncate(0)
-
-    def _truncate_file(self, step: int) -> int:
-        if not os.path.exists(self.path):
-            return 0
-        kept, dropped = [], 0
-        for line, complete in _iter_lines(self.path):
-            if not line.strip():
-                continue
-            row = _parse(line) if complete else None
-            if row is None or not isinstance(row.get("step"), (int, float)) or row["step"] > step:
-                dropped += 1
-                continue
-            kept.append(line)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)  # atomic: a kill leaves the old or new file
-        return dropped
-
-    # -- public API ----------------------------------------------------------
-
-    def truncate_after(self, step: int) -> int:
-        """Drop metrics with ``step > step`` (and hide them in TensorBoard).
-
-        Call when resuming from the checkpoint at ``step``. Returns the number of
-        jsonl lines dropped (0 when disabled).
-        """
-        if not self.enabled:
-            return 0
-        step = int(step)
-        if self._file is not None:
-            self._file.close()
-        dropped = self._truncate_file(step)
-        self._file = open(self.path, "a", encoding="utf-8")
-        if self._tb is not None:
-            self._tb.close()
-        self._open_tb(step + 1)
-        return dropped
-
-    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Append ``{"step": step, **metrics}`` and log scalars to TensorBoard."""
-        if not self.enabled:
-            return
-        if self._file is None:
-            raise RuntimeError("MetricsWriter is closed")
-        step = int(step)
-        row: dict[str, Any] = {"step": step}
-        for k, v in _flatten(metrics).items():
-            if k == "step":
-                continue
-            conv = _scalar(v)
-            if conv is None:
-                log.warning("metric %r of type %s is not loggable; skipped", k, type(v).__name__)
-                continue
-            row[k] = conv
-        line = json.dumps({k: _json_safe(v) for k, v in row.items()}, allow_nan=False)
-        self._file.write(line + "\n")
-        self._file.flush()
-        if self._fsync:
-            os.fsync(self._file.fileno())
-        if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):  # bools log as 0/1
-                    self._tb.add_scalar(k, float(v), global_step=step)
-            self._tb.flush()
-
-    def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-        if self._tb is not None:
-            self._tb.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-
-    def __enter__(self) -> "MetricsWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+  def __exit__(self, *exc) -> None:
+    self.close()

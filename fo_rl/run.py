@@ -6,6 +6,7 @@ sync weights to the sampler. Every `eval.every` steps: held-out greedy accuracy 
 `eval.samples` samples. The workdir holds config.json, metrics.jsonl, tb/, checkpoints/, summary.json and
 curves.png; re-running with the same workdir resumes from the latest checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,11 +55,16 @@ def _check_config(c, workdir: str) -> dict:
     with open(path) as f:
       old = json.load(f)
     a, b = _flatten(old), _flatten(new)
-    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
-                     and not any(k.startswith(p) for p in RESUMABLE_CHANGES))
+    changed = sorted(
+        k
+        for k in set(a) | set(b)
+        if a.get(k) != b.get(k) and not any(k.startswith(p) for p in RESUMABLE_CHANGES)
+    )
     if changed:
-      raise ValueError(f"{path}: this workdir was started with a different config ({changed[:5]} "
-                       f"differ); use a new --workdir or the same config")
+      raise ValueError(
+          f"{path}: this workdir was started with a different config ({changed[:5]} "
+          f"differ); use a new --workdir or the same config"
+      )
   return new
 
 
@@ -85,7 +91,9 @@ class Rollout:
   def sample(self, records, sampling: SamplingParams, samples: int, seed):
     prompt_ids = [p for p in self.prompts(records) for _ in range(samples)]  # prompt-major
     out = self.sampler.generate(prompt_ids, sampling, seed)
-    tokens, lengths, eos = host_get((out.tokens, out.lengths, out.finished_eos))  # all rows, every host
+    tokens, lengths, eos = host_get(
+        (out.tokens, out.lengths, out.finished_eos)
+    )  # all rows, every host
     rewards = np.zeros(len(prompt_ids), np.float32)
     for i in range(len(prompt_ids)):
       n = int(lengths[i]) - int(eos[i])  # drop the EOS token itself
@@ -94,11 +102,15 @@ class Rollout:
     return out, rewards
 
   def evaluate(self, records, sampling: SamplingParams, samples: int, seed) -> dict[str, float]:
-    greedy = SamplingParams(temperature=0.0, max_new_tokens=sampling.max_new_tokens,
-                            eos_ids=sampling.eos_ids)
+    greedy = SamplingParams(
+        temperature=0.0, max_new_tokens=sampling.max_new_tokens, eos_ids=sampling.eos_ids
+    )
     _, r_greedy = self.sample(records, greedy, 1, seed)
     _, r_samp = self.sample(records, sampling, samples, seed)
-    return {"eval/greedy_accuracy": float(r_greedy.mean()), "eval/mean_accuracy": float(r_samp.mean())}
+    return {
+        "eval/greedy_accuracy": float(r_greedy.mean()),
+        "eval/mean_accuracy": float(r_samp.mean()),
+    }
 
 
 def to_rollouts(out, advantages) -> Rollouts:
@@ -106,10 +118,15 @@ def to_rollouts(out, advantages) -> Rollouts:
   inp = out.trainer_inputs()
   P = out.prompt_tokens.shape[1]
   pad = lambda x: jnp.pad(x, ((0, 0), (P, 0)))
-  return Rollouts(tokens=inp["tokens"], token_mask=inp["token_mask"], positions=inp["positions"],
-                  response_mask=pad(out.response_mask.astype(jnp.float32)),
-                  logp_mu=pad(out.logp_mu.astype(jnp.float32)), sampler_routes=inp["replay_routes"],
-                  advantages=jnp.asarray(advantages, jnp.float32))
+  return Rollouts(
+      tokens=inp["tokens"],
+      token_mask=inp["token_mask"],
+      positions=inp["positions"],
+      response_mask=pad(out.response_mask.astype(jnp.float32)),
+      logp_mu=pad(out.logp_mu.astype(jnp.float32)),
+      sampler_routes=inp["replay_routes"],
+      advantages=jnp.asarray(advantages, jnp.float32),
+  )
 
 
 def load_pretrained(directory: str, rc, mesh):
@@ -117,13 +134,17 @@ def load_pretrained(directory: str, rc, mesh):
   sharding (every host reads the tensors it needs). Its config.json must describe the architecture in
   model.* (the fields fo_rl adds: dtype, remat, ... come from model.*)."""
   from fo_rl.model.hf import load_hf_checkpoint, load_hf_config
+
   ours = rc.model.RUNTIME_FIELDS
   theirs = load_hf_config(directory)
-  differ = [f for f in theirs.to_dict() if f not in ours and getattr(theirs, f) != getattr(rc.model, f)]
+  differ = [
+      f for f in theirs.to_dict() if f not in ours and getattr(theirs, f) != getattr(rc.model, f)
+  ]
   if differ:
-    raise ValueError(f"init.hf_checkpoint={directory!r}: its config.json differs from model.* in "
-                     + ", ".join(f"{f} ({getattr(theirs, f)!r} vs {getattr(rc.model, f)!r})"
-                                 for f in differ))
+    raise ValueError(
+        f"init.hf_checkpoint={directory!r}: its config.json differs from model.* in "
+        + ", ".join(f"{f} ({getattr(theirs, f)!r} vs {getattr(rc.model, f)!r})" for f in differ)
+    )
   over = {f: getattr(rc.model, f) for f in ours}
   _, graphdef, params = load_hf_checkpoint(directory, mesh=mesh, rules=rc.rules, **over)
   return graphdef, params
@@ -165,26 +186,34 @@ def run(c, workdir: str, log=print) -> dict:
   if hf_dir:  # a pretrained model: its weights and its tokenizer
     tokenizer = HFTokenizer(hf_dir)
     if tokenizer.eos_id is None:
-      raise ValueError(f"init.hf_checkpoint={hf_dir!r}: no eos_token_id in its config.json or "
-                       f"generation_config.json (sampling stops at EOS)")
+      raise ValueError(
+          f"init.hf_checkpoint={hf_dir!r}: no eos_token_id in its config.json or "
+          f"generation_config.json (sampling stops at EOS)"
+      )
   else:
     tokenizer = Tokenizer(c.data.tokenizer) if c.data.tokenizer else Tokenizer.default()
   if rc.model.vocab_size < tokenizer.vocab_size:
-    raise ValueError(f"model.vocab_size={rc.model.vocab_size} is smaller than the tokenizer's "
-                     f"{tokenizer.vocab_size}")
+    raise ValueError(
+        f"model.vocab_size={rc.model.vocab_size} is smaller than the tokenizer's "
+        f"{tokenizer.vocab_size}"
+    )
   task = get_task(c.data.task, **config_lib.task_options(c))
   data_dir = c.data.data_dir or None
   train_records = task.load("train", data_dir)
   test_records = task.load("test", data_dir, num_examples=c.eval.num_prompts)
   os.makedirs(workdir, exist_ok=True)
   _write_config(c, workdir)
-  sampling = SamplingParams(temperature=rc.sampling.temperature, max_new_tokens=rc.sampling.max_new_tokens,
-                            eos_ids=(tokenizer.eos_id,))
+  sampling = SamplingParams(
+      temperature=rc.sampling.temperature,
+      max_new_tokens=rc.sampling.max_new_tokens,
+      eos_ids=(tokenizer.eos_id,),
+  )
 
   mesh = make_mesh(rc.mesh, where="parallel.mesh")
   sampler_mesh = make_mesh(rc.sampler_mesh, where="parallel.sampler_mesh")
-  graphdef, params = (load_pretrained(hf_dir, rc, mesh) if hf_dir
-                      else init_model(rc.model, mesh, rc.rules, rc.seed))
+  graphdef, params = (
+      load_pretrained(hf_dir, rc, mesh) if hf_dir else init_model(rc.model, mesh, rc.rules, rc.seed)
+  )
   trainer = Trainer(graphdef, rc.model, rc.trainer, mesh, rc.rules)
 
   # ---- resume or cold start --------------------------------------------------------------------
@@ -196,23 +225,45 @@ def run(c, workdir: str, log=print) -> dict:
   preempt = _Preempted()
   if latest is None:
     if c.sft.enabled:
-      params, sft_info = cold_start(c, graphdef, params, tokenizer, task, train_records, workdir, log,
-                                    stop=lambda: preempt.flag)
+      params, sft_info = cold_start(
+          c,
+          graphdef,
+          params,
+          tokenizer,
+          task,
+          train_records,
+          workdir,
+          log,
+          stop=lambda: preempt.flag,
+      )
       if sft_info.get("preempted"):
         preempt.restore()
-        return _finish(workdir, {"cold_start_accuracy": None, "best_accuracy": None, "step": 0},
-                       0.0, t_start, preempted=True)
+        return _finish(
+            workdir,
+            {"cold_start_accuracy": None, "best_accuracy": None, "step": 0},
+            0.0,
+            t_start,
+            preempted=True,
+        )
       state = trainer.init_state(params)
-    meta = {"step": 0, "data_position": 0, "cold_start_accuracy": None, "best_accuracy": None,
-            "wall_seconds": 0.0}
+    meta = {
+        "step": 0,
+        "data_position": 0,
+        "cold_start_accuracy": None,
+        "best_accuracy": None,
+        "wall_seconds": 0.0,
+    }
   else:
     bundle, meta = ckpt.restore(latest, abstract_like(bundle))
     state = bundle["train"]
     log(f"resuming from {workdir}/checkpoints step {latest}")
   # Restored key data is committed to one device; through numpy it is uncommitted again, as a fresh key
   # is (else jit sees it on device 0 and the parameters on the mesh: "incompatible devices").
-  rng = (jax.random.wrap_key_data(np.asarray(host_get(bundle["rng"]))) if latest is not None
-         else jax.random.key(rc.seed))
+  rng = (
+      jax.random.wrap_key_data(np.asarray(host_get(bundle["rng"])))
+      if latest is not None
+      else jax.random.key(rc.seed)
+  )
 
   sampler = Sampler(rc.model, rc.sampler, sampler_mesh)
   sampler.update_weights(state.params)
@@ -221,7 +272,9 @@ def run(c, workdir: str, log=print) -> dict:
   order = np.random.default_rng(rc.seed).permutation(len(train_records))
 
   def evaluate(step):
-    eval_rng = jax.random.fold_in(jax.random.fold_in(rng, 2**31 - 1), step)  # disjoint from training's
+    eval_rng = jax.random.fold_in(
+        jax.random.fold_in(rng, 2**31 - 1), step
+    )  # disjoint from training's
     m = rollout.evaluate(test_records, sampling, int(c.eval.samples), eval_rng)
     acc = m["eval/mean_accuracy"]
     if meta["best_accuracy"] is None or acc > meta["best_accuracy"]:
@@ -233,11 +286,15 @@ def run(c, workdir: str, log=print) -> dict:
     meta["cold_start_accuracy"] = m0["eval/mean_accuracy"]
     meta["cold_start_greedy_accuracy"] = m0["eval/greedy_accuracy"]
     writer.write(0, m0)
-    log(f"cold start: held-out accuracy {m0['eval/mean_accuracy']:.3f} "
-        f"(greedy {m0['eval/greedy_accuracy']:.3f})")
+    log(
+        f"cold start: held-out accuracy {m0['eval/mean_accuracy']:.3f} "
+        f"(greedy {m0['eval/greedy_accuracy']:.3f})"
+    )
     if preempt.flag:  # SIGTERM during the cold start's eval: keep the cold start and its accuracy
       meta["wall_seconds"] = time.time() - t_start
-      ckpt.save(0, {"train": state, "rng": _replicated(jax.random.key_data(rng), mesh)}, meta, force=True)
+      ckpt.save(
+          0, {"train": state, "rng": _replicated(jax.random.key_data(rng), mesh)}, meta, force=True
+      )
       log("SIGTERM: checkpointed step 0 (the cold start), exiting")
 
   # ---- RL loop ---------------------------------------------------------------------------------
@@ -258,22 +315,32 @@ def run(c, workdir: str, log=print) -> dict:
       meta["data_position"] = pos + P
       meta["step"] = step + 1
       n_tokens = float(np.asarray(host_get(out.lengths)).sum())
-      m.update(reward_mean=float(rewards.mean()), accuracy=float(rewards.mean()),
-               tokens_per_second=n_tokens / (time.time() - t0), step_seconds=time.time() - t0)
+      m.update(
+          reward_mean=float(rewards.mean()),
+          accuracy=float(rewards.mean()),
+          tokens_per_second=n_tokens / (time.time() - t0),
+          step_seconds=time.time() - t0,
+      )
       if (step + 1) % c.eval.every == 0 or step + 1 == steps:
         last_eval = evaluate(step + 1)
         m.update(last_eval)
       writer.write(step + 1, m)
       done = step + 1 - first_step
       eta = (time.time() - t_loop) / done * (steps - step - 1)
-      log(f"step {step + 1}/{steps} reward {m['reward_mean']:.3f} "
+      log(
+          f"step {step + 1}/{steps} reward {m['reward_mean']:.3f} "
           f"acc {last_eval.get('eval/mean_accuracy', float('nan')):.3f} "
           f"kl {m['train_infer_kl']:.2e} entropy {m['entropy']:.3f} "
-          f"tok/s {m['tokens_per_second']:.0f} ETA {_fmt_eta(eta)}")
+          f"tok/s {m['tokens_per_second']:.0f} ETA {_fmt_eta(eta)}"
+      )
       if (step + 1) % c.checkpoint.every == 0 or step + 1 == steps or preempt.flag:
         meta["wall_seconds"] = wall_before + time.time() - t_start
-        ckpt.save(step + 1, {"train": state, "rng": _replicated(jax.random.key_data(rng), mesh)}, meta,
-                  force=True)
+        ckpt.save(
+            step + 1,
+            {"train": state, "rng": _replicated(jax.random.key_data(rng), mesh)},
+            meta,
+            force=True,
+        )
       if preempt.flag:
         log(f"SIGTERM: checkpointed step {step + 1}, exiting")
         break

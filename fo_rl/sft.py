@@ -5,6 +5,7 @@ solution style (fo_rl/data/teachers.py), so the cold-started model sits well bel
 room to improve. The result is checkpointed (in `<workdir>/sft`, or in a shared `sft.cache_dir` keyed by
 everything that determines it) and reused on re-runs.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,9 +31,15 @@ from fo_rl.rl.trainer import token_logprobs
 
 def sft_key(c) -> str:
   """A hash of everything the cold-start result depends on."""
-  parts = {"model": c.model.to_dict(), "sft": c.sft.to_dict(), "data": c.data.to_dict(),
-           "seed": c.seed}
-  if c.data.task != "jsonl":  # the JSONL files are unused (and keys of earlier cold starts stay valid)
+  parts = {
+      "model": c.model.to_dict(),
+      "sft": c.sft.to_dict(),
+      "data": c.data.to_dict(),
+      "seed": c.seed,
+  }
+  if (
+      c.data.task != "jsonl"
+  ):  # the JSONL files are unused (and keys of earlier cold starts stay valid)
     for f in config_lib.JSONL_OPTIONS:
       parts["data"].pop(f, None)
   parts["sft"].pop("cache_dir", None)
@@ -58,21 +65,21 @@ def _batches(tokenizer, task, records, c, rng: random.Random, max_len: int):
       rec = records[rng.randrange(len(records))]
       resp = teachers.teacher(task.problem(rec), c.sft.teacher, rng, error_rate=rate)
       ids, m = encode_example(tokenizer, task, rec, resp, max_len)
-      toks[b, :len(ids)] = ids
-      mask[b, :len(m)] = m
+      toks[b, : len(ids)] = ids
+      mask[b, : len(m)] = m
     yield toks, mask
 
 
-def cold_start(c, graphdef, params, tokenizer, task, records, workdir: str, log=print,
-               stop=lambda: False):
+def cold_start(
+    c, graphdef, params, tokenizer, task, records, workdir: str, log=print, stop=lambda: False
+):
   """Returns (params after SFT, info). Reuses a finished cold start when one is on disk.
 
   `stop()` is polled after every SFT step (run.py: a SIGTERM arrived). When it turns true, the SFT state
   (parameters, optimizer state, step) is saved in `<directory>.partial` and (params, info) returns with
   info["preempted"] = True; the next call resumes SFT from there (same batches, same result)."""
   cache_dir = c.sft.get("cache_dir", "") or ""
-  directory = (os.path.join(cache_dir, sft_key(c)) if cache_dir
-               else os.path.join(workdir, "sft"))
+  directory = os.path.join(cache_dir, sft_key(c)) if cache_dir else os.path.join(workdir, "sft")
   ckpt = Checkpointer(directory, max_to_keep=1)
   if ckpt.latest_step() is not None:
     params, meta = ckpt.restore(None, abstract_like(params))
@@ -82,17 +89,21 @@ def cold_start(c, graphdef, params, tokenizer, task, records, workdir: str, log=
 
   apply = make_apply(graphdef)
   steps = int(c.sft.steps)
-  sched = optax.warmup_cosine_decay_schedule(0.0, c.sft.learning_rate, c.sft.warmup_steps, steps,
-                                             c.sft.learning_rate * 0.1)
+  sched = optax.warmup_cosine_decay_schedule(
+      0.0, c.sft.learning_rate, c.sft.warmup_steps, steps, c.sft.learning_rate * 0.1
+  )
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
   opt_state = jax.jit(tx.init)(params)
   # Adam's step counts come out on one device: put them on the parameters' mesh, and keep every output
   # of `step` in its input's sharding, or the second step compiles everything again.
-  meshes = [x.sharding.mesh for x in jax.tree.leaves(params) if isinstance(x.sharding, NamedSharding)]
+  meshes = [
+      x.sharding.mesh for x in jax.tree.leaves(params) if isinstance(x.sharding, NamedSharding)
+  ]
   if meshes:
     rep = NamedSharding(meshes[0], PartitionSpec())
-    opt_state = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding)
-                             else jax.device_put(x, rep), opt_state)
+    opt_state = jax.tree.map(
+        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, rep), opt_state
+    )
   shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
 
   @functools.partial(jax.jit, out_shardings=(*shardings, None))
@@ -123,18 +134,29 @@ def cold_start(c, graphdef, params, tokenizer, task, records, workdir: str, log=
     params, opt_state, loss = step(params, opt_state, toks, mask)
     if (i + 1) % max(1, steps // 10) == 0 or i + 1 == steps:
       losses.append(float(loss))
-      log(f"cold start: SFT step {i + 1}/{steps} loss {losses[-1]:.4f} "
-          f"({seconds + time.time() - t0:.0f}s, teacher={c.sft.teacher})")
+      log(
+          f"cold start: SFT step {i + 1}/{steps} loss {losses[-1]:.4f} "
+          f"({seconds + time.time() - t0:.0f}s, teacher={c.sft.teacher})"
+      )
     if stop() and i + 1 < steps:
-      partial.save(i + 1, (params, opt_state),
-                   {"step": i + 1, "losses": losses, "seconds": seconds + time.time() - t0}, force=True)
+      partial.save(
+          i + 1,
+          (params, opt_state),
+          {"step": i + 1, "losses": losses, "seconds": seconds + time.time() - t0},
+          force=True,
+      )
       partial.wait()
       partial.close()
       log(f"SIGTERM: saved the cold start at SFT step {i + 1}/{steps} in {partial.directory}")
       return params, {"steps": i + 1, "preempted": True}
   partial.close()
-  info = {"steps": steps, "final_loss": losses[-1], "seconds": seconds + time.time() - t0,
-          "teacher": c.sft.teacher, "key": sft_key(c)}
+  info = {
+      "steps": steps,
+      "final_loss": losses[-1],
+      "seconds": seconds + time.time() - t0,
+      "teacher": c.sft.teacher,
+      "key": sft_key(c),
+  }
   ckpt.save(0, params, info, force=True)
   ckpt.wait()
   ckpt.close()

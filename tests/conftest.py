@@ -1,4 +1,5 @@
 """Test setup: 8 fake CPU devices, set before jax is imported anywhere."""
+
 import os
 
 os.environ["XLA_FLAGS"] = (
@@ -23,9 +24,11 @@ def run_caches(tmp_path_factory):
 
   d = tmp_path_factory.getbasetemp() / "fo_rl_run_caches"
   (d / "xla").mkdir(parents=True, exist_ok=True)
-  settings = {"jax_compilation_cache_dir": str(d / "xla"),
-              "jax_persistent_cache_min_compile_time_secs": 0.0,
-              "jax_persistent_cache_min_entry_size_bytes": -1}
+  settings = {
+      "jax_compilation_cache_dir": str(d / "xla"),
+      "jax_persistent_cache_min_compile_time_secs": 0.0,
+      "jax_persistent_cache_min_entry_size_bytes": -1,
+  }
   old = {k: getattr(jax.config, k) for k in settings}
   for k, v in settings.items():
     jax.config.update(k, v)

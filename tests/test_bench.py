@@ -3,6 +3,7 @@
 The figures themselves are not asserted (speed is reported by the benchmark, never tested); what is
 checked is the contract the README relies on: one JSON object per line with name / fo_rl / peer / ratio
 / unit, ratio = fo_rl / peer, and each suite's named rows."""
+
 import json
 import os
 import subprocess
@@ -16,10 +17,16 @@ REPO = Path(__file__).resolve().parents[1]
 ROWS = {  # each suite's row names, up to the size suffix the moe and train suites add
     "moe": {"moe_fwd_bwd/blocked_vs_reference", "moe_fwd_bwd/ragged_dot_vs_reference"},
     "train": {"train_step/fo_rl_vs_torch_qwen3moe", "replay_overhead/r3_vs_live"},
-    "sampler": {"generate/tokens_per_s", "generate/time_2L_over_L", "decode/time_2L_over_L",
-                "decode/one_device_time_2L_over_L", "generate/one_device_vs_2",
-                "generate/bfloat16_vs_float32", "generate/float8_e4m3fn_vs_float32",
-                "generate/int8_vs_float32"},
+    "sampler": {
+        "generate/tokens_per_s",
+        "generate/time_2L_over_L",
+        "decode/time_2L_over_L",
+        "decode/one_device_time_2L_over_L",
+        "generate/one_device_vs_2",
+        "generate/bfloat16_vs_float32",
+        "generate/float8_e4m3fn_vs_float32",
+        "generate/int8_vs_float32",
+    },
 }
 
 
@@ -27,8 +34,14 @@ ROWS = {  # each suite's row names, up to the size suffix the moe and train suit
 def test_quick_suite_prints_its_rows(suite):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)  # as a user runs it: fo_rl.bench asks XLA for `threads` CPU devices
-  proc = subprocess.run([sys.executable, "-m", "fo_rl.bench", f"--suite={suite}", "--quick"], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+      [sys.executable, "-m", "fo_rl.bench", f"--suite={suite}", "--quick"],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   names = {r["name"] if suite == "sampler" else r["name"].rsplit("/", 1)[0] for r in rows}
@@ -38,4 +51,6 @@ def test_quick_suite_prints_its_rows(suite):
     assert r["fo_rl"] > 0 and r["peer"] > 0
     assert r["ratio"] == pytest.approx(r["fo_rl"] / r["peer"], rel=1e-3)
   if suite == "sampler":
-    assert all(r["devices"] == 2 for r in rows)  # the batch is split over 2 CPU devices, one loop each
+    assert all(
+        r["devices"] == 2 for r in rows
+    )  # the batch is split over 2 CPU devices, one loop each

@@ -5,6 +5,7 @@ Written generically: a config added later (e.g. configs/qwen3_30b_a3b.py) is pic
 variants whose config equals (but for the name) one that already runs are not run twice; moe_r3's tiny
 variant runs end to end through `python -m fo_rl.main` in tests/test_main.py.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -21,31 +22,45 @@ from fo_rl import config as config_lib
 from fo_rl.metrics_writer import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_FILES = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.py")
-                      if p.name != "__init__.py")
-RUN_ELSEWHERE = {"configs/moe_r3.py": "tests/test_main.py"}  # tiny variants run end to end elsewhere
+CONFIG_FILES = sorted(
+    p.relative_to(REPO).as_posix()
+    for p in (REPO / "configs").rglob("*.py")
+    if p.name != "__init__.py"
+)
+RUN_ELSEWHERE = {
+    "configs/moe_r3.py": "tests/test_main.py"
+}  # tiny variants run end to end elsewhere
 
 # What "tiny" promises (README: runs in seconds on a laptop CPU), whatever the full recipe's size.
 TINY_MAX_PARAMS = 2_000_000
-TINY_LIMITS = {"rl.steps": 4, "sft.steps": 50, "eval.num_prompts": 16, "sampler.max_new_tokens": 32,
-               "rl.prompts_per_step": 8, "rl.group_size": 8}
+TINY_LIMITS = {
+    "rl.steps": 4,
+    "sft.steps": 50,
+    "eval.num_prompts": 16,
+    "sampler.max_new_tokens": 32,
+    "rl.prompts_per_step": 8,
+    "rl.group_size": 8,
+}
 
 
 def _load(rel: str):
-  spec = importlib.util.spec_from_file_location("fo_rl_test_config_" + re.sub(r"\W", "_", rel),
-                                                REPO / rel)
+  spec = importlib.util.spec_from_file_location(
+      "fo_rl_test_config_" + re.sub(r"\W", "_", rel), REPO / rel
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
 
 
 def _documented_args(rel: str, mod) -> list[str]:
-  """"" and "tiny", every `--config=configs/<rel>:ARG` in the docstring, and each name in a module-level
+  """ "" and "tiny", every `--config=configs/<rel>:ARG` in the docstring, and each name in a module-level
   VARIANTS / TOPOLOGIES / ARGS table (and "<name>:tiny" where the docstring's grammar offers it)."""
   doc = mod.__doc__ or ""
   args = ["", "tiny"]
   args += re.findall(rf"--config={re.escape(rel)}:(\S+)", doc)
-  with_tiny = re.search(r'"<\w+>:tiny"', doc) is not None  # the docstring's grammar has "<name>:tiny"
+  with_tiny = (
+      re.search(r'"<\w+>:tiny"', doc) is not None
+  )  # the docstring's grammar has "<name>:tiny"
   for table in ("VARIANTS", "TOPOLOGIES", "ARGS"):
     for name in getattr(mod, table, ()) or ():
       args += [str(name)] + ([f"{name}:tiny"] if with_tiny else [])
@@ -65,6 +80,7 @@ def _mesh_devices(c) -> int:
 
 def _num_params(c) -> int:
   from fo_rl.model.init import abstract_model
+
   _, abstract = abstract_model(config_lib.parse(c).model)
   return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
 
@@ -79,7 +95,9 @@ def _fingerprint(c) -> str:
 
 
 def test_configs_are_found():
-  assert {"configs/moe_r3.py", "configs/moe_r2.py", "configs/minirl_onpolicy.py"} <= set(CONFIG_FILES)
+  assert {"configs/moe_r3.py", "configs/moe_r2.py", "configs/minirl_onpolicy.py"} <= set(
+      CONFIG_FILES
+  )
 
 
 @pytest.mark.parametrize("rel", CONFIG_FILES)
@@ -123,7 +141,9 @@ def test_tiny_variant_is_tiny(rel):
   """A large-model recipe's tiny variant is still laptop-sized: no checkpoint download, few parameters,
   a handful of steps."""
   c = _load(rel).get_config("tiny")
-  assert "tiny" in c.name, f"{rel}:tiny shares its default workdir name {c.name!r} with the full run"
+  assert (
+      "tiny" in c.name
+  ), f"{rel}:tiny shares its default workdir name {c.name!r} with the full run"
   assert not c.init.get("hf_checkpoint"), f"{rel}:tiny starts from a checkpoint"
   assert c.sft.enabled or c.init.get("hf_checkpoint"), f"{rel}:tiny has nothing to start RL from"
   for field, limit in TINY_LIMITS.items():

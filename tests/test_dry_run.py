@@ -10,6 +10,7 @@ with 1 layer (every per-layer activation and buffer is there, the weights are 1/
 full-depth train state and sampler weights plus that per-layer peak fit; the full numbers are in the
 README ("Running on Cloud TPU").
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -23,11 +24,17 @@ import jax
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FUNCTIONS = ["trainer.old_pass", "trainer.update", "sampler.update_weights", "sampler.prefill",
-             "sampler.decode"]
+FUNCTIONS = [
+    "trainer.old_pass",
+    "trainer.update",
+    "sampler.update_weights",
+    "sampler.prefill",
+    "sampler.decode",
+]
 
 try:
   import libtpu  # noqa: F401
+
   HAVE_LIBTPU = True
 except ImportError:
   HAVE_LIBTPU = False
@@ -44,8 +51,9 @@ def _need_libtpu():
 
 
 def _load(rel):
-  spec = importlib.util.spec_from_file_location("dry_run_cfg_" + os.path.basename(rel)[:-3],
-                                                os.path.join(ROOT, rel))
+  spec = importlib.util.spec_from_file_location(
+      "dry_run_cfg_" + os.path.basename(rel)[:-3], os.path.join(ROOT, rel)
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
@@ -53,8 +61,14 @@ def _load(rel):
 
 def _main(config, *args, timeout=600):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-  return subprocess.run([sys.executable, "-m", "fo_rl.main", f"--config={config}", "--config.dry_run=True",
-                         *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+      [sys.executable, "-m", "fo_rl.main", f"--config={config}", "--config.dry_run=True", *args],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
 
 
 def _json_lines(stdout):
@@ -68,18 +82,40 @@ def test_tiny_dry_run_prints_memory_per_function():
   rows = _json_lines(p.stdout)
   assert [r["function"] for r in rows[:-1]] == FUNCTIONS
   for r in rows[:-1]:
-    for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "generated_code_bytes",
-              "resident_bytes", "total_bytes", "total_gib", "hbm_gib", "fits", "compile_seconds"):
+    for k in (
+        "argument_bytes",
+        "output_bytes",
+        "alias_bytes",
+        "temp_bytes",
+        "generated_code_bytes",
+        "resident_bytes",
+        "total_bytes",
+        "total_gib",
+        "hbm_gib",
+        "fits",
+        "compile_seconds",
+    ):
       assert k in r, (r["function"], k)
-    assert r["total_bytes"] == (r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"]
-                                + r["temp_bytes"] + r["generated_code_bytes"] + r["resident_bytes"])
+    assert r["total_bytes"] == (
+        r["argument_bytes"]
+        + r["output_bytes"]
+        - r["alias_bytes"]
+        + r["temp_bytes"]
+        + r["generated_code_bytes"]
+        + r["resident_bytes"]
+    )
     assert r["fits"] and r["hbm_gib"] == 95.0 and 0 < r["total_bytes"] < 95 * 2**30
   # The update donates the train state: its outputs alias its arguments.
   upd = rows[FUNCTIONS.index("trainer.update")]
   assert upd["alias_bytes"] > 0
   v = rows[-1]
   assert v["verdict"] == "fits"
-  assert (v["topology"], v["devices"], v["device_kind"], v["processes"]) == ("v5p:2x2x1", 4, "TPU v5", 1)
+  assert (v["topology"], v["devices"], v["device_kind"], v["processes"]) == (
+      "v5p:2x2x1",
+      4,
+      "TPU v5",
+      1,
+  )
   assert v["mesh"] == {"data": 1, "fsdp": 2, "expert": 2, "tensor": 1}
   assert v["max_total_gib"] == max(r["total_gib"] for r in rows[:-1])
   assert v["train_state_bytes"] > 0 and v["sampler_params_bytes"] > 0
@@ -88,8 +124,12 @@ def test_tiny_dry_run_prints_memory_per_function():
 
 def test_plan_that_cannot_fit_fails_with_the_numbers():
   # Qwen3-235B-A22B's 1.4 TB train state on 4 v5p chips: refused before compiling anything.
-  p = _main("configs/qwen3_235b_a22b.py", "--config.parallel.topology=v5p:2x2x1",
-            "--config.parallel.mesh.expert=4", timeout=300)
+  p = _main(
+      "configs/qwen3_235b_a22b.py",
+      "--config.parallel.topology=v5p:2x2x1",
+      "--config.parallel.mesh.expert=4",
+      timeout=300,
+  )
   assert p.returncode == 1, (p.stdout[-2000:], p.stderr[-2000:])
   v = _json_lines(p.stdout)[-1]
   assert v["verdict"] == "does not fit" and v["failing"] == ["resident state"]
@@ -124,8 +164,11 @@ def test_qwen3_30b_a3b_fits_a_v5p_64():
   v = rows[-1]
   print(f"30B x 1 layer on v5p-64: {time.time() - t0:.0f}s", json.dumps(rows))
   assert v["verdict"] == "fits", v.get("message")
-  assert (v["devices"], v["processes"], v["mesh"]) == (32, 8, {"data": 1, "fsdp": 4, "expert": 8,
-                                                                "tensor": 1})
+  assert (v["devices"], v["processes"], v["mesh"]) == (
+      32,
+      8,
+      {"data": 1, "fsdp": 4, "expert": 8, "tensor": 1},
+  )
   # Each function's total counts the train state and the sampler's weights once (the weight sync: the
   # sampler's twice, old and new): swap the 1-layer ones for the full-depth ones.
   hbm = 95 * 2**30
@@ -136,5 +179,8 @@ def test_qwen3_30b_a3b_fits_a_v5p_64():
   # The same compiled plan judged against a smaller chip: a clear message naming the function.
   small = dry_run.judge(rows[:-1], v, 1 * 2**30)
   assert small["verdict"] == "does not fit" and "trainer.update" in small["failing"]
-  assert "trainer.update needs " in small["message"] and "GiB per device > 1 GiB HBM" in small["message"]
+  assert (
+      "trainer.update needs " in small["message"]
+      and "GiB per device > 1 GiB HBM" in small["message"]
+  )
   assert "temporaries" in small["message"]

@@ -1,5 +1,6 @@
 """fo_rl.experiments: the paper suites' configs, the run plan, the verdict rules on synthetic curves and
 results, the report / figure, and the runner end to end (2 tiny variants x 1 seed, resumed once)."""
+
 from __future__ import annotations
 
 import json
@@ -30,18 +31,33 @@ def _knob(c, field):
 
 def test_suite_variants_and_knobs():
   on, off, cold = (X.load_suite(s) for s in X.SUITES)
-  assert list(on.VARIANTS) == ["minirl", "minirl_length_norm", "minirl_no_is", "minirl_r3",
-                               "minirl_length_norm_r3", "minirl_no_is_r3"]
+  assert list(on.VARIANTS) == [
+      "minirl",
+      "minirl_length_norm",
+      "minirl_no_is",
+      "minirl_r3",
+      "minirl_length_norm_r3",
+      "minirl_no_is_r3",
+  ]
   assert len(off.VARIANTS) == 15 and list(cold.VARIANTS) == ["careful", "terse", "noisy"]
   names = [v for m in (on, off, cold) for v in m.VARIANTS]
   assert len(names) == len(set(names)), "variant names share DIR/<variant>: they must be unique"
 
   expect = {
-      (on, "minirl"): {"rl.mini_batches": 1, "rl.replay": "none", "rl.loss.clip": True,
-                       "rl.loss.train_infer_is": True, "rl.loss.length_norm": False},
+      (on, "minirl"): {
+          "rl.mini_batches": 1,
+          "rl.replay": "none",
+          "rl.loss.clip": True,
+          "rl.loss.train_infer_is": True,
+          "rl.loss.length_norm": False,
+      },
       (on, "minirl_length_norm"): {"rl.loss.length_norm": True, "rl.replay": "none"},
       (on, "minirl_no_is"): {"rl.loss.train_infer_is": False, "rl.replay": "none"},
-      (on, "minirl_no_is_r3"): {"rl.loss.train_infer_is": False, "rl.replay": "r3", "rl.mini_batches": 1},
+      (on, "minirl_no_is_r3"): {
+          "rl.loss.train_infer_is": False,
+          "rl.replay": "r3",
+          "rl.mini_batches": 1,
+      },
       (off, "n2_noclip"): {"rl.mini_batches": 2, "rl.replay": "none", "rl.loss.clip": False},
       (off, "n4_r2_noclip"): {"rl.mini_batches": 4, "rl.replay": "r2", "rl.loss.clip": False},
       (off, "n8_r2"): {"rl.mini_batches": 8, "rl.replay": "r2", "rl.loss.clip": True},
@@ -73,15 +89,25 @@ def test_suite_variants_and_knobs():
 
 
 def test_plan_commands_and_shared_cold_starts(tmp_path):
-  runs = X.build_plan("offpolicy", [0, 1], tmp_path, variants=["n2_r2", "n8_r3"], steps=7,
-                      overrides=[("eval.every", "3")])
+  runs = X.build_plan(
+      "offpolicy",
+      [0, 1],
+      tmp_path,
+      variants=["n2_r2", "n8_r3"],
+      steps=7,
+      overrides=[("eval.every", "3")],
+  )
   assert [r.name for r in runs] == ["n2_r2/seed0", "n2_r2/seed1", "n8_r3/seed0", "n8_r3/seed1"]
   r = runs[1]
   cmd = r.shell()
   assert cmd.startswith("python -m fo_rl.main --config=configs/paper/offpolicy.py:n2_r2 ")
-  for part in (f"--workdir={tmp_path}/n2_r2/seed1", "--config.seed=1",
-               f"--config.sft.cache_dir={tmp_path}/sft_cache", "--config.rl.steps=7",
-               "--config.eval.every=3"):
+  for part in (
+      f"--workdir={tmp_path}/n2_r2/seed1",
+      "--config.seed=1",
+      f"--config.sft.cache_dir={tmp_path}/sft_cache",
+      "--config.rl.steps=7",
+      "--config.eval.every=3",
+  ):
     assert part in cmd
   assert r.target_steps == 7
   # one cold start per seed, shared by all variants of the seed
@@ -92,7 +118,9 @@ def test_plan_commands_and_shared_cold_starts(tmp_path):
   with pytest.raises(ValueError, match="not in suite"):
     X.build_plan("onpolicy", [0], tmp_path, variants=["n2_r2"])
   with pytest.raises(ValueError, match="mini_batches"):  # a bad override fails before anything runs
-    X.build_plan("onpolicy", [0], tmp_path, variants=["minirl"], overrides=[("rl.mini_batches", "7")])
+    X.build_plan(
+        "onpolicy", [0], tmp_path, variants=["minirl"], overrides=[("rl.mini_batches", "7")]
+    )
 
 
 def test_finished_and_sft_ready(tmp_path):
@@ -122,16 +150,27 @@ def curves(acc, entropy=None, kl=None, reward=None):
   acc = list(acc)
   n = (len(acc) - 1) * EVERY
   per = lambda v, d: list(np.broadcast_to(np.asarray(d if v is None else v, float), (n,)))
-  return {"eval_step": [i * EVERY for i in range(len(acc))], "eval_acc": acc,
-          "eval_greedy": acc, "step": list(range(1, n + 1)), "entropy": per(entropy, 0.5),
-          "kl": per(kl, 1e-3), "reward": per(reward, 0.5), "k3": per(None, 0.0),
-          "clip_high": per(None, 0.0), "clip_low": per(None, 0.0)}
+  return {
+      "eval_step": [i * EVERY for i in range(len(acc))],
+      "eval_acc": acc,
+      "eval_greedy": acc,
+      "step": list(range(1, n + 1)),
+      "entropy": per(entropy, 0.5),
+      "kl": per(kl, 1e-3),
+      "reward": per(reward, 0.5),
+      "k3": per(None, 0.0),
+      "clip_high": per(None, 0.0),
+      "clip_low": per(None, 0.0),
+  }
 
 
 def test_collapse_rule_on_synthetic_curves():
   rng = np.random.default_rng(0)
   # stable and improving
-  assert X.collapse_reasons(curves([0.3, 0.4, 0.5, 0.55, 0.6, 0.6, 0.62], np.linspace(0.5, 0.35, 60))) == []
+  assert (
+      X.collapse_reasons(curves([0.3, 0.4, 0.5, 0.55, 0.6, 0.6, 0.62], np.linspace(0.5, 0.35, 60)))
+      == []
+  )
   # noisy but stable: accuracy jitters by +-0.07 (never 0.15 below its peak twice), entropy by +-0.1
   noisy_acc = 0.5 + rng.uniform(-0.07, 0.07, 7)
   noisy_ent = 0.5 + rng.uniform(-0.1, 0.1, 60)
@@ -147,11 +186,17 @@ def test_collapse_rule_on_synthetic_curves():
   assert not X.collapse_reasons(curves([0.5, 0.65, 0.6, 0.6, 0.6, 0.51, 0.5]))
   # planted: entropy crash (accuracy still fine), entropy surge, non-finite entropy
   crash = np.concatenate([np.full(40, 0.5), np.linspace(0.5, 0.02, 20)])
-  assert [X.reason_kind(x) for x in X.collapse_reasons(curves([0.5] * 7, crash))] == ["entropy crash"]
+  assert [X.reason_kind(x) for x in X.collapse_reasons(curves([0.5] * 7, crash))] == [
+      "entropy crash"
+  ]
   surge = np.concatenate([np.full(40, 0.5), np.linspace(0.5, 3.0, 20)])
-  assert [X.reason_kind(x) for x in X.collapse_reasons(curves([0.5] * 7, surge))] == ["entropy surge"]
+  assert [X.reason_kind(x) for x in X.collapse_reasons(curves([0.5] * 7, surge))] == [
+      "entropy surge"
+  ]
   nan_end = np.concatenate([np.full(58, 0.5), [np.nan, np.nan]])
-  assert [X.reason_kind(x) for x in X.collapse_reasons(curves([0.5] * 7, nan_end))] == ["non-finite entropy"]
+  assert [X.reason_kind(x) for x in X.collapse_reasons(curves([0.5] * 7, nan_end))] == [
+      "non-finite entropy"
+  ]
   # a gradual entropy decline that stays above the crash fraction is not a collapse
   assert X.collapse_reasons(curves([0.5] * 7, np.linspace(0.5, 0.15, 60))) == []
   # both rules at once
@@ -209,14 +254,18 @@ JITTER = (-0.01, 0.0, 0.01)
 
 def good(final, kl=1e-3, start=0.3):
   """A stable run per seed that rises from `start` to a plateau at `final` (+ a small seed jitter)."""
-  return {s: X.run_record(curves(list(np.linspace(start, final + j, 5)) + [final + j] * 2, kl=kl))
-          for s, j in zip(SEEDS, JITTER)}
+  return {
+      s: X.run_record(curves(list(np.linspace(start, final + j, 5)) + [final + j] * 2, kl=kl))
+      for s, j in zip(SEEDS, JITTER)
+  }
 
 
 def collapsing(start=0.3):
   crash = np.concatenate([np.full(30, 0.5), np.linspace(0.5, 0.02, 30)])
-  return {s: X.run_record(curves([start, 0.45, 0.5 + j, 0.4, 0.2, 0.05, 0.02], crash))
-          for s, j in zip(SEEDS, JITTER)}
+  return {
+      s: X.run_record(curves([start, 0.45, 0.5 + j, 0.4, 0.2, 0.05, 0.02], crash))
+      for s, j in zip(SEEDS, JITTER)
+  }
 
 
 def mixed():
@@ -233,9 +282,14 @@ R, N, I = X.REPRODUCED, X.NOT_REPRODUCED, X.INCONCLUSIVE
 
 
 def onpolicy(**changes):
-  v = {"minirl": good(0.6), "minirl_length_norm": good(0.5), "minirl_no_is": collapsing(),
-       "minirl_r3": good(0.6, kl=2e-4), "minirl_length_norm_r3": good(0.5),
-       "minirl_no_is_r3": collapsing()}
+  v = {
+      "minirl": good(0.6),
+      "minirl_length_norm": good(0.5),
+      "minirl_no_is": collapsing(),
+      "minirl_r3": good(0.6, kl=2e-4),
+      "minirl_length_norm_r3": good(0.5),
+      "minirl_no_is_r3": collapsing(),
+  }
   v.update(changes)
   v = {k: r for k, r in v.items() if r is not None}
   return X.onpolicy_findings(X.suite_record(v))
@@ -263,7 +317,9 @@ def test_onpolicy_findings():
   assert verdicts(onpolicy(minirl_r3=good(0.5, kl=2e-4)))["1e"] == R  # worse is "no gain" too
   # one seed only: no comparison can be made
   one = lambda runs: {0: runs[0]}
-  v = verdicts(onpolicy(minirl=one(good(0.6)), minirl_length_norm=one(good(0.4)), minirl_r3=one(good(0.6))))
+  v = verdicts(
+      onpolicy(minirl=one(good(0.6)), minirl_length_norm=one(good(0.4)), minirl_r3=one(good(0.6)))
+  )
   assert v["1a"] == I and v["1b"] == I and v["1e"] == I
   # missing variants
   v = verdicts(onpolicy(minirl_r3=None))
@@ -334,11 +390,19 @@ def test_report_and_figure_from_synthetic_results(tmp_path):
   v = {}
   groups = {}
   for n in (2, 4):
-    for name, runs in ((f"n{n}_r2", good(0.6)), (f"n{n}_r2_noclip", collapsing()), (f"n{n}_r3", good(0.5))):
+    for name, runs in (
+        (f"n{n}_r2", good(0.6)),
+        (f"n{n}_r2_noclip", collapsing()),
+        (f"n{n}_r3", good(0.5)),
+    ):
       v[name], groups[name] = runs, f"N={n}"
   suite = X.suite_record(v, groups, {"model": "tiny"})
-  results = {"workdir": str(tmp_path), "generated": "now", "rules": X.RULES_TEXT,
-             "suites": {"offpolicy": suite}}
+  results = {
+      "workdir": str(tmp_path),
+      "generated": "now",
+      "rules": X.RULES_TEXT,
+      "suites": {"offpolicy": suite},
+  }
   results["findings"] = X.findings(results)
   png = X.plot_suite("offpolicy", suite, tmp_path / "offpolicy.png")
   assert os.path.getsize(png) > 10_000
@@ -374,10 +438,22 @@ json.dump({"steps": 2}, open(os.path.join(wd, "summary.json"), "w"))
 
 
 def _fake_runs(root, spec):
-  return [X.Run(suite="onpolicy", variant=v, seed=0, config_arg=v, workdir=root / v / "seed0",
-                flags=[f"--config.sft.cache_dir={root / 'sft_cache'}", f"--fake_key={key}"]
-                + (["--fake_fail=1"] if fail else []),
-                target_steps=2, sft_key=key, data=(), module="fake_main") for v, key, fail in spec]
+  return [
+      X.Run(
+          suite="onpolicy",
+          variant=v,
+          seed=0,
+          config_arg=v,
+          workdir=root / v / "seed0",
+          flags=[f"--config.sft.cache_dir={root / 'sft_cache'}", f"--fake_key={key}"]
+          + (["--fake_fail=1"] if fail else []),
+          target_steps=2,
+          sft_key=key,
+          data=(),
+          module="fake_main",
+      )
+      for v, key, fail in spec
+  ]
 
 
 def _events(log):
@@ -390,7 +466,9 @@ def test_scheduler_shares_cold_starts_and_resumes(tmp_path, monkeypatch):
   log = tmp_path / "events.jsonl"
   monkeypatch.setenv("FAKE_LOG", str(log))
   root = tmp_path / "exp"
-  runs = _fake_runs(root, [("a", "k0", False), ("b", "k0", False), ("c", "k1", False), ("d", "k0", False)])
+  runs = _fake_runs(
+      root, [("a", "k0", False), ("b", "k0", False), ("c", "k1", False), ("d", "k0", False)]
+  )
   lines = []
   codes = X.execute(runs, 2, log=lines.append, poll_seconds=0.05)
   assert codes == {"a/seed0": 0, "b/seed0": 0, "c/seed0": 0, "d/seed0": 0}
@@ -403,7 +481,9 @@ def test_scheduler_shares_cold_starts_and_resumes(tmp_path, monkeypatch):
   assert starts["b"]["ready"] and starts["d"]["ready"] and starts["b"]["t"] >= sft_done["a"]
   assert starts["c"]["t"] < sft_done["a"]  # another cold start did not wait
   assert any("[computes its cold start]" in x for x in lines)
-  assert all((r.workdir / "summary.json").exists() and (r.workdir / "command.txt").exists() for r in runs)
+  assert all(
+      (r.workdir / "summary.json").exists() and (r.workdir / "command.txt").exists() for r in runs
+  )
   # resume: everything is finished, nothing starts
   n = len(ev)
   assert X.execute(runs, 2, log=lines.append, poll_seconds=0.05) == {}
@@ -427,8 +507,14 @@ def test_scheduler_shares_cold_starts_and_resumes(tmp_path, monkeypatch):
 
 def _cli(args, env):
   t0 = time.time()
-  p = subprocess.run([sys.executable, "-m", "fo_rl.experiments", *args], cwd=REPO, env=env,
-                     capture_output=True, text=True, timeout=900)
+  p = subprocess.run(
+      [sys.executable, "-m", "fo_rl.experiments", *args],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
   return p, time.time() - t0
 
 
@@ -438,8 +524,16 @@ def test_runner_end_to_end_and_resume(tmp_path):
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
   root = tmp_path / "exp"
-  args = ["--suite=onpolicy", "--variants=minirl,minirl_no_is", "--seeds=1", "--tiny", "--steps=2",
-          "--parallel=1", f"--workdir={root}", "--poll_seconds=0.2"]
+  args = [
+      "--suite=onpolicy",
+      "--variants=minirl,minirl_no_is",
+      "--seeds=1",
+      "--tiny",
+      "--steps=2",
+      "--parallel=1",
+      f"--workdir={root}",
+      "--poll_seconds=0.2",
+  ]
   p, wall = _cli(args, env)
   print(p.stdout[-3000:], p.stderr[-3000:], f"first invocation {wall:.0f}s", sep="\n")
   assert p.returncode == 0
@@ -455,7 +549,11 @@ def test_runner_end_to_end_and_resume(tmp_path):
   suite = results["suites"]["onpolicy"]
   assert set(suite["variants"]) == {"minirl", "minirl_no_is"}
   run = suite["variants"]["minirl"]["runs"]["0"]
-  assert run["status"] == "done" and run["curves"]["step"] == [1, 2] and run["curves"]["eval_step"] == [0, 1, 2]
+  assert (
+      run["status"] == "done"
+      and run["curves"]["step"] == [1, 2]
+      and run["curves"]["eval_step"] == [0, 1, 2]
+  )
   assert {f["id"] for f in results["findings"]} == {"1a", "1b", "1c", "1d", "1e"}
   assert all(f["verdict"] in (R, N, I) for f in results["findings"])
   report = (root / "report.md").read_text()

@@ -1,4 +1,5 @@
 """Hugging Face checkpoints: parity with transformers, round trips, errors, sharded loading, the score tool."""
+
 import json
 import os
 import shutil
@@ -18,24 +19,33 @@ import transformers  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from fo_rl.model import make_apply  # noqa: E402
-from fo_rl.model.hf import (config_from_hf, load_hf_checkpoint,  # noqa: E402
-                            save_hf_checkpoint)
+from fo_rl.model.hf import (config_from_hf, load_hf_checkpoint, save_hf_checkpoint)  # noqa: E402
 from fo_rl.parallel.sharding import DEFAULT_RULES, make_mesh, state_shardings  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, T = 2, 9
 TOL = 1e-4
 
-BASE = dict(vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8, intermediate_size=48, rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6})  # not HF's default 1e4
+BASE = dict(
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    intermediate_size=48,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+)  # not HF's default 1e4
 MOE = dict(BASE, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16)
 CONFIGS = {
     # mixed: layer 1 dense via mlp_only_layers
     "moe_norm": ("qwen3_moe", dict(MOE, norm_topk_prob=True, mlp_only_layers=[1])),
     # layer 1 the only MoE layer (decoder_sparse_step=2), unnormalized top-k, tied embeddings
-    "moe_tied": ("qwen3_moe", dict(MOE, norm_topk_prob=False, decoder_sparse_step=2,
-                                   tie_word_embeddings=True)),
+    "moe_tied": (
+        "qwen3_moe",
+        dict(MOE, norm_topk_prob=False, decoder_sparse_step=2, tie_word_embeddings=True),
+    ),
     "dense": ("qwen3", dict(BASE, tie_word_embeddings=True)),
 }
 
@@ -83,7 +93,9 @@ def _positions():
 def _torch_forward(model, ids):
   moe = isinstance(model, transformers.Qwen3MoeForCausalLM)
   with torch.no_grad():
-    out = model(torch.tensor(ids, dtype=torch.long), **({"output_router_logits": True} if moe else {}))
+    out = model(
+        torch.tensor(ids, dtype=torch.long), **({"output_router_logits": True} if moe else {})
+    )
   router = [r.numpy() for r in out.router_logits] if moe else []
   return out.logits.numpy(), router
 
@@ -167,8 +179,9 @@ def test_bf16_checkpoint(hf, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Round trips through our writer.
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,max_shard_bytes", [("moe_norm", 20_000), ("moe_tied", 10**9),
-                                                  ("dense", 10**9)])
+@pytest.mark.parametrize(
+    "name,max_shard_bytes", [("moe_norm", 20_000), ("moe_tied", 10**9), ("dense", 10**9)]
+)
 def test_save_round_trip(hf, tmp_path, name, max_shard_bytes):
   d, model = hf(name)
   cfg, graphdef, state = load_hf_checkpoint(d)
@@ -181,7 +194,9 @@ def test_save_round_trip(hf, tmp_path, name, max_shard_bytes):
   for f in files:
     if f.endswith(".safetensors"):
       names |= set(load_file(os.path.join(out, f)))
-  assert names == set(load_file(os.path.join(d, "model.safetensors")))  # same names as save_pretrained
+  assert names == set(
+      load_file(os.path.join(d, "model.safetensors"))
+  )  # same names as save_pretrained
   if cfg.num_experts:
     assert "model.layers.0.mlp.experts.7.down_proj.weight" in names or cfg.moe_layers[0] != 0
   # transformers reads our checkpoint and computes the same logits,
@@ -210,15 +225,18 @@ def _edited_copy(src, dst, edit):
   return str(dst)
 
 
-@pytest.mark.parametrize("what,name", [
-    ("missing", "model.layers.2.mlp.experts.5.up_proj.weight"),
-    ("missing", "model.layers.1.mlp.down_proj.weight"),
-    ("missing", "lm_head.weight"),
-    ("extra", "model.layers.0.mlp.shared_expert.weight"),
-    ("extra", "model.layers.1.mlp.gate.weight"),  # a router in a dense layer
-    ("shape", "model.layers.0.self_attn.k_proj.weight"),
-    ("shape", "model.layers.0.mlp.experts.0.gate_proj.weight"),
-])
+@pytest.mark.parametrize(
+    "what,name",
+    [
+        ("missing", "model.layers.2.mlp.experts.5.up_proj.weight"),
+        ("missing", "model.layers.1.mlp.down_proj.weight"),
+        ("missing", "lm_head.weight"),
+        ("extra", "model.layers.0.mlp.shared_expert.weight"),
+        ("extra", "model.layers.1.mlp.gate.weight"),  # a router in a dense layer
+        ("shape", "model.layers.0.self_attn.k_proj.weight"),
+        ("shape", "model.layers.0.mlp.experts.0.gate_proj.weight"),
+    ],
+)
 def test_bad_tensors_name_the_tensor(hf, tmp_path, what, name):
   d, _ = hf("moe_norm")
 
@@ -240,11 +258,17 @@ def test_bad_tensors_name_the_tensor(hf, tmp_path, what, name):
 def test_tied_head_on_disk(hf, tmp_path):
   """A tied checkpoint may also store lm_head.weight, if it equals the embedding."""
   d, _ = hf("moe_tied")
-  same = _edited_copy(d, tmp_path / "same", lambda t: t.__setitem__(
-      "lm_head.weight", t["model.embed_tokens.weight"].copy()))
+  same = _edited_copy(
+      d,
+      tmp_path / "same",
+      lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"].copy()),
+  )
   load_hf_checkpoint(same)
-  differs = _edited_copy(d, tmp_path / "differs", lambda t: t.__setitem__(
-      "lm_head.weight", t["model.embed_tokens.weight"] + 1))
+  differs = _edited_copy(
+      d,
+      tmp_path / "differs",
+      lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"] + 1),
+  )
   with pytest.raises(ValueError, match="lm_head.weight.*tie_word_embeddings"):
     load_hf_checkpoint(differs)
 
@@ -270,11 +294,13 @@ def test_unsupported_configs():
   v5 = dict(ok)
   v5["num_local_experts"] = v5.pop("num_experts")  # transformers 5's spelling
   assert config_from_hf(v5).num_experts == 8 and config_from_hf(v5).rope_theta == 1e6
-  for bad, match in [(dict(ok, model_type="llama"), "model_type"),
-                     (dict(ok, rope_scaling={"rope_type": "yarn", "factor": 4.0}), "yarn"),
-                     (dict(ok, rope_parameters={"rope_type": "linear", "factor": 2.0}), "linear"),
-                     (dict(ok, use_sliding_window=True), "sliding"),
-                     (dict(ok, hidden_act="gelu"), "gelu")]:
+  for bad, match in [
+      (dict(ok, model_type="llama"), "model_type"),
+      (dict(ok, rope_scaling={"rope_type": "yarn", "factor": 4.0}), "yarn"),
+      (dict(ok, rope_parameters={"rope_type": "linear", "factor": 2.0}), "linear"),
+      (dict(ok, use_sliding_window=True), "sliding"),
+      (dict(ok, hidden_act="gelu"), "gelu"),
+  ]:
     with pytest.raises(ValueError, match=match):
       config_from_hf(bad)
 
@@ -314,45 +340,72 @@ def _set(a, idx, value):
 
 
 def _run_score(*args):
-  return subprocess.run([sys.executable, "-m", "fo_rl.tools.score", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+      [sys.executable, "-m", "fo_rl.tools.score", *args],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
 
 
 def test_score_tool(hf, tmp_path):
   from fo_rl.tools.score import score
+
   d, _ = hf("moe_norm")
   cfg, graphdef, state = load_hf_checkpoint(d)
   ids = _ids(seed=3)
   np.save(tmp_path / "ids.npy", ids)
   ref_logits, ref_routes = _fo_forward(graphdef, state, ids)
 
-  r = _run_score(f"--hf_checkpoint={d}", f"--input_ids={tmp_path / 'ids.npy'}",
-                 f"--output={tmp_path / 'logits.npy'}", f"--routes_output={tmp_path / 'routes.npy'}")
+  r = _run_score(
+      f"--hf_checkpoint={d}",
+      f"--input_ids={tmp_path / 'ids.npy'}",
+      f"--output={tmp_path / 'logits.npy'}",
+      f"--routes_output={tmp_path / 'routes.npy'}",
+  )
   assert r.returncode == 0, r.stderr
   logits, routes = np.load(tmp_path / "logits.npy"), np.load(tmp_path / "routes.npy")
   assert logits.dtype == np.float32 and logits.shape == (B, T, cfg.vocab_size)
-  assert routes.dtype == np.int32 and routes.shape == (B, T, cfg.num_layers, cfg.num_experts_per_tok)
+  assert routes.dtype == np.int32 and routes.shape == (
+      B,
+      T,
+      cfg.num_layers,
+      cfg.num_experts_per_tok,
+  )
   np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=0)
   np.testing.assert_array_equal(routes, ref_routes)
 
   # Replaying the routes it wrote reproduces the logits.
-  score(d, str(tmp_path / "ids.npy"), str(tmp_path / "replayed.npy"),
-        replay_routes=str(tmp_path / "routes.npy"))
+  score(
+      d,
+      str(tmp_path / "ids.npy"),
+      str(tmp_path / "replayed.npy"),
+      replay_routes=str(tmp_path / "routes.npy"),
+  )
   np.testing.assert_allclose(np.load(tmp_path / "replayed.npy"), logits, atol=1e-5, rtol=0)
   # Replaying other (valid) routes changes them.
   other = routes.copy()
   other[:, :, cfg.moe_layers[0], :] = (routes[:, :, cfg.moe_layers[0], :] + 1) % cfg.num_experts
   np.save(tmp_path / "other.npy", other)
-  score(d, str(tmp_path / "ids.npy"), str(tmp_path / "other_logits.npy"),
-        replay_routes=str(tmp_path / "other.npy"))
+  score(
+      d,
+      str(tmp_path / "ids.npy"),
+      str(tmp_path / "other_logits.npy"),
+      replay_routes=str(tmp_path / "other.npy"),
+  )
   assert np.abs(np.load(tmp_path / "other_logits.npy") - logits).max() > 1e-3
 
   # Invalid replay routes: nonzero exit, a message, nothing written.
   bad = routes.copy()
   bad[1, 4, cfg.moe_layers[-1], 0] = cfg.num_experts
   np.save(tmp_path / "bad_routes.npy", bad)
-  r = _run_score(f"--hf_checkpoint={d}", f"--input_ids={tmp_path / 'ids.npy'}",
-                 f"--output={tmp_path / 'never.npy'}", f"--replay_routes={tmp_path / 'bad_routes.npy'}")
+  r = _run_score(
+      f"--hf_checkpoint={d}",
+      f"--input_ids={tmp_path / 'ids.npy'}",
+      f"--output={tmp_path / 'never.npy'}",
+      f"--replay_routes={tmp_path / 'bad_routes.npy'}",
+  )
   assert r.returncode != 0
   assert "bad_routes.npy" in r.stderr and f"layer {cfg.moe_layers[-1]}" in r.stderr, r.stderr
   assert not os.path.exists(tmp_path / "never.npy")
@@ -361,18 +414,28 @@ def test_score_tool(hf, tmp_path):
   dense[0, 0, 1, 1] = 3  # layer 1 is dense (mlp_only_layers)
   np.save(tmp_path / "dense_routes.npy", dense)
   with pytest.raises(ValueError, match="dense_routes.npy.*layer 1 is a dense layer"):
-    score(d, str(tmp_path / "ids.npy"), str(tmp_path / "never.npy"),
-          replay_routes=str(tmp_path / "dense_routes.npy"))
+    score(
+        d,
+        str(tmp_path / "ids.npy"),
+        str(tmp_path / "never.npy"),
+        replay_routes=str(tmp_path / "dense_routes.npy"),
+    )
   np.save(tmp_path / "short_routes.npy", routes[:, :-1])
   with pytest.raises(ValueError, match="short_routes.npy.*shape"):
-    score(d, str(tmp_path / "ids.npy"), str(tmp_path / "never.npy"),
-          replay_routes=str(tmp_path / "short_routes.npy"))
+    score(
+        d,
+        str(tmp_path / "ids.npy"),
+        str(tmp_path / "never.npy"),
+        replay_routes=str(tmp_path / "short_routes.npy"),
+    )
 
   # Bad input ids name the file.
-  for fname, arr, match in [("float_ids.npy", ids.astype(np.float32), "dtype float32"),
-                            ("rank3_ids.npy", ids[None], "rank 2"),
-                            ("big_ids.npy", _set(ids, (1, 2), 128), "token id 128 at \\[1, 2\\]"),
-                            ("neg_ids.npy", -ids - 1, "outside")]:
+  for fname, arr, match in [
+      ("float_ids.npy", ids.astype(np.float32), "dtype float32"),
+      ("rank3_ids.npy", ids[None], "rank 2"),
+      ("big_ids.npy", _set(ids, (1, 2), 128), "token id 128 at \\[1, 2\\]"),
+      ("neg_ids.npy", -ids - 1, "outside"),
+  ]:
     np.save(tmp_path / fname, arr)
     with pytest.raises(ValueError, match=f"{fname}.*{match}"):
       score(d, str(tmp_path / fname), str(tmp_path / "never.npy"))

@@ -24,68 +24,69 @@ from fo_rl.rl import losses as L
 
 
 def make_batch(seed, B=7, T=9):
-    rng = np.random.default_rng(seed)
-    lo = -rng.exponential(1.0, (B, T)) - 0.05
-    lp = lo + rng.normal(0.0, 0.3, (B, T))
-    lm = lo + rng.normal(0.0, 0.8, (B, T))
-    mask = np.zeros((B, T))
-    for i in range(B):
-        start = rng.integers(0, 3)
-        end = rng.integers(start + 1, T + 1)
-        mask[i, start:end] = 1.0
-    mask[2] = 0.0  # a padding row
-    # Forced train-infer ratios pi_old / mu above the default cap C = 5 on response tokens.
-    for i in (0, 3):
-        t = int(np.flatnonzero(mask[i])[0])
-        lm[i, t] = lo[i, t] - 2.5
-    adv = rng.normal(0.0, 1.0, B)
-    adv[1] = 0.0
-    adv[0], adv[3] = abs(adv[0]) + 0.1, -abs(adv[3]) - 0.1
-    # Wild but finite values at masked positions: they must not matter.
-    lp = np.where(mask > 0, lp, -40.0)
-    lm = np.where(mask > 0, lm, 30.0)
-    return dict(logp=lp, logp_old=lo, logp_mu=lm, advantages=adv, mask=mask)
+  rng = np.random.default_rng(seed)
+  lo = -rng.exponential(1.0, (B, T)) - 0.05
+  lp = lo + rng.normal(0.0, 0.3, (B, T))
+  lm = lo + rng.normal(0.0, 0.8, (B, T))
+  mask = np.zeros((B, T))
+  for i in range(B):
+    start = rng.integers(0, 3)
+    end = rng.integers(start + 1, T + 1)
+    mask[i, start:end] = 1.0
+  mask[2] = 0.0  # a padding row
+  # Forced train-infer ratios pi_old / mu above the default cap C = 5 on response tokens.
+  for i in (0, 3):
+    t = int(np.flatnonzero(mask[i])[0])
+    lm[i, t] = lo[i, t] - 2.5
+  adv = rng.normal(0.0, 1.0, B)
+  adv[1] = 0.0
+  adv[0], adv[3] = abs(adv[0]) + 0.1, -abs(adv[3]) - 0.1
+  # Wild but finite values at masked positions: they must not matter.
+  lp = np.where(mask > 0, lp, -40.0)
+  lm = np.where(mask > 0, lm, 30.0)
+  return dict(logp=lp, logp_old=lo, logp_mu=lm, advantages=adv, mask=mask)
 
 
 def gspo_batch(seed):
-    """make_batch with pi_theta within ~1e-3 of pi_old, so sequence ratios straddle GSPO's (3e-4, 4e-4)
-    band: row 0 (A > 0) is pushed above 1 + 4e-4, row 3 (A < 0) below 1 - 3e-4, the rest are random."""
-    d = make_batch(seed)
-    rng = np.random.default_rng(100 + seed)
-    B, T = d["mask"].shape
-    shift = rng.choice([-2e-3, 0.0, 2e-3], size=(B, 1))
-    shift[0], shift[3] = 2e-3, -2e-3
-    lp = d["logp_old"] + shift + rng.normal(0.0, 5e-4, (B, T))
-    d["logp"] = np.where(d["mask"] > 0, lp, -40.0)
-    return d
+  """make_batch with pi_theta within ~1e-3 of pi_old, so sequence ratios straddle GSPO's (3e-4, 4e-4)
+  band: row 0 (A > 0) is pushed above 1 + 4e-4, row 3 (A < 0) below 1 - 3e-4, the rest are random.
+  """
+  d = make_batch(seed)
+  rng = np.random.default_rng(100 + seed)
+  B, T = d["mask"].shape
+  shift = rng.choice([-2e-3, 0.0, 2e-3], size=(B, 1))
+  shift[0], shift[3] = 2e-3, -2e-3
+  lp = d["logp_old"] + shift + rng.normal(0.0, 5e-4, (B, T))
+  d["logp"] = np.where(d["mask"] > 0, lp, -40.0)
+  return d
 
 
 def to_inputs(d, dtype=jnp.float32):
-    return L.LossInputs(**{k: jnp.asarray(v, dtype) for k, v in d.items()})
+  return L.LossInputs(**{k: jnp.asarray(v, dtype) for k, v in d.items()})
 
 
 def jax_value_and_grad(d, cfg):
-    """(loss, dloss/dlogp, metrics) from the code under test."""
-    inputs = to_inputs(d)
+  """(loss, dloss/dlogp, metrics) from the code under test."""
+  inputs = to_inputs(d)
 
-    def f(logp):
-        return L.policy_loss(
-            L.LossInputs(logp, inputs.logp_old, inputs.logp_mu, inputs.advantages, inputs.mask), cfg
-        )
+  def f(logp):
+    return L.policy_loss(
+        L.LossInputs(logp, inputs.logp_old, inputs.logp_mu, inputs.advantages, inputs.mask), cfg
+    )
 
-    (loss, metrics), grad = jax.value_and_grad(f, has_aux=True)(inputs.logp)
-    return float(loss), np.asarray(grad, np.float64), {k: float(v) for k, v in metrics.items()}
+  (loss, metrics), grad = jax.value_and_grad(f, has_aux=True)(inputs.logp)
+  return float(loss), np.asarray(grad, np.float64), {k: float(v) for k, v in metrics.items()}
 
 
 def finite_diff(f, lp, mask, h=1e-6):
-    """Central differences of a float64 scalar function f(lp) on masked entries (0 elsewhere)."""
-    g = np.zeros_like(lp)
-    for i, t in zip(*np.nonzero(mask)):
-        up, dn = lp.copy(), lp.copy()
-        up[i, t] += h
-        dn[i, t] -= h
-        g[i, t] = (f(up) - f(dn)) / (2 * h)
-    return g
+  """Central differences of a float64 scalar function f(lp) on masked entries (0 elsewhere)."""
+  g = np.zeros_like(lp)
+  for i, t in zip(*np.nonzero(mask)):
+    up, dn = lp.copy(), lp.copy()
+    up[i, t] += h
+    dn[i, t] -= h
+    g[i, t] = (f(up) - f(dn)) / (2 * h)
+  return g
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -94,127 +95,127 @@ def finite_diff(f, lp, mask, h=1e-6):
 
 
 def ref_minirl_weight(lp_sg, lo, lm, cfg):
-    """(w, truncated) for one token, exactly as section 3 / the LossConfig docs describe."""
-    r = math.exp(lp_sg - lo)
-    d = math.exp(lo - lm)
-    if not cfg.train_infer_is:
-        return r, d > cfg.tis_cap
-    if cfg.tis_mode == "discrepancy":
-        return min(d, cfg.tis_cap) * r, d > cfg.tis_cap
-    whole = math.exp(lp_sg - lm)
-    return min(whole, cfg.tis_cap), whole > cfg.tis_cap
+  """(w, truncated) for one token, exactly as section 3 / the LossConfig docs describe."""
+  r = math.exp(lp_sg - lo)
+  d = math.exp(lo - lm)
+  if not cfg.train_infer_is:
+    return r, d > cfg.tis_cap
+  if cfg.tis_mode == "discrepancy":
+    return min(d, cfg.tis_cap) * r, d > cfg.tis_cap
+  whole = math.exp(lp_sg - lm)
+  return min(whole, cfg.tis_cap), whole > cfg.tis_cap
 
 
 def ref_minirl_mask(r, a, eps_low, eps_high):
-    """M_t: 0 iff (A > 0 and r > 1 + eps_high) or (A < 0 and r < 1 - eps_low)."""
-    if (a > 0 and r > 1 + eps_high) or (a < 0 and r < 1 - eps_low):
-        return 0.0
-    return 1.0
+  """M_t: 0 iff (A > 0 and r > 1 + eps_high) or (A < 0 and r < 1 - eps_low)."""
+  if (a > 0 and r > 1 + eps_high) or (a < 0 and r < 1 - eps_low):
+    return 0.0
+  return 1.0
 
 
 def ref_minirl(lp, d, cfg, lp_sg=None):
-    """-(1/N) sum_{i,t} mask M sg[w] A log pi, with sg terms evaluated at lp_sg (held fixed)."""
-    lp_sg = lp if lp_sg is None else lp_sg
-    lo, lm, adv, mask = d["logp_old"], d["logp_mu"], d["advantages"], d["mask"]
-    B, T = lp.shape
-    total = 0.0
-    for i in range(B):
-        row, n = 0.0, 0
-        for t in range(T):
-            if mask[i, t] == 0:
-                continue
-            n += 1
-            w, _ = ref_minirl_weight(lp_sg[i, t], lo[i, t], lm[i, t], cfg)
-            r = math.exp(lp_sg[i, t] - lo[i, t])
-            m = ref_minirl_mask(r, adv[i], cfg.eps_low, cfg.eps_high) if cfg.clip else 1.0
-            row += m * w * adv[i] * lp[i, t]
-        if cfg.length_norm:
-            row = row / n if n else 0.0
-        total += row
-    if cfg.length_norm or cfg.normalizer == "responses":
-        return -total / B
-    return -total / (B * T)
+  """-(1/N) sum_{i,t} mask M sg[w] A log pi, with sg terms evaluated at lp_sg (held fixed)."""
+  lp_sg = lp if lp_sg is None else lp_sg
+  lo, lm, adv, mask = d["logp_old"], d["logp_mu"], d["advantages"], d["mask"]
+  B, T = lp.shape
+  total = 0.0
+  for i in range(B):
+    row, n = 0.0, 0
+    for t in range(T):
+      if mask[i, t] == 0:
+        continue
+      n += 1
+      w, _ = ref_minirl_weight(lp_sg[i, t], lo[i, t], lm[i, t], cfg)
+      r = math.exp(lp_sg[i, t] - lo[i, t])
+      m = ref_minirl_mask(r, adv[i], cfg.eps_low, cfg.eps_high) if cfg.clip else 1.0
+      row += m * w * adv[i] * lp[i, t]
+    if cfg.length_norm:
+      row = row / n if n else 0.0
+    total += row
+  if cfg.length_norm or cfg.normalizer == "responses":
+    return -total / B
+  return -total / (B * T)
 
 
 def ref_minirl_grad(d, cfg):
-    """Hand-derived: dL/dlogp_it = -(1/N) mask M w A  (with 1/N -> 1/(B |y_i|) under length_norm)."""
-    lp, lo, lm, adv, mask = (d[k] for k in ("logp", "logp_old", "logp_mu", "advantages", "mask"))
-    B, T = lp.shape
-    g = np.zeros((B, T))
-    for i in range(B):
-        n = mask[i].sum()
-        for t in range(T):
-            if mask[i, t] == 0:
-                continue
-            w, _ = ref_minirl_weight(lp[i, t], lo[i, t], lm[i, t], cfg)
-            r = math.exp(lp[i, t] - lo[i, t])
-            m = ref_minirl_mask(r, adv[i], cfg.eps_low, cfg.eps_high) if cfg.clip else 1.0
-            if cfg.length_norm:
-                norm = B * n
-            else:
-                norm = B if cfg.normalizer == "responses" else B * T
-            g[i, t] = -m * w * adv[i] / norm
-    return g
+  """Hand-derived: dL/dlogp_it = -(1/N) mask M w A  (with 1/N -> 1/(B |y_i|) under length_norm)."""
+  lp, lo, lm, adv, mask = (d[k] for k in ("logp", "logp_old", "logp_mu", "advantages", "mask"))
+  B, T = lp.shape
+  g = np.zeros((B, T))
+  for i in range(B):
+    n = mask[i].sum()
+    for t in range(T):
+      if mask[i, t] == 0:
+        continue
+      w, _ = ref_minirl_weight(lp[i, t], lo[i, t], lm[i, t], cfg)
+      r = math.exp(lp[i, t] - lo[i, t])
+      m = ref_minirl_mask(r, adv[i], cfg.eps_low, cfg.eps_high) if cfg.clip else 1.0
+      if cfg.length_norm:
+        norm = B * n
+      else:
+        norm = B if cfg.normalizer == "responses" else B * T
+      g[i, t] = -m * w * adv[i] / norm
+  return g
 
 
 def ref_ppo_term(ratio, a, eps_low, eps_high):
-    clipped = min(max(ratio, 1 - eps_low), 1 + eps_high)
-    return min(ratio * a, clipped * a)
+  clipped = min(max(ratio, 1 - eps_low), 1 + eps_high)
+  return min(ratio * a, clipped * a)
 
 
 def ref_grpo(lp, d, cfg):
-    """-(1/B) sum_i (1/|y_i|) sum_t min(r A, clip(r) A), r differentiated."""
-    lo, adv, mask = d["logp_old"], d["advantages"], d["mask"]
-    B, T = lp.shape
-    total = 0.0
-    for i in range(B):
-        terms = [
-            ref_ppo_term(math.exp(lp[i, t] - lo[i, t]), adv[i], cfg.eps_low, cfg.eps_high)
-            for t in range(T)
-            if mask[i, t]
-        ]
-        if terms:
-            total += sum(terms) / len(terms)
-    return -total / B
+  """-(1/B) sum_i (1/|y_i|) sum_t min(r A, clip(r) A), r differentiated."""
+  lo, adv, mask = d["logp_old"], d["advantages"], d["mask"]
+  B, T = lp.shape
+  total = 0.0
+  for i in range(B):
+    terms = [
+        ref_ppo_term(math.exp(lp[i, t] - lo[i, t]), adv[i], cfg.eps_low, cfg.eps_high)
+        for t in range(T)
+        if mask[i, t]
+    ]
+    if terms:
+      total += sum(terms) / len(terms)
+  return -total / B
 
 
 def ref_dapo(lp, d, cfg):
-    """-(1/sum|y_i|) sum_{i,t} min(r A, clip(r, 1-eps_low, 1+dapo_eps_high) A)."""
-    lo, adv, mask = d["logp_old"], d["advantages"], d["mask"]
-    total, n = 0.0, 0
-    for i, t in zip(*np.nonzero(mask)):
-        total += ref_ppo_term(math.exp(lp[i, t] - lo[i, t]), adv[i], cfg.eps_low, cfg.dapo_eps_high)
-        n += 1
-    return -total / n if n else 0.0
+  """-(1/sum|y_i|) sum_{i,t} min(r A, clip(r, 1-eps_low, 1+dapo_eps_high) A)."""
+  lo, adv, mask = d["logp_old"], d["advantages"], d["mask"]
+  total, n = 0.0, 0
+  for i, t in zip(*np.nonzero(mask)):
+    total += ref_ppo_term(math.exp(lp[i, t] - lo[i, t]), adv[i], cfg.eps_low, cfg.dapo_eps_high)
+    n += 1
+  return -total / n if n else 0.0
 
 
 def ref_cispo(lp, d, cfg, lp_sg=None):
-    """-(1/sum|y_i|) sum_{i,t} sg[min(r, 1+eps)] A log pi."""
-    lp_sg = lp if lp_sg is None else lp_sg
-    lo, adv, mask = d["logp_old"], d["advantages"], d["mask"]
-    total, n = 0.0, 0
-    for i, t in zip(*np.nonzero(mask)):
-        w = min(math.exp(lp_sg[i, t] - lo[i, t]), 1 + cfg.cispo_eps_high)
-        total += w * adv[i] * lp[i, t]
-        n += 1
-    return -total / n if n else 0.0
+  """-(1/sum|y_i|) sum_{i,t} sg[min(r, 1+eps)] A log pi."""
+  lp_sg = lp if lp_sg is None else lp_sg
+  lo, adv, mask = d["logp_old"], d["advantages"], d["mask"]
+  total, n = 0.0, 0
+  for i, t in zip(*np.nonzero(mask)):
+    w = min(math.exp(lp_sg[i, t] - lo[i, t]), 1 + cfg.cispo_eps_high)
+    total += w * adv[i] * lp[i, t]
+    n += 1
+  return -total / n if n else 0.0
 
 
 def ref_gspo_seq_ratio(lp, lo, mask, i):
-    toks = [lp[i, t] - lo[i, t] for t in range(lp.shape[1]) if mask[i, t]]
-    return math.exp(sum(toks) / len(toks)) if toks else None
+  toks = [lp[i, t] - lo[i, t] for t in range(lp.shape[1]) if mask[i, t]]
+  return math.exp(sum(toks) / len(toks)) if toks else None
 
 
 def ref_gspo(lp, d, cfg):
-    """-(1/B) sum_i min(s_i A_i, clip(s_i, 1-3e-4, 1+4e-4) A_i), s_i = exp(mean_t log r)."""
-    lo, adv, mask = d["logp_old"], d["advantages"], d["mask"]
-    B = lp.shape[0]
-    total = 0.0
-    for i in range(B):
-        s = ref_gspo_seq_ratio(lp, lo, mask, i)
-        if s is not None:
-            total += ref_ppo_term(s, adv[i], cfg.gspo_eps_low, cfg.gspo_eps_high)
-    return -total / B
+  """-(1/B) sum_i min(s_i A_i, clip(s_i, 1-3e-4, 1+4e-4) A_i), s_i = exp(mean_t log r)."""
+  lo, adv, mask = d["logp_old"], d["advantages"], d["mask"]
+  B = lp.shape[0]
+  total = 0.0
+  for i in range(B):
+    s = ref_gspo_seq_ratio(lp, lo, mask, i)
+    if s is not None:
+      total += ref_ppo_term(s, adv[i], cfg.gspo_eps_low, cfg.gspo_eps_high)
+  return -total / B
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -223,45 +224,45 @@ def ref_gspo(lp, d, cfg):
 
 
 def ref_metrics(d, cfg):
-    """Per-token weight / clip sides / truncation, as documented for each loss, then masked stats."""
-    lp, lo, lm, adv, mask = (d[k] for k in ("logp", "logp_old", "logp_mu", "advantages", "mask"))
-    ws, highs, lows, truncs, rs = [], [], [], [], []
-    for i, t in zip(*np.nonzero(mask)):
-        r = math.exp(lp[i, t] - lo[i, t])
-        disc = math.exp(lo[i, t] - lm[i, t])
-        trunc = disc > cfg.tis_cap
-        if cfg.name == "minirl":
-            w, trunc = ref_minirl_weight(lp[i, t], lo[i, t], lm[i, t], cfg)
-            el, eh, ratio, on = cfg.eps_low, cfg.eps_high, r, cfg.clip
-        elif cfg.name == "grpo":
-            w, el, eh, ratio, on = r, cfg.eps_low, cfg.eps_high, r, True
-        elif cfg.name == "dapo":
-            w, el, eh, ratio, on = r, cfg.eps_low, cfg.dapo_eps_high, r, True
-        elif cfg.name == "gspo":
-            s = ref_gspo_seq_ratio(lp, lo, mask, i)
-            w, el, eh, ratio, on = s, cfg.gspo_eps_low, cfg.gspo_eps_high, s, True
-        else:  # cispo: no mask; the weight is capped above
-            w = min(r, 1 + cfg.cispo_eps_high)
-            el, eh, ratio, on = None, cfg.cispo_eps_high, r, False
-        if cfg.name == "cispo":
-            high, low = r > 1 + cfg.cispo_eps_high, False
-        else:
-            high = on and adv[i] > 0 and ratio > 1 + eh
-            low = on and adv[i] < 0 and ratio < 1 - el
-        ws.append(w), highs.append(high), lows.append(low), truncs.append(trunc), rs.append(r)
-    return {
-        "is_weight_mean": np.mean(ws),
-        "is_weight_max": np.max(ws),
-        "is_truncated_frac": np.mean(truncs),
-        "clip_frac_high": np.mean(highs),
-        "clip_frac_low": np.mean(lows),
-        "ratio_mean": np.mean(rs),
-        "ratio_max": np.max(rs),
-    }
+  """Per-token weight / clip sides / truncation, as documented for each loss, then masked stats."""
+  lp, lo, lm, adv, mask = (d[k] for k in ("logp", "logp_old", "logp_mu", "advantages", "mask"))
+  ws, highs, lows, truncs, rs = [], [], [], [], []
+  for i, t in zip(*np.nonzero(mask)):
+    r = math.exp(lp[i, t] - lo[i, t])
+    disc = math.exp(lo[i, t] - lm[i, t])
+    trunc = disc > cfg.tis_cap
+    if cfg.name == "minirl":
+      w, trunc = ref_minirl_weight(lp[i, t], lo[i, t], lm[i, t], cfg)
+      el, eh, ratio, on = cfg.eps_low, cfg.eps_high, r, cfg.clip
+    elif cfg.name == "grpo":
+      w, el, eh, ratio, on = r, cfg.eps_low, cfg.eps_high, r, True
+    elif cfg.name == "dapo":
+      w, el, eh, ratio, on = r, cfg.eps_low, cfg.dapo_eps_high, r, True
+    elif cfg.name == "gspo":
+      s = ref_gspo_seq_ratio(lp, lo, mask, i)
+      w, el, eh, ratio, on = s, cfg.gspo_eps_low, cfg.gspo_eps_high, s, True
+    else:  # cispo: no mask; the weight is capped above
+      w = min(r, 1 + cfg.cispo_eps_high)
+      el, eh, ratio, on = None, cfg.cispo_eps_high, r, False
+    if cfg.name == "cispo":
+      high, low = r > 1 + cfg.cispo_eps_high, False
+    else:
+      high = on and adv[i] > 0 and ratio > 1 + eh
+      low = on and adv[i] < 0 and ratio < 1 - el
+    ws.append(w), highs.append(high), lows.append(low), truncs.append(trunc), rs.append(r)
+  return {
+      "is_weight_mean": np.mean(ws),
+      "is_weight_max": np.max(ws),
+      "is_truncated_frac": np.mean(truncs),
+      "clip_frac_high": np.mean(highs),
+      "clip_frac_low": np.mean(lows),
+      "ratio_mean": np.mean(rs),
+      "ratio_max": np.max(rs),
+  }
 
 
 def assert_close(got, want, rtol=2e-5, atol=2e-6, what=""):
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=what)
+  np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=what)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -281,66 +282,74 @@ KNOBS = list(
 
 @pytest.mark.parametrize("clip,tis,length_norm,tis_mode,normalizer", KNOBS)
 def test_minirl_knobs_value_and_grad(clip, tis, length_norm, tis_mode, normalizer):
-    cfg = L.LossConfig(
-        clip=clip, train_infer_is=tis, length_norm=length_norm, tis_mode=tis_mode, normalizer=normalizer
-    )
-    for seed in (0, 1):
-        d = make_batch(seed)
-        loss, grad, _ = jax_value_and_grad(d, cfg)
-        lp0 = d["logp"].copy()
-        assert_close(loss, ref_minirl(lp0, d, cfg), what="value")
-        fd = finite_diff(lambda lp: ref_minirl(lp, d, cfg, lp_sg=lp0), lp0, d["mask"])
-        assert_close(grad, fd, rtol=1e-4, atol=1e-6, what="grad vs finite differences")
-        assert_close(grad, ref_minirl_grad(d, cfg), rtol=1e-5, atol=1e-7, what="grad vs hand")
+  cfg = L.LossConfig(
+      clip=clip,
+      train_infer_is=tis,
+      length_norm=length_norm,
+      tis_mode=tis_mode,
+      normalizer=normalizer,
+  )
+  for seed in (0, 1):
+    d = make_batch(seed)
+    loss, grad, _ = jax_value_and_grad(d, cfg)
+    lp0 = d["logp"].copy()
+    assert_close(loss, ref_minirl(lp0, d, cfg), what="value")
+    fd = finite_diff(lambda lp: ref_minirl(lp, d, cfg, lp_sg=lp0), lp0, d["mask"])
+    assert_close(grad, fd, rtol=1e-4, atol=1e-6, what="grad vs finite differences")
+    assert_close(grad, ref_minirl_grad(d, cfg), rtol=1e-5, atol=1e-7, what="grad vs hand")
 
 
 def test_fixture_exercises_every_branch():
-    """The random batches really hit both clip sides, the cap, zero / both-sign A and a padding row."""
-    cfg = L.LossConfig()
-    for seed in (0, 1):
-        m = ref_metrics(make_batch(seed), cfg)
-        assert m["clip_frac_high"] > 0 and m["clip_frac_low"] > 0
-        assert m["is_truncated_frac"] > 0
-    d = make_batch(0)
-    assert (d["advantages"] > 0).any() and (d["advantages"] < 0).any() and (d["advantages"] == 0).any()
-    assert (d["mask"].sum(1) == 0).any()
+  """The random batches really hit both clip sides, the cap, zero / both-sign A and a padding row."""
+  cfg = L.LossConfig()
+  for seed in (0, 1):
+    m = ref_metrics(make_batch(seed), cfg)
+    assert m["clip_frac_high"] > 0 and m["clip_frac_low"] > 0
+    assert m["is_truncated_frac"] > 0
+  d = make_batch(0)
+  assert (
+      (d["advantages"] > 0).any() and (d["advantages"] < 0).any() and (d["advantages"] == 0).any()
+  )
+  assert (d["mask"].sum(1) == 0).any()
 
 
 def test_minirl_knobs_change_the_result():
-    """Each knob matters on this batch (guards against a knob that is silently ignored)."""
-    d = make_batch(0)
-    base_loss, base_grad, _ = jax_value_and_grad(d, L.LossConfig())
-    for change in (
-        dict(clip=False),
-        dict(train_infer_is=False),
-        dict(length_norm=True),
-        dict(tis_mode="whole"),
-        dict(normalizer="responses_x_len"),
-        dict(tis_cap=2.0),
-        dict(eps_high=0.1),
-        dict(eps_low=0.05),
-    ):
-        _, grad, _ = jax_value_and_grad(d, L.LossConfig(**change))
-        assert not np.allclose(grad, base_grad, rtol=1e-4, atol=1e-7), change
+  """Each knob matters on this batch (guards against a knob that is silently ignored)."""
+  d = make_batch(0)
+  base_loss, base_grad, _ = jax_value_and_grad(d, L.LossConfig())
+  for change in (
+      dict(clip=False),
+      dict(train_infer_is=False),
+      dict(length_norm=True),
+      dict(tis_mode="whole"),
+      dict(normalizer="responses_x_len"),
+      dict(tis_cap=2.0),
+      dict(eps_high=0.1),
+      dict(eps_low=0.05),
+  ):
+    _, grad, _ = jax_value_and_grad(d, L.LossConfig(**change))
+    assert not np.allclose(grad, base_grad, rtol=1e-4, atol=1e-7), change
 
 
 def test_minirl_gradient_equals_ppo_shaped_form():
-    """Section 3: -sg[min(pi_old/mu, C)] * min(r A, clip(r) A) has MiniRL's gradient (r differentiated)."""
-    cfg = L.LossConfig()
-    for seed in (0, 1, 2):
-        d = make_batch(seed)
-        lo, lm, adv, mask = d["logp_old"], d["logp_mu"], d["advantages"], d["mask"]
-        B = mask.shape[0]
+  """Section 3: -sg[min(pi_old/mu, C)] * min(r A, clip(r) A) has MiniRL's gradient (r differentiated)."""
+  cfg = L.LossConfig()
+  for seed in (0, 1, 2):
+    d = make_batch(seed)
+    lo, lm, adv, mask = d["logp_old"], d["logp_mu"], d["advantages"], d["mask"]
+    B = mask.shape[0]
 
-        def ppo_form(lp):
-            total = 0.0
-            for i, t in zip(*np.nonzero(mask)):
-                tis = min(math.exp(lo[i, t] - lm[i, t]), cfg.tis_cap)  # data only: fixed
-                total += tis * ref_ppo_term(math.exp(lp[i, t] - lo[i, t]), adv[i], cfg.eps_low, cfg.eps_high)
-            return -total / B
+    def ppo_form(lp):
+      total = 0.0
+      for i, t in zip(*np.nonzero(mask)):
+        tis = min(math.exp(lo[i, t] - lm[i, t]), cfg.tis_cap)  # data only: fixed
+        total += tis * ref_ppo_term(
+            math.exp(lp[i, t] - lo[i, t]), adv[i], cfg.eps_low, cfg.eps_high
+        )
+      return -total / B
 
-        _, grad, _ = jax_value_and_grad(d, cfg)
-        assert_close(grad, finite_diff(ppo_form, d["logp"], mask), rtol=1e-4, atol=1e-6)
+    _, grad, _ = jax_value_and_grad(d, cfg)
+    assert_close(grad, finite_diff(ppo_form, d["logp"], mask), rtol=1e-4, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -351,63 +360,68 @@ def test_minirl_gradient_equals_ppo_shaped_form():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("name", ["grpo", "dapo", "gspo"])
 def test_ratio_differentiated_variants(name, seed):
-    """GRPO, DAPO, GSPO differentiate through r (or s): finite differences of the full reference."""
-    ref = {"grpo": ref_grpo, "dapo": ref_dapo, "gspo": ref_gspo}[name]
-    cfg = L.LossConfig(name=name)
-    d = gspo_batch(seed) if name == "gspo" else make_batch(seed)
-    loss, grad, _ = jax_value_and_grad(d, cfg)
-    assert_close(loss, ref(d["logp"], d, cfg), what="value")
-    h = 1e-7 if name == "gspo" else 1e-6
-    assert_close(grad, finite_diff(lambda lp: ref(lp, d, cfg), d["logp"], d["mask"], h), rtol=1e-3, atol=1e-6)
+  """GRPO, DAPO, GSPO differentiate through r (or s): finite differences of the full reference."""
+  ref = {"grpo": ref_grpo, "dapo": ref_dapo, "gspo": ref_gspo}[name]
+  cfg = L.LossConfig(name=name)
+  d = gspo_batch(seed) if name == "gspo" else make_batch(seed)
+  loss, grad, _ = jax_value_and_grad(d, cfg)
+  assert_close(loss, ref(d["logp"], d, cfg), what="value")
+  h = 1e-7 if name == "gspo" else 1e-6
+  assert_close(
+      grad, finite_diff(lambda lp: ref(lp, d, cfg), d["logp"], d["mask"], h), rtol=1e-3, atol=1e-6
+  )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_cispo_value_and_grad(seed):
-    cfg = L.LossConfig(name="cispo")
-    d = make_batch(seed)
-    loss, grad, _ = jax_value_and_grad(d, cfg)
-    lp0 = d["logp"].copy()
-    assert_close(loss, ref_cispo(lp0, d, cfg), what="value")
-    fd = finite_diff(lambda lp: ref_cispo(lp, d, cfg, lp_sg=lp0), lp0, d["mask"])
-    assert_close(grad, fd, rtol=1e-4, atol=1e-6)
+  cfg = L.LossConfig(name="cispo")
+  d = make_batch(seed)
+  loss, grad, _ = jax_value_and_grad(d, cfg)
+  lp0 = d["logp"].copy()
+  assert_close(loss, ref_cispo(lp0, d, cfg), what="value")
+  fd = finite_diff(lambda lp: ref_cispo(lp, d, cfg, lp_sg=lp0), lp0, d["mask"])
+  assert_close(grad, fd, rtol=1e-4, atol=1e-6)
 
 
 def test_gspo_fixture_clips_both_sides():
-    cfg = L.LossConfig(name="gspo")
-    for seed in (0, 1, 2):
-        d = gspo_batch(seed)
-        m = ref_metrics(d, cfg)
-        assert m["clip_frac_high"] > 0 and m["clip_frac_low"] > 0
-        _, _, metrics = jax_value_and_grad(d, cfg)
-        for k, v in m.items():
-            assert_close(metrics[k], v, rtol=1e-5, atol=1e-6, what=k)
-        s = [ref_gspo_seq_ratio(d["logp"], d["logp_old"], d["mask"], i) for i in range(d["mask"].shape[0])]
-        s = [x for x in s if x is not None]
-        assert metrics["seq_ratio_mean"] == pytest.approx(np.mean(s), rel=1e-6)
-        assert metrics["seq_ratio_max"] == pytest.approx(np.max(s), rel=1e-6)
+  cfg = L.LossConfig(name="gspo")
+  for seed in (0, 1, 2):
+    d = gspo_batch(seed)
+    m = ref_metrics(d, cfg)
+    assert m["clip_frac_high"] > 0 and m["clip_frac_low"] > 0
+    _, _, metrics = jax_value_and_grad(d, cfg)
+    for k, v in m.items():
+      assert_close(metrics[k], v, rtol=1e-5, atol=1e-6, what=k)
+    s = [
+        ref_gspo_seq_ratio(d["logp"], d["logp_old"], d["mask"], i)
+        for i in range(d["mask"].shape[0])
+    ]
+    s = [x for x in s if x is not None]
+    assert metrics["seq_ratio_mean"] == pytest.approx(np.mean(s), rel=1e-6)
+    assert metrics["seq_ratio_max"] == pytest.approx(np.max(s), rel=1e-6)
 
 
 @pytest.mark.parametrize("name", ["minirl", "grpo", "dapo", "cispo", "gspo"])
 def test_metrics_match_reference(name):
-    for seed in (0, 1):
-        d = make_batch(seed)
-        cfg = L.LossConfig(name=name)
-        _, _, metrics = jax_value_and_grad(d, cfg)
-        for k, v in ref_metrics(d, cfg).items():
-            assert_close(metrics[k], v, rtol=1e-5, atol=1e-6, what=f"{name}.{k}")
-        assert metrics["num_tokens"] == d["mask"].sum()
+  for seed in (0, 1):
+    d = make_batch(seed)
+    cfg = L.LossConfig(name=name)
+    _, _, metrics = jax_value_and_grad(d, cfg)
+    for k, v in ref_metrics(d, cfg).items():
+      assert_close(metrics[k], v, rtol=1e-5, atol=1e-6, what=f"{name}.{k}")
+    assert metrics["num_tokens"] == d["mask"].sum()
 
 
 @pytest.mark.parametrize("tis_mode", ["discrepancy", "whole"])
 @pytest.mark.parametrize("train_infer_is", [True, False])
 def test_minirl_metrics_every_weight_mode(tis_mode, train_infer_is):
-    d = make_batch(3)
-    cfg = L.LossConfig(tis_mode=tis_mode, train_infer_is=train_infer_is, clip=False)
-    _, _, metrics = jax_value_and_grad(d, cfg)
-    ref = ref_metrics(d, cfg)
-    for k, v in ref.items():
-        assert_close(metrics[k], v, rtol=1e-5, atol=1e-6, what=k)
-    assert metrics["clip_frac_high"] == 0 and metrics["clip_frac_low"] == 0
+  d = make_batch(3)
+  cfg = L.LossConfig(tis_mode=tis_mode, train_infer_is=train_infer_is, clip=False)
+  _, _, metrics = jax_value_and_grad(d, cfg)
+  ref = ref_metrics(d, cfg)
+  for k, v in ref.items():
+    assert_close(metrics[k], v, rtol=1e-5, atol=1e-6, what=k)
+  assert metrics["clip_frac_high"] == 0 and metrics["clip_frac_low"] == 0
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -426,99 +440,103 @@ def test_minirl_metrics_every_weight_mode(tis_mode, train_infer_is):
     ids=["minirl", "minirl-whole", "minirl-noIS-lennorm", "cispo"],
 )
 def test_sg_weights_do_not_leak_gradient(cfg):
-    """With every weight under sg, logp_old and logp_mu get exactly zero gradient."""
-    x = to_inputs(make_batch(0))
-    g_old, g_mu = jax.grad(
-        lambda lo, lm: L.policy_loss(L.LossInputs(x.logp, lo, lm, x.advantages, x.mask), cfg)[0],
-        argnums=(0, 1),
-    )(x.logp_old, x.logp_mu)
-    assert np.all(np.asarray(g_old) == 0) and np.all(np.asarray(g_mu) == 0)
+  """With every weight under sg, logp_old and logp_mu get exactly zero gradient."""
+  x = to_inputs(make_batch(0))
+  g_old, g_mu = jax.grad(
+      lambda lo, lm: L.policy_loss(L.LossInputs(x.logp, lo, lm, x.advantages, x.mask), cfg)[0],
+      argnums=(0, 1),
+  )(x.logp_old, x.logp_mu)
+  assert np.all(np.asarray(g_old) == 0) and np.all(np.asarray(g_mu) == 0)
 
 
 def test_grpo_differentiates_through_ratio():
-    """Contrast: GRPO's ratio is not under sg, so logp_old does receive gradient (the check above can fail)."""
-    x = to_inputs(make_batch(0))
-    g_old = jax.grad(
-        lambda lo: L.policy_loss(L.LossInputs(x.logp, lo, x.logp_mu, x.advantages, x.mask), L.LossConfig(name="grpo"))[0]
-    )(x.logp_old)
-    assert np.abs(np.asarray(g_old)).max() > 1e-3
+  """Contrast: GRPO's ratio is not under sg, so logp_old does receive gradient (the check above can fail)."""
+  x = to_inputs(make_batch(0))
+  g_old = jax.grad(
+      lambda lo: L.policy_loss(
+          L.LossInputs(x.logp, lo, x.logp_mu, x.advantages, x.mask), L.LossConfig(name="grpo")
+      )[0]
+  )(x.logp_old)
+  assert np.abs(np.asarray(g_old)).max() > 1e-3
 
 
 @pytest.mark.parametrize("name", sorted(L.LOSSES))
 def test_fully_masked_row_contributes_zero(name):
-    d = make_batch(0)
-    cfg = L.LossConfig(name=name)
-    loss, grad, metrics = jax_value_and_grad(d, cfg)
-    d2 = {k: v.copy() for k, v in d.items()}
-    d2["logp"][2] += 3.0  # row 2 is fully masked: change everything about it
-    d2["logp_old"][2] -= 1.0
-    d2["logp_mu"][2] += 2.0
-    d2["advantages"][2] = 7.0
-    loss2, grad2, metrics2 = jax_value_and_grad(d2, cfg)
-    assert loss2 == pytest.approx(loss, abs=1e-7)
-    np.testing.assert_array_equal(grad2, grad)
-    assert np.all(grad[2] == 0)
-    for k in metrics:
-        assert metrics2[k] == pytest.approx(metrics[k], abs=1e-7), k
+  d = make_batch(0)
+  cfg = L.LossConfig(name=name)
+  loss, grad, metrics = jax_value_and_grad(d, cfg)
+  d2 = {k: v.copy() for k, v in d.items()}
+  d2["logp"][2] += 3.0  # row 2 is fully masked: change everything about it
+  d2["logp_old"][2] -= 1.0
+  d2["logp_mu"][2] += 2.0
+  d2["advantages"][2] = 7.0
+  loss2, grad2, metrics2 = jax_value_and_grad(d2, cfg)
+  assert loss2 == pytest.approx(loss, abs=1e-7)
+  np.testing.assert_array_equal(grad2, grad)
+  assert np.all(grad[2] == 0)
+  for k in metrics:
+    assert metrics2[k] == pytest.approx(metrics[k], abs=1e-7), k
 
 
 @pytest.mark.parametrize("name", sorted(L.LOSSES))
 def test_all_masked_batch_is_zero_not_nan(name):
-    d = make_batch(0)
-    d["mask"] = np.zeros_like(d["mask"])
-    loss, grad, metrics = jax_value_and_grad(d, L.LossConfig(name=name))
-    assert loss == 0.0
-    assert np.all(grad == 0)
-    assert all(np.isfinite(v) for v in metrics.values())
-    assert metrics["is_weight_max"] == 0 and metrics["ratio_mean"] == 0
+  d = make_batch(0)
+  d["mask"] = np.zeros_like(d["mask"])
+  loss, grad, metrics = jax_value_and_grad(d, L.LossConfig(name=name))
+  assert loss == 0.0
+  assert np.all(grad == 0)
+  assert all(np.isfinite(v) for v in metrics.values())
+  assert metrics["is_weight_max"] == 0 and metrics["ratio_mean"] == 0
 
 
 @pytest.mark.parametrize("name", sorted(L.LOSSES))
 def test_inf_and_nan_padding_are_ignored(name):
-    d = make_batch(1)
-    cfg = L.LossConfig(name=name)
-    loss, grad, metrics = jax_value_and_grad(d, cfg)
-    bad = {k: v.copy() for k, v in d.items()}
-    pad = d["mask"] == 0
-    bad["logp"][pad] = -np.inf
-    bad["logp_old"][pad] = np.nan
-    bad["logp_mu"][pad] = np.inf
-    loss2, grad2, metrics2 = jax_value_and_grad(bad, cfg)
-    assert loss2 == pytest.approx(loss, rel=1e-6, abs=1e-7)
-    np.testing.assert_allclose(grad2, grad, rtol=1e-6, atol=1e-8)
-    for k in metrics:
-        assert metrics2[k] == pytest.approx(metrics[k], rel=1e-6, abs=1e-7), k
+  d = make_batch(1)
+  cfg = L.LossConfig(name=name)
+  loss, grad, metrics = jax_value_and_grad(d, cfg)
+  bad = {k: v.copy() for k, v in d.items()}
+  pad = d["mask"] == 0
+  bad["logp"][pad] = -np.inf
+  bad["logp_old"][pad] = np.nan
+  bad["logp_mu"][pad] = np.inf
+  loss2, grad2, metrics2 = jax_value_and_grad(bad, cfg)
+  assert loss2 == pytest.approx(loss, rel=1e-6, abs=1e-7)
+  np.testing.assert_allclose(grad2, grad, rtol=1e-6, atol=1e-8)
+  for k in metrics:
+    assert metrics2[k] == pytest.approx(metrics[k], rel=1e-6, abs=1e-7), k
 
 
 @pytest.mark.parametrize("name", sorted(L.LOSSES))
 def test_jit_and_bf16_inputs(name):
-    d = make_batch(0)
-    cfg = L.LossConfig(name=name)
-    f = jax.jit(jax.value_and_grad(lambda x: L.policy_loss(x, cfg), has_aux=True))
-    (loss, metrics), grads = f(to_inputs(d, jnp.bfloat16))
-    assert loss.dtype == jnp.float32 and all(v.dtype == jnp.float32 for v in metrics.values())
-    assert grads.logp.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(grads.logp, np.float32)))
-    # static-argument style also works: LossConfig is hashable
-    g = jax.jit(L.policy_loss, static_argnums=1)
-    loss32, _ = g(to_inputs(d), cfg)
-    assert loss32 == pytest.approx(jax_value_and_grad(d, cfg)[0], rel=1e-5, abs=1e-6)
+  d = make_batch(0)
+  cfg = L.LossConfig(name=name)
+  f = jax.jit(jax.value_and_grad(lambda x: L.policy_loss(x, cfg), has_aux=True))
+  (loss, metrics), grads = f(to_inputs(d, jnp.bfloat16))
+  assert loss.dtype == jnp.float32 and all(v.dtype == jnp.float32 for v in metrics.values())
+  assert grads.logp.dtype == jnp.bfloat16 and np.all(
+      np.isfinite(np.asarray(grads.logp, np.float32))
+  )
+  # static-argument style also works: LossConfig is hashable
+  g = jax.jit(L.policy_loss, static_argnums=1)
+  loss32, _ = g(to_inputs(d), cfg)
+  assert loss32 == pytest.approx(jax_value_and_grad(d, cfg)[0], rel=1e-5, abs=1e-6)
 
 
 def test_on_policy_all_minirl_weightings_coincide():
-    """pi_theta = pi_old = mu: w = 1, no clip, and every MiniRL weighting gives the same gradient."""
-    d = make_batch(0)
-    d["logp_old"] = d["logp"].copy()
-    d["logp_mu"] = d["logp"].copy()
-    grads = []
-    for tis, mode, clip in itertools.product([True, False], ["discrepancy", "whole"], [True, False]):
-        _, g, m = jax_value_and_grad(d, L.LossConfig(train_infer_is=tis, tis_mode=mode, clip=clip))
-        assert m["clip_frac_high"] == 0 and m["clip_frac_low"] == 0 and m["is_weight_max"] == 1.0
-        grads.append(g)
-    for g in grads[1:]:
-        np.testing.assert_allclose(g, grads[0], rtol=1e-6, atol=1e-8)
-    # ... and equals plain REINFORCE: -(1/B) mask * A
-    want = -(d["mask"] * d["advantages"][:, None]) / d["mask"].shape[0]
-    np.testing.assert_allclose(grads[0], want, rtol=1e-6, atol=1e-8)
+  """pi_theta = pi_old = mu: w = 1, no clip, and every MiniRL weighting gives the same gradient."""
+  d = make_batch(0)
+  d["logp_old"] = d["logp"].copy()
+  d["logp_mu"] = d["logp"].copy()
+  grads = []
+  for tis, mode, clip in itertools.product([True, False], ["discrepancy", "whole"], [True, False]):
+    _, g, m = jax_value_and_grad(d, L.LossConfig(train_infer_is=tis, tis_mode=mode, clip=clip))
+    assert m["clip_frac_high"] == 0 and m["clip_frac_low"] == 0 and m["is_weight_max"] == 1.0
+    grads.append(g)
+  for g in grads[1:]:
+    np.testing.assert_allclose(g, grads[0], rtol=1e-6, atol=1e-8)
+  # ... and equals plain REINFORCE: -(1/B) mask * A
+  want = -(d["mask"] * d["advantages"][:, None]) / d["mask"].shape[0]
+  np.testing.assert_allclose(grads[0], want, rtol=1e-6, atol=1e-8)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -527,31 +545,33 @@ def test_on_policy_all_minirl_weightings_coincide():
 
 
 def test_registry():
-    assert {"minirl", "grpo", "cispo", "gspo", "dapo"} <= set(L.LOSSES)
-    assert L.get_loss("minirl") is L.LOSSES["minirl"]
-    with pytest.raises(ValueError, match="known losses.*cispo.*minirl"):
-        L.get_loss("ppo2")
-    with pytest.raises(ValueError, match="already registered"):
-        L.register("minirl")(lambda b, c: None)
+  assert {"minirl", "grpo", "cispo", "gspo", "dapo"} <= set(L.LOSSES)
+  assert L.get_loss("minirl") is L.LOSSES["minirl"]
+  with pytest.raises(ValueError, match="known losses.*cispo.*minirl"):
+    L.get_loss("ppo2")
+  with pytest.raises(ValueError, match="already registered"):
+    L.register("minirl")(lambda b, c: None)
 
 
 def test_config_defaults_are_the_papers():
-    c = L.LossConfig()
-    assert (c.name, c.tis_cap, c.eps_low, c.eps_high) == ("minirl", 5.0, 0.2, 0.27)
-    assert (c.clip, c.train_infer_is, c.length_norm) == (True, True, False)
-    assert (c.tis_mode, c.normalizer) == ("discrepancy", "responses")
-    assert (c.gspo_eps_low, c.gspo_eps_high, c.dapo_eps_high) == (3e-4, 4e-4, 0.28)
-    assert hash(c) == hash(L.LossConfig())
+  c = L.LossConfig()
+  assert (c.name, c.tis_cap, c.eps_low, c.eps_high) == ("minirl", 5.0, 0.2, 0.27)
+  assert (c.clip, c.train_infer_is, c.length_norm) == (True, True, False)
+  assert (c.tis_mode, c.normalizer) == ("discrepancy", "responses")
+  assert (c.gspo_eps_low, c.gspo_eps_high, c.dapo_eps_high) == (3e-4, 4e-4, 0.28)
+  assert hash(c) == hash(L.LossConfig())
 
 
 def test_from_config():
-    cd = ml_collections.ConfigDict(dict(name="gspo", tis_cap=2, clip=False, normalizer="responses_x_len"))
-    c = L.LossConfig.from_config(cd)
-    assert (c.name, c.tis_cap, c.clip, c.normalizer) == ("gspo", 2.0, False, "responses_x_len")
-    assert isinstance(c.tis_cap, float)
-    assert L.LossConfig.from_config({}) == L.LossConfig()
-    with pytest.raises(ValueError, match="'tis_capp'"):
-        L.LossConfig.from_config(ml_collections.ConfigDict(dict(tis_capp=2.0)))
+  cd = ml_collections.ConfigDict(
+      dict(name="gspo", tis_cap=2, clip=False, normalizer="responses_x_len")
+  )
+  c = L.LossConfig.from_config(cd)
+  assert (c.name, c.tis_cap, c.clip, c.normalizer) == ("gspo", 2.0, False, "responses_x_len")
+  assert isinstance(c.tis_cap, float)
+  assert L.LossConfig.from_config({}) == L.LossConfig()
+  with pytest.raises(ValueError, match="'tis_capp'"):
+    L.LossConfig.from_config(ml_collections.ConfigDict(dict(tis_capp=2.0)))
 
 
 @pytest.mark.parametrize(
@@ -576,15 +596,15 @@ def test_from_config():
     ],
 )
 def test_bad_config_values_name_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
-        L.LossConfig.from_config({field: value})
+  with pytest.raises(ValueError, match=field):
+    L.LossConfig.from_config({field: value})
 
 
 def test_loss_inputs_shape_checks():
-    d = {k: jnp.asarray(v) for k, v in make_batch(0).items()}
-    with pytest.raises(ValueError, match="advantages"):
-        L.LossInputs(**{**d, "advantages": d["advantages"][:3]})
-    with pytest.raises(ValueError, match="shape"):
-        L.LossInputs(**{**d, "mask": d["mask"][:, :4]})
-    leaves = jax.tree.leaves(L.LossInputs(**d))
-    assert len(leaves) == 5
+  d = {k: jnp.asarray(v) for k, v in make_batch(0).items()}
+  with pytest.raises(ValueError, match="advantages"):
+    L.LossInputs(**{**d, "advantages": d["advantages"][:3]})
+  with pytest.raises(ValueError, match="shape"):
+    L.LossInputs(**{**d, "mask": d["mask"][:, :4]})
+  leaves = jax.tree.leaves(L.LossInputs(**d))
+  assert len(leaves) == 5

@@ -8,6 +8,7 @@
 Subprocesses inherit conftest's 8 fake CPU devices and share a persistent XLA compilation cache (and, after
 the first run, a cold-start cache), so only the first run pays for compilation.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,10 +30,26 @@ TINY = "--config=configs/moe_r3.py:tiny"
 
 # The metrics the RL-core issue requires in every RL step's metrics.jsonl row.
 RL_METRICS = (
-    "reward_mean", "accuracy", "response_length", "entropy", "train_infer_kl", "train_infer_k3",
-    "train_infer_frac_tau2", "is_weight_mean", "is_weight_max", "is_truncated_frac", "clip_frac_high",
-    "clip_frac_low", "ratio_mean", "ratio_max", "router_disagreement_per_decision",
-    "router_disagreement_per_token", "grad_norm", "update_norm", "skipped_steps")
+    "reward_mean",
+    "accuracy",
+    "response_length",
+    "entropy",
+    "train_infer_kl",
+    "train_infer_k3",
+    "train_infer_frac_tau2",
+    "is_weight_mean",
+    "is_weight_max",
+    "is_truncated_frac",
+    "clip_frac_high",
+    "clip_frac_low",
+    "ratio_mean",
+    "ratio_max",
+    "router_disagreement_per_decision",
+    "router_disagreement_per_token",
+    "grad_norm",
+    "update_norm",
+    "skipped_steps",
+)
 EVAL_METRICS = ("eval/greedy_accuracy", "eval/mean_accuracy")
 TIMING = ("step_seconds", "tokens_per_second")  # legitimately differ between two identical runs
 SUMMARY_KEYS = ("cold_start_accuracy", "final_accuracy", "best_accuracy", "steps", "wall_seconds")
@@ -40,6 +57,7 @@ RUN_TIMEOUT = 900  # seconds for one tiny run on a loaded 2-core machine (compil
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
@@ -51,10 +69,12 @@ def caches(tmp_path_factory):
 
 def _env(caches: Path) -> dict:
   env = dict(os.environ)  # conftest's XLA_FLAGS (8 fake devices) and JAX_PLATFORMS=cpu
-  env.update(JAX_COMPILATION_CACHE_DIR=str(caches / "xla"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-             PYTHONUNBUFFERED="1")
+  env.update(
+      JAX_COMPILATION_CACHE_DIR=str(caches / "xla"),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+      PYTHONUNBUFFERED="1",
+  )
   if jax.config.jax_default_matmul_precision:  # conftest's: the same programs as in-process runs
     env["JAX_DEFAULT_MATMUL_PRECISION"] = str(jax.config.jax_default_matmul_precision)
   return env
@@ -66,8 +86,14 @@ def _cmd(workdir: Path, *overrides: str) -> list[str]:
 
 def _start(workdir: Path, caches: Path, *overrides: str, log_name: str = "log.txt"):
   log = open(workdir.parent / f"{workdir.name}.{log_name}", "w")
-  proc = subprocess.Popen(_cmd(workdir, *overrides), cwd=REPO, env=_env(caches), stdout=log,
-                          stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(
+      _cmd(workdir, *overrides),
+      cwd=REPO,
+      env=_env(caches),
+      stdout=log,
+      stderr=subprocess.STDOUT,
+      text=True,
+  )
   proc.log_path = log.name
   log.close()
   return proc
@@ -122,7 +148,9 @@ def _wait_for_step(proc, workdir: Path, step: int, timeout: float = RUN_TIMEOUT)
     if s >= step:
       return s
     if proc.poll() is not None:
-      pytest.fail(f"the run exited ({proc.returncode}) before step {step}:\n{_output(proc)[-3000:]}")
+      pytest.fail(
+          f"the run exited ({proc.returncode}) before step {step}:\n{_output(proc)[-3000:]}"
+      )
     time.sleep(0.02)
   proc.kill()
   pytest.fail(f"no step {step} in metrics.jsonl after {timeout}s:\n{_output(proc)[-3000:]}")
@@ -146,20 +174,31 @@ def _assert_same_run(got_rows, want_rows, got_summary, want_summary):
     for k in w:
       if k in TIMING:
         continue
-      assert g[k] == pytest.approx(w[k], rel=1e-6, abs=1e-6, nan_ok=True), \
-          f"step {w['step']} {k}: {g[k]} (resumed) vs {w[k]} (uninterrupted)"
-  for k in ("cold_start_accuracy", "cold_start_greedy_accuracy", "final_accuracy",
-            "final_greedy_accuracy", "best_accuracy", "steps"):
+      assert g[k] == pytest.approx(
+          w[k], rel=1e-6, abs=1e-6, nan_ok=True
+      ), f"step {w['step']} {k}: {g[k]} (resumed) vs {w[k]} (uninterrupted)"
+  for k in (
+      "cold_start_accuracy",
+      "cold_start_greedy_accuracy",
+      "final_accuracy",
+      "final_greedy_accuracy",
+      "best_accuracy",
+      "steps",
+  ):
     assert got_summary[k] == pytest.approx(want_summary[k], rel=1e-6, abs=1e-6), k
 
 
 def _snapshot(workdir: Path) -> dict[str, str]:
   """sha256 of every file under workdir (logs of this test live next to it, not inside)."""
-  return {str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(workdir.rglob("*")) if p.is_file()}
+  return {
+      str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest()
+      for p in sorted(workdir.rglob("*"))
+      if p.is_file()
+  }
 
 
 # ---- 1. has a pulse ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def pulse(tmp_path_factory, caches):
@@ -175,7 +214,11 @@ def test_tiny_run_has_a_pulse(pulse):
   print(f"tiny moe_r3 end to end: {seconds:.0f}s")
 
   config = json.loads((workdir / "config.json").read_text())
-  assert config["name"] == "moe_r3_tiny" and config["rl"]["steps"] == 2 and config["rl"]["replay"] == "r3"
+  assert (
+      config["name"] == "moe_r3_tiny"
+      and config["rl"]["steps"] == 2
+      and config["rl"]["replay"] == "r3"
+  )
 
   rows = _rows(workdir)
   assert [r["step"] for r in rows] == [0, 1, 2], "one JSON object per step, plus the step-0 eval"
@@ -187,9 +230,16 @@ def test_tiny_run_has_a_pulse(pulse):
     assert not missing, f"step {r['step']} lacks {missing}"
     for k in RL_METRICS:
       assert math.isfinite(_number(r[k])), (r["step"], k, r[k])
-    for k in ("accuracy", "reward_mean", "is_truncated_frac", "clip_frac_high", "clip_frac_low",
-              "train_infer_frac_tau2", "router_disagreement_per_decision",
-              "router_disagreement_per_token"):
+    for k in (
+        "accuracy",
+        "reward_mean",
+        "is_truncated_frac",
+        "clip_frac_high",
+        "clip_frac_low",
+        "train_infer_frac_tau2",
+        "router_disagreement_per_decision",
+        "router_disagreement_per_token",
+    ):
       assert 0.0 <= r[k] <= 1.0, (r["step"], k, r[k])
     assert r["response_length"] > 0 and r["entropy"] > 0
     assert r["grad_norm"] >= 0 and r["update_norm"] >= 0
@@ -223,11 +273,13 @@ def test_tiny_run_has_a_pulse(pulse):
   assert png.startswith(b"\x89PNG") and len(png) > 1000
 
   for step in (1, 2):
-    assert re.search(rf"^step {step}/2 reward \d\.\d+ acc \d\.\d+ kl \S+ .*tok/s \d+ ETA \d+m\d\ds$",
-                     out, re.M), f"no progress line for step {step}/2 in:\n{out[-2000:]}"
+    assert re.search(
+        rf"^step {step}/2 reward \d\.\d+ acc \d\.\d+ kl \S+ .*tok/s \d+ ETA \d+m\d\ds$", out, re.M
+    ), f"no progress line for step {step}/2 in:\n{out[-2000:]}"
 
 
 # ---- 3/4. SIGTERM and SIGKILL mid-RL, then resume ---------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def resume_args(tmp_path_factory, caches):
@@ -239,10 +291,17 @@ def resume_args(tmp_path_factory, caches):
     with open(d / f"{split}.jsonl", "w") as f:
       for a in answers:
         f.write(json.dumps({"prompt": str(a), "answer": str(a)}) + "\n")
-  return ["--config.rl.steps=4", "--config.data.task=jsonl", f"--config.data.train_file={d / 'train.jsonl'}",
-          f"--config.data.test_file={d / 'test.jsonl'}", "--config.sft.steps=30",
-          "--config.sft.learning_rate=0.01", "--config.optim.learning_rate=0.001",
-          "--config.optim.warmup_steps=0", f"--config.sft.cache_dir={caches / 'sft'}"]
+  return [
+      "--config.rl.steps=4",
+      "--config.data.task=jsonl",
+      f"--config.data.train_file={d / 'train.jsonl'}",
+      f"--config.data.test_file={d / 'test.jsonl'}",
+      "--config.sft.steps=30",
+      "--config.sft.learning_rate=0.01",
+      "--config.optim.learning_rate=0.001",
+      "--config.optim.warmup_steps=0",
+      f"--config.sft.cache_dir={caches / 'sft'}",
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -251,8 +310,9 @@ def reference(tmp_path_factory, caches, pulse, resume_args):
   workdir = tmp_path_factory.mktemp("reference") / "run"
   out = _ok(*_run(workdir, caches, *resume_args))
   rows = _rows(workdir)
-  assert any(r.get("update_norm", 0) > 0 for r in rows), \
-      "the reference run never updated the policy: the resume comparison would prove nothing"
+  assert any(
+      r.get("update_norm", 0) > 0 for r in rows
+  ), "the reference run never updated the policy: the resume comparison would prove nothing"
   return rows, json.loads((workdir / "summary.json").read_text()), out
 
 
@@ -269,10 +329,16 @@ def interrupted(tmp_path_factory, caches, reference, resume_args):
   proc.send_signal(signal.SIGTERM)
   t_term = time.time()
   out = _finish(proc)
-  phases["term"] = dict(rc=proc.returncode, out=out, exit_seconds=time.time() - t_term,
-                        rows=_rows(workdir), ckpts=_ckpt_steps(workdir),
-                        summary=json.loads((workdir / "summary.json").read_text())
-                        if (workdir / "summary.json").exists() else None)
+  phases["term"] = dict(
+      rc=proc.returncode,
+      out=out,
+      exit_seconds=time.time() - t_term,
+      rows=_rows(workdir),
+      ckpts=_ckpt_steps(workdir),
+      summary=json.loads((workdir / "summary.json").read_text())
+      if (workdir / "summary.json").exists()
+      else None,
+  )
 
   # Phase 2: resume with a checkpoint every step and SIGKILL it after its first new step.
   proc = _start(workdir, caches, *args, "--config.checkpoint.every=1", log_name="kill.txt")
@@ -280,14 +346,25 @@ def interrupted(tmp_path_factory, caches, reference, resume_args):
   killed_at = _wait_for_step(proc, workdir, resumed_from + 1)
   proc.send_signal(signal.SIGKILL)
   out = _finish(proc)
-  phases["kill"] = dict(rc=proc.returncode, out=out, killed_at=killed_at, rows=_rows(workdir),
-                        ckpts=_ckpt_steps(workdir))
+  phases["kill"] = dict(
+      rc=proc.returncode,
+      out=out,
+      killed_at=killed_at,
+      rows=_rows(workdir),
+      ckpts=_ckpt_steps(workdir),
+  )
 
   # Phase 3: resume to completion.
   rc, out, _ = _run(workdir, caches, *args, "--config.checkpoint.every=1")
-  phases["final"] = dict(rc=rc, out=out, rows=_rows(workdir), ckpts=_ckpt_steps(workdir),
-                         summary=json.loads((workdir / "summary.json").read_text())
-                         if (workdir / "summary.json").exists() else None)
+  phases["final"] = dict(
+      rc=rc,
+      out=out,
+      rows=_rows(workdir),
+      ckpts=_ckpt_steps(workdir),
+      summary=json.loads((workdir / "summary.json").read_text())
+      if (workdir / "summary.json").exists()
+      else None,
+  )
   return workdir, phases
 
 
@@ -295,11 +372,14 @@ def test_sigterm_checkpoints_last_step_and_exits_cleanly(interrupted):
   workdir, phases = interrupted
   term = phases["term"]
   out = term["out"]
-  assert term["rc"] == 0, f"SIGTERM should exit 0 after checkpointing; got {term['rc']}:\n{out[-3000:]}"
+  assert (
+      term["rc"] == 0
+  ), f"SIGTERM should exit 0 after checkpointing; got {term['rc']}:\n{out[-3000:]}"
   last = max(r["step"] for r in term["rows"])
   assert 1 <= last < 4, f"SIGTERM was sent during RL, but the run reached step {last} of 4"
-  assert term["ckpts"] == [last], \
-      f"the checkpoint after SIGTERM is {term['ckpts']}, the last step in metrics.jsonl is {last}"
+  assert term["ckpts"] == [
+      last
+  ], f"the checkpoint after SIGTERM is {term['ckpts']}, the last step in metrics.jsonl is {last}"
   assert f"SIGTERM: checkpointed step {last}" in out
   assert term["summary"] is not None and term["summary"]["steps"] == last
   assert term["summary"]["preempted"] is True
@@ -313,7 +393,9 @@ def test_sigterm_checkpoints_last_step_and_exits_cleanly(interrupted):
 def test_sigkill_mid_rl_then_resume_matches_uninterrupted_run(interrupted, reference):
   workdir, phases = interrupted
   kill = phases["kill"]
-  assert kill["rc"] == -signal.SIGKILL, f"the run ended before it was killed:\n{kill['out'][-3000:]}"
+  assert (
+      kill["rc"] == -signal.SIGKILL
+  ), f"the run ended before it was killed:\n{kill['out'][-3000:]}"
   assert kill["killed_at"] < 4, "killed after the last step: nothing left to resume"
   final = phases["final"]
   _ok(final["rc"], final["out"])
@@ -343,14 +425,18 @@ def _last_error_line(out: str) -> str:
   return lines[-1] if lines else ""
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (["--config.rl.mini_batches=3"], "rl.mini_batches"),  # tiny: 4 prompts x 4 samples = 16
-    (["--config.rl.replay=r3", "--config.model.num_experts=0"], "rl.replay"),
-    (["--config.rl.loss.name=nope"], "rl.loss.name"),
-    (["--config.parallel.mesh.fsdp=3"], "parallel.mesh"),  # 3 devices, 8 available
-    (["--config.rl.foo=1"], "foo"),  # not a field: ml_collections rejects it
-    (["--config.sampler.moe_impl=sparse"], "sampler.moe_impl"),
-], ids=["mini_batches", "replay_dense", "loss_name", "mesh", "unknown_field", "sampler_moe_impl"])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["--config.rl.mini_batches=3"], "rl.mini_batches"),  # tiny: 4 prompts x 4 samples = 16
+        (["--config.rl.replay=r3", "--config.model.num_experts=0"], "rl.replay"),
+        (["--config.rl.loss.name=nope"], "rl.loss.name"),
+        (["--config.parallel.mesh.fsdp=3"], "parallel.mesh"),  # 3 devices, 8 available
+        (["--config.rl.foo=1"], "foo"),  # not a field: ml_collections rejects it
+        (["--config.sampler.moe_impl=sparse"], "sampler.moe_impl"),
+    ],
+    ids=["mini_batches", "replay_dense", "loss_name", "mesh", "unknown_field", "sampler_moe_impl"],
+)
 def test_bad_config_is_a_fast_error_naming_the_field(tmp_path, caches, overrides, field):
   workdir = tmp_path / "run"
   out = _fails_fast(workdir, caches, *overrides)
@@ -365,9 +451,13 @@ def test_malformed_jsonl_is_a_fast_error_naming_file_and_line(tmp_path, caches):
   test = tmp_path / "test.jsonl"
   test.write_text(good * 4)
   workdir = tmp_path / "run"
-  out = _fails_fast(workdir, caches, "--config.data.task=jsonl",
-                    f"--config.data.train_file={train}",
-                    f"--config.data.test_file={test}")
+  out = _fails_fast(
+      workdir,
+      caches,
+      "--config.data.task=jsonl",
+      f"--config.data.train_file={train}",
+      f"--config.data.test_file={test}",
+  )
   err = _last_error_line(out)
   assert str(train) in err and "line 4" in err, f"should name {train} line 4:\n{out[-2000:]}"
   # Nothing that would stop the corrected command (a different file, say) from starting afresh.

@@ -1,16 +1,33 @@
 """The decoder: replay semantics, padding, sharded vs single device, dense models, bad configs."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fo_rl.model import (ModelConfig, abstract_model, init_model, make_apply, positions_from_mask,
-                         validate_replay_routes)
+from fo_rl.model import (
+    ModelConfig,
+    abstract_model,
+    init_model,
+    make_apply,
+    positions_from_mask,
+    validate_replay_routes,
+)
 from fo_rl.parallel.sharding import DEFAULT_RULES, make_mesh, state_shardings
 
-CFG = ModelConfig(vocab_size=96, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
-                  head_dim=8, intermediate_size=48, moe_intermediate_size=16, num_experts=8,
-                  num_experts_per_tok=2, mlp_only_layers=(1,))
+CFG = ModelConfig(
+    vocab_size=96,
+    hidden_size=32,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    num_experts=8,
+    num_experts_per_tok=2,
+    mlp_only_layers=(1,),
+)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +91,9 @@ def test_replay_errors_name_the_problem(model):
   with pytest.raises(ValueError, match="layer 1 is a dense layer"):
     validate_replay_routes(r, CFG)
   logits, _ = apply(state, toks, pos, jnp.asarray(r))  # traced: the shifted layer poisons its row
-  assert not np.isfinite(np.asarray(logits[0, 3:])).any() and np.isfinite(np.asarray(logits[1:])).all()
+  assert (
+      not np.isfinite(np.asarray(logits[0, 3:])).any() and np.isfinite(np.asarray(logits[1:])).all()
+  )
   r = np.asarray(routes).copy()
   r[2, 0, 3, 1] = -1  # a dense sentinel reaching a MoE layer
   with pytest.raises(ValueError, match="layer 3 is a MoE layer"):
@@ -90,6 +109,7 @@ def test_bad_replay_inside_jit_poisons_output(model):
   apply, state = model
   graphdef, _ = init_model(CFG, seed=0)
   from fo_rl.model import forward
+
   toks, pos = _batch()
   _, routes = apply(state, toks, pos)
   r = np.asarray(routes).copy()
@@ -118,7 +138,9 @@ def test_left_padding_matches_unpadded(model):
   np.testing.assert_array_equal(np.asarray(l2[0, pad:]), np.asarray(logits_p[0, pad:]))
 
 
-@pytest.mark.parametrize("mesh_cfg", [{"fsdp": 2, "expert": 4}, {"data": 2, "expert": 2, "tensor": 2}])
+@pytest.mark.parametrize(
+    "mesh_cfg", [{"fsdp": 2, "expert": 4}, {"data": 2, "expert": 2, "tensor": 2}]
+)
 def test_sharded_forward_matches_single_device(model, mesh_cfg):
   apply, state = model
   toks, pos = _batch(B=8, T=12)
@@ -153,13 +175,16 @@ def test_dense_model_and_tied_embeddings():
   assert np.isfinite(np.asarray(logits)).all()
 
 
-@pytest.mark.parametrize("kw,field", [
-    (dict(num_experts_per_tok=9), "num_experts_per_tok"),
-    (dict(num_heads=5), "num_heads"),
-    (dict(mlp_only_layers=(7,)), "mlp_only_layers"),
-    (dict(moe_impl="magic"), "moe_impl"),
-    (dict(head_dim=7), "head_dim"),
-])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        (dict(num_experts_per_tok=9), "num_experts_per_tok"),
+        (dict(num_heads=5), "num_heads"),
+        (dict(mlp_only_layers=(7,)), "mlp_only_layers"),
+        (dict(moe_impl="magic"), "moe_impl"),
+        (dict(head_dim=7), "head_dim"),
+    ],
+)
 def test_bad_model_config_names_field(kw, field):
   with pytest.raises(ValueError, match=f"model.{field}"):
     CFG.replace(**kw)

@@ -1,4 +1,5 @@
 """Gating and dispatch: numpy references, reference vs fast vs expert-parallel (values and gradients)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,8 +64,11 @@ def test_route_rejects_out_of_range_replay(bad):
 
 def _experts(E=8, D=16, F=24, seed=0):
   k = jax.random.split(jax.random.key(seed), 3)
-  return moe.Experts(0.3 * jax.random.normal(k[0], (E, D, F)), 0.3 * jax.random.normal(k[1], (E, D, F)),
-                     0.3 * jax.random.normal(k[2], (E, F, D)))
+  return moe.Experts(
+      0.3 * jax.random.normal(k[0], (E, D, F)),
+      0.3 * jax.random.normal(k[1], (E, D, F)),
+      0.3 * jax.random.normal(k[2], (E, F, D)),
+  )
 
 
 def _inputs(N=64, D=16, E=8, k=2, seed=0):
@@ -101,9 +105,10 @@ def test_fast_dispatch_matches_reference_values_and_grads(backend, block):
     return jnp.sum(jnp.sin(fn(x, ids, w, ex)))
 
   g_ref = jax.grad(lambda *a: loss(moe.dispatch_reference, *a), argnums=(0, 1, 2))(x, w, ex)
-  g_fast = jax.grad(lambda *a: loss(
-      lambda *b: moe.dispatch_fast(*b, backend=backend, block=max(block, 1)), *a),
-      argnums=(0, 1, 2))(x, w, ex)
+  g_fast = jax.grad(
+      lambda *a: loss(lambda *b: moe.dispatch_fast(*b, backend=backend, block=max(block, 1)), *a),
+      argnums=(0, 1, 2),
+  )(x, w, ex)
   for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_fast)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
 
@@ -112,8 +117,11 @@ def test_fast_dispatch_handles_empty_and_skewed_groups():
   x, _, w = _inputs(N=40)
   ids = jnp.asarray(np.tile([[3, 5]], (40, 1)), jnp.int32)  # all tokens to two experts, six empty
   ex = _experts()
-  np.testing.assert_allclose(np.asarray(moe.dispatch_fast(x, ids, w, ex, backend="blocked", block=8)),
-                             np.asarray(moe.dispatch_reference(x, ids, w, ex)), atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(moe.dispatch_fast(x, ids, w, ex, backend="blocked", block=8)),
+      np.asarray(moe.dispatch_reference(x, ids, w, ex)),
+      atol=1e-5,
+  )
 
 
 def test_dense_dispatch_matches_numpy_values_and_grads():
@@ -122,8 +130,9 @@ def test_dense_dispatch_matches_numpy_values_and_grads():
   gradients; also with int8 expert weights against the same weights dequantized."""
   x, ids, w = _inputs(N=24)
   ex = _experts()
-  np.testing.assert_allclose(np.asarray(moe.dispatch_dense(x, ids, w, ex)), _np_moe(x, ids, w, ex),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(moe.dispatch_dense(x, ids, w, ex)), _np_moe(x, ids, w, ex), atol=1e-5
+  )
 
   def loss(fn, x, w, ex):
     return jnp.sum(jnp.sin(fn(x, ids, w, ex)))
@@ -135,12 +144,20 @@ def test_dense_dispatch_matches_numpy_values_and_grads():
 
   q = moe.Experts(*(quantize_array(a, "int8", (a.ndim - 2,)) for a in ex))
   deq = moe.Experts(*(dequantize_np(a) for a in q))
-  np.testing.assert_allclose(np.asarray(moe.dispatch_dense(x, ids, w, q)), _np_moe(x, ids, w, deq),
-                             atol=1e-4)
+  np.testing.assert_allclose(
+      np.asarray(moe.dispatch_dense(x, ids, w, q)), _np_moe(x, ids, w, deq), atol=1e-4
+  )
 
 
-@pytest.mark.parametrize("mesh_cfg", [{"fsdp": 2, "expert": 4}, {"expert": 4, "tensor": 2},
-                                      {"expert": 8}, {"data": 2, "expert": 2, "tensor": 2}])
+@pytest.mark.parametrize(
+    "mesh_cfg",
+    [
+        {"fsdp": 2, "expert": 4},
+        {"expert": 4, "tensor": 2},
+        {"expert": 8},
+        {"data": 2, "expert": 2, "tensor": 2},
+    ],
+)
 def test_expert_parallel_matches_single_device(mesh_cfg):
   mesh = make_mesh(mesh_cfg)
   x, ids, w = _inputs(N=60)  # 60 tokens: not divisible by 8 shards, exercises the padding
@@ -148,12 +165,14 @@ def test_expert_parallel_matches_single_device(mesh_cfg):
   single = moe.dispatch_fast(x, ids, w, ex, backend="blocked", block=8)
 
   def ep(x, w, ex):
-    return moe.dispatch_fast(x, ids, w, ex, mesh=mesh, token_axes=("data", "fsdp", "expert"),
-                             backend="blocked", block=8)
+    return moe.dispatch_fast(
+        x, ids, w, ex, mesh=mesh, token_axes=("data", "fsdp", "expert"), backend="blocked", block=8
+    )
 
   np.testing.assert_allclose(np.asarray(jax.jit(ep)(x, w, ex)), np.asarray(single), atol=1e-5)
-  f_single = lambda x, w, ex: jnp.sum(jnp.sin(moe.dispatch_fast(x, ids, w, ex, backend="blocked",
-                                                                  block=8)))
+  f_single = lambda x, w, ex: jnp.sum(
+      jnp.sin(moe.dispatch_fast(x, ids, w, ex, backend="blocked", block=8))
+  )
   f_ep = lambda x, w, ex: jnp.sum(jnp.sin(ep(x, w, ex)))
   g1 = jax.grad(f_single, argnums=(0, 1, 2))(x, w, ex)
   g2 = jax.jit(jax.grad(f_ep, argnums=(0, 1, 2)))(x, w, ex)

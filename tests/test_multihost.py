@@ -6,6 +6,7 @@ Its metrics.jsonl must match a 1-process x 8-device run of the same config (up t
 cross-process float reductions), and a killed process must make the other one exit with an error
 within a bounded time instead of hanging.
 """
+
 import json
 import os
 import signal
@@ -20,8 +21,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny default recipe (MoE, R3, N = 4, FP8 sampler), made cheaper: no cold start; evaluation reuses the
 # training batch's compiled sampler (4 prompts x 4 samples).
-OVERRIDES = ("--config.sft.enabled=False", "--config.eval.num_prompts=4", "--config.eval.samples=4",
-             "--config.eval.every=2")
+OVERRIDES = (
+    "--config.sft.enabled=False",
+    "--config.eval.num_prompts=4",
+    "--config.eval.samples=4",
+    "--config.eval.every=2",
+)
 TIMING = ("tokens_per_second", "step_seconds")
 
 
@@ -33,10 +38,20 @@ def _free_port() -> int:
 
 def _env(devices: int) -> dict:
   env = dict(os.environ)
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-             PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")  # SIGABRT on a timeout dumps every thread
-  for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
-            "FO_RL_COORDINATOR_ADDRESS", "FO_RL_NUM_PROCESSES", "FO_RL_PROCESS_ID"):
+  env.update(
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+      JAX_PLATFORMS="cpu",
+      PYTHONUNBUFFERED="1",
+      PYTHONFAULTHANDLER="1",
+  )  # SIGABRT on a timeout dumps every thread
+  for k in (
+      "JAX_COORDINATOR_ADDRESS",
+      "JAX_NUM_PROCESSES",
+      "JAX_PROCESS_ID",
+      "FO_RL_COORDINATOR_ADDRESS",
+      "FO_RL_NUM_PROCESSES",
+      "FO_RL_PROCESS_ID",
+  ):
     env.pop(k, None)
   return env
 
@@ -45,14 +60,30 @@ def _launch(workdir, num_processes: int, devices: int, extra=(), log_dir=None):
   port = _free_port()
   procs = []
   for i in range(num_processes):
-    cmd = [sys.executable, "-m", "fo_rl.main", "--config=configs/moe_r3.py:tiny", f"--workdir={workdir}",
-           *OVERRIDES, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fo_rl.main",
+        "--config=configs/moe_r3.py:tiny",
+        f"--workdir={workdir}",
+        *OVERRIDES,
+        *extra,
+    ]
     if num_processes > 1:
-      cmd += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
-              f"--process_id={i}"]
+      cmd += [
+          f"--coordinator_address=127.0.0.1:{port}",
+          f"--num_processes={num_processes}",
+          f"--process_id={i}",
+      ]
     log = open(os.path.join(log_dir or workdir + "_logs", f"p{i}.log"), "w")
-    procs.append((subprocess.Popen(cmd, cwd=ROOT, env=_env(devices), stdout=log,
-                                   stderr=subprocess.STDOUT), log))
+    procs.append(
+        (
+            subprocess.Popen(
+                cmd, cwd=ROOT, env=_env(devices), stdout=log, stderr=subprocess.STDOUT
+            ),
+            log,
+        )
+    )
   return procs
 
 
@@ -93,7 +124,9 @@ def test_two_processes_match_one_process(tmp_path):
   runs = {one: _launch(one, 1, 8), two: _launch(two, 2, 4)}
   for workdir, procs in runs.items():
     codes = _wait(procs, timeout=600)
-    logs = "\n".join(_read(os.path.join(workdir + "_logs", f"p{i}.log"))[-3000:] for i in range(len(procs)))
+    logs = "\n".join(
+        _read(os.path.join(workdir + "_logs", f"p{i}.log"))[-3000:] for i in range(len(procs))
+    )
     assert codes == [0] * len(procs), logs
   print(f"1x8 and 2x4 runs: {time.time() - t0:.0f}s")
   log0 = _read(os.path.join(two + "_logs", "p0.log"))
@@ -105,7 +138,9 @@ def test_two_processes_match_one_process(tmp_path):
     for k in ra:
       if k in TIMING or k == "step":
         continue
-      np.testing.assert_allclose(rb[k], ra[k], rtol=2e-3, atol=1e-6, err_msg=f"step {ra['step']} {k}")
+      np.testing.assert_allclose(
+          rb[k], ra[k], rtol=2e-3, atol=1e-6, err_msg=f"step {ra['step']} {k}"
+      )
   # Only process 0 writes metrics, the summary and the plot; orbax checkpointed from both.
   assert os.path.exists(os.path.join(two, "summary.json"))
   assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["1", "2"]
@@ -141,6 +176,14 @@ def test_dead_peer_makes_the_other_exit(tmp_path):
   # JAX's coordination service: "Terminating process because the JAX distributed service detected fatal
   # errors. This most likely indicates that another task died ... The following tasks are unhealthy
   # (stopped sending heartbeats): 1" (or a collective that fails first on the broken connection).
-  assert any(s in out for s in ("another task died", "stopped sending heartbeats", "Connection reset",
-                                "Connection closed", "Gloo")), out[-3000:]
+  assert any(
+      s in out
+      for s in (
+          "another task died",
+          "stopped sending heartbeats",
+          "Connection reset",
+          "Connection closed",
+          "Gloo",
+      )
+  ), out[-3000:]
   print(f"process 0 exited with {code} {elapsed:.0f}s after its peer was killed")

@@ -9,6 +9,7 @@ run() installs its handler before SFT), in this process, so the tests are determ
   resumes from it without SFT or the eval again.
 (tests/test_main.py covers SIGTERM and SIGKILL during RL through the real entry point.)
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -49,7 +50,12 @@ def _run(workdir: Path, sigterm_on: str | None = None):
 
 
 def _losses(lines):
-  return [m.group(0) for s in lines for m in [re.match(r"cold start: SFT step \d+/\d+ loss \S+", s)] if m]
+  return [
+      m.group(0)
+      for s in lines
+      for m in [re.match(r"cold start: SFT step \d+/\d+ loss \S+", s)]
+      if m
+  ]
 
 
 def _ckpt_steps(workdir: Path):
@@ -81,7 +87,9 @@ def test_sigterm_during_the_cold_start_eval_checkpoints_step_0(eval_preempted):
 
 
 def test_sigterm_during_sft_saves_it_and_the_rerun_resumes_it(tmp_path, eval_preempted):
-  _, (reference, ref_lines), _, _ = eval_preempted  # an uninterrupted SFT (its eval was interrupted)
+  _, (reference, ref_lines), _, _ = (
+      eval_preempted  # an uninterrupted SFT (its eval was interrupted)
+  )
   workdir = tmp_path / "run"
   summary, lines = _run(workdir, sigterm_on="cold start: SFT step 4/10")
   assert summary["preempted"] is True and summary["steps"] == 0

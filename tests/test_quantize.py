@@ -1,4 +1,5 @@
 """fo_rl.sampler.quantize against a numpy reference: per-output-channel scales, round trip, layouts, parts."""
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -9,9 +10,19 @@ from flax import nnx
 from fo_rl.model import ModelConfig, QTensor, init_model
 from fo_rl.sampler import quantize as Q
 
-CFG = ModelConfig(vocab_size=128, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
-                  moe_intermediate_size=16, intermediate_size=48, num_experts=8, num_experts_per_tok=2,
-                  mlp_only_layers=(1,))
+CFG = ModelConfig(
+    vocab_size=128,
+    hidden_size=32,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    moe_intermediate_size=16,
+    intermediate_size=48,
+    num_experts=8,
+    num_experts_per_tok=2,
+    mlp_only_layers=(1,),
+)
 # jitted: eager quantization compiles every small op of every parameter shape separately (slow tests)
 quantize_state = jax.jit(Q.quantize_state, static_argnums=(1, 2))
 NP_DTYPE = {"int8": np.int8, "float8_e4m3fn": ml_dtypes.float8_e4m3fn}
@@ -33,19 +44,32 @@ def state():
 
 
 def _flat(state):
-  return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): v.get_value()
-          for p, v in jax.tree_util.tree_flatten_with_path(
-              state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]}
+  return {
+      "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): v.get_value()
+      for p, v in jax.tree_util.tree_flatten_with_path(
+          state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+      )[0]
+  }
 
 
 @pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
-@pytest.mark.parametrize("shape,axes", [((32, 4, 8), (0,)), ((4, 8, 32), (0, 1)), ((8, 32, 16), (1,)),
-                                        ((8, 16, 32), (1,)), ((32, 8), (0,)), ((128, 32), (1,))])
+@pytest.mark.parametrize(
+    "shape,axes",
+    [
+        ((32, 4, 8), (0,)),
+        ((4, 8, 32), (0, 1)),
+        ((8, 32, 16), (1,)),
+        ((8, 16, 32), (1,)),
+        ((32, 8), (0,)),
+        ((128, 32), (1,)),
+    ],
+)
 def test_round_trip_matches_numpy(dtype, shape, axes):
   rng = np.random.default_rng(0)
   # channels with very different magnitudes: a per-tensor scale would lose the small ones
-  w = (rng.standard_normal(shape) * np.exp(rng.uniform(-4, 2, shape[:1] + (1,) * (len(shape) - 1)))
-       ).astype(np.float32)
+  w = (
+      rng.standard_normal(shape) * np.exp(rng.uniform(-4, 2, shape[:1] + (1,) * (len(shape) - 1)))
+  ).astype(np.float32)
   qt = jax.jit(Q.quantize_array, static_argnums=(1, 2))(jnp.asarray(w), dtype, axes)
   q_ref, s_ref = np_quantize(w, dtype, axes)
   expect_scale = tuple(1 if d in axes else n for d, n in enumerate(shape))
@@ -71,24 +95,26 @@ def test_zero_channel_stays_zero():
     np.testing.assert_allclose(back[:, 1], np.arange(4.0), rtol=2**-4)
 
 
-EXPECTED_SCALES = {  # the output channels of every weight layout, for CFG (D=32 N=4 K=2 H=8 E=8 F=16)
-    "embed_tokens": (128, 1),
-    "lm_head": (1, 128),
-    "layers/0/self_attn/q_proj": (1, 4, 8),
-    "layers/0/self_attn/k_proj": (1, 2, 8),
-    "layers/0/self_attn/v_proj": (1, 2, 8),
-    "layers/0/self_attn/o_proj": (1, 1, 32),
-    "layers/0/mlp/router": (1, 8),
-    "layers/0/mlp/gate_proj": (8, 1, 16),
-    "layers/0/mlp/up_proj": (8, 1, 16),
-    "layers/0/mlp/down_proj": (8, 1, 32),
-    "layers/1/mlp/gate_proj": (1, 48),
-    "layers/1/mlp/up_proj": (1, 48),
-    "layers/1/mlp/down_proj": (1, 32),
-    "layers/0/input_layernorm/weight": (1,),
-    "layers/0/self_attn/q_norm/weight": (1,),
-    "norm/weight": (1,),
-}
+EXPECTED_SCALES = (
+    {  # the output channels of every weight layout, for CFG (D=32 N=4 K=2 H=8 E=8 F=16)
+        "embed_tokens": (128, 1),
+        "lm_head": (1, 128),
+        "layers/0/self_attn/q_proj": (1, 4, 8),
+        "layers/0/self_attn/k_proj": (1, 2, 8),
+        "layers/0/self_attn/v_proj": (1, 2, 8),
+        "layers/0/self_attn/o_proj": (1, 1, 32),
+        "layers/0/mlp/router": (1, 8),
+        "layers/0/mlp/gate_proj": (8, 1, 16),
+        "layers/0/mlp/up_proj": (8, 1, 16),
+        "layers/0/mlp/down_proj": (8, 1, 32),
+        "layers/1/mlp/gate_proj": (1, 48),
+        "layers/1/mlp/up_proj": (1, 48),
+        "layers/1/mlp/down_proj": (1, 32),
+        "layers/0/input_layernorm/weight": (1,),
+        "layers/0/self_attn/q_norm/weight": (1,),
+        "norm/weight": (1,),
+    }
+)
 
 
 @pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
@@ -99,12 +125,16 @@ def test_scale_axes_for_every_layout(state, dtype):
     assert isinstance(q[name], QTensor), name
     assert q[name].scale.shape == shape, (name, q[name].scale.shape)
   for name, qt in q.items():  # and every parameter agrees with the numpy reference
-    axes = tuple(d for d, n in enumerate(qt.scale.shape) if n == 1 and qt.q.shape[d] != 1 or
-                 qt.scale.ndim == 1)
+    axes = tuple(
+        d
+        for d, n in enumerate(qt.scale.shape)
+        if n == 1 and qt.q.shape[d] != 1 or qt.scale.ndim == 1
+    )
     q_ref, s_ref = np_quantize(np.asarray(src[name]), dtype, axes)
     np.testing.assert_allclose(np.asarray(qt.scale), s_ref, rtol=1e-6, err_msg=name)
-    np.testing.assert_array_equal(np.asarray(qt.q.astype(jnp.float32)), q_ref.astype(np.float32),
-                                  err_msg=name)
+    np.testing.assert_array_equal(
+        np.asarray(qt.q.astype(jnp.float32)), q_ref.astype(np.float32), err_msg=name
+    )
 
 
 def test_default_keeps_embed_norm_router_lm_head(state):

@@ -1,5 +1,6 @@
 """fo_rl.sampler: logprobs and routes against the trainer's teacher-forced forward, quantized samplers
 (KL, router disagreement, R3), sampling semantics against numpy, bucketing and weight sync."""
+
 import dataclasses
 
 import jax
@@ -11,13 +12,30 @@ from jax.sharding import NamedSharding
 from fo_rl.model import ModelConfig, QTensor, init_model, make_apply, validate_replay_routes
 from fo_rl.parallel.sharding import DEFAULT_RULES, make_mesh, state_shardings
 from fo_rl.model.init import abstract_model
-from fo_rl.sampler import (Sampler, SamplerConfig, SamplingParams, bucket, quantize_state, sample_logits,
-                           truncate_logits)
+from fo_rl.sampler import (
+    Sampler,
+    SamplerConfig,
+    SamplingParams,
+    bucket,
+    quantize_state,
+    sample_logits,
+    truncate_logits,
+)
 from fo_rl.sampler.sampler import exponential, threefry2x32
 
-CFG = ModelConfig(vocab_size=128, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
-                  moe_intermediate_size=16, intermediate_size=48, num_experts=8, num_experts_per_tok=2,
-                  mlp_only_layers=(1,))
+CFG = ModelConfig(
+    vocab_size=128,
+    hidden_size=32,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    moe_intermediate_size=16,
+    intermediate_size=48,
+    num_experts=8,
+    num_experts_per_tok=2,
+    mlp_only_layers=(1,),
+)
 MOE = list(CFG.moe_layers)  # [0, 2]; layer 1 is dense
 SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=24, eos_ids=(3, 7, 11))
 
@@ -34,7 +52,9 @@ def trainer():
 @pytest.fixture(scope="module")
 def prompts():
   rng = np.random.default_rng(0)
-  return [list(rng.integers(12, 128, n)) for n in rng.integers(1, 16, 32)]  # lengths 1..15 -> P = 16
+  return [
+      list(rng.integers(12, 128, n)) for n in rng.integers(1, 16, 32)
+  ]  # lengths 1..15 -> P = 16
 
 
 _SAMPLERS = {}
@@ -42,8 +62,9 @@ _SAMPLERS = {}
 
 def sampler(trainer, weight_dtype) -> Sampler:
   if weight_dtype not in _SAMPLERS:
-    _SAMPLERS[weight_dtype] = Sampler(CFG, SamplerConfig(weight_dtype=weight_dtype),
-                                      trainer_state=trainer[1])
+    _SAMPLERS[weight_dtype] = Sampler(
+        CFG, SamplerConfig(weight_dtype=weight_dtype), trainer_state=trainer[1]
+    )
   return _SAMPLERS[weight_dtype]
 
 
@@ -51,11 +72,18 @@ def trainer_logp(trainer, out, replay: bool = False):
   """Teacher-forced log pi(response token) at temperature 1 (no truncation), and the trainer's routes."""
   _, state, apply = trainer
   inp = out.trainer_inputs()
-  logits, routes = apply(state, inp["tokens"], inp["positions"],
-                         inp["replay_routes"] if replay else None, inp["token_mask"])
+  logits, routes = apply(
+      state,
+      inp["tokens"],
+      inp["positions"],
+      inp["replay_routes"] if replay else None,
+      inp["token_mask"],
+  )
   Pl = out.prompt_tokens.shape[1]
-  lp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, Pl - 1:-1]), out.tokens[..., None], -1)[..., 0]
-  return np.asarray(lp), np.asarray(routes), np.asarray(logits[:, Pl - 1:-1])
+  lp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, Pl - 1 : -1]), out.tokens[..., None], -1)[
+      ..., 0
+  ]
+  return np.asarray(lp), np.asarray(routes), np.asarray(logits[:, Pl - 1 : -1])
 
 
 def check_well_formed(out, sp: SamplingParams):
@@ -67,7 +95,7 @@ def check_well_formed(out, sp: SamplingParams):
   assert np.all((tokens >= 0) & (tokens < CFG.vocab_size)) and np.all(tokens[~mask] == 0)
   assert np.all(np.isfinite(logp)) and np.all(logp[mask] <= 0) and np.all(logp[~mask] == 0)
   for b, reason in enumerate(out.finish_reason):
-    real = tokens[b, :lengths[b]]
+    real = tokens[b, : lengths[b]]
     assert not np.isin(real[:-1], sp.eos_ids).any()
     if reason == "eos":
       assert real[-1] in sp.eos_ids
@@ -75,7 +103,12 @@ def check_well_formed(out, sp: SamplingParams):
       assert lengths[b] == sp.max_new_tokens and real[-1] not in sp.eos_ids
   # routes: the model's replay layout, valid ids in MoE layers everywhere, -1 in dense layers
   routes = np.asarray(out.routes)
-  assert routes.shape == (B, out.prompt_tokens.shape[1] + T, CFG.num_layers, CFG.num_experts_per_tok)
+  assert routes.shape == (
+      B,
+      out.prompt_tokens.shape[1] + T,
+      CFG.num_layers,
+      CFG.num_experts_per_tok,
+  )
   assert np.all((routes[:, :, MOE] >= 0) & (routes[:, :, MOE] < CFG.num_experts))
   assert np.all(routes[:, :, [1]] == -1)
   inp = out.trainer_inputs()
@@ -113,10 +146,12 @@ def test_quantized_sampler_kl_routes_and_r3(trainer, prompts, weight_dtype):
   check_well_formed(out, SAMPLING)
   live, r3, disagree = _gaps(trainer, out)
   kl, se = live.mean(), live.std() / np.sqrt(live.size)
-  print(f"\n[{weight_dtype}] tokens={live.size} KL[mu||pi] ~ mean(logp_mu - logp_pi) = {kl:.5f} "
-        f"(+- {se:.5f}); router disagreement: {disagree.mean():.3%} of (token, layer) top-k sets, "
-        f"{disagree.any(-1).mean():.3%} of tokens; mean |logp_mu - logp_pi|: live {np.abs(live).mean():.5f}"
-        f", R3 {np.abs(r3).mean():.5f}")
+  print(
+      f"\n[{weight_dtype}] tokens={live.size} KL[mu||pi] ~ mean(logp_mu - logp_pi) = {kl:.5f} "
+      f"(+- {se:.5f}); router disagreement: {disagree.mean():.3%} of (token, layer) top-k sets, "
+      f"{disagree.any(-1).mean():.3%} of tokens; mean |logp_mu - logp_pi|: live {np.abs(live).mean():.5f}"
+      f", R3 {np.abs(r3).mean():.5f}"
+  )
   assert np.abs(live).max() > 1e-3  # the sampler really computes with quantized weights
   assert -3 * se < kl < 0.1  # small, non-negative within noise
   assert 0 < disagree.mean() < 0.5  # quantization flips some routing decisions
@@ -147,11 +182,16 @@ def test_same_seed_reproduces(trainer, prompts):
 def test_no_recompile_within_buckets(trainer):
   s = sampler(trainer, "float32")
   rng = np.random.default_rng(1)
-  s.generate([list(rng.integers(12, 128, n)) for n in (3, 12, 9, 1) * 8], SAMPLING, seed=0)  # warm-up
+  s.generate(
+      [list(rng.integers(12, 128, n)) for n in (3, 12, 9, 1) * 8], SAMPLING, seed=0
+  )  # warm-up
   before = s.num_compiles()
   for lens, max_new, seed in (((16, 2, 5, 7) * 8, 17, 1), ((9, 9, 9, 9) * 8, 32, 2)):
-    out = s.generate([list(rng.integers(12, 128, n)) for n in lens],
-                     dataclasses.replace(SAMPLING, max_new_tokens=max_new), seed=seed)
+    out = s.generate(
+        [list(rng.integers(12, 128, n)) for n in lens],
+        dataclasses.replace(SAMPLING, max_new_tokens=max_new),
+        seed=seed,
+    )
     assert int(np.asarray(out.lengths).max()) <= max_new
   assert s.num_compiles() == before
   s.generate([list(rng.integers(12, 128, 17))] * 32, SAMPLING, seed=0)  # P: 16 -> 32, compiles once
@@ -162,10 +202,14 @@ def test_no_recompile_within_buckets(trainer):
 # ------------------------------------------------------------------------------------------------
 # Sampling semantics on hand-made logits, against numpy.
 # ------------------------------------------------------------------------------------------------
-PROBS = np.array([[0.40, 0.25, 0.15, 0.10, 0.05, 0.03, 0.02, 0.0, 0.0, 0.0],
-                  [0.05, 0.05, 0.30, 0.02, 0.33, 0.05, 0.10, 0.04, 0.03, 0.03],
-                  [0.10] * 10,
-                  [0.91, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01]])
+PROBS = np.array(
+    [
+        [0.40, 0.25, 0.15, 0.10, 0.05, 0.03, 0.02, 0.0, 0.0, 0.0],
+        [0.05, 0.05, 0.30, 0.02, 0.33, 0.05, 0.10, 0.04, 0.03, 0.03],
+        [0.10] * 10,
+        [0.91, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01],
+    ]
+)
 
 
 def np_truncated_probs(logits, temperature, top_k, top_p):
@@ -184,8 +228,10 @@ def np_truncated_probs(logits, temperature, top_k, top_p):
   return out
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.7),
-                                                     (1.0, 2, 0.5), (0.5, 0, 0.9), (2.0, 5, 0.8)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p",
+    [(1.0, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.7), (1.0, 2, 0.5), (0.5, 0, 0.9), (2.0, 5, 0.8)],
+)
 def test_truncation_matches_numpy(temperature, top_k, top_p):
   rng = np.random.default_rng(0)
   logits = np.log(np.maximum(PROBS, 1e-9)).astype(np.float32)
@@ -219,11 +265,15 @@ def test_threefry_and_exponential_match_jax():
   with jax.threefry_partitionable(True):
     key = jax.random.fold_in(jax.random.key(3), 7)
     for shape in ((64, 512), (3, 5), (7,)):
-      np.testing.assert_array_equal(np.asarray(jax.jit(exponential, static_argnums=1)(key, shape)),
-                                    np.asarray(jax.random.exponential(key, shape)))
+      np.testing.assert_array_equal(
+          np.asarray(jax.jit(exponential, static_argnums=1)(key, shape)),
+          np.asarray(jax.random.exponential(key, shape)),
+      )
     # a shard's rows [offset, offset + 3) draw that slice of the whole batch's draws (per-shard decode)
     part = jax.jit(exponential, static_argnums=1)(key, (3, 5), jnp.int32(2))
-    np.testing.assert_array_equal(np.asarray(part), np.asarray(jax.random.exponential(key, (8, 5)))[2:5])
+    np.testing.assert_array_equal(
+        np.asarray(part), np.asarray(jax.random.exponential(key, (8, 5)))[2:5]
+    )
   e = np.asarray(exponential(jax.random.key(5), (200_000,)), np.float64)
   assert abs(e.mean() - 1) < 0.01 and abs(e.var() - 1) < 0.03
   for t in (0.1, 1.0, 3.0):  # the Exp(1) tail P(E > t) = exp(-t)
@@ -255,8 +305,9 @@ def test_update_weights_across_meshes(trainer, prompts):
     assert s.num_compiles()["update_weights"] == 1  # the second sync reuses the first compile
     expect = jax.jit(quantize_state, static_argnums=1)(src, "int8")
     for got, want, sh in zip(flat(s.params), flat(expect), flat(s.param_shardings)):
-      np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
-                                    np.asarray(want.astype(jnp.float32)))
+      np.testing.assert_array_equal(
+          np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32))
+      )
       assert got.sharding.is_equivalent_to(sh, got.ndim) and got.dtype == want.dtype
   assert isinstance(s.params["layers"][0]["mlp"]["gate_proj"].get_value(), QTensor)
   q = s.params["layers"][0]["self_attn"]["q_proj"].get_value()
@@ -282,26 +333,55 @@ def test_sample_tool_hf_checkpoint_matches_transformers(tmp_path):
   from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
   from fo_rl.tools import sample as tool
+
   torch.manual_seed(0)
-  hf_cfg = Qwen3MoeConfig(vocab_size=128, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                          num_experts=8, num_experts_per_tok=2, mlp_only_layers=[1], eos_token_id=3,
-                          initializer_range=0.2, tie_word_embeddings=False)
+  hf_cfg = Qwen3MoeConfig(
+      vocab_size=128,
+      hidden_size=32,
+      intermediate_size=48,
+      moe_intermediate_size=16,
+      num_hidden_layers=3,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      head_dim=8,
+      num_experts=8,
+      num_experts_per_tok=2,
+      mlp_only_layers=[1],
+      eos_token_id=3,
+      initializer_range=0.2,
+      tie_word_embeddings=False,
+  )
   model = Qwen3MoeForCausalLM(hf_cfg).eval()
   model.save_pretrained(tmp_path)  # no tokenizer: prompts and samples are token ids
   prompt = [5, 17, 99, 42]
   buf = io.StringIO()
-  out = tool.sample(hf_checkpoint=str(tmp_path), prompt=" ".join(map(str, prompt)), temperature=0.0,
-                    max_new_tokens=6, eos_id=-1, num_samples=2, out=buf)
+  out = tool.sample(
+      hf_checkpoint=str(tmp_path),
+      prompt=" ".join(map(str, prompt)),
+      temperature=0.0,
+      max_new_tokens=6,
+      eos_id=-1,
+      num_samples=2,
+      out=buf,
+  )
   text = buf.getvalue()
   assert "=== sample 2/2: 6 tokens, finish=length" in text
   n = int(np.asarray(out.lengths)[0])
   ours, lp = np.asarray(out.tokens)[0, :n], np.asarray(out.logp_mu)[0, :n]
   with torch.no_grad():
-    ref = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=6, min_new_tokens=6,
-                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-  ref_tokens = ref.sequences[0, len(prompt):].numpy()
-  ref_lp = np.array([torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(ref.logits, ref_tokens)])
+    ref = model.generate(
+        torch.tensor([prompt]),
+        do_sample=False,
+        max_new_tokens=6,
+        min_new_tokens=6,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+  ref_tokens = ref.sequences[0, len(prompt) :].numpy()
+  ref_lp = np.array(
+      [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(ref.logits, ref_tokens)]
+  )
   np.testing.assert_array_equal(ours, ref_tokens)  # greedy continuation of transformers
   np.testing.assert_allclose(lp, ref_lp, atol=1e-4)  # printed logp = temperature-1 logprob
   assert f"{lp[0]:.4f}" in text
@@ -318,13 +398,16 @@ def test_sample_tool_fo_rl_workdir(tmp_path):
   from fo_rl.checkpoint import Checkpointer
   from fo_rl.rl.trainer import Trainer
   from fo_rl.tools import sample as tool
+
   c = config_lib.base_config()
   rc = config_lib.parse(c)
   (tmp_path / "config.json").write_text(json.dumps(json.loads(c.to_json_best_effort())))
   graphdef, params = init_model(rc.model, None, rc.rules, seed=3)
   state = Trainer(graphdef, rc.model, rc.trainer).init_state(params)
   with Checkpointer(tmp_path / "checkpoints") as ck:
-    ck.save(7, {"train": state, "rng": jax.random.key_data(jax.random.key(0))}, {"step": 7}, force=True)
+    ck.save(
+        7, {"train": state, "rng": jax.random.key_data(jax.random.key(0))}, {"step": 7}, force=True
+    )
   cfg, restored, tok, eos = tool.load_workdir(str(tmp_path), None)  # the latest step
   assert cfg == rc.model and eos == tok.eos_id == 3
   for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(params)):
@@ -332,7 +415,9 @@ def test_sample_tool_fo_rl_workdir(tmp_path):
   with pytest.raises(ValueError, match="has steps"):
     tool.load_workdir(str(tmp_path), 5)
   buf = io.StringIO()
-  out = tool.sample(checkpoint=str(tmp_path), prompt="12+34=", temperature=0.0, max_new_tokens=4, out=buf)
+  out = tool.sample(
+      checkpoint=str(tmp_path), prompt="12+34=", temperature=0.0, max_new_tokens=4, out=buf
+  )
   assert np.asarray(out.lengths)[0] >= 1 and "'12+34='" in buf.getvalue()
   assert "=== sample 1/1:" in buf.getvalue()
 
@@ -343,9 +428,16 @@ def test_chunked_decode_equals_one_call(trainer, prompts):
   tok, mask = s.pad_prompts(prompts)
   st = s.decode(s.prefill(tok, mask, SAMPLING, seed=11), SAMPLING, limit=5)
   assert int(st.step) == 5
-  st = s.decode(s.decode(s.decode(st, SAMPLING, limit=9), SAMPLING, limit=21), SAMPLING)  # segments end
+  st = s.decode(
+      s.decode(s.decode(st, SAMPLING, limit=9), SAMPLING, limit=21), SAMPLING
+  )  # segments end
   # at 16 and 32: the third call starts in the second one, over slots the second call wrote
-  for a, b in (("tokens", "tokens"), ("logp", "logp_mu"), ("routes", "routes"), ("lengths", "lengths")):
+  for a, b in (
+      ("tokens", "tokens"),
+      ("logp", "logp_mu"),
+      ("routes", "routes"),
+      ("lengths", "lengths"),
+  ):
     np.testing.assert_array_equal(np.asarray(getattr(st, a)), np.asarray(getattr(full, b)))
 
 
@@ -354,7 +446,9 @@ def test_windowed_decode_and_dense_dispatch_change_nothing(trainer, prompts):
   densely (moe_impl="auto" -> "dense" for E=8 k=2); one segment over the whole bucket with the model's
   own dispatch must give the same samples, routes and (to rounding) logprobs."""
   s = sampler(trainer, "float32")
-  B, T = len(prompts), bucket(SAMPLING.max_new_tokens, s.config.gen_bucket)  # 32 rows, T = 32, P = 16
+  B, T = len(prompts), bucket(
+      SAMPLING.max_new_tokens, s.config.gen_bucket
+  )  # 32 rows, T = 32, P = 16
   assert s.segment_ends(B, 16, T) == [16, 32] and s.model_cfg.moe_impl == "dense"
   plain = Sampler(CFG, SamplerConfig(decode_segments=1, moe_impl=None), trainer_state=trainer[1])
   assert plain.segment_ends(B, 16, T) == [T] and plain.model_cfg.moe_impl == "fast"
@@ -381,10 +475,12 @@ def test_loop_axes_are_the_batch_axes_that_hold_no_weights():
   assert s.loop_axes(8) == ("data",)  # fsdp and expert also split the batch, but they hold weights
   assert s.loop_axes(3) == ()  # 3 rows do not split over data
   assert Sampler(CFG, SamplerConfig(), mesh=make_mesh({"fsdp": 8})).loop_axes(8) == ()
-  no_tensor = tuple((n, "tensor") if n == "batch" else (n, None if a == "tensor" else a)
-                    for n, a in DEFAULT_RULES)  # tensor splits the batch only
-  assert Sampler(CFG, SamplerConfig(rules=no_tensor), mesh=make_mesh(
-      {"data": 2, "tensor": 4})).loop_axes(8) == ("tensor",)
+  no_tensor = tuple(
+      (n, "tensor") if n == "batch" else (n, None if a == "tensor" else a) for n, a in DEFAULT_RULES
+  )  # tensor splits the batch only
+  assert Sampler(
+      CFG, SamplerConfig(rules=no_tensor), mesh=make_mesh({"data": 2, "tensor": 4})
+  ).loop_axes(8) == ("tensor",)
 
 
 @pytest.mark.parametrize("mesh_shape", [{"data": 8}, {"data": 2, "expert": 4}])
@@ -392,7 +488,8 @@ def test_per_shard_decode_samples_what_one_device_does(trainer, prompts, mesh_sh
   """The batch split over `data`, each shard decoding in its own loop (with its own early exit;
   {"data": 2, "expert": 4}: each loop dispatches its tokens over 4 expert shards), samples exactly what one
   device does: same tokens, lengths, routes (padding columns hold the fill value whichever loop ran
-  longest) and, to float rounding, logprobs; with top-k / top-p (the sorted draw) and in chunked calls."""
+  longest) and, to float rounding, logprobs; with top-k / top-p (the sorted draw) and in chunked calls.
+  """
   sp = dataclasses.replace(SAMPLING, top_k=20, top_p=0.9)
   s = Sampler(CFG, SamplerConfig(), mesh=make_mesh(mesh_shape), trainer_state=trainer[1])
   assert s.loop_axes(len(prompts)) == ("data",)
@@ -403,8 +500,15 @@ def test_per_shard_decode_samples_what_one_device_does(trainer, prompts, mesh_sh
   st = s.decode(st, sp)
   ref = one.generate(prompts, sp, seed=2)
   lengths = np.asarray(ref.lengths)
-  assert lengths.min() < lengths.max() == sp.max_new_tokens  # the shards' rows end at different steps
-  for a, b in (("tokens", "tokens"), ("routes", "routes"), ("lengths", "lengths"), ("eos", "finished_eos")):
+  assert (
+      lengths.min() < lengths.max() == sp.max_new_tokens
+  )  # the shards' rows end at different steps
+  for a, b in (
+      ("tokens", "tokens"),
+      ("routes", "routes"),
+      ("lengths", "lengths"),
+      ("eos", "finished_eos"),
+  ):
     np.testing.assert_array_equal(np.asarray(getattr(st, a)), np.asarray(getattr(ref, b)))
   np.testing.assert_allclose(np.asarray(st.logp), np.asarray(ref.logp_mu), atol=1e-5)
   routes, P = np.asarray(st.routes), tok.shape[1]

@@ -1,6 +1,7 @@
 """Pieces the large (Qwen3) recipes rely on, checked at CPU size: layers as one lax.scan with remat compute
 what the layer loop computes, and `init.hf_checkpoint` loads a Hugging Face checkpoint (weights in their
 shardings, its tokenizer.json) or names the field that differs from model.*."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -20,7 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny_qwen():
-  spec = importlib.util.spec_from_file_location("q30", os.path.join(ROOT, "configs/qwen3_30b_a3b.py"))
+  spec = importlib.util.spec_from_file_location(
+      "q30", os.path.join(ROOT, "configs/qwen3_30b_a3b.py")
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod.get_config("tiny")
@@ -28,15 +31,26 @@ def _tiny_qwen():
 
 def test_scanned_remat_layers_match_the_loop():
   mesh = make_mesh({"data": 1, "fsdp": 4, "expert": 2, "tensor": 1})
-  base = ModelConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=1, head_dim=8,
-                     moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
+  base = ModelConfig(
+      vocab_size=64,
+      hidden_size=32,
+      num_layers=3,
+      num_heads=4,
+      num_kv_heads=1,
+      head_dim=8,
+      moe_intermediate_size=16,
+      num_experts=4,
+      num_experts_per_tok=2,
+  )
   B, T = 8, 8
   tok = jax.random.randint(jax.random.key(1), (B, T), 0, 64)
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
   routes = jax.random.randint(jax.random.key(2), (B, T, 3, 2), 0, 4)  # R3-style replay
   out = {}
   for name, over in [("loop", {}), ("scan+remat", {"scan_layers": True, "remat": True})]:
-    graphdef, params = init_model(base.replace(**over), mesh, DEFAULT_RULES)  # same seed: same weights
+    graphdef, params = init_model(
+        base.replace(**over), mesh, DEFAULT_RULES
+    )  # same seed: same weights
     apply = make_apply(graphdef)
 
     def f(p):
@@ -53,8 +67,18 @@ def test_scanned_remat_layers_match_the_loop():
 
 
 def test_scan_falls_back_to_the_loop_for_mixed_layers():
-  cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=1, head_dim=8,
-                    moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, mlp_only_layers=(1,))
+  cfg = ModelConfig(
+      vocab_size=64,
+      hidden_size=32,
+      num_layers=3,
+      num_heads=4,
+      num_kv_heads=1,
+      head_dim=8,
+      moe_intermediate_size=16,
+      num_experts=4,
+      num_experts_per_tok=2,
+      mlp_only_layers=(1,),
+  )
   tok = jnp.zeros((2, 4), jnp.int32)
   pos = jnp.broadcast_to(jnp.arange(4), (2, 4))
   g1, p1 = init_model(cfg)
@@ -71,6 +95,7 @@ def _hf_dir(tmp_path, c):
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
   from fo_rl.model.hf import save_hf_checkpoint
+
   cfg = config_lib.parse(c).model
   _, params = init_model(cfg, seed=7)
   d = tmp_path / "hf"
@@ -78,8 +103,11 @@ def _hf_dir(tmp_path, c):
   tok = Tokenizer(models.BPE(unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<pad>", "<unk>", "<s>", "</s>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(
+      vocab_size=200,
+      special_tokens=["<pad>", "<unk>", "<s>", "</s>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
   tok.train_from_iterator(["What is 12 + 30? #### 42", "The answer is 7"] * 20, trainer)
   tok.save(str(d / "tokenizer.json"))
   return str(d), params
@@ -113,8 +141,10 @@ def test_hf_checkpoint_of_another_architecture_names_the_field(tmp_path):
   directory, _ = _hf_dir(tmp_path, c)
   c.model.num_experts_per_tok = 2
   rc = config_lib.parse(c, jax.device_count())
-  with pytest.raises(ValueError, match=r"init.hf_checkpoint=.*differs from model.\* in "
-                                       r"num_experts_per_tok \(4 vs 2\)"):
+  with pytest.raises(
+      ValueError,
+      match=r"init.hf_checkpoint=.*differs from model.\* in " r"num_experts_per_tok \(4 vs 2\)",
+  ):
     load_pretrained(directory, rc, make_mesh(rc.mesh))
   with open(os.path.join(directory, "config.json")) as f:
     assert json.load(f)["num_experts_per_tok"] == 4

@@ -6,6 +6,7 @@ prompt and response lengths varying per row, junk tokens in the padding. The "fp
 forcing with the trainer's own parameters: logp_mu and the sampler's routes are what a float32 sampler
 would have returned, so under R3 the old-logprob pass must reproduce logp_mu exactly.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,9 +16,19 @@ from fo_rl.model import ModelConfig, abstract_model, make_apply, positions_from_
 from fo_rl.parallel.sharding import DEFAULT_RULES, make_mesh, state_shardings
 from fo_rl.rl.trainer import OptimConfig, Rollouts, Trainer, TrainerConfig
 
-CFG = ModelConfig(vocab_size=96, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
-                  intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
-                  mlp_only_layers=(1,))
+CFG = ModelConfig(
+    vocab_size=96,
+    hidden_size=32,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    num_experts=8,
+    num_experts_per_tok=2,
+    mlp_only_layers=(1,),
+)
 E, L, K = CFG.num_experts, CFG.num_layers, CFG.num_experts_per_tok
 B, P, R = 16, 8, 8
 T = P + R
@@ -28,10 +39,25 @@ MB = B // N
 # such components linear, so parameters can be compared across meshes at 1e-5.
 OPTIM = OptimConfig(learning_rate=1e-3, eps=1e-4)
 TRAINER_KEYS = (  # every per-step metric the trainer owns (reward / accuracy come from the main loop)
-    "response_length", "entropy", "train_infer_kl", "train_infer_k3", "train_infer_frac_tau2",
-    "is_weight_mean", "is_weight_max", "is_truncated_frac", "clip_frac_high", "clip_frac_low",
-    "ratio_mean", "ratio_max", "router_disagreement_per_decision", "router_disagreement_per_token",
-    "grad_norm", "update_norm", "skipped_steps", "loss")
+    "response_length",
+    "entropy",
+    "train_infer_kl",
+    "train_infer_k3",
+    "train_infer_frac_tau2",
+    "is_weight_mean",
+    "is_weight_max",
+    "is_truncated_frac",
+    "clip_frac_high",
+    "clip_frac_low",
+    "ratio_mean",
+    "ratio_max",
+    "router_disagreement_per_decision",
+    "router_disagreement_per_token",
+    "grad_norm",
+    "update_norm",
+    "skipped_steps",
+    "loss",
+)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -62,9 +88,13 @@ def _params(seed=0):
   peakier logits and routing than the std-0.02 init."""
   rng = np.random.default_rng(seed)
   _, abstract = abstract_model(CFG)
-  return jax.tree.map(lambda a: jnp.asarray(
-      rng.uniform(0.8, 1.2, a.shape) if len(a.shape) == 1 else rng.normal(0.0, 0.15, a.shape),
-      np.float32), abstract)
+  return jax.tree.map(
+      lambda a: jnp.asarray(
+          rng.uniform(0.8, 1.2, a.shape) if len(a.shape) == 1 else rng.normal(0.0, 0.15, a.shape),
+          np.float32,
+      ),
+      abstract,
+  )
 
 
 def _layout(seed=0):
@@ -78,8 +108,8 @@ def _layout(seed=0):
   token_mask = np.zeros((B, T), bool)
   resp = np.zeros((B, T), np.float32)
   for b in range(B):
-    token_mask[b, P - plen[b]:P + rlen[b]] = True
-    resp[b, P:P + rlen[b]] = 1
+    token_mask[b, P - plen[b] : P + rlen[b]] = True
+    resp[b, P : P + rlen[b]] = 1
   return tokens, token_mask, resp, plen, rlen
 
 
@@ -90,7 +120,7 @@ def _with(ro: Rollouts, **kw) -> Rollouts:
 
 
 def _mb(tree, i):
-  return jax.tree.map(lambda x: None if x is None else x[i * MB:(i + 1) * MB], tree)
+  return jax.tree.map(lambda x: None if x is None else x[i * MB : (i + 1) * MB], tree)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -108,9 +138,15 @@ def env():
   rng = np.random.default_rng(1)
   adv = (rng.choice([-1.0, 1.0], B) * rng.uniform(0.5, 1.5, B)).astype(np.float32)
   # "fp32 sampler": exact logp_mu and routes, by teacher forcing with the same parameters.
-  exact = Rollouts(jnp.asarray(tokens), jnp.asarray(token_mask), jnp.asarray(pos), jnp.asarray(resp),
-                   jnp.asarray(np.where(resp > 0, logp_live, 0.0).astype(np.float32)), routes,
-                   jnp.asarray(adv))
+  exact = Rollouts(
+      jnp.asarray(tokens),
+      jnp.asarray(token_mask),
+      jnp.asarray(pos),
+      jnp.asarray(resp),
+      jnp.asarray(np.where(resp > 0, logp_live, 0.0).astype(np.float32)),
+      routes,
+      jnp.asarray(adv),
+  )
   # A sampler with a gap: noisy logp_mu (a few tokens far below: TIS truncation) and ~10% of the MoE
   # decisions at real tokens changed to a different expert set.
   noise = rng.normal(0, 0.3, (B, T)) - 3.0 * (rng.uniform(size=(B, T)) < 0.08)
@@ -120,15 +156,28 @@ def env():
   flip[:, :, 1] = False  # layer 1 is dense
   r[flip] = (r[flip] + 1) % E  # {a+1, b+1} != {a, b} for k=2, E=8
   noisy = _with(exact, logp_mu=logp_mu, sampler_routes=r)
-  return dict(graphdef=graphdef, params=params, apply=apply, logits=np.asarray(logits),
-              logsm=logsm, routes=np.asarray(routes), logp_live=logp_live, exact=exact, noisy=noisy,
-              flip=flip, plen=plen, rlen=rlen)
+  return dict(
+      graphdef=graphdef,
+      params=params,
+      apply=apply,
+      logits=np.asarray(logits),
+      logsm=logsm,
+      routes=np.asarray(routes),
+      logp_live=logp_live,
+      exact=exact,
+      noisy=noisy,
+      flip=flip,
+      plen=plen,
+      rlen=rlen,
+  )
 
 
 @pytest.fixture(scope="module")
 def trainers(env):
-  return {rp: Trainer(env["graphdef"], CFG, TrainerConfig(mini_batches=N, replay=rp, optim=OPTIM))
-          for rp in ("r2", "r3")}  # (r2's old pass is the live, no-replay one)
+  return {
+      rp: Trainer(env["graphdef"], CFG, TrainerConfig(mini_batches=N, replay=rp, optim=OPTIM))
+      for rp in ("r2", "r3")
+  }  # (r2's old pass is the live, no-replay one)
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +225,12 @@ def test_train_step_updates_and_metrics(env, trainers, runs):
   np.testing.assert_allclose(m["entropy"], ent_prev[:, :-1][resp[:, 1:]].mean(), rtol=1e-5)
   np.testing.assert_allclose(m["response_length"], env["rlen"].mean())
   flip, real = env["flip"], np.asarray(ro.token_mask)
-  np.testing.assert_allclose(m["router_disagreement_per_decision"],
-                             flip[real][:, [0, 2]].mean(), atol=1e-6)
-  np.testing.assert_allclose(m["router_disagreement_per_token"], flip[real].any(-1).mean(), atol=1e-6)
+  np.testing.assert_allclose(
+      m["router_disagreement_per_decision"], flip[real][:, [0, 2]].mean(), atol=1e-6
+  )
+  np.testing.assert_allclose(
+      m["router_disagreement_per_token"], flip[real].any(-1).mean(), atol=1e-6
+  )
   assert 0 < m["router_disagreement_per_decision"] < m["router_disagreement_per_token"]
 
   # First update: staleness ratio 1, so the IS weight is the capped pi_old / mu.
@@ -216,9 +268,11 @@ def test_non_finite_update_is_skipped_and_counted(env, trainers, runs):
   assert int(m2["skipped"]) == 0
   after = _leaves(s2.params)
   assert any(np.abs(a - b).max() > 0 for a, b in zip(before, after))
-  np.testing.assert_allclose(float(m2["update_norm"]),
-                             np.sqrt(sum(((a - b).astype(np.float64) ** 2).sum()
-                                         for a, b in zip(before, after))), rtol=1e-4)
+  np.testing.assert_allclose(
+      float(m2["update_norm"]),
+      np.sqrt(sum(((a - b).astype(np.float64) ** 2).sum() for a, b in zip(before, after))),
+      rtol=1e-4,
+  )
   for a, b in zip(_leaves((s2.params, s2.opt_state)), _leaves((state.params, state.opt_state))):
     np.testing.assert_array_equal(a, b)
 
@@ -241,12 +295,15 @@ def test_r2_first_minibatch_is_exactly_the_no_replay_update(env, trainers, runs)
   tr, params, ro = trainers["r2"], env["params"], env["noisy"]
   logp_old, recorded, _ = tr.old_pass(params, ro)
   (loss, _), g = jax.jit(jax.value_and_grad(tr.loss_fn, has_aux=True))(
-      params, _mb(ro, 0), _mb(logp_old, 0), None)
+      params, _mb(ro, 0), _mb(logp_old, 0), None
+  )
   g = _leaves(g)
   norm = np.sqrt(sum((x.astype(np.float64) ** 2).sum() for x in g))
   np.testing.assert_allclose(first["loss"], float(loss), rtol=1e-6)
   np.testing.assert_allclose(first["grad_norm"], norm, rtol=1e-6)
-  s_rep, _ = tr._update(tr.init_state(_copy(params)), _mb(ro, 0), _mb(logp_old, 0), _mb(recorded, 0))
+  s_rep, _ = tr._update(
+      tr.init_state(_copy(params)), _mb(ro, 0), _mb(logp_old, 0), _mb(recorded, 0)
+  )
   clip = min(1.0, OPTIM.grad_clip / norm)
   for x, y in zip(_grad(s_rep), g):
     np.testing.assert_allclose(x, clip * y, rtol=1e-5, atol=1e-8)
@@ -269,10 +326,13 @@ def test_replay_changes_the_computation(env, trainers, runs):
   tr, params, ro = trainers["r2"], env["params"], env["noisy"]
   logp_old, recorded, _ = tr.old_pass(params, ro)
   rep = np.asarray(recorded)[:MB].copy()
-  s_own, m_own = tr._update(tr.init_state(_copy(params)), _mb(ro, 0), _mb(logp_old, 0), jnp.asarray(rep))
+  s_own, m_own = tr._update(
+      tr.init_state(_copy(params)), _mb(ro, 0), _mb(logp_old, 0), jnp.asarray(rep)
+  )
   rep[:, :, 2] = (rep[:, :, 2] + 3) % E  # permute the experts of MoE layer 2 only
-  s_perm, m_perm = tr._update(tr.init_state(_copy(params)), _mb(ro, 0), _mb(logp_old, 0),
-                              jnp.asarray(rep))
+  s_perm, m_perm = tr._update(
+      tr.init_state(_copy(params)), _mb(ro, 0), _mb(logp_old, 0), jnp.asarray(rep)
+  )
   assert int(m_perm["skipped"]) == 0
   assert abs(float(m_perm["loss"]) - float(m_own["loss"])) > 1e-2 * abs(float(m_own["loss"]))
   assert abs(float(m_perm["ratio_mean"]) - 1) > 1e-3  # pi_theta under other experts is not pi_old
@@ -301,7 +361,9 @@ def test_dense_layer_keeps_its_index_and_shifted_routes_are_rejected(env, traine
   np.testing.assert_array_equal(rec[real], env["routes"][real])  # what the model itself routes
   shifted = np.roll(rec, 1, axis=2)  # routes shifted by one layer
   with pytest.raises(ValueError, match="layer"):
-    trainers["r3"].train_step(trainers["r3"].init_state(_copy(params)), _with(ro, sampler_routes=shifted))
+    trainers["r3"].train_step(
+        trainers["r3"].init_state(_copy(params)), _with(ro, sampler_routes=shifted)
+    )
   # Inside jit nothing can raise: the shifted routes make the loss NaN and the update is skipped.
   state0 = tr.init_state(_copy(params))
   keep = _leaves((state0.params, state0.opt_state))
@@ -323,8 +385,9 @@ def test_left_padded_prompts_keep_routes_aligned(env, trainers):
   starts = P - plen
   seq = np.stack([np.roll(tokens[b], -starts[b]) for b in range(B)])  # real tokens first
   seq_mask = np.arange(T)[None, :] < n[:, None]
-  logits_u, routes_u = env["apply"](env["params"], seq, np.broadcast_to(np.arange(T), (B, T)), None,
-                                    seq_mask)
+  logits_u, routes_u = env["apply"](
+      env["params"], seq, np.broadcast_to(np.arange(T), (B, T)), None, seq_mask
+  )
   lp_u, _ = _np_logp(logits_u, seq)
   routes_u = np.asarray(routes_u)
   aligned = np.full((B, T, L, K), -7, np.int32)  # junk at padding: never checked, never used
@@ -332,9 +395,9 @@ def test_left_padded_prompts_keep_routes_aligned(env, trainers):
   unshifted[:, :, 1] = -1
   logp_ref = np.full((B, T), np.nan)
   for b in range(B):
-    aligned[b, starts[b]:P + rlen[b]] = routes_u[b, :n[b]]
-    unshifted[b, :n[b]] = routes_u[b, :n[b]]
-    logp_ref[b, starts[b]:P + rlen[b]] = lp_u[b, :n[b]]
+    aligned[b, starts[b] : P + rlen[b]] = routes_u[b, : n[b]]
+    unshifted[b, : n[b]] = routes_u[b, : n[b]]
+    logp_ref[b, starts[b] : P + rlen[b]] = lp_u[b, : n[b]]
   resp = np.asarray(ro.response_mask) > 0
   r3 = trainers["r3"]
   logp_old = np.asarray(r3.old_logprobs(env["params"], _with(ro, sampler_routes=aligned)))
@@ -347,10 +410,14 @@ def test_left_padded_prompts_keep_routes_aligned(env, trainers):
 # ------------------------------------------------------------------------------------------------------
 # Sharding.
 # ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mesh_cfg,replay,batch", [
-    ({"fsdp": 2, "expert": 4}, "r2", "noisy"),
-    # r3 replaying exact sampler routes computes what r2 does: compared with the single-device r2 step.
-    ({"data": 2, "expert": 2, "tensor": 2}, "r3", "exact")])
+@pytest.mark.parametrize(
+    "mesh_cfg,replay,batch",
+    [
+        ({"fsdp": 2, "expert": 4}, "r2", "noisy"),
+        # r3 replaying exact sampler routes computes what r2 does: compared with the single-device r2 step.
+        ({"data": 2, "expert": 2, "tensor": 2}, "r3", "exact"),
+    ],
+)
 def test_sharded_train_step_matches_single_device(env, runs, mesh_cfg, replay, batch):
   ref_state, ref_m, ref_per_mb = runs("r2", batch)
   ro = env[batch]

@@ -24,6 +24,7 @@ full recipe (200 RL steps of 16 prompts) takes about 4 min of RL per run.
 Expected (the paper, section 4.5): once training is stable, different cold starts reach comparable final
 accuracy. Measured: see the suite's report.md.
 """
+
 from fo_rl.experiments import suite_config
 
 COMMON = {

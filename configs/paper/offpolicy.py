@@ -26,6 +26,7 @@ recipe (200 RL steps of 16 prompts) takes about 4 min of RL per run.
 Expected (the paper, section 4.4): dropping clipping or replay collapses; R2 beats R3 at N=2, R3 beats R2
 at N=4 and 8. Measured: see the suite's report.md.
 """
+
 from fo_rl.experiments import suite_config
 
 COMMON = {
@@ -42,8 +43,11 @@ _RECIPES = {
     "minirl": {"rl.replay": "none"},
 }
 
-VARIANTS = {f"n{n}_{name}": dict(knobs, **{"rl.mini_batches": n})
-            for n in (2, 4, 8) for name, knobs in _RECIPES.items()}
+VARIANTS = {
+    f"n{n}_{name}": dict(knobs, **{"rl.mini_batches": n})
+    for n in (2, 4, 8)
+    for name, knobs in _RECIPES.items()
+}
 
 GROUP_BY = "rl.mini_batches"  # one figure row per N
 

@@ -27,6 +27,7 @@ the full recipe (200 RL steps of 16 prompts) takes about 4 min of RL per run.
 Expected (the paper, section 4.3): MiniRL best; length normalization stable but worse; no IS collapses;
 R3 lowers the train-infer KL but gives no gain. Measured: see the suite's report.md.
 """
+
 from fo_rl.experiments import suite_config
 
 COMMON = {

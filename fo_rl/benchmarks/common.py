@@ -1,4 +1,5 @@
 """Timing helpers shared by the benchmark suites."""
+
 from __future__ import annotations
 
 import time
@@ -34,5 +35,11 @@ def time_call(fn, repeats: int = 5, warmup: int = 1) -> float:
 
 def row(name: str, fo_rl: float, peer: float, unit: str, **extra) -> dict:
   """One benchmark line; ratio = fo_rl / peer in `unit` (higher-is-better units say so in the name)."""
-  return {"name": name, "fo_rl": round(fo_rl, 6), "peer": round(peer, 6),
-          "ratio": round(fo_rl / peer, 4) if peer else None, "unit": unit, **extra}
+  return {
+      "name": name,
+      "fo_rl": round(fo_rl, 6),
+      "peer": round(peer, 6),
+      "ratio": round(fo_rl / peer, 4) if peer else None,
+      "unit": unit,
+      **extra,
+  }

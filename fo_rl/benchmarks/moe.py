@@ -3,6 +3,7 @@
 Peer = `dispatch_reference` (every expert on every token). Ratio = fast seconds / reference seconds;
 lower is better, the target is <= 0.5 on a 2-core CPU.
 """
+
 from __future__ import annotations
 
 import jax
@@ -16,8 +17,12 @@ def _case(N, D, F, E, k, seed=0):
   keys = jax.random.split(jax.random.key(seed), 5)
   x = jax.random.normal(keys[0], (N, D), jnp.float32)
   ids, w = moe.route(jax.random.normal(keys[1], (N, E)), k)
-  ex = moe.Experts(*(0.05 * jax.random.normal(kk, s) for kk, s in
-                     zip(keys[2:], [(E, D, F), (E, D, F), (E, F, D)])))
+  ex = moe.Experts(
+      *(
+          0.05 * jax.random.normal(kk, s)
+          for kk, s in zip(keys[2:], [(E, D, F), (E, D, F), (E, F, D)])
+      )
+  )
   return x, ids, w, ex
 
 
@@ -30,6 +35,7 @@ def run(threads: int = 2, quick: bool = False):
     def fwd_bwd(dispatch):
       def loss(x, w, ex):
         return jnp.sum(dispatch(x, ids, w, ex) ** 2)
+
       return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
     ref = fwd_bwd(moe.dispatch_reference)
@@ -37,6 +43,11 @@ def run(threads: int = 2, quick: bool = False):
     for backend in ("blocked", "ragged_dot"):
       fast = fwd_bwd(lambda *a: moe.dispatch_fast(*a, backend=backend, block=64))
       t_fast = time_jax(fast, x, w, ex, repeats=repeats)
-      yield row(f"moe_fwd_bwd/{backend}_vs_reference/N{N}_D{D}_F{F}_E{E}_k{k}", t_fast, t_ref,
-                "seconds (lower is better; target ratio <= 0.5)", backend=jax.default_backend(),
-                threads=threads)
+      yield row(
+          f"moe_fwd_bwd/{backend}_vs_reference/N{N}_D{D}_F{F}_E{E}_k{k}",
+          t_fast,
+          t_ref,
+          "seconds (lower is better; target ratio <= 0.5)",
+          backend=jax.default_backend(),
+          threads=threads,
+      )

@@ -23,6 +23,7 @@ Rows:
   decode/one_device_time_2L_over_L  decode/time_2L_over_L on one device (context: one core's cache and
                           memory bandwidth are shared by the whole batch's KV cache).
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -35,8 +36,18 @@ from fo_rl.benchmarks.common import row
 from fo_rl.model import ModelConfig, init_model
 from fo_rl.parallel.sharding import make_mesh
 
-CFG = ModelConfig(vocab_size=512, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
-                  intermediate_size=128, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2)
+CFG = ModelConfig(
+    vocab_size=512,
+    hidden_size=64,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    intermediate_size=128,
+    moe_intermediate_size=64,
+    num_experts=8,
+    num_experts_per_tok=2,
+)
 
 
 def _peer_model(cfg: ModelConfig, state, threads: int):
@@ -44,6 +55,7 @@ def _peer_model(cfg: ModelConfig, state, threads: int):
   from transformers import Qwen3MoeForCausalLM
 
   from fo_rl.model.hf import save_hf_checkpoint
+
   torch.set_num_threads(threads)
   with tempfile.TemporaryDirectory() as d:
     save_hf_checkpoint(d, cfg, state)
@@ -55,7 +67,8 @@ def _best_of(fns: dict, repeats: int) -> dict:
   """Seconds per call of each callable: one warm-up call each, then `repeats` rounds calling them in
   turn (interleaved, so a burst of load from other processes hits them alike), keeping each one's
   fastest call. Best-of rather than median: on a shared machine the minimum is the stable estimate of
-  what the code itself costs (a busy-waiting OpenMP peer can lose seconds to one descheduled thread)."""
+  what the code itself costs (a busy-waiting OpenMP peer can lose seconds to one descheduled thread).
+  """
   for fn in fns.values():
     fn()
   best = {k: float("inf") for k in fns}
@@ -71,20 +84,30 @@ def run(threads: int = 2, quick: bool = False):
   import torch
 
   from fo_rl.sampler import Sampler, SamplerConfig, SamplingParams
+
   B, P, L = (16, 32, 32) if quick else (64, 32, 64)
   repeats = 2 if quick else 7
   _, state = init_model(CFG, seed=0)
   prompts = np.random.default_rng(0).integers(1, CFG.vocab_size, (B, P))
-  extra = dict(backend=jax.default_backend(), threads=threads, batch=B, prompt_len=P, new_tokens=L,
-               config="V512 D64 L4 N4 K2 H16 E8 k2 F64", timing=f"best of {repeats}")
+  extra = dict(
+      backend=jax.default_backend(),
+      threads=threads,
+      batch=B,
+      prompt_len=P,
+      new_tokens=L,
+      config="V512 D64 L4 N4 K2 H16 E8 k2 F64",
+      timing=f"best of {repeats}",
+  )
   devices = jax.devices()
   ndev = min(threads, len(devices)) if devices[0].platform == "cpu" else 1
   while B % ndev:
     ndev -= 1
   mesh = make_mesh({"data": ndev}, devices=devices[:ndev])
   extra["devices"] = ndev
-  samplers = {d: Sampler(CFG, SamplerConfig(weight_dtype=d), mesh=mesh, trainer_state=state)
-              for d in ("float32", "bfloat16", "float8_e4m3fn", "int8")}
+  samplers = {
+      d: Sampler(CFG, SamplerConfig(weight_dtype=d), mesh=mesh, trainer_state=state)
+      for d in ("float32", "bfloat16", "float8_e4m3fn", "int8")
+  }
   one = Sampler(CFG, SamplerConfig(), trainer_state=state)  # the first device only
   f32 = samplers["float32"]
   seed = iter(range(10**6))
@@ -109,38 +132,74 @@ def run(threads: int = 2, quick: bool = False):
 
   def peer_generate(n):
     with torch.no_grad():
-      return model.generate(ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0,
-                            top_p=1.0, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
-                            eos_token_id=None)
+      return model.generate(
+          ids,
+          attention_mask=attn,
+          do_sample=True,
+          temperature=1.0,
+          top_k=0,
+          top_p=1.0,
+          max_new_tokens=n,
+          min_new_tokens=n,
+          pad_token_id=0,
+          eos_token_id=None,
+      )
 
   assert int(np.asarray(fo_generate(f32, L).lengths).min()) == L
   assert peer_generate(L).shape == (B, P + L)
   # One framework at a time: right after an XLA call its worker threads still spin for a moment and
   # slow down PyTorch's OpenMP threads, so calls of the two are not interleaved with each other.
-  t = _best_of({"fo": lambda: fo_generate(f32, L), "fo_2L": lambda: fo_generate(f32, 2 * L)}, repeats)
-  t.update(_best_of({"peer": lambda: peer_generate(L), "peer_2L": lambda: peer_generate(2 * L)},
-                    repeats))
-  yield row("generate/tokens_per_s", B * L / t["fo"], B * L / t["peer"],
-            "generated tokens/s (higher is better; target ratio >= 3)", **extra)
-  yield row("generate/time_2L_over_L", t["fo_2L"] / t["fo"], t["peer_2L"] / t["peer"],
-            f"time of a generate call at {2 * L} vs {L} new tokens, prefill included "
-            f"(fo_rl's ratio, the peer's ratio)", **extra)
+  t = _best_of(
+      {"fo": lambda: fo_generate(f32, L), "fo_2L": lambda: fo_generate(f32, 2 * L)}, repeats
+  )
+  t.update(
+      _best_of({"peer": lambda: peer_generate(L), "peer_2L": lambda: peer_generate(2 * L)}, repeats)
+  )
+  yield row(
+      "generate/tokens_per_s",
+      B * L / t["fo"],
+      B * L / t["peer"],
+      "generated tokens/s (higher is better; target ratio >= 3)",
+      **extra,
+  )
+  yield row(
+      "generate/time_2L_over_L",
+      t["fo_2L"] / t["fo"],
+      t["peer_2L"] / t["peer"],
+      f"time of a generate call at {2 * L} vs {L} new tokens, prefill included "
+      f"(fo_rl's ratio, the peer's ratio)",
+      **extra,
+  )
 
   for name, s in (("decode/time_2L_over_L", f32), ("decode/one_device_time_2L_over_L", one)):
     d = {"L": float("inf"), "2L": float("inf")}
     fo_decode(L, s), fo_decode(2 * L, s)  # warm-up
     for _ in range(repeats):
       d["L"], d["2L"] = min(d["L"], fo_decode(L, s)), min(d["2L"], fo_decode(2 * L, s))
-    yield row(name, d["2L"], d["L"],
-              f"seconds (fo_rl decode at {2 * L} new tokens / at {L}, prefill excluded; "
-              + ("target ratio <= 2.2)" if s is f32 else "one device: context)"), **extra)
+    yield row(
+        name,
+        d["2L"],
+        d["L"],
+        f"seconds (fo_rl decode at {2 * L} new tokens / at {L}, prefill excluded; "
+        + ("target ratio <= 2.2)" if s is f32 else "one device: context)"),
+        **extra,
+    )
 
-  t = _best_of({k: (lambda s=s: fo_generate(s, L)) for k, s in (*samplers.items(), ("one", one))},
-               repeats)
-  yield row(f"generate/one_device_vs_{ndev}", t["one"], t["float32"],
-            f"seconds per generate call (fo_rl on one device / on the {ndev}-device mesh; context)",
-            **extra)
+  t = _best_of(
+      {k: (lambda s=s: fo_generate(s, L)) for k, s in (*samplers.items(), ("one", one))}, repeats
+  )
+  yield row(
+      f"generate/one_device_vs_{ndev}",
+      t["one"],
+      t["float32"],
+      f"seconds per generate call (fo_rl on one device / on the {ndev}-device mesh; context)",
+      **extra,
+  )
   for dtype in ("bfloat16", "float8_e4m3fn", "int8"):
-    yield row(f"generate/{dtype}_vs_float32", t[dtype], t["float32"],
-              f"seconds per generate call (fo_rl {dtype} weights / fo_rl float32; lower is better)",
-              **extra)
+    yield row(
+        f"generate/{dtype}_vs_float32",
+        t[dtype],
+        t["float32"],
+        f"seconds per generate call (fo_rl {dtype} weights / fo_rl float32; lower is better)",
+        **extra,
+    )

@@ -19,6 +19,7 @@ slow phases of a shared machine hit both alike, and each side's figure is its be
 disturbed one; the medians are reported too). The pause lets the other side's worker threads go idle: a
 2-thread PyTorch step slows down many-fold when it competes with spinning XLA threads on 2 cores.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -38,14 +39,33 @@ LR = 1e-4
 
 def _model_cfg(quick: bool) -> ModelConfig:
   if quick:
-    return ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                       head_dim=16, intermediate_size=128, moe_intermediate_size=64, num_experts=8,
-                       num_experts_per_tok=2)
+    return ModelConfig(
+        vocab_size=256,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+    )
   # ~1,000 rows per expert per update: blocks of 128 rows waste at most 8 x 128 padded rows and gather far
   # fewer per-block weight copies than the default 32 (measured ~15% faster here; 64 is about the same).
-  return ModelConfig(vocab_size=512, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                     head_dim=32, intermediate_size=256, moe_intermediate_size=128, num_experts=8,
-                     num_experts_per_tok=2, moe_block_size=128)
+  return ModelConfig(
+      vocab_size=512,
+      hidden_size=128,
+      num_layers=4,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=32,
+      intermediate_size=256,
+      moe_intermediate_size=128,
+      num_experts=8,
+      num_experts_per_tok=2,
+      moe_block_size=128,
+  )
 
 
 def _batch(cfg: ModelConfig, B: int, T: int, prompt: int, seed: int = 0):
@@ -106,6 +126,7 @@ def _peer(cfg: ModelConfig, params, tokens, resp, adv, threads: int, impl: str |
   import transformers
 
   from fo_rl.model.hf import save_hf_checkpoint
+
   torch.set_num_threads(threads)
   with tempfile.TemporaryDirectory() as d:
     save_hf_checkpoint(d, cfg, params)
@@ -113,8 +134,14 @@ def _peer(cfg: ModelConfig, params, tokens, resp, adv, threads: int, impl: str |
     model = transformers.Qwen3MoeForCausalLM.from_pretrained(d, dtype=torch.float32, **kw)
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-  step = _torch_step(model, opt, torch, torch.from_numpy(tokens.astype(np.int64)),
-                     torch.from_numpy(resp), torch.from_numpy(adv))
+  step = _torch_step(
+      model,
+      opt,
+      torch,
+      torch.from_numpy(tokens.astype(np.int64)),
+      torch.from_numpy(resp),
+      torch.from_numpy(adv),
+  )
   return model, step
 
 
@@ -132,8 +159,15 @@ def run(threads: int = 2, quick: bool = False):
   logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
   lp = jnp.pad(jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0], ((0, 0), (1, 0)))
   lp = jnp.where(resp > 0, lp, 0.0)
-  ro = Rollouts(jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(pos), jnp.asarray(resp), lp, routes,
-                jnp.asarray(adv))
+  ro = Rollouts(
+      jnp.asarray(tokens),
+      jnp.asarray(mask),
+      jnp.asarray(pos),
+      jnp.asarray(resp),
+      lp,
+      routes,
+      jnp.asarray(adv),
+  )
 
   # Peer first (it reads fo_rl's initial weights; fo_rl's update donates them afterwards).
   host_params = jax.tree.map(np.asarray, params)
@@ -151,29 +185,48 @@ def run(threads: int = 2, quick: bool = False):
   trial = [best for best, _ in _rounds([s for _, _, s, _ in peer_impls], rounds=2, iters=1)]
   impl, _, peer_step, peer_loss0 = peer_impls[int(np.argmin(trial))]
 
-  tc = TrainerConfig(mini_batches=1, replay="none", optim=OptimConfig(learning_rate=LR, grad_clip=1.0))
+  tc = TrainerConfig(
+      mini_batches=1, replay="none", optim=OptimConfig(learning_rate=LR, grad_clip=1.0)
+  )
   live_tr = Trainer(graphdef, cfg, tc)
   replay_tr = Trainer(graphdef, cfg, TrainerConfig(mini_batches=1, replay="r3", optim=tc.optim))
   live = _FoRL(live_tr, live_tr.init_state(params), ro, lp, None)
-  replay = _FoRL(replay_tr, replay_tr.init_state(jax.tree.map(jnp.array, host_params)), ro, lp, routes)
+  replay = _FoRL(
+      replay_tr, replay_tr.init_state(jax.tree.map(jnp.array, host_params)), ro, lp, routes
+  )
   t0 = time.perf_counter()
   live()  # compile + first update at the shared initial weights
   compile_s = time.perf_counter() - t0
   replay()
 
   (t_live, med_live), (t_peer, med_peer) = _rounds([live, peer_step], rounds, iters)
-  yield row(f"train_step/fo_rl_vs_torch_qwen3moe/B{B}_T{T}_D{cfg.hidden_size}_L{cfg.num_layers}"
-            f"_E{cfg.num_experts}_k{cfg.num_experts_per_tok}_F{cfg.moe_intermediate_size}",
-            B * T / t_live, B * T / t_peer,
-            "tokens/s (higher is better; target ratio >= 1.5)", threads=threads,
-            backend=jax.default_backend(), gmm_backend=cfg.gmm_backend, moe_block_size=cfg.moe_block_size,
-            peer_experts_implementation=impl,
-            peer_trial_s_per_step={i: round(t, 4) for (i, *_), t in zip(peer_impls, trial)},
-            fo_rl_s_per_step=round(t_live, 5), peer_s_per_step=round(t_peer, 5),
-            median_ratio=round(med_peer / med_live, 4), fo_rl_compile_s=round(compile_s, 2),
-            loss_fo_rl=round(live.first_loss, 6), loss_peer=round(peer_loss0, 6))
+  yield row(
+      f"train_step/fo_rl_vs_torch_qwen3moe/B{B}_T{T}_D{cfg.hidden_size}_L{cfg.num_layers}"
+      f"_E{cfg.num_experts}_k{cfg.num_experts_per_tok}_F{cfg.moe_intermediate_size}",
+      B * T / t_live,
+      B * T / t_peer,
+      "tokens/s (higher is better; target ratio >= 1.5)",
+      threads=threads,
+      backend=jax.default_backend(),
+      gmm_backend=cfg.gmm_backend,
+      moe_block_size=cfg.moe_block_size,
+      peer_experts_implementation=impl,
+      peer_trial_s_per_step={i: round(t, 4) for (i, *_), t in zip(peer_impls, trial)},
+      fo_rl_s_per_step=round(t_live, 5),
+      peer_s_per_step=round(t_peer, 5),
+      median_ratio=round(med_peer / med_live, 4),
+      fo_rl_compile_s=round(compile_s, 2),
+      loss_fo_rl=round(live.first_loss, 6),
+      loss_peer=round(peer_loss0, 6),
+  )
 
   (t_rep, med_rep), (t_live2, med_live2) = _rounds([replay, live], rounds, iters)
-  yield row(f"replay_overhead/r3_vs_live/B{B}_T{T}_D{cfg.hidden_size}_L{cfg.num_layers}_E{cfg.num_experts}",
-            t_rep, t_live2, "seconds per update (lower is better; target ratio <= 1.05)", threads=threads,
-            backend=jax.default_backend(), median_ratio=round(med_rep / med_live2, 4))
+  yield row(
+      f"replay_overhead/r3_vs_live/B{B}_T{T}_D{cfg.hidden_size}_L{cfg.num_layers}_E{cfg.num_experts}",
+      t_rep,
+      t_live2,
+      "seconds per update (lower is better; target ratio <= 1.05)",
+      threads=threads,
+      backend=jax.default_backend(),
+      median_ratio=round(med_rep / med_live2, 4),
+  )

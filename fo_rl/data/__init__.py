@@ -25,11 +25,13 @@ from fo_rl.data.teachers import TEACHERS, TeacherVariant, get_teacher, register_
 from fo_rl.data.tokenizer import Tokenizer
 
 
-def load_split(task_name: str, split: str, data_dir: str | os.PathLike | None = None, **params: Any) -> Any:
-    """See `fo_rl.data.tfds_common.load_split` (imported lazily: it needs tensorflow_datasets)."""
-    from fo_rl.data import tfds_common
+def load_split(
+    task_name: str, split: str, data_dir: str | os.PathLike | None = None, **params: Any
+) -> Any:
+  """See `fo_rl.data.tfds_common.load_split` (imported lazily: it needs tensorflow_datasets)."""
+  from fo_rl.data import tfds_common
 
-    return tfds_common.load_split(task_name, split, data_dir, **params)
+  return tfds_common.load_split(task_name, split, data_dir, **params)
 
 
 __all__ = [

@@ -32,139 +32,144 @@ _NUMERIC_ANSWER_RE = re.compile(r"\$?\s*(" + _NUMBER_RE.pattern + r")\s*\.?")
 
 
 def reference_answer(answer_field: str) -> str:
-    """The final answer in an answer field: the text after its last ``####``, or all of it."""
-    _, sep, tail = answer_field.rpartition(common.ANSWER_MARKER)
-    return (tail if sep else answer_field).strip()
+  """The final answer in an answer field: the text after its last ``####``, or all of it."""
+  _, sep, tail = answer_field.rpartition(common.ANSWER_MARKER)
+  return (tail if sep else answer_field).strip()
 
 
 def parse_number(text: str) -> decimal.Decimal | None:
-    """A number written as e.g. ``-1,234.50`` (optionally ``$``-prefixed) or None."""
-    match = _NUMERIC_ANSWER_RE.fullmatch(text.strip())
-    if match is None:
-        return None
-    return decimal.Decimal(match.group(1).replace(",", ""))
+  """A number written as e.g. ``-1,234.50`` (optionally ``$``-prefixed) or None."""
+  match = _NUMERIC_ANSWER_RE.fullmatch(text.strip())
+  if match is None:
+    return None
+  return decimal.Decimal(match.group(1).replace(",", ""))
 
 
 def verify_numeric(response: object, reference: str) -> float:
-    """1.0 iff the last number after the ``####`` marker equals ``reference``.
+  """1.0 iff the last number after the ``####`` marker equals ``reference``.
 
-    Numbers compare by value (``72.0 == 72``, commas ignored). A non-numeric
-    reference must match the whole text after the marker (whitespace-normalised).
-    """
-    answer = common.final_answer_text(response)
-    if answer is None:
-        return 0.0
-    expected = parse_number(reference)
-    if expected is None:
-        return float(" ".join(answer.split()) == " ".join(reference.split()))
-    numbers = _NUMBER_RE.findall(answer)
-    if not numbers:
-        return 0.0
-    return float(decimal.Decimal(numbers[-1].replace(",", "")) == expected)
+  Numbers compare by value (``72.0 == 72``, commas ignored). A non-numeric
+  reference must match the whole text after the marker (whitespace-normalised).
+  """
+  answer = common.final_answer_text(response)
+  if answer is None:
+    return 0.0
+  expected = parse_number(reference)
+  if expected is None:
+    return float(" ".join(answer.split()) == " ".join(reference.split()))
+  numbers = _NUMBER_RE.findall(answer)
+  if not numbers:
+    return 0.0
+  return float(decimal.Decimal(numbers[-1].replace(",", "")) == expected)
 
 
 @dataclasses.dataclass(frozen=True)
 class JsonlProblem:
-    """One user-provided problem: the question and its answer field."""
+  """One user-provided problem: the question and its answer field."""
 
-    question: str
-    solution: str
+  question: str
+  solution: str
 
-    family: ClassVar[str] = FAMILY
+  family: ClassVar[str] = FAMILY
 
-    @property
-    def prompt(self) -> str:
-        return PROMPT_TEMPLATE.format(prompt=self.question)
+  @property
+  def prompt(self) -> str:
+    return PROMPT_TEMPLATE.format(prompt=self.question)
 
-    @property
-    def answer(self) -> str:
-        return reference_answer(self.solution)
+  @property
+  def answer(self) -> str:
+    return reference_answer(self.solution)
 
-    @property
-    def key(self) -> str:
-        return f"{FAMILY}:{self.question}"
+  @property
+  def key(self) -> str:
+    return f"{FAMILY}:{self.question}"
 
-    def to_record(self) -> dict[str, Any]:
-        return {"prompt": self.question, "answer": self.answer, "solution": self.solution}
+  def to_record(self) -> dict[str, Any]:
+    return {"prompt": self.question, "answer": self.answer, "solution": self.solution}
 
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> "JsonlProblem":
-        return cls(question=common.text(record["prompt"]), solution=common.text(record.get("solution", record["answer"])))
+  @classmethod
+  def from_record(cls, record: Mapping[str, Any]) -> "JsonlProblem":
+    return cls(
+        question=common.text(record["prompt"]),
+        solution=common.text(record.get("solution", record["answer"])),
+    )
 
 
 def _fail(path: str, line: int, message: str) -> ValueError:
-    return ValueError(f"{path}, line {line}: {message}")
+  return ValueError(f"{path}, line {line}: {message}")
 
 
 def _parse_line(path: str, lineno: int, raw: bytes) -> dict[str, Any] | None:
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _fail(path, lineno, f"not valid UTF-8 ({e.reason})") from None
-    if not line.strip():
-        return None
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise _fail(path, lineno, f"invalid JSON: {e.msg} (column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise _fail(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
-    for key in ("prompt", "answer"):
-        if key not in obj:
-            raise _fail(path, lineno, f"missing key {key!r}")
-    prompt, answer = obj["prompt"], obj["answer"]
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise _fail(path, lineno, f"'prompt' must be a non-empty string, got {prompt!r:.60}")
-    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-        raise _fail(path, lineno, f"'answer' must be a string or a number, got {type(answer).__name__}")
-    solution = answer if isinstance(answer, str) else str(answer)
-    if not reference_answer(solution):
-        raise _fail(path, lineno, "'answer' has no final answer (empty, or nothing after '####')")
-    return JsonlProblem(prompt, solution).to_record()
+  try:
+    line = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise _fail(path, lineno, f"not valid UTF-8 ({e.reason})") from None
+  if not line.strip():
+    return None
+  try:
+    obj = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise _fail(path, lineno, f"invalid JSON: {e.msg} (column {e.colno})") from None
+  if not isinstance(obj, dict):
+    raise _fail(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+  for key in ("prompt", "answer"):
+    if key not in obj:
+      raise _fail(path, lineno, f"missing key {key!r}")
+  prompt, answer = obj["prompt"], obj["answer"]
+  if not isinstance(prompt, str) or not prompt.strip():
+    raise _fail(path, lineno, f"'prompt' must be a non-empty string, got {prompt!r:.60}")
+  if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+    raise _fail(path, lineno, f"'answer' must be a string or a number, got {type(answer).__name__}")
+  solution = answer if isinstance(answer, str) else str(answer)
+  if not reference_answer(solution):
+    raise _fail(path, lineno, "'answer' has no final answer (empty, or nothing after '####')")
+  return JsonlProblem(prompt, solution).to_record()
 
 
 def load_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Reads records ``{"prompt", "answer" (final answer), "solution" (raw field)}``.
+  """Reads records ``{"prompt", "answer" (final answer), "solution" (raw field)}``.
 
-    Raises ValueError naming the file and 1-based line number for a malformed
-    line, and for a file with no records (reported at line 1).
-    """
-    path = os.fspath(path)
-    records = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            record = _parse_line(path, lineno, raw)
-            if record is not None:
-                records.append(record)
-    if not records:
-        raise _fail(path, 1, "empty file: no records")
-    return records
+  Raises ValueError naming the file and 1-based line number for a malformed
+  line, and for a file with no records (reported at line 1).
+  """
+  path = os.fspath(path)
+  records = []
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      record = _parse_line(path, lineno, raw)
+      if record is not None:
+        records.append(record)
+  if not records:
+    raise _fail(path, 1, "empty file: no records")
+  return records
 
 
 def solve(problem: JsonlProblem, style: str = "steps") -> str:
-    """The reference response: the worked solution ('steps') or just the answer ('terse')."""
-    if style not in STYLES:
-        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
-    if style == "steps" and common.ANSWER_MARKER in problem.solution:
-        return problem.solution.strip()
-    return f"{common.ANSWER_MARKER} {problem.answer}"
+  """The reference response: the worked solution ('steps') or just the answer ('terse')."""
+  if style not in STYLES:
+    raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+  if style == "steps" and common.ANSWER_MARKER in problem.solution:
+    return problem.solution.strip()
+  return f"{common.ANSWER_MARKER} {problem.answer}"
 
 
-def teach(problem: JsonlProblem, rng: random.Random, style: str = "steps", error_rate: float = 0.0) -> str:
-    """The reference response; with probability ``error_rate`` its final answer
-    is replaced by a wrong one (a nearby number, or 'none' for a non-numeric answer)."""
-    response = solve(problem, style)
-    if common.pick_fault(rng, error_rate, {"wrong_final": 1.0}) is None:
-        return response
-    value = parse_number(problem.answer)
-    if value is None:
-        wrong = "none"
-    else:
-        wrong = str(value + rng.choice([d for d in range(-10, 11) if d]))
-    head, _, _ = response.rpartition(common.ANSWER_MARKER)
-    return f"{head}{common.ANSWER_MARKER} {wrong}"
+def teach(
+    problem: JsonlProblem, rng: random.Random, style: str = "steps", error_rate: float = 0.0
+) -> str:
+  """The reference response; with probability ``error_rate`` its final answer
+  is replaced by a wrong one (a nearby number, or 'none' for a non-numeric answer)."""
+  response = solve(problem, style)
+  if common.pick_fault(rng, error_rate, {"wrong_final": 1.0}) is None:
+    return response
+  value = parse_number(problem.answer)
+  if value is None:
+    wrong = "none"
+  else:
+    wrong = str(value + rng.choice([d for d in range(-10, 11) if d]))
+  head, _, _ = response.rpartition(common.ANSWER_MARKER)
+  return f"{head}{common.ANSWER_MARKER} {wrong}"
 
 
 def verify(response: object, problem: JsonlProblem) -> float:
-    """Numeric-answer verifier (see :func:`verify_numeric`)."""
-    return verify_numeric(response, problem.answer)
+  """Numeric-answer verifier (see :func:`verify_numeric`)."""
+  return verify_numeric(response, problem.answer)

@@ -15,25 +15,25 @@ from fo_rl.data import arithmetic, tfds_common
 
 @dataclasses.dataclass(eq=False)
 class ArithmeticConfig(tfds_common.ProceduralConfig):
-    """Difficulty: ``num_digits`` per operand and the allowed ``ops``."""
+  """Difficulty: ``num_digits`` per operand and the allowed ``ops``."""
 
-    num_digits: int = arithmetic.ArithmeticDifficulty.num_digits
-    ops: str = arithmetic.ArithmeticDifficulty.ops
+  num_digits: int = arithmetic.ArithmeticDifficulty.num_digits
+  ops: str = arithmetic.ArithmeticDifficulty.ops
 
 
 class FoRlArithmetic(tfds_common.ProceduralBuilder):
-    """Procedurally generated addition / subtraction with worked-step answers."""
+  """Procedurally generated addition / subtraction with worked-step answers."""
 
-    FAMILY = arithmetic
-    CONFIG_CLS = ArithmeticConfig
-    BUILDER_CONFIGS = [tfds_common.make_config(ArithmeticConfig)]
+  FAMILY = arithmetic
+  CONFIG_CLS = ArithmeticConfig
+  BUILDER_CONFIGS = [tfds_common.make_config(ArithmeticConfig)]
 
-    def _extra_features(self):
-        return {
-            "a": tfds.features.Scalar(dtype=np.int64),
-            "b": tfds.features.Scalar(dtype=np.int64),
-            "op": tfds.features.Text(),
-        }
+  def _extra_features(self):
+    return {
+        "a": tfds.features.Scalar(dtype=np.int64),
+        "b": tfds.features.Scalar(dtype=np.int64),
+        "op": tfds.features.Text(),
+    }
 
 
 BUILDER = FoRlArithmetic

@@ -15,21 +15,21 @@ from fo_rl.data import sorting, tfds_common
 
 @dataclasses.dataclass(eq=False)
 class SortingConfig(tfds_common.ProceduralConfig):
-    """Difficulty: list ``length`` and the largest value ``max_value``."""
+  """Difficulty: list ``length`` and the largest value ``max_value``."""
 
-    length: int = sorting.SortingDifficulty.length
-    max_value: int = sorting.SortingDifficulty.max_value
+  length: int = sorting.SortingDifficulty.length
+  max_value: int = sorting.SortingDifficulty.max_value
 
 
 class FoRlSorting(tfds_common.ProceduralBuilder):
-    """Procedurally generated lists to sort."""
+  """Procedurally generated lists to sort."""
 
-    FAMILY = sorting
-    CONFIG_CLS = SortingConfig
-    BUILDER_CONFIGS = [tfds_common.make_config(SortingConfig)]
+  FAMILY = sorting
+  CONFIG_CLS = SortingConfig
+  BUILDER_CONFIGS = [tfds_common.make_config(SortingConfig)]
 
-    def _extra_features(self):
-        return {"numbers": tfds.features.Sequence(tfds.features.Scalar(dtype=np.int64))}
+  def _extra_features(self):
+    return {"numbers": tfds.features.Sequence(tfds.features.Scalar(dtype=np.int64))}
 
 
 BUILDER = FoRlSorting

@@ -4,6 +4,7 @@ Field names follow Hugging Face's `Qwen3MoeConfig` where one exists, so `from_hf
 Axis letters used in shape comments across fo_rl/model: B batch, T length, S kv length, N heads, K kv heads,
 H head dim, D model, E experts, F hidden (expert or dense MLP), V vocab, L layers, k experts per token.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +28,9 @@ class ModelConfig:
   num_experts: int = 8  # E; 0 gives a dense model
   num_experts_per_tok: int = 2  # k
   norm_topk_prob: bool = True
-  decoder_sparse_step: int = 1  # layer i is MoE iff (i + 1) % step == 0 and i not in mlp_only_layers
+  decoder_sparse_step: int = (
+      1  # layer i is MoE iff (i + 1) % step == 0 and i not in mlp_only_layers
+  )
   mlp_only_layers: tuple[int, ...] = ()
   rope_theta: float = 1_000_000.0
   rms_norm_eps: float = 1e-6
@@ -37,17 +40,28 @@ class ModelConfig:
   # "fast" (sorted, dropless, expert-parallel), "reference" (dense one-hot, the test oracle) or "dense"
   # (every expert on every token in three plain matmuls: for few tokens and experts, see moe.py)
   moe_impl: str = "fast"
-  gmm_backend: str = "auto"  # grouped matmul: "blocked" (padded batched matmul), "ragged_dot", or auto
+  gmm_backend: str = (
+      "auto"  # grouped matmul: "blocked" (padded batched matmul), "ragged_dot", or auto
+  )
   moe_block_size: int = 32  # rows per block of the blocked grouped matmul
-  remat: bool = False  # recompute each decoder layer in the backward pass instead of keeping activations
+  remat: bool = (
+      False  # recompute each decoder layer in the backward pass instead of keeping activations
+  )
   # Without a KV cache (training, scoring), run the layers as one lax.scan over their weights stacked
   # inside the step: one compiled layer whatever the depth (fast compiles for 48-94 layers), and under
   # remat one layer's recomputation live at a time. Needs identical layers (else the loop is used).
   scan_layers: bool = False
 
   # How fo_rl computes, not what the architecture is: never read from / written to a HF config.json.
-  RUNTIME_FIELDS = ("dtype", "param_dtype", "moe_impl", "gmm_backend", "moe_block_size", "remat",
-                    "scan_layers")
+  RUNTIME_FIELDS = (
+      "dtype",
+      "param_dtype",
+      "moe_impl",
+      "gmm_backend",
+      "moe_block_size",
+      "remat",
+      "scan_layers",
+  )
 
   def __post_init__(self):
     object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
@@ -56,8 +70,11 @@ class ModelConfig:
   # ---- derived -------------------------------------------------------------------------------
   def is_moe_layer(self, i: int) -> bool:
     """Qwen3-MoE's rule (modeling_qwen3_moe.Qwen3MoeDecoderLayer)."""
-    return (self.num_experts > 0 and i not in self.mlp_only_layers
-            and (i + 1) % self.decoder_sparse_step == 0)
+    return (
+        self.num_experts > 0
+        and i not in self.mlp_only_layers
+        and (i + 1) % self.decoder_sparse_step == 0
+    )
 
   @property
   def moe_layers(self) -> tuple[int, ...]:
@@ -73,8 +90,15 @@ class ModelConfig:
     def bad(field, why):
       raise ValueError(f"model.{field}={getattr(self, field)!r}: {why}")
 
-    for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-              "moe_block_size"):
+    for f in (
+        "vocab_size",
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "moe_block_size",
+    ):
       if int(getattr(self, f)) <= 0:
         bad(f, "must be a positive integer")
     if self.num_heads % self.num_kv_heads:
@@ -125,8 +149,11 @@ class ModelConfig:
     return dataclasses.replace(self, **kw)
 
   # Hugging Face Qwen3MoeConfig <-> ModelConfig.
-  _HF_RENAMES = {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
-                 "num_key_value_heads": "num_kv_heads"}
+  _HF_RENAMES = {
+      "num_hidden_layers": "num_layers",
+      "num_attention_heads": "num_heads",
+      "num_key_value_heads": "num_kv_heads",
+  }
 
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "ModelConfig":
@@ -144,10 +171,18 @@ class ModelConfig:
 
   def to_hf(self) -> dict[str, Any]:
     inv = {v: k for k, v in self._HF_RENAMES.items()}
-    d = {inv.get(k, k): v for k, v in self.to_dict().items()
-         if k not in self.RUNTIME_FIELDS}
-    d.update(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_act="silu",
-             attention_bias=False, attention_dropout=0.0, max_position_embeddings=32768,
-             output_router_logits=False, router_aux_loss_coef=0.0, use_sliding_window=False,
-             initializer_range=0.02, torch_dtype="float32")
+    d = {inv.get(k, k): v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
+    d.update(
+        model_type="qwen3_moe",
+        architectures=["Qwen3MoeForCausalLM"],
+        hidden_act="silu",
+        attention_bias=False,
+        attention_dropout=0.0,
+        max_position_embeddings=32768,
+        output_router_logits=False,
+        router_aux_loss_coef=0.0,
+        use_sliding_window=False,
+        initializer_range=0.02,
+        torch_dtype="float32",
+    )
     return d

@@ -29,6 +29,7 @@ Loading is shape-first: the model's abstract state and its shardings are compute
 anything, every tensor name and shape is checked against the files before any data is read, and each
 converted tensor is placed directly into its NamedSharding.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,7 +58,9 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 # ------------------------------------------------------------------------------------------------
 # The mapping table.
 # ------------------------------------------------------------------------------------------------
-Transform = Callable[[Any, ModelConfig], Any]  # array (numpy, or jax for shape inference), cfg -> array
+Transform = Callable[
+    [Any, ModelConfig], Any
+]  # array (numpy, or jax for shape inference), cfg -> array
 
 
 def _same(w, cfg):
@@ -92,6 +95,7 @@ def _o_to_hf(w, cfg):
 @dataclasses.dataclass(frozen=True)
 class Fused:
   """An alternative on-disk source for a stacked expert parameter: one [E, ...] tensor."""
+
   hf: str  # name template, {i} = layer
   shape: Callable[[ModelConfig], tuple[int, ...]]
   from_hf: Transform  # the whole [E, ...] tensor -> fo_rl's [E, ...]
@@ -117,45 +121,118 @@ def _F(cfg):
 
 TABLE: tuple[Entry, ...] = (
     Entry("embed_tokens", "model.embed_tokens.weight", _same, _same),
-    Entry("layers/{i}/input_layernorm/weight", "model.layers.{i}.input_layernorm.weight",
-          _same, _same, "all"),
-    Entry("layers/{i}/self_attn/q_proj", "model.layers.{i}.self_attn.q_proj.weight",
-          _heads_to_hf, _heads_from_hf("num_heads"), "all"),
-    Entry("layers/{i}/self_attn/k_proj", "model.layers.{i}.self_attn.k_proj.weight",
-          _heads_to_hf, _heads_from_hf("num_kv_heads"), "all"),
-    Entry("layers/{i}/self_attn/v_proj", "model.layers.{i}.self_attn.v_proj.weight",
-          _heads_to_hf, _heads_from_hf("num_kv_heads"), "all"),
-    Entry("layers/{i}/self_attn/o_proj", "model.layers.{i}.self_attn.o_proj.weight",
-          _o_to_hf, _o_from_hf, "all"),
-    Entry("layers/{i}/self_attn/q_norm/weight", "model.layers.{i}.self_attn.q_norm.weight",
-          _same, _same, "all"),
-    Entry("layers/{i}/self_attn/k_norm/weight", "model.layers.{i}.self_attn.k_norm.weight",
-          _same, _same, "all"),
-    Entry("layers/{i}/post_attention_layernorm/weight",
-          "model.layers.{i}.post_attention_layernorm.weight", _same, _same, "all"),
+    Entry(
+        "layers/{i}/input_layernorm/weight",
+        "model.layers.{i}.input_layernorm.weight",
+        _same,
+        _same,
+        "all",
+    ),
+    Entry(
+        "layers/{i}/self_attn/q_proj",
+        "model.layers.{i}.self_attn.q_proj.weight",
+        _heads_to_hf,
+        _heads_from_hf("num_heads"),
+        "all",
+    ),
+    Entry(
+        "layers/{i}/self_attn/k_proj",
+        "model.layers.{i}.self_attn.k_proj.weight",
+        _heads_to_hf,
+        _heads_from_hf("num_kv_heads"),
+        "all",
+    ),
+    Entry(
+        "layers/{i}/self_attn/v_proj",
+        "model.layers.{i}.self_attn.v_proj.weight",
+        _heads_to_hf,
+        _heads_from_hf("num_kv_heads"),
+        "all",
+    ),
+    Entry(
+        "layers/{i}/self_attn/o_proj",
+        "model.layers.{i}.self_attn.o_proj.weight",
+        _o_to_hf,
+        _o_from_hf,
+        "all",
+    ),
+    Entry(
+        "layers/{i}/self_attn/q_norm/weight",
+        "model.layers.{i}.self_attn.q_norm.weight",
+        _same,
+        _same,
+        "all",
+    ),
+    Entry(
+        "layers/{i}/self_attn/k_norm/weight",
+        "model.layers.{i}.self_attn.k_norm.weight",
+        _same,
+        _same,
+        "all",
+    ),
+    Entry(
+        "layers/{i}/post_attention_layernorm/weight",
+        "model.layers.{i}.post_attention_layernorm.weight",
+        _same,
+        _same,
+        "all",
+    ),
     # Dense (mlp_only / non-sparse) layers, and every layer of a dense Qwen3.
-    Entry("layers/{i}/mlp/gate_proj", "model.layers.{i}.mlp.gate_proj.weight", _linear, _linear,
-          "dense"),
-    Entry("layers/{i}/mlp/up_proj", "model.layers.{i}.mlp.up_proj.weight", _linear, _linear, "dense"),
-    Entry("layers/{i}/mlp/down_proj", "model.layers.{i}.mlp.down_proj.weight", _linear, _linear,
-          "dense"),
+    Entry(
+        "layers/{i}/mlp/gate_proj",
+        "model.layers.{i}.mlp.gate_proj.weight",
+        _linear,
+        _linear,
+        "dense",
+    ),
+    Entry(
+        "layers/{i}/mlp/up_proj", "model.layers.{i}.mlp.up_proj.weight", _linear, _linear, "dense"
+    ),
+    Entry(
+        "layers/{i}/mlp/down_proj",
+        "model.layers.{i}.mlp.down_proj.weight",
+        _linear,
+        _linear,
+        "dense",
+    ),
     # MoE layers.
     Entry("layers/{i}/mlp/router", "model.layers.{i}.mlp.gate.weight", _linear, _linear, "moe"),
-    Entry("layers/{i}/mlp/gate_proj", "model.layers.{i}.mlp.experts.{j}.gate_proj.weight",
-          _linear, _linear, "moe",
-          Fused("model.layers.{i}.mlp.experts.gate_up_proj",
-                lambda c: (c.num_experts, 2 * _F(c), c.hidden_size),
-                lambda w, c: w[:, :_F(c)].transpose(0, 2, 1))),
-    Entry("layers/{i}/mlp/up_proj", "model.layers.{i}.mlp.experts.{j}.up_proj.weight",
-          _linear, _linear, "moe",
-          Fused("model.layers.{i}.mlp.experts.gate_up_proj",
-                lambda c: (c.num_experts, 2 * _F(c), c.hidden_size),
-                lambda w, c: w[:, _F(c):].transpose(0, 2, 1))),
-    Entry("layers/{i}/mlp/down_proj", "model.layers.{i}.mlp.experts.{j}.down_proj.weight",
-          _linear, _linear, "moe",
-          Fused("model.layers.{i}.mlp.experts.down_proj",
-                lambda c: (c.num_experts, c.hidden_size, _F(c)),
-                lambda w, c: w.transpose(0, 2, 1))),
+    Entry(
+        "layers/{i}/mlp/gate_proj",
+        "model.layers.{i}.mlp.experts.{j}.gate_proj.weight",
+        _linear,
+        _linear,
+        "moe",
+        Fused(
+            "model.layers.{i}.mlp.experts.gate_up_proj",
+            lambda c: (c.num_experts, 2 * _F(c), c.hidden_size),
+            lambda w, c: w[:, : _F(c)].transpose(0, 2, 1),
+        ),
+    ),
+    Entry(
+        "layers/{i}/mlp/up_proj",
+        "model.layers.{i}.mlp.experts.{j}.up_proj.weight",
+        _linear,
+        _linear,
+        "moe",
+        Fused(
+            "model.layers.{i}.mlp.experts.gate_up_proj",
+            lambda c: (c.num_experts, 2 * _F(c), c.hidden_size),
+            lambda w, c: w[:, _F(c) :].transpose(0, 2, 1),
+        ),
+    ),
+    Entry(
+        "layers/{i}/mlp/down_proj",
+        "model.layers.{i}.mlp.experts.{j}.down_proj.weight",
+        _linear,
+        _linear,
+        "moe",
+        Fused(
+            "model.layers.{i}.mlp.experts.down_proj",
+            lambda c: (c.num_experts, c.hidden_size, _F(c)),
+            lambda w, c: w.transpose(0, 2, 1),
+        ),
+    ),
     Entry("norm/weight", "model.norm.weight", _same, _same),
     Entry("lm_head", "lm_head.weight", _linear, _linear),  # absent when tie_word_embeddings
 )
@@ -197,8 +274,15 @@ def _hf_shape(entry: Entry, fo_shape: tuple[int, ...], cfg: ModelConfig) -> tupl
 # ------------------------------------------------------------------------------------------------
 # Config.
 # ------------------------------------------------------------------------------------------------
-_MOE_ONLY_KEYS = ("num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
-                  "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
+_MOE_ONLY_KEYS = (
+    "num_experts",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "norm_topk_prob",
+    "decoder_sparse_step",
+    "mlp_only_layers",
+)
 
 
 def config_from_hf(hf: Mapping[str, Any], where: str = "config.json", **overrides) -> ModelConfig:
@@ -210,8 +294,9 @@ def config_from_hf(hf: Mapping[str, Any], where: str = "config.json", **override
   hf = dict(hf)
   model_type = hf.get("model_type")
   if model_type not in ("qwen3_moe", "qwen3"):
-    raise ValueError(f"{where}: model_type={model_type!r} is not supported (expected 'qwen3_moe' or "
-                     f"'qwen3')")
+    raise ValueError(
+        f"{where}: model_type={model_type!r} is not supported (expected 'qwen3_moe' or " f"'qwen3')"
+    )
   if hf.get("hidden_act", "silu") != "silu":
     raise ValueError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
   if hf.get("attention_bias", False):
@@ -246,8 +331,11 @@ def config_from_hf(hf: Mapping[str, Any], where: str = "config.json", **override
 def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
   """config.json contents: Qwen3MoeConfig (a dense model is written as a Qwen3Config)."""
   d = cfg.to_hf()
-  d.update(torch_dtype=dtype, dtype=dtype,
-           rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+  d.update(
+      torch_dtype=dtype,
+      dtype=dtype,
+      rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+  )
   if cfg.num_experts == 0:
     for k in _MOE_ONLY_KEYS + ("output_router_logits", "router_aux_loss_coef"):
       d.pop(k, None)
@@ -275,6 +363,7 @@ class _Files:
 
   def __init__(self, directory: str):
     from safetensors import safe_open
+
     self._open = safe_open
     self.directory = directory
     index_path = os.path.join(directory, INDEX_NAME)
@@ -296,8 +385,10 @@ class _Files:
       with safe_open(path, framework="numpy") as f:
         for name in f.keys():
           if name in self.file:
-            raise ValueError(f"HF checkpoint {directory!r}: tensor {name!r} is in both "
-                             f"{self.file[name]!r} and {fname!r}")
+            raise ValueError(
+                f"HF checkpoint {directory!r}: tensor {name!r} is in both "
+                f"{self.file[name]!r} and {fname!r}"
+            )
           self.file[name] = fname
           self.shape[name] = tuple(f.get_slice(name).get_shape())
     if weight_map is not None:
@@ -323,11 +414,14 @@ class _Files:
 @dataclasses.dataclass
 class _Source:
   """How one fo_rl parameter is read: HF names (+ expected shapes) and the function assembling it."""
+
   names: list[tuple[str, tuple[int, ...]]]
   build: Callable[[Callable[[str], np.ndarray]], np.ndarray]
 
 
-def _plan_source(entry: Entry, layer: int | None, fo_shape, cfg: ModelConfig, files: _Files) -> _Source:
+def _plan_source(
+    entry: Entry, layer: int | None, fo_shape, cfg: ModelConfig, files: _Files
+) -> _Source:
   name = entry.hf.format(i=layer, j="{j}")
   shape = _hf_shape(entry, fo_shape, cfg)
   if not entry.per_expert:
@@ -336,10 +430,12 @@ def _plan_source(entry: Entry, layer: int | None, fo_shape, cfg: ModelConfig, fi
   if entry.fused is not None and not any(n in files.file for n in names):
     fused = entry.fused.hf.format(i=layer)
     if fused in files.file:
-      return _Source([(fused, tuple(entry.fused.shape(cfg)))],
-                     lambda get: entry.fused.from_hf(get(fused), cfg))
-  return _Source([(n, shape) for n in names],
-                 lambda get: np.stack([entry.from_hf(get(n), cfg) for n in names]))
+      return _Source(
+          [(fused, tuple(entry.fused.shape(cfg)))], lambda get: entry.fused.from_hf(get(fused), cfg)
+      )
+  return _Source(
+      [(n, shape) for n in names], lambda get: np.stack([entry.from_hf(get(n), cfg) for n in names])
+  )
 
 
 def _check(files: _Files, sources: Mapping[str, _Source], cfg: ModelConfig) -> None:
@@ -349,28 +445,44 @@ def _check(files: _Files, sources: Mapping[str, _Source], cfg: ModelConfig) -> N
     needed.update(src.names)
   for name, shape in needed.items():
     if name not in files.file:
-      raise ValueError(f"HF checkpoint {files.directory!r}: missing tensor {name!r} (shape {shape})")
+      raise ValueError(
+          f"HF checkpoint {files.directory!r}: missing tensor {name!r} (shape {shape})"
+      )
     if files.shape[name] != shape:
-      raise ValueError(f"HF checkpoint: {files.where(name)} has shape {files.shape[name]}, expected "
-                       f"{shape} for this config.json")
+      raise ValueError(
+          f"HF checkpoint: {files.where(name)} has shape {files.shape[name]}, expected "
+          f"{shape} for this config.json"
+      )
   for name in files.file:
     if name in needed:
       continue
     if name == TIED_HEAD and cfg.tie_word_embeddings:
       embed = TABLE[0].hf
-      if files.shape[name] != files.shape[embed] or not np.array_equal(files.get(name),
-                                                                       files.get(embed)):
-        raise ValueError(f"HF checkpoint: {files.where(name)} differs from {embed!r}, but "
-                         f"tie_word_embeddings is true (fo_rl would use {embed!r} as the head)")
+      if files.shape[name] != files.shape[embed] or not np.array_equal(
+          files.get(name), files.get(embed)
+      ):
+        raise ValueError(
+            f"HF checkpoint: {files.where(name)} differs from {embed!r}, but "
+            f"tie_word_embeddings is true (fo_rl would use {embed!r} as the head)"
+        )
       continue
-    raise ValueError(f"HF checkpoint: unexpected {files.where(name)} (not part of a "
-                     f"{'tied' if cfg.tie_word_embeddings else 'untied'} {cfg.num_layers}-layer model "
-                     f"with MoE layers {list(cfg.moe_layers)})")
+    raise ValueError(
+        f"HF checkpoint: unexpected {files.where(name)} (not part of a "
+        f"{'tied' if cfg.tie_word_embeddings else 'untied'} {cfg.num_layers}-layer model "
+        f"with MoE layers {list(cfg.moe_layers)})"
+    )
 
 
-def load_hf_checkpoint(directory: str, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
-                       dtype: str | None = None, param_dtype: str | None = None, seed: int = 0,
-                       **overrides):
+def load_hf_checkpoint(
+    directory: str,
+    *,
+    mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+    seed: int = 0,
+    **overrides,
+):
   """Read a Hugging Face Qwen3-MoE / Qwen3 checkpoint -> (ModelConfig, graphdef, state).
 
   dtype / param_dtype (and any other ModelConfig field in `overrides`, e.g. moe_impl) override the
@@ -401,9 +513,14 @@ def load_hf_checkpoint(directory: str, *, mesh: Mesh | None = None, rules: Rules
   _check(files, sources, cfg)
 
   pd = np.dtype(cfg.param_dtype)
-  flat_shardings = ({_path_str(p): v.get_value() for p, v in
-                     jax.tree_util.tree_flatten_with_path(shardings, is_leaf=_is_var)[0]}
-                    if shardings is not None else {})
+  flat_shardings = (
+      {
+          _path_str(p): v.get_value()
+          for p, v in jax.tree_util.tree_flatten_with_path(shardings, is_leaf=_is_var)[0]
+      }
+      if shardings is not None
+      else {}
+  )
 
   def load_one(path, var):
     p = _path_str(path)
@@ -429,8 +546,10 @@ def load_hf_checkpoint(directory: str, *, mesh: Mesh | None = None, rules: Rules
 # ------------------------------------------------------------------------------------------------
 def _host_params(state) -> dict[str, Any]:
   """'/'-joined path -> array (still on device), from an nnx.State or a nested (pure) dict."""
-  return {_path_str(p): (v.get_value() if _is_var(v) else v)
-          for p, v in jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_var)[0]}
+  return {
+      _path_str(p): (v.get_value() if _is_var(v) else v)
+      for p, v in jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_var)[0]
+  }
 
 
 def hf_tensors(cfg: ModelConfig, state, dtype: str = "float32") -> Iterator[tuple[str, np.ndarray]]:
@@ -447,14 +566,20 @@ def _hf_plan(cfg: ModelConfig, state, dtype: str):
   missing = sorted(set(table) - set(params))
   extra = sorted(set(params) - set(table))
   if missing or extra:
-    raise ValueError(f"state does not match the config: missing parameters {missing[:5]}, "
-                     f"unexpected parameters {extra[:5]}")
-  expected = {_path_str(p): tuple(v.get_value().shape) for p, v in
-              jax.tree_util.tree_flatten_with_path(abstract_model(cfg)[1], is_leaf=_is_var)[0]}
+    raise ValueError(
+        f"state does not match the config: missing parameters {missing[:5]}, "
+        f"unexpected parameters {extra[:5]}"
+    )
+  expected = {
+      _path_str(p): tuple(v.get_value().shape)
+      for p, v in jax.tree_util.tree_flatten_with_path(abstract_model(cfg)[1], is_leaf=_is_var)[0]
+  }
   for p, value in params.items():
     if tuple(getattr(value, "shape", ())) != expected[p]:
-      raise ValueError(f"parameter {p} has shape {tuple(getattr(value, 'shape', ()))}, the config "
-                       f"gives {expected[p]}")
+      raise ValueError(
+          f"parameter {p} has shape {tuple(getattr(value, 'shape', ()))}, the config "
+          f"gives {expected[p]}"
+      )
   dt = np.dtype(dtype)
   cache: dict[str, np.ndarray] = {}
 
@@ -472,17 +597,33 @@ def _hf_plan(cfg: ModelConfig, state, dtype: str):
     nbytes = math.prod(_hf_shape(entry, tuple(value.shape), cfg)) * dt.itemsize
     if entry.per_expert:
       for j in range(cfg.num_experts):
-        plan.append((entry.hf.format(i=layer, j=j), nbytes,
-                     lambda p=p, e=entry, j=j: np.ascontiguousarray(e.to_hf(host(p)[j], cfg).astype(dt))))
+        plan.append(
+            (
+                entry.hf.format(i=layer, j=j),
+                nbytes,
+                lambda p=p, e=entry, j=j: np.ascontiguousarray(e.to_hf(host(p)[j], cfg).astype(dt)),
+            )
+        )
     else:
-      plan.append((entry.hf.format(i=layer), nbytes,
-                   lambda p=p, e=entry: np.ascontiguousarray(e.to_hf(host(p), cfg).astype(dt))))
+      plan.append(
+          (
+              entry.hf.format(i=layer),
+              nbytes,
+              lambda p=p, e=entry: np.ascontiguousarray(e.to_hf(host(p), cfg).astype(dt)),
+          )
+      )
   return plan
 
 
-def save_hf_checkpoint(directory: str, cfg: ModelConfig, state, *,
-                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: str = "float32",
-                       extra_config: Mapping[str, Any] | None = None) -> list[str]:
+def save_hf_checkpoint(
+    directory: str,
+    cfg: ModelConfig,
+    state,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    dtype: str = "float32",
+    extra_config: Mapping[str, Any] | None = None,
+) -> list[str]:
   """Write config.json and the weights (Hub per-expert naming) as safetensors; returns the files written.
 
   One `model.safetensors` when the total fits in max_shard_bytes, else `model-0000k-of-0000n.safetensors`
@@ -490,6 +631,7 @@ def save_hf_checkpoint(directory: str, cfg: ModelConfig, state, *,
   (e.g. bos/eos token ids). The state must be fully addressable from this process.
   """
   from safetensors.numpy import save_file
+
   if max_shard_bytes <= 0:
     raise ValueError(f"max_shard_bytes={max_shard_bytes}: must be positive")
   plan = _hf_plan(cfg, state, dtype)
@@ -529,7 +671,11 @@ def save_hf_checkpoint(directory: str, cfg: ModelConfig, state, *,
     written.append(fname)
   if n > 1:
     with open(os.path.join(directory, INDEX_NAME), "w") as f:
-      json.dump({"metadata": {"total_size": int(sum(sizes))}, "weight_map": weight_map}, f, indent=2,
-                sort_keys=True)
+      json.dump(
+          {"metadata": {"total_size": int(sum(sizes))}, "weight_map": weight_map},
+          f,
+          indent=2,
+          sort_keys=True,
+      )
     written.append(INDEX_NAME)
   return written

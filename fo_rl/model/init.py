@@ -1,9 +1,10 @@
 """Shape-first initialization and the pure forward function the losses use.
 
-    abstract = nnx.eval_shape(build)            # no memory
-    shardings = state_shardings(abstract, ...)  # logical axes -> mesh via the rules table
-    state = jax.jit(init, out_shardings=shardings)()  # each device materializes only its shard
+abstract = nnx.eval_shape(build)            # no memory
+shardings = state_shardings(abstract, ...)  # logical axes -> mesh via the rules table
+state = jax.jit(init, out_shardings=shardings)()  # each device materializes only its shard
 """
+
 from __future__ import annotations
 
 import jax
@@ -15,15 +16,17 @@ from fo_rl.model.transformer import Transformer
 from fo_rl.parallel.sharding import DEFAULT_RULES, Rules, state_shardings
 
 
-def abstract_model(cfg: ModelConfig, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
-                   seed: int = 0):
+def abstract_model(
+    cfg: ModelConfig, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, seed: int = 0
+):
   """(graphdef, abstract state of jax.ShapeDtypeStruct) without allocating parameters."""
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed), mesh=mesh, rules=rules))
   return nnx.split(model)
 
 
-def init_model(cfg: ModelConfig, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
-               seed: int = 0):
+def init_model(
+    cfg: ModelConfig, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, seed: int = 0
+):
   """(graphdef, state) with every parameter created directly in its sharding over `mesh`."""
   graphdef, abstract = abstract_model(cfg, mesh, rules, seed)
 
@@ -38,8 +41,9 @@ def init_model(cfg: ModelConfig, mesh: Mesh | None = None, rules: Rules = DEFAUL
 
 def forward(graphdef, state, tokens, positions, replay_routes=None, token_mask=None):
   """Pure forward: (logits [B, T, V] float32, routes [B, T, L, k] int32). Usable inside jax.jit."""
-  logits, routes, _ = nnx.merge(graphdef, state)(tokens, positions, replay_routes,
-                                                  token_mask=token_mask)
+  logits, routes, _ = nnx.merge(graphdef, state)(
+      tokens, positions, replay_routes, token_mask=token_mask
+  )
   return logits, routes
 
 
@@ -55,4 +59,5 @@ def make_apply(graphdef):
 def positions_from_mask(token_mask):
   """Positions for left-padded rows: 0 at the first real token, counting real tokens only."""
   import jax.numpy as jnp
+
   return jnp.maximum(jnp.cumsum(token_mask.astype(jnp.int32), axis=-1) - 1, 0)

@@ -13,6 +13,7 @@ run each expert on its rows only (a grouped matmul), unsort. On a mesh whose `ex
 under shard_map: tokens are split over the batch axes, each shard sends its rows to the shard owning the
 expert with an all-to-all, computes its local experts, and sends the results back.
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,8 +36,12 @@ class Experts(NamedTuple):
 # ------------------------------------------------------------------------------------------------
 # Gating.
 # ------------------------------------------------------------------------------------------------
-def route(router_logits: jax.Array, k: int, norm_topk_prob: bool = True,
-          replay_ids: jax.Array | None = None):
+def route(
+    router_logits: jax.Array,
+    k: int,
+    norm_topk_prob: bool = True,
+    replay_ids: jax.Array | None = None,
+):
   """router_logits [..., E] -> (ids [..., k] int32, gate weights [..., k] float32).
 
   With `replay_ids` the ids are taken as given (integer data, no gradient) and the weights are the live
@@ -49,7 +54,9 @@ def route(router_logits: jax.Array, k: int, norm_topk_prob: bool = True,
     weights, ids = jax.lax.top_k(probs, k)
   else:
     if replay_ids.shape[-1] != k:
-      raise ValueError(f"replay ids have {replay_ids.shape[-1]} experts per token, the model uses {k}")
+      raise ValueError(
+          f"replay ids have {replay_ids.shape[-1]} experts per token, the model uses {k}"
+      )
     ids = replay_ids.astype(jnp.int32)
     check_replay_ids(ids, num_experts)
     valid = (ids >= 0) & (ids < num_experts)
@@ -68,8 +75,10 @@ def check_replay_ids(ids, num_experts: int, where: str = "replay routes") -> Non
   bad = (ids < 0) | (ids >= num_experts)
   if bad.any():
     first = tuple(int(a[0]) for a in bad.nonzero())
-    raise ValueError(f"{where}: expert id {int(ids[first])} at index {first} is outside "
-                     f"[0, {num_experts}) (-1 marks a dense layer and must never reach a MoE layer)")
+    raise ValueError(
+        f"{where}: expert id {int(ids[first])} at index {first} is outside "
+        f"[0, {num_experts}) (-1 marks a dense layer and must never reach a MoE layer)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,13 +88,18 @@ def _swiglu(x, gate, up, dtype):
   return jax.nn.silu(x @ materialize(gate, dtype)) * (x @ materialize(up, dtype))
 
 
-def dispatch_reference(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: Experts) -> jax.Array:
+def dispatch_reference(
+    x: jax.Array, ids: jax.Array, weights: jax.Array, experts: Experts
+) -> jax.Array:
   """x [N, D], ids/weights [N, k] -> [N, D]. Every expert runs on every token (E/k times the work)."""
   E = experts.gate.shape[0]
   dt = x.dtype
-  combine = jnp.sum(jax.nn.one_hot(ids, E, dtype=jnp.float32) * weights[..., None], axis=-2)  # [N, E]
-  h = (jax.nn.silu(jnp.einsum("nd,edf->nef", x, materialize(experts.gate, dt)))
-       * jnp.einsum("nd,edf->nef", x, materialize(experts.up, dt)))
+  combine = jnp.sum(
+      jax.nn.one_hot(ids, E, dtype=jnp.float32) * weights[..., None], axis=-2
+  )  # [N, E]
+  h = jax.nn.silu(jnp.einsum("nd,edf->nef", x, materialize(experts.gate, dt))) * jnp.einsum(
+      "nd,edf->nef", x, materialize(experts.up, dt)
+  )
   y = jnp.einsum("nef,efd->ned", h, materialize(experts.down, dt))
   return jnp.einsum("ned,ne->nd", y.astype(jnp.float32), combine).astype(dt)
 
@@ -95,12 +109,16 @@ def dispatch_dense(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: Ex
   with the routing weights applied to the hidden activations, so that the down projection also sums
   over the experts: y = (c * h) [N, E*F] @ down [E*F, D]. Two [N, D] @ [D, E*F] matmuls and one
   [N, E*F] @ [E*F, D], no sort, gather or scatter. E/k times the FLOPs of a dropless dispatch, so it
-  pays off only with few experts per active one (the sampler's moe_impl="auto" picks it for E <= 4k)."""
+  pays off only with few experts per active one (the sampler's moe_impl="auto" picks it for E <= 4k).
+  """
   E, D, F = experts.gate.shape
   dt = x.dtype
-  combine = jnp.sum(jax.nn.one_hot(ids, E, dtype=jnp.float32) * weights[..., None], axis=-2)  # [N, E]
-  gate, up = (materialize(w, dt).transpose(1, 0, 2).reshape(D, E * F)
-              for w in (experts.gate, experts.up))
+  combine = jnp.sum(
+      jax.nn.one_hot(ids, E, dtype=jnp.float32) * weights[..., None], axis=-2
+  )  # [N, E]
+  gate, up = (
+      materialize(w, dt).transpose(1, 0, 2).reshape(D, E * F) for w in (experts.gate, experts.up)
+  )
   h = jax.nn.silu(x @ gate) * (x @ up)  # [N, E*F]
   h = (h.reshape(-1, E, F) * combine[..., None].astype(dt)).reshape(-1, E * F)
   return h @ materialize(experts.down, dt).reshape(E * F, D)
@@ -129,8 +147,9 @@ def _expert_ffn_blocked(xs, group_sizes, experts: Experts, block: int):
   dest = jnp.where(valid, padded_starts[g] + rows - starts[g], num_blocks * block)  # OOB -> dropped
   xp = jnp.zeros((num_blocks * block, D), dt).at[dest].set(xs, mode="drop")
   xp = xp.reshape(num_blocks, block, D)
-  block_group = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block,
-                                             side="right"), G - 1)  # [num_blocks]
+  block_group = jnp.minimum(
+      jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block, side="right"), G - 1
+  )  # [num_blocks]
   gate, up, down = (materialize(w[block_group], dt) for w in experts)  # [nb, D, F], [nb, F, D]
   h = jax.nn.silu(jnp.einsum("nbd,ndf->nbf", xp, gate)) * jnp.einsum("nbd,ndf->nbf", xp, up)
   yp = jnp.einsum("nbf,nfd->nbd", h, down).reshape(num_blocks * block, D)
@@ -141,8 +160,9 @@ def _expert_ffn_ragged(xs, group_sizes, experts: Experts):
   """Grouped SwiGLU FFN with jax.lax.ragged_dot (native grouped matmul on TPU/GPU)."""
   dt = xs.dtype
   gate, up, down = (materialize(w, dt) for w in experts)
-  h = (jax.nn.silu(jax.lax.ragged_dot(xs, gate, group_sizes))
-       * jax.lax.ragged_dot(xs, up, group_sizes))
+  h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, group_sizes)) * jax.lax.ragged_dot(
+      xs, up, group_sizes
+  )
   y = jax.lax.ragged_dot(h, down, group_sizes)
   total = jnp.sum(group_sizes)
   return jnp.where((jnp.arange(xs.shape[0]) < total)[:, None], y, 0)
@@ -173,8 +193,16 @@ def _dispatch_local(x, ids, weights, experts: Experts, backend: str, block: int)
   return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(x.dtype)
 
 
-def _dispatch_expert_parallel(x, ids, weights, experts: Experts, backend: str, block: int,
-                              expert_axis: str, tensor_axis: str | None):
+def _dispatch_expert_parallel(
+    x,
+    ids,
+    weights,
+    experts: Experts,
+    backend: str,
+    block: int,
+    expert_axis: str,
+    tensor_axis: str | None,
+):
   """Body run per device under shard_map. x [n, D] local tokens; experts hold E/ep local experts.
 
   Buffers are sized for the worst case (all of a shard's A = n*k assignments going to one expert shard),
@@ -220,8 +248,17 @@ def _weight_spec(w, spec: P) -> P | QTensor:
   return spec
 
 
-def dispatch_fast(x, ids, weights, experts: Experts, *, mesh: Mesh | None = None,
-                  token_axes: tuple[str, ...] = (), backend: str = "auto", block: int = 32):
+def dispatch_fast(
+    x,
+    ids,
+    weights,
+    experts: Experts,
+    *,
+    mesh: Mesh | None = None,
+    token_axes: tuple[str, ...] = (),
+    backend: str = "auto",
+    block: int = 32,
+):
   """x [N, D], ids/weights [N, k] -> [N, D], dropless. Expert-parallel when mesh['expert'] > 1."""
   if mesh is None or mesh.shape.get("expert", 1) == 1:
     return _dispatch_local(x, ids, weights, experts, backend, block)
@@ -243,13 +280,27 @@ def dispatch_fast(x, ids, weights, experts: Experts, *, mesh: Mesh | None = None
   tok = P(token_axes, None)
   w_in = P("expert", None, tensor)
   w_out = P("expert", tensor, None)
-  in_specs = (tok, tok, tok, Experts(_weight_spec(experts.gate, w_in), _weight_spec(experts.up, w_in),
-                                     _weight_spec(experts.down, w_out)))
-  body = functools.partial(_dispatch_expert_parallel, backend=backend, block=block,
-                           expert_axis="expert", tensor_axis=tensor)
+  in_specs = (
+      tok,
+      tok,
+      tok,
+      Experts(
+          _weight_spec(experts.gate, w_in),
+          _weight_spec(experts.up, w_in),
+          _weight_spec(experts.down, w_out),
+      ),
+  )
+  body = functools.partial(
+      _dispatch_expert_parallel,
+      backend=backend,
+      block=block,
+      expert_axis="expert",
+      tensor_axis=tensor,
+  )
   context = jax.sharding.get_abstract_mesh()
   if context.manual_axes:  # inside a shard_map over other axes (the sampler's per-shard decode)
     mesh = context
   out = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=tok, check_vma=False)(
-      x, ids, weights, experts)
+      x, ids, weights, experts
+  )
   return out[:N]

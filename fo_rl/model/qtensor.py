@@ -3,6 +3,7 @@
 The trainer's parameters are plain arrays; the sampler's copy replaces some of them with QTensors inside the
 same nnx.Param slots, so both run the one model code. `materialize` is the only place a weight is read.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 class QTensor:
   """w ~= q * scale. `scale` has q's rank with size 1 on the contracted (input) axes, so slicing or
   gathering q along an output axis (an expert, a vocab row) slices scale the same way."""
+
   q: jax.Array  # int8 or float8_e4m3fn
   scale: jax.Array  # float32, broadcastable to q
 
@@ -30,8 +32,9 @@ class QTensor:
   def __getitem__(self, idx) -> "QTensor":
     """Index along leading axes (e.g. pick experts); scale follows when its axis is not size 1."""
     idx = idx if isinstance(idx, tuple) else (idx,)
-    sidx = tuple(i if self.scale.shape[d] == self.q.shape[d] else slice(None)
-                 for d, i in enumerate(idx))
+    sidx = tuple(
+        i if self.scale.shape[d] == self.q.shape[d] else slice(None) for d, i in enumerate(idx)
+    )
     scale = self.scale[sidx]
     return QTensor(self.q[idx], scale)
 

@@ -5,6 +5,7 @@ carries logical axis names in its `axes` metadata (fo_rl/parallel/sharding.py ma
 Shape letters: B batch, T length, S kv length, N heads, K kv heads, G = N/K, H head dim, D model,
 E experts, F hidden, V vocab, L layers, k experts per token.
 """
+
 from __future__ import annotations
 
 import functools
@@ -81,7 +82,9 @@ class Attention(nnx.Module):
     if isinstance(cache_index, int) and cache_index == 0 and cache["k"].shape[3] == x.shape[1]:
       # Filling a cache exactly as long as the input (the sampler's prefill): plain causal attention over
       # the new keys, which are the whole cache; the cache only stores them.
-      new_cache = {n: t.transpose(0, 2, 3, 1).astype(cache[n].dtype) for n, t in (("k", k), ("v", v))}
+      new_cache = {
+          n: t.transpose(0, 2, 3, 1).astype(cache[n].dtype) for n, t in (("k", k), ("v", v))
+      }
       return self._attend(q, k, v, key_mask), new_cache
     return self._attend_cached(q, k, v, key_mask, cache, cache_index)
 
@@ -115,15 +118,19 @@ class Attention(nnx.Module):
     K = k.shape[2]
     G = N // K
     ck = jax.lax.dynamic_update_slice_in_dim(
-        cache["k"], k.transpose(0, 2, 3, 1).astype(cache["k"].dtype), cache_index, 3)
+        cache["k"], k.transpose(0, 2, 3, 1).astype(cache["k"].dtype), cache_index, 3
+    )
     cv = jax.lax.dynamic_update_slice_in_dim(
-        cache["v"], v.transpose(0, 2, 3, 1).astype(cache["v"].dtype), cache_index, 3)
+        cache["v"], v.transpose(0, 2, 3, 1).astype(cache["v"].dtype), cache_index, 3
+    )
     S = ck.shape[3]
     q_slot = cache_index + jnp.arange(T)
     allowed = (jnp.arange(S)[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :]  # [B, T, S]
     qm = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
-    scores = jnp.einsum("bkmh,bkhs->bkms", qm, ck.astype(dt),
-                        preferred_element_type=jnp.float32) * H**-0.5
+    scores = (
+        jnp.einsum("bkmh,bkhs->bkms", qm, ck.astype(dt), preferred_element_type=jnp.float32)
+        * H**-0.5
+    )
     scores = jnp.where(allowed[:, None, None], scores.reshape(B, K, G, T, S), _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(B, K, G * T, S)
     vals = cv.astype(dt)
@@ -147,8 +154,9 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     dt = x.dtype
-    h = (jax.nn.silu(x @ materialize(self.gate_proj.get_value(), dt))
-         * (x @ materialize(self.up_proj.get_value(), dt)))
+    h = jax.nn.silu(x @ materialize(self.gate_proj.get_value(), dt)) * (
+        x @ materialize(self.up_proj.get_value(), dt)
+    )
     return h @ materialize(self.down_proj.get_value(), dt)
 
 
@@ -177,15 +185,24 @@ class MoEBlock(nnx.Module):
         live = jax.lax.top_k(logits, cfg.num_experts_per_tok)[1]
         replay = jnp.where(token_mask.reshape(B * T, 1), replay, live)
     ids, weights = moe.route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob, replay)
-    experts = moe.Experts(self.gate_proj.get_value(), self.up_proj.get_value(),
-                          self.down_proj.get_value())
+    experts = moe.Experts(
+        self.gate_proj.get_value(), self.up_proj.get_value(), self.down_proj.get_value()
+    )
     if cfg.moe_impl == "reference":
       y = moe.dispatch_reference(xf, ids, weights, experts)
     elif cfg.moe_impl == "dense":
       y = moe.dispatch_dense(xf, ids, weights, experts)
     else:
-      y = moe.dispatch_fast(xf, ids, weights, experts, mesh=self.mesh, token_axes=self.token_axes,
-                            backend=cfg.gmm_backend, block=cfg.moe_block_size)
+      y = moe.dispatch_fast(
+          xf,
+          ids,
+          weights,
+          experts,
+          mesh=self.mesh,
+          token_axes=self.token_axes,
+          backend=cfg.gmm_backend,
+          block=cfg.moe_block_size,
+      )
     return y.reshape(B, T, D), ids.reshape(B, T, -1)
 
 
@@ -200,8 +217,9 @@ class DecoderLayer(nnx.Module):
     self.mlp = MoEBlock(cfg, rngs, mesh, token_axes) if self.is_moe else MLP(cfg, rngs)
     self.route_slots = cfg.route_slots
 
-  def __call__(self, x, positions, key_mask, token_mask, replay_ids=None, cache=None,
-               cache_index=None):
+  def __call__(
+      self, x, positions, key_mask, token_mask, replay_ids=None, cache=None, cache_index=None
+  ):
     h, new_cache = self.self_attn(self.input_layernorm(x), positions, key_mask, cache, cache_index)
     x = x + h
     h = self.post_attention_layernorm(x)
@@ -223,21 +241,37 @@ class Transformer(nnx.Module):
   """Qwen3-MoE-style causal LM. `mesh`/`rules` are static: they pick expert-parallel dispatch and the
   activation sharding; the parameters' placement is decided outside (fo_rl/model/init.py)."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mesh: Mesh | None = None,
-               rules: Rules = DEFAULT_RULES):
+  def __init__(
+      self,
+      cfg: ModelConfig,
+      *,
+      rngs: nnx.Rngs,
+      mesh: Mesh | None = None,
+      rules: Rules = DEFAULT_RULES,
+  ):
     rules = tuple((name, axes) for name, axes in rules)
     token_axes = validate_rules(rules).get("batch", ())
     pd = jnp.dtype(cfg.param_dtype)
     self.embed_tokens = _init(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
-    self.layers = nnx.List([DecoderLayer(cfg, i, rngs, mesh, token_axes)
-                            for i in range(cfg.num_layers)])
+    self.layers = nnx.List(
+        [DecoderLayer(cfg, i, rngs, mesh, token_axes) for i in range(cfg.num_layers)]
+    )
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
     if not cfg.tie_word_embeddings:
       self.lm_head = _init(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
     self.cfg, self.mesh, self.rules = cfg, mesh, rules
 
-  def __call__(self, tokens, positions, replay_routes=None, *, token_mask=None, key_mask=None,
-               cache=None, cache_index=None):
+  def __call__(
+      self,
+      tokens,
+      positions,
+      replay_routes=None,
+      *,
+      token_mask=None,
+      key_mask=None,
+      cache=None,
+      cache_index=None,
+  ):
     """tokens, positions [B, T] int32 -> (logits [B, T, V] float32, routes [B, T, L, k] int32, cache).
 
     token_mask [B, T]: real (non-padding) input positions; padding is never attended to and is not
@@ -260,19 +294,32 @@ class Transformer(nnx.Module):
     x = jnp.take(materialize(self.embed_tokens.get_value(), dt), tokens, axis=0)
     if self.mesh is not None:
       x = jax.lax.with_sharding_constraint(
-          x, NamedSharding(self.mesh, batch_spec(self.rules, 3, self.mesh, B)))
+          x, NamedSharding(self.mesh, batch_spec(self.rules, 3, self.mesh, B))
+      )
     all_ids, new_cache = [], []
-    scanned = (_scan_layers(self.layers, x, positions, key_mask, token_mask, replay_routes, cfg.remat)
-               if cfg.scan_layers and cache is None else None)
+    scanned = (
+        _scan_layers(self.layers, x, positions, key_mask, token_mask, replay_routes, cfg.remat)
+        if cfg.scan_layers and cache is None
+        else None
+    )
     if scanned is not None:
       x, routes = scanned
     for i, layer in enumerate(self.layers if scanned is None else ()):
       replay_ids = None if replay_routes is None else replay_routes[:, :, i, :]
-      if cfg.remat and cache is None:  # training: keep only each layer's input for the backward pass
+      if (
+          cfg.remat and cache is None
+      ):  # training: keep only each layer's input for the backward pass
         (x, ids), c = _remat_layer(layer, x, positions, key_mask, token_mask, replay_ids), None
       else:
-        x, ids, c = layer(x, positions, key_mask, token_mask, replay_ids,
-                          None if cache is None else cache[i], cache_index)
+        x, ids, c = layer(
+            x,
+            positions,
+            key_mask,
+            token_mask,
+            replay_ids,
+            None if cache is None else cache[i],
+            cache_index,
+        )
       all_ids.append(ids)
       new_cache.append(c)
     if scanned is None:
@@ -320,11 +367,13 @@ def _remat_layer(layer, x, positions, key_mask, token_mask, replay_ids):
 
 def validate_replay_routes(routes, cfg: ModelConfig, token_mask=None, bt=None) -> None:
   """Check replay routes before any compute: shape, dense layers hold -1, MoE ids in [0, E) at real
-  tokens. Concrete arrays raise ValueError; traced ones are checked inside the layers (NaN outputs)."""
+  tokens. Concrete arrays raise ValueError; traced ones are checked inside the layers (NaN outputs).
+  """
   expected = (*(bt or routes.shape[:2]), cfg.num_layers, cfg.route_slots)
   if tuple(routes.shape) != expected:
-    raise ValueError(f"replay routes have shape {tuple(routes.shape)}, expected [B, T, L, k] = "
-                     f"{expected}")
+    raise ValueError(
+        f"replay routes have shape {tuple(routes.shape)}, expected [B, T, L, k] = " f"{expected}"
+    )
   if isinstance(routes, jax.core.Tracer) or isinstance(token_mask, jax.core.Tracer):
     return
   if isinstance(routes, jax.Array) and not routes.is_fully_addressable:
@@ -336,13 +385,17 @@ def validate_replay_routes(routes, cfg: ModelConfig, token_mask=None, bt=None) -
     if cfg.is_moe_layer(i):
       bad = (ids < 0) | (ids >= cfg.num_experts)
       if bad.any():
-        raise ValueError(f"replay routes: layer {i} is a MoE layer but holds expert id "
-                         f"{int(ids[bad][0])} outside [0, {cfg.num_experts}) at a real token "
-                         f"(-1 marks a dense layer)")
+        raise ValueError(
+            f"replay routes: layer {i} is a MoE layer but holds expert id "
+            f"{int(ids[bad][0])} outside [0, {cfg.num_experts}) at a real token "
+            f"(-1 marks a dense layer)"
+        )
     elif (ids != DENSE_ROUTE).any():
-      raise ValueError(f"replay routes: layer {i} is a dense layer but holds expert id "
-                       f"{int(ids[ids != DENSE_ROUTE][0])}; dense layers must hold -1 (are the layer "
-                       f"indices shifted?)")
+      raise ValueError(
+          f"replay routes: layer {i} is a dense layer but holds expert id "
+          f"{int(ids[ids != DENSE_ROUTE][0])}; dense layers must hold -1 (are the layer "
+          f"indices shifted?)"
+      )
 
 
 @functools.lru_cache(maxsize=None)
@@ -366,11 +419,16 @@ def _validate_global_replay_routes(routes, cfg: ModelConfig, token_mask=None) ->
   its own devices (one jitted reduction), and only the per-layer verdicts [L] are read on the host, so
   every process raises the same error without gathering the routes."""
   from fo_rl.parallel.multihost import host_get
+
   moe_layers = tuple(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
   any_bad, example = host_get(_route_checker(moe_layers, cfg.num_experts)(routes, token_mask))
   for i in np.nonzero(any_bad)[0]:
     if moe_layers[i]:
-      raise ValueError(f"replay routes: layer {i} is a MoE layer but holds expert id {int(example[i])} "
-                       f"outside [0, {cfg.num_experts}) at a real token (-1 marks a dense layer)")
-    raise ValueError(f"replay routes: layer {i} is a dense layer but holds expert id {int(example[i])}; "
-                     f"dense layers must hold -1 (are the layer indices shifted?)")
+      raise ValueError(
+          f"replay routes: layer {i} is a MoE layer but holds expert id {int(example[i])} "
+          f"outside [0, {cfg.num_experts}) at a real token (-1 marks a dense layer)"
+      )
+    raise ValueError(
+        f"replay routes: layer {i} is a dense layer but holds expert id {int(example[i])}; "
+        f"dense layers must hold -1 (are the layer indices shifted?)"
+    )

@@ -32,6 +32,7 @@ Output: one JSON object per line, one per compiled function, then the verdict
 and its numbers goes to stderr and the process exits with status 1 (also when the TPU compiler itself
 reports that a function runs out of HBM).
 """
+
 from __future__ import annotations
 
 import json
@@ -68,23 +69,29 @@ class DryRunError(RuntimeError):
 def topology_devices(topology: str):
   """The devices of a TPU topology ("v5p:2x4x4", "v6e:16x16", ...) without a TPU (needs libtpu)."""
   if not topology:
-    raise DryRunError("parallel.topology is empty: set it to a TPU topology such as 'v5p:2x4x4' "
-                      "(v5p-64) or 'v6e:16x16' (v6e-256)")
+    raise DryRunError(
+        "parallel.topology is empty: set it to a TPU topology such as 'v5p:2x4x4' "
+        "(v5p-64) or 'v6e:16x16' (v6e-256)"
+    )
   try:
     import libtpu  # noqa: F401  (only to give a clear error: get_topology_desc loads libtpu.so)
   except ImportError:
-    raise DryRunError("the dry run needs libtpu to compile for TPU: pip install -r requirements-tpu.txt"
-                      ) from None
+    raise DryRunError(
+        "the dry run needs libtpu to compile for TPU: pip install -r requirements-tpu.txt"
+    ) from None
   # On a machine without TPUs: no GCE metadata queries, and other processes that loaded libtpu (any
   # `import jax` with libtpu installed does) must not lock us out.
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
+
   try:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
   except Exception as e:  # noqa: BLE001  (libtpu raises XlaRuntimeError / ValueError)
-    raise DryRunError(f"parallel.topology={topology!r}: {str(e).splitlines()[0]} (the format is "
-                      f"'<version>:<chips per axis>', e.g. 'v5p:2x4x4' for a v5p-64)") from None
+    raise DryRunError(
+        f"parallel.topology={topology!r}: {str(e).splitlines()[0]} (the format is "
+        f"'<version>:<chips per axis>', e.g. 'v5p:2x4x4' for a v5p-64)"
+    ) from None
   return list(desc.devices)
 
 
@@ -103,8 +110,9 @@ def _sds(shape, dtype, sharding):
 
 def with_shardings(abstract, shardings):
   """A pytree of ShapeDtypeStructs (e.g. nnx.eval_shape's) given a matching pytree of shardings."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                      shardings)
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
 
 
 def device_bytes(tree) -> int:
@@ -123,8 +131,10 @@ def _memory(compiled) -> dict[str, int]:
   m = compiled.memory_analysis()
   if m is None:
     return {}
-  out = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
-         for k in ("argument", "output", "alias", "temp", "generated_code")}
+  out = {
+      k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
+      for k in ("argument", "output", "alias", "temp", "generated_code")
+  }
   peak = getattr(m, "peak_memory_in_bytes", None)
   if peak:
     out["peak"] = int(peak)
@@ -147,16 +157,31 @@ def _compile(name: str, lowered_fn, resident: int, hbm: int, extra: dict | None 
     if not _is_oom(e):
       raise
     msg = " ".join(l.strip() for l in str(e).splitlines() if l.strip())[:600]
-    row.update(fits=False, compiler_error=msg, hbm_gib=round(hbm / GIB, 3),
-               compile_seconds=round(time.time() - t0, 1))
+    row.update(
+        fits=False,
+        compiler_error=msg,
+        hbm_gib=round(hbm / GIB, 3),
+        compile_seconds=round(time.time() - t0, 1),
+    )
     return row, None
   mem = _memory(compiled)
-  total = (mem.get("argument", 0) + mem.get("output", 0) - mem.get("alias", 0) + mem.get("temp", 0)
-           + mem.get("generated_code", 0) + resident)
+  total = (
+      mem.get("argument", 0)
+      + mem.get("output", 0)
+      - mem.get("alias", 0)
+      + mem.get("temp", 0)
+      + mem.get("generated_code", 0)
+      + resident
+  )
   row.update({f"{k}_bytes": v for k, v in mem.items()})
-  row.update(resident_bytes=resident, total_bytes=total, total_gib=round(total / GIB, 3),
-             hbm_gib=round(hbm / GIB, 3), fits=bool(total <= hbm),
-             compile_seconds=round(time.time() - t0, 1))
+  row.update(
+      resident_bytes=resident,
+      total_bytes=total,
+      total_gib=round(total / GIB, 3),
+      hbm_gib=round(hbm / GIB, 3),
+      fits=bool(total <= hbm),
+      compile_seconds=round(time.time() - t0, 1),
+  )
   return row, compiled
 
 
@@ -177,27 +202,36 @@ class _Setup:
     self.hbm = hbm_bytes(self.devices, float(c.parallel.get("hbm_gib", 0.0) or 0.0))
     model_cfg = rc.model
     if model_cfg.gmm_backend == "auto" and self.devices[0].platform == "tpu":
-      model_cfg = model_cfg.replace(gmm_backend="ragged_dot")  # what "auto" picks on TPU at run time
+      model_cfg = model_cfg.replace(
+          gmm_backend="ragged_dot"
+      )  # what "auto" picks on TPU at run time
     self.model_cfg = model_cfg
     self.mesh = make_mesh(rc.mesh, devices=self.devices, where="parallel.mesh")
-    self.sampler_mesh = make_mesh(rc.sampler_mesh, devices=self.devices, where="parallel.sampler_mesh")
+    self.sampler_mesh = make_mesh(
+        rc.sampler_mesh, devices=self.devices, where="parallel.sampler_mesh"
+    )
     graphdef, abstract = abstract_model(model_cfg, self.mesh, rc.rules)
     self.params = with_shardings(abstract, state_shardings(abstract, self.mesh, rc.rules))
     self.trainer = Trainer(graphdef, model_cfg, rc.trainer, self.mesh, rc.rules)
     self.state = self.trainer.abstract_state(self.params)
     self.sampler = Sampler(model_cfg, rc.sampler, self.sampler_mesh)
-    self.sparams = with_shardings(jax.eval_shape(self.sampler._quantize, self.params),
-                                  self.sampler.param_shardings)
+    self.sparams = with_shardings(
+        jax.eval_shape(self.sampler._quantize, self.params), self.sampler.param_shardings
+    )
     self.state_bytes = device_bytes(self.state)
     self.param_bytes = device_bytes(self.state.params)
     self.sampler_bytes = device_bytes(self.sparams)
 
   def head(self) -> dict:
     d = self.devices
-    return {"topology": self.topology, "devices": len(d), "device_kind": d[0].device_kind,
-            "processes": len({x.process_index for x in d}),
-            "mesh": dict(zip(self.mesh.axis_names, self.mesh.devices.shape)),
-            "sampler_mesh": dict(zip(self.sampler_mesh.axis_names, self.sampler_mesh.devices.shape))}
+    return {
+        "topology": self.topology,
+        "devices": len(d),
+        "device_kind": d[0].device_kind,
+        "processes": len({x.process_index for x in d}),
+        "mesh": dict(zip(self.mesh.axis_names, self.mesh.devices.shape)),
+        "sampler_mesh": dict(zip(self.sampler_mesh.axis_names, self.sampler_mesh.devices.shape)),
+    }
 
 
 def resident_bytes(config, devices=None) -> int:
@@ -219,7 +253,11 @@ def plan(config, devices=None, log=None) -> list[dict]:
   rc, hbm, mesh, sampler_mesh = setup.rc, setup.hbm, setup.mesh, setup.sampler_mesh
   model_cfg, trainer, sampler = setup.model_cfg, setup.trainer, setup.sampler
   params, state, sparams = setup.params, setup.state, setup.sparams
-  state_bytes, param_bytes, sampler_bytes = setup.state_bytes, setup.param_bytes, setup.sampler_bytes
+  state_bytes, param_bytes, sampler_bytes = (
+      setup.state_bytes,
+      setup.param_bytes,
+      setup.sampler_bytes,
+  )
   head = setup.head()
   log(f"dry run: {head}")
 
@@ -229,60 +267,105 @@ def plan(config, devices=None, log=None) -> list[dict]:
   T = bucket(rc.sampling.max_new_tokens, int(c.sampler.gen_bucket))
   Lt = Pl + T
   Ly, k = model_cfg.num_layers, model_cfg.route_slots
-  bsh = lambda shape, dt, m=mesh: _sds(shape, dt, NamedSharding(m, batch_spec(rc.rules, len(shape), m,
-                                                                               shape[0])))
-  ro = Rollouts(tokens=bsh((B, Lt), jnp.int32), token_mask=bsh((B, Lt), jnp.bool_),
-                positions=bsh((B, Lt), jnp.int32), response_mask=bsh((B, Lt), jnp.float32),
-                logp_mu=bsh((B, Lt), jnp.float32), sampler_routes=bsh((B, Lt, Ly, k), jnp.int32),
-                advantages=bsh((B,), jnp.float32))
-  step_bytes = device_bytes(ro) + device_bytes((bsh((B, Lt), jnp.float32), bsh((B, Lt, Ly, k), jnp.int32)))
+  bsh = lambda shape, dt, m=mesh: _sds(
+      shape, dt, NamedSharding(m, batch_spec(rc.rules, len(shape), m, shape[0]))
+  )
+  ro = Rollouts(
+      tokens=bsh((B, Lt), jnp.int32),
+      token_mask=bsh((B, Lt), jnp.bool_),
+      positions=bsh((B, Lt), jnp.int32),
+      response_mask=bsh((B, Lt), jnp.float32),
+      logp_mu=bsh((B, Lt), jnp.float32),
+      sampler_routes=bsh((B, Lt, Ly, k), jnp.int32),
+      advantages=bsh((B,), jnp.float32),
+  )
+  step_bytes = device_bytes(ro) + device_bytes(
+      (bsh((B, Lt), jnp.float32), bsh((B, Lt, Ly, k), jnp.int32))
+  )
 
   # ---- sampler inputs ------------------------------------------------------------------------------
   Bs = max(B, int(c.eval.num_prompts) * int(c.eval.samples))
-  sampling = SamplingParams(temperature=rc.sampling.temperature, top_k=rc.sampling.top_k,
-                            top_p=rc.sampling.top_p, max_new_tokens=rc.sampling.max_new_tokens,
-                            eos_ids=(0,)).compile_key
+  sampling = SamplingParams(
+      temperature=rc.sampling.temperature,
+      top_k=rc.sampling.top_k,
+      top_p=rc.sampling.top_p,
+      max_new_tokens=rc.sampling.max_new_tokens,
+      eos_ids=(0,),
+  ).compile_key
   replicated = NamedSharding(sampler_mesh, P())
   key = jax.eval_shape(lambda: jax.random.key(0))
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
 
-  shapes = {"global_batch": B, "mini_batch": B // rc.trainer.mini_batches, "prompt_len": Pl,
-            "gen_len": T, "sampler_batch": Bs}
+  shapes = {
+      "global_batch": B,
+      "mini_batch": B // rc.trainer.mini_batches,
+      "prompt_len": Pl,
+      "gen_len": T,
+      "sampler_batch": Bs,
+  }
   head.update(shapes, train_state_bytes=state_bytes, sampler_params_bytes=sampler_bytes)
   if state_bytes + sampler_bytes > hbm:  # no need to compile anything
-    rows = [{"function": "resident state", "fits": False, "resident_bytes": state_bytes + sampler_bytes,
-             "total_bytes": state_bytes + sampler_bytes,
-             "total_gib": round((state_bytes + sampler_bytes) / GIB, 3), "hbm_gib": round(hbm / GIB, 3)}]
+    rows = [
+        {
+            "function": "resident state",
+            "fits": False,
+            "resident_bytes": state_bytes + sampler_bytes,
+            "total_bytes": state_bytes + sampler_bytes,
+            "total_gib": round((state_bytes + sampler_bytes) / GIB, 3),
+            "hbm_gib": round(hbm / GIB, 3),
+        }
+    ]
     return rows + [judge(rows, head, hbm)]
   rows = []
 
   def run(name, fn, resident, extra=None):
     log(f"dry run: compiling {name} ...")
     row, compiled = _compile(name, fn, resident, hbm, extra)
-    log(f"dry run: {name}: " + (f"{row['total_gib']} GiB of {row['hbm_gib']}" if "total_gib" in row
-                                 else "out of memory") + f" ({row['compile_seconds']}s)")
+    log(
+        f"dry run: {name}: "
+        + (f"{row['total_gib']} GiB of {row['hbm_gib']}" if "total_gib" in row else "out of memory")
+        + f" ({row['compile_seconds']}s)"
+    )
     rows.append(row)
     return compiled
 
   lowered = trainer.lower(state, ro)
-  run("trainer.old_pass", lambda: lowered["old_pass"], sampler_bytes,
-      {"batch": B, "seq_len": Lt})
-  run("trainer.update", lambda: lowered["update"], sampler_bytes + step_bytes,
-      {"batch": B // rc.trainer.mini_batches, "seq_len": Lt})
-  run("sampler.update_weights", lambda: sampler._sync.lower(params),
-      state_bytes - param_bytes + sampler_bytes, {})
+  run("trainer.old_pass", lambda: lowered["old_pass"], sampler_bytes, {"batch": B, "seq_len": Lt})
+  run(
+      "trainer.update",
+      lambda: lowered["update"],
+      sampler_bytes + step_bytes,
+      {"batch": B // rc.trainer.mini_batches, "seq_len": Lt},
+  )
+  run(
+      "sampler.update_weights",
+      lambda: sampler._sync.lower(params),
+      state_bytes - param_bytes + sampler_bytes,
+      {},
+  )
   prompt = bsh((Bs, Pl), jnp.int32, sampler_mesh)
   pmask = bsh((Bs, Pl), jnp.bool_, sampler_mesh)
   max_new = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-  prefill = run("sampler.prefill",
-                lambda: sampler._prefill.lower(sparams, prompt, pmask, key, max_new, sampling=sampling,
-                                               gen_len=T),
-                state_bytes, {"batch": Bs, "seq_len": Lt})
+  prefill = run(
+      "sampler.prefill",
+      lambda: sampler._prefill.lower(
+          sparams, prompt, pmask, key, max_new, sampling=sampling, gen_len=T
+      ),
+      state_bytes,
+      {"batch": Bs, "seq_len": Lt},
+  )
   if prefill is not None:
-    dstate = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          prefill.out_info, prefill.output_shardings)
-    run("sampler.decode", lambda: sampler._decode.lower(sparams, dstate, max_new, sampling=sampling),
-        state_bytes, {"batch": Bs, "seq_len": Lt})
+    dstate = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        prefill.out_info,
+        prefill.output_shardings,
+    )
+    run(
+        "sampler.decode",
+        lambda: sampler._decode.lower(sparams, dstate, max_new, sampling=sampling),
+        state_bytes,
+        {"batch": Bs, "seq_len": Lt},
+    )
   return rows + [judge(rows, head, hbm)]
 
 
@@ -295,8 +378,13 @@ def judge(rows: list[dict], head: dict, hbm: int) -> dict:
       r["hbm_gib"] = round(hbm / GIB, 3)
   bad = [r for r in rows if not r["fits"]]
   worst = max(rows, key=lambda r: r.get("total_bytes", float("inf")))
-  verdict = dict(head, verdict="fits" if not bad else "does not fit", hbm_gib=round(hbm / GIB, 3),
-                 max_total_gib=worst.get("total_gib"), worst_function=worst["function"])
+  verdict = dict(
+      head,
+      verdict="fits" if not bad else "does not fit",
+      hbm_gib=round(hbm / GIB, 3),
+      max_total_gib=worst.get("total_gib"),
+      worst_function=worst["function"],
+  )
   if bad:
     verdict["failing"] = [r["function"] for r in bad]
     verdict["message"] = failure_message(bad, head, hbm)
@@ -310,20 +398,26 @@ def failure_message(bad: list[dict], head: dict, hbm: int) -> str:
     if "compiler_error" in r:
       parts.append(f"{r['function']}: the TPU compiler ran out of HBM: {r['compiler_error']}")
     elif r["function"] == "resident state":
-      parts.append(f"the train state ({head['train_state_bytes'] / GIB:.3g} GiB per device) and the "
-                   f"sampler's weights ({head['sampler_params_bytes'] / GIB:.3g} GiB) alone need "
-                   f"{g('total'):.3g} GiB per device > {hbm / GIB:.3g} GiB HBM")
+      parts.append(
+          f"the train state ({head['train_state_bytes'] / GIB:.3g} GiB per device) and the "
+          f"sampler's weights ({head['sampler_params_bytes'] / GIB:.3g} GiB) alone need "
+          f"{g('total'):.3g} GiB per device > {hbm / GIB:.3g} GiB HBM"
+      )
     else:
       parts.append(
           f"{r['function']} needs {g('total'):.3g} GiB per device > {hbm / GIB:.3g} GiB HBM "
           f"(arguments {g('argument'):.3g} + outputs {g('output'):.3g} - donated {g('alias'):.3g} + "
           f"temporaries {g('temp'):.3g} + code {g('generated_code'):.3g} + resident "
-          f"{g('resident'):.3g} GiB)")
-  return (f"dry run: the plan does not fit on {head['topology']} ({head['devices']} x "
-          f"{head['device_kind']}): " + "; ".join(parts) +
-          ". Lower the batch (rl.prompts_per_step, rl.group_size, more rl.mini_batches), the lengths "
-          "(sampler.max_new_tokens, sampler.prompt_bucket) or shard more (parallel.mesh, "
-          "parallel.sampler_mesh).")
+          f"{g('resident'):.3g} GiB)"
+      )
+  return (
+      f"dry run: the plan does not fit on {head['topology']} ({head['devices']} x "
+      f"{head['device_kind']}): "
+      + "; ".join(parts)
+      + ". Lower the batch (rl.prompts_per_step, rl.group_size, more rl.mini_batches), the lengths "
+      "(sampler.max_new_tokens, sampler.prompt_bucket) or shard more (parallel.mesh, "
+      "parallel.sampler_mesh)."
+  )
 
 
 def main(config) -> list[dict]:

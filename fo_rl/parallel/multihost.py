@@ -6,6 +6,7 @@ and every jax.Array spans the devices of all processes (the meshes are built fro
 process holds, and computes on, the rows of the batch that live on its own devices. A host read of an
 array that is not fully addressable goes through `host_get` (an all-gather across processes).
 """
+
 from __future__ import annotations
 
 import os
@@ -28,14 +29,20 @@ def _on_cloud_tpu_vm() -> bool:
   """True on a Cloud TPU VM (set when `import jax` found TPU chips and libtpu); no backend is started."""
   try:
     from jax._src import cloud_tpu_init
+
     return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
   except ImportError:  # pragma: no cover
     return False
 
 
-def initialize(mode: str = "auto", coordinator_address: str | None = None,
-               num_processes: int | None = None, process_id: int | None = None,
-               heartbeat_timeout_seconds: int = 100, initialization_timeout: int = 300) -> bool:
+def initialize(
+    mode: str = "auto",
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    heartbeat_timeout_seconds: int = 100,
+    initialization_timeout: int = 300,
+) -> bool:
   """Start jax.distributed when the flags or the environment describe several processes. Returns
   whether it was started. Must run before anything touches a JAX backend.
 
@@ -50,7 +57,9 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
   """
   if mode not in DISTRIBUTED_MODES:
     raise ValueError(f"--distributed={mode!r}: must be one of {DISTRIBUTED_MODES}")
-  coordinator_address = coordinator_address or _env("FO_RL_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS")
+  coordinator_address = coordinator_address or _env(
+      "FO_RL_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"
+  )
   if num_processes is None and _env("FO_RL_NUM_PROCESSES", "JAX_NUM_PROCESSES") is not None:
     num_processes = int(_env("FO_RL_NUM_PROCESSES", "JAX_NUM_PROCESSES"))
   if process_id is None and _env("FO_RL_PROCESS_ID", "JAX_PROCESS_ID") is not None:
@@ -63,9 +72,13 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
     return False
   # Cross-process collectives of the CPU backend (tests, CPU-only clusters) go over gloo/TCP.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id, initialization_timeout=initialization_timeout,
-                             heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+  jax.distributed.initialize(
+      coordinator_address=coordinator_address,
+      num_processes=num_processes,
+      process_id=process_id,
+      initialization_timeout=initialization_timeout,
+      heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+  )
   return True
 
 

@@ -4,6 +4,7 @@ Every parameter carries logical axis names (metadata `axes` on its nnx.Param). A
 config, maps each logical name to zero or more mesh axes; `logical_to_spec` applies it. The mesh always has
 the four axes MESH_AXES (size-1 axes are free), so one rules table serves every mesh shape.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,16 +52,19 @@ def validate_rules(rules: Rules, where: str = "parallel.rules") -> dict[str, tup
     name, axes = rule[0], _as_axes(rule[1])
     unknown = [a for a in axes if a not in MESH_AXES]
     if unknown:
-      raise ValueError(f"{where}[{i}]: rule {name!r} names unknown mesh axis {unknown[0]!r}; "
-                       f"mesh axes are {MESH_AXES}")
+      raise ValueError(
+          f"{where}[{i}]: rule {name!r} names unknown mesh axis {unknown[0]!r}; "
+          f"mesh axes are {MESH_AXES}"
+      )
     if name in table:
       raise ValueError(f"{where}[{i}]: logical axis {name!r} has two rules")
     table[name] = axes
   return table
 
 
-def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int,
-               where: str = "parallel.mesh") -> tuple[int, ...]:
+def mesh_shape(
+    mesh_cfg: Mapping[str, int], num_devices: int, where: str = "parallel.mesh"
+) -> tuple[int, ...]:
   """Resolve {data, fsdp, expert, tensor} sizes; one of them may be -1 (fill with what is left)."""
   unknown = sorted(set(mesh_cfg) - set(MESH_AXES))
   if unknown:
@@ -78,26 +82,31 @@ def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int,
       raise ValueError(f"{where}: {dict(zip(MESH_AXES, sizes))} cannot fill {num_devices} devices")
     sizes[fills[0]] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"{where}: {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but "
-                     f"{num_devices} are available; set the sizes to multiply to {num_devices} "
-                     f"(or make one of them -1)")
+    raise ValueError(
+        f"{where}: {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but "
+        f"{num_devices} are available; set the sizes to multiply to {num_devices} "
+        f"(or make one of them -1)"
+    )
   return tuple(sizes)
 
 
-def make_mesh(mesh_cfg: Mapping[str, int] | None = None, devices=None,
-              where: str = "parallel.mesh") -> Mesh:
+def make_mesh(
+    mesh_cfg: Mapping[str, int] | None = None, devices=None, where: str = "parallel.mesh"
+) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_cfg or {"fsdp": -1}, len(devices), where)
   if devices[0].platform == "tpu":
     from jax.experimental import mesh_utils
+
     arr = mesh_utils.create_device_mesh(shape, devices)
   else:
     arr = np.asarray(devices).reshape(shape)
   return Mesh(arr, MESH_AXES)
 
 
-def logical_to_spec(axes: Sequence[str | None], rules: Rules, shape=None, mesh: Mesh | None = None,
-                    name: str = "?") -> P:
+def logical_to_spec(
+    axes: Sequence[str | None], rules: Rules, shape=None, mesh: Mesh | None = None, name: str = "?"
+) -> P:
   """PartitionSpec for logical `axes` under `rules`; checks divisibility when shape and mesh are given."""
   table = validate_rules(rules) if not isinstance(rules, dict) else rules
   used: set[str] = set()
@@ -107,16 +116,20 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules, shape=None, mesh: 
       out.append(None)
       continue
     if logical not in table:
-      raise ValueError(f"parameter {name}: logical axis {logical!r} has no rule in parallel.rules "
-                       f"(known: {sorted(table)})")
+      raise ValueError(
+          f"parameter {name}: logical axis {logical!r} has no rule in parallel.rules "
+          f"(known: {sorted(table)})"
+      )
     mesh_axes = tuple(a for a in table[logical] if a not in used)
     used.update(mesh_axes)
     if shape is not None and mesh is not None and mesh_axes:
       n = math.prod(mesh.shape[a] for a in mesh_axes)
       if shape[dim] % n:
-        raise ValueError(f"parameter {name}: dimension {dim} ({logical!r}, size {shape[dim]}) is not "
-                         f"divisible by mesh axes {mesh_axes} (size {n}); change parallel.mesh or "
-                         f"parallel.rules")
+        raise ValueError(
+            f"parameter {name}: dimension {dim} ({logical!r}, size {shape[dim]}) is not "
+            f"divisible by mesh axes {mesh_axes} (size {n}); change parallel.mesh or "
+            f"parallel.rules"
+        )
     out.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
   return P(*out)
 
@@ -138,11 +151,14 @@ def state_shardings(abstract_state, mesh: Mesh, rules: Rules):
     spec = logical_to_spec(axes, table, shape, mesh, _path_name(path))
     return var.replace(NamedSharding(mesh, spec))
 
-  return jax.tree_util.tree_map_with_path(one, abstract_state,
-                                          is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree_util.tree_map_with_path(
+      one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
 
 
-def batch_spec(rules: Rules, ndim: int, mesh: Mesh | None = None, batch_size: int | None = None) -> P:
+def batch_spec(
+    rules: Rules, ndim: int, mesh: Mesh | None = None, batch_size: int | None = None
+) -> P:
   """Spec of an activation [B, ...]: B over the mesh axes the `batch` rule names (those that divide B)."""
   axes = validate_rules(rules).get("batch", ())
   if mesh is not None and batch_size is not None:

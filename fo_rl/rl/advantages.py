@@ -23,44 +23,44 @@ ADVANTAGE_MODES = ("mean", "std", "rloo")
 
 
 def _grouped(rewards: jax.Array, group_size: int, min_group: int = 1) -> jax.Array:
-    """[P*G] -> [P, G] float32 after validating the layout."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise ValueError(f"group_size must be an int, got {group_size!r}")
-    if group_size < min_group:
-        raise ValueError(f"group_size must be >= {min_group}, got {group_size}")
-    rewards = jnp.asarray(rewards)
-    if rewards.ndim != 1:
-        raise ValueError(f"rewards must be 1-D [P*G] (prompt-major), got shape {rewards.shape}")
-    if rewards.shape[0] % group_size:
-        raise ValueError(
-            f"len(rewards)={rewards.shape[0]} is not a multiple of group_size={group_size}"
-        )
-    return rewards.astype(jnp.float32).reshape(-1, group_size)
+  """[P*G] -> [P, G] float32 after validating the layout."""
+  if isinstance(group_size, bool) or not isinstance(group_size, int):
+    raise ValueError(f"group_size must be an int, got {group_size!r}")
+  if group_size < min_group:
+    raise ValueError(f"group_size must be >= {min_group}, got {group_size}")
+  rewards = jnp.asarray(rewards)
+  if rewards.ndim != 1:
+    raise ValueError(f"rewards must be 1-D [P*G] (prompt-major), got shape {rewards.shape}")
+  if rewards.shape[0] % group_size:
+    raise ValueError(
+        f"len(rewards)={rewards.shape[0]} is not a multiple of group_size={group_size}"
+    )
+  return rewards.astype(jnp.float32).reshape(-1, group_size)
 
 
 def group_advantages(
     rewards: jax.Array, group_size: int, mode: str = "mean", eps: float = 1e-6
 ) -> jax.Array:
-    """[P*G] advantages from [P*G] prompt-major rewards; see the module docstring for the modes."""
-    if mode not in ADVANTAGE_MODES:
-        raise ValueError(f"Unknown advantage mode {mode!r}; known modes: {ADVANTAGE_MODES}")
-    r = _grouped(rewards, group_size, min_group=2 if mode == "rloo" else 1)  # [P, G]
-    mean = jnp.mean(r, axis=1, keepdims=True)  # [P, 1]
-    if mode == "mean":
-        adv = r - mean
-    elif mode == "std":
-        adv = (r - mean) / (jnp.std(r, axis=1, keepdims=True) + eps)
-    else:  # rloo
-        others = (jnp.sum(r, axis=1, keepdims=True) - r) / (group_size - 1)
-        adv = r - others
-    return adv.reshape(-1)
+  """[P*G] advantages from [P*G] prompt-major rewards; see the module docstring for the modes."""
+  if mode not in ADVANTAGE_MODES:
+    raise ValueError(f"Unknown advantage mode {mode!r}; known modes: {ADVANTAGE_MODES}")
+  r = _grouped(rewards, group_size, min_group=2 if mode == "rloo" else 1)  # [P, G]
+  mean = jnp.mean(r, axis=1, keepdims=True)  # [P, 1]
+  if mode == "mean":
+    adv = r - mean
+  elif mode == "std":
+    adv = (r - mean) / (jnp.std(r, axis=1, keepdims=True) + eps)
+  else:  # rloo
+    others = (jnp.sum(r, axis=1, keepdims=True) - r) / (group_size - 1)
+    adv = r - others
+  return adv.reshape(-1)
 
 
 def group_has_signal(rewards: jax.Array, group_size: int) -> jax.Array:
-    """[P*G] bool: True for the samples of groups whose rewards are not all equal.
+  """[P*G] bool: True for the samples of groups whose rewards are not all equal.
 
-    DAPO's dynamic sampling keeps only these groups (all-equal groups have zero advantage in every mode).
-    """
-    r = _grouped(rewards, group_size)  # [P, G]
-    varied = jnp.max(r, axis=1) > jnp.min(r, axis=1)  # [P]
-    return jnp.repeat(varied, group_size)
+  DAPO's dynamic sampling keeps only these groups (all-equal groups have zero advantage in every mode).
+  """
+  r = _grouped(rewards, group_size)  # [P, G]
+  varied = jnp.max(r, axis=1) > jnp.min(r, axis=1)  # [P]
+  return jnp.repeat(varied, group_size)

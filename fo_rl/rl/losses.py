@@ -64,111 +64,117 @@ NORMALIZERS = ("responses", "responses_x_len")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LossInputs:
-    """One mini-batch of sampled responses, aligned token by token (a jax pytree).
+  """One mini-batch of sampled responses, aligned token by token (a jax pytree).
 
-    logp:       [B, T] log pi_theta(y_t | .) of the sampled tokens, current params (carries gradient).
-    logp_old:   [B, T] log pi_old(y_t | .): the trainer's recompute before any update (data).
-    logp_mu:    [B, T] log mu_old(y_t | .): the sampler's logprob of the token it sampled (data).
-    advantages: [B]    one advantage per response, broadcast over its tokens.
-    mask:       [B, T] float, 1 on response tokens, 0 on prompt and padding.
-    """
+  logp:       [B, T] log pi_theta(y_t | .) of the sampled tokens, current params (carries gradient).
+  logp_old:   [B, T] log pi_old(y_t | .): the trainer's recompute before any update (data).
+  logp_mu:    [B, T] log mu_old(y_t | .): the sampler's logprob of the token it sampled (data).
+  advantages: [B]    one advantage per response, broadcast over its tokens.
+  mask:       [B, T] float, 1 on response tokens, 0 on prompt and padding.
+  """
 
-    logp: jax.Array
-    logp_old: jax.Array
-    logp_mu: jax.Array
-    advantages: jax.Array
-    mask: jax.Array
+  logp: jax.Array
+  logp_old: jax.Array
+  logp_mu: jax.Array
+  advantages: jax.Array
+  mask: jax.Array
 
-    def __post_init__(self):
-        shapes = {f.name: getattr(getattr(self, f.name), "shape", None) for f in dataclasses.fields(self)}
-        # Pytree transformations may build instances with non-array leaves (None, sentinels): skip those.
-        if not all(isinstance(s, tuple) for s in shapes.values()):
-            return
-        bt = shapes["logp"]
-        if len(bt) != 2 or any(shapes[k] != bt for k in ("logp_old", "logp_mu", "mask")):
-            raise ValueError(f"LossInputs: logp, logp_old, logp_mu, mask must share one [B, T] shape: {shapes}")
-        if shapes["advantages"] != bt[:1]:
-            raise ValueError(f"LossInputs: advantages must be [B] = {bt[:1]}, got {shapes['advantages']}")
+  def __post_init__(self):
+    shapes = {
+        f.name: getattr(getattr(self, f.name), "shape", None) for f in dataclasses.fields(self)
+    }
+    # Pytree transformations may build instances with non-array leaves (None, sentinels): skip those.
+    if not all(isinstance(s, tuple) for s in shapes.values()):
+      return
+    bt = shapes["logp"]
+    if len(bt) != 2 or any(shapes[k] != bt for k in ("logp_old", "logp_mu", "mask")):
+      raise ValueError(
+          f"LossInputs: logp, logp_old, logp_mu, mask must share one [B, T] shape: {shapes}"
+      )
+    if shapes["advantages"] != bt[:1]:
+      raise ValueError(f"LossInputs: advantages must be [B] = {bt[:1]}, got {shapes['advantages']}")
 
 
 def _check_real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"LossConfig.{name} must be a real number, got {value!r}")
-    return float(value)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    raise ValueError(f"LossConfig.{name} must be a real number, got {value!r}")
+  return float(value)
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Loss hyper-parameters; defaults are the paper's (algorithms.md sections 3-4).
+  """Loss hyper-parameters; defaults are the paper's (algorithms.md sections 3-4).
 
-    Knobs that only MiniRL reads: clip, train_infer_is, length_norm, tis_mode, normalizer, tis_cap.
-    The variants use their own fixed normalizers and no IS weight vs mu (table of section 4); tis_cap still
-    drives their `is_truncated_frac` diagnostic.
+  Knobs that only MiniRL reads: clip, train_infer_is, length_norm, tis_mode, normalizer, tis_cap.
+  The variants use their own fixed normalizers and no IS weight vs mu (table of section 4); tis_cap still
+  drives their `is_truncated_frac` diagnostic.
+  """
+
+  name: str = "minirl"
+  # TIS cap C on the train-inference IS weight (paper: 5; peers use 2). Must be >= 1: a cap below 1 would
+  # truncate exactly on-policy tokens (ratio 1) and break the exactness of the surrogate at pi = mu.
+  tis_cap: float = 5.0
+  # MiniRL / GRPO clip, as a gradient mask on r = pi_theta / pi_old (paper: 0.2, 0.27; no dual clip).
+  eps_low: float = 0.2
+  eps_high: float = 0.27
+  clip: bool = True  # MiniRL: apply the staleness mask M_t.
+  train_infer_is: bool = True  # MiniRL: multiply by the (capped) pi_old / mu weight.
+  # MiniRL: 1/|y_i| per response, then mean over the B responses (GRPO's normalizer). When True it
+  # replaces `normalizer` (dividing per-response means by T as well would only rescale the step).
+  length_norm: bool = False
+  # **open**: 'discrepancy' -> w = min(pi_old/mu, C) * r ; 'whole' -> w = min(pi_theta/mu, C).
+  tis_mode: str = "discrepancy"
+  # **open**: MiniRL's constant: 'responses' -> / B ; 'responses_x_len' -> / (B * T). B and T are the
+  # static mini-batch shape (padding rows included), so the divisor never depends on the data.
+  normalizer: str = "responses"
+  gspo_eps_low: float = 3e-4  # GSPO sequence-ratio clip (GSPO paper).
+  gspo_eps_high: float = 4e-4
+  dapo_eps_high: float = 0.28  # DAPO clip-higher; DAPO's low side uses eps_low.
+  # **open**: CISPO upper bound on sg[r]; MiniMax-M1 tuned it without publishing the value.
+  cispo_eps_high: float = 0.28
+
+  def __post_init__(self):
+    if not isinstance(self.name, str) or self.name not in LOSSES:
+      raise ValueError(f"LossConfig.name must be one of {sorted(LOSSES)}, got {self.name!r}")
+    for name in ("clip", "train_infer_is", "length_norm"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"LossConfig.{name} must be a bool, got {getattr(self, name)!r}")
+    if self.tis_mode not in TIS_MODES:
+      raise ValueError(f"LossConfig.tis_mode must be one of {TIS_MODES}, got {self.tis_mode!r}")
+    if self.normalizer not in NORMALIZERS:
+      raise ValueError(
+          f"LossConfig.normalizer must be one of {NORMALIZERS}, got {self.normalizer!r}"
+      )
+    cap = _check_real("tis_cap", self.tis_cap)
+    if not cap >= 1.0:
+      raise ValueError(f"LossConfig.tis_cap must be >= 1 (inf disables truncation), got {cap!r}")
+    object.__setattr__(self, "tis_cap", cap)
+    for name in ("eps_low", "gspo_eps_low"):
+      v = _check_real(name, getattr(self, name))
+      if not 0.0 <= v <= 1.0:
+        raise ValueError(f"LossConfig.{name} must lie in [0, 1], got {v!r}")
+      object.__setattr__(self, name, v)
+    for name in ("eps_high", "gspo_eps_high", "dapo_eps_high", "cispo_eps_high"):
+      v = _check_real(name, getattr(self, name))
+      if not v >= 0.0:
+        raise ValueError(f"LossConfig.{name} must be >= 0, got {v!r}")
+      object.__setattr__(self, name, v)
+
+  @classmethod
+  def from_config(cls, config: Mapping[str, Any] | Any) -> "LossConfig":
+    """Build from an ml_collections ConfigDict section (or any mapping); missing keys take defaults.
+
+    Raises ValueError naming an unknown key, or the field whose value is invalid.
     """
-
-    name: str = "minirl"
-    # TIS cap C on the train-inference IS weight (paper: 5; peers use 2). Must be >= 1: a cap below 1 would
-    # truncate exactly on-policy tokens (ratio 1) and break the exactness of the surrogate at pi = mu.
-    tis_cap: float = 5.0
-    # MiniRL / GRPO clip, as a gradient mask on r = pi_theta / pi_old (paper: 0.2, 0.27; no dual clip).
-    eps_low: float = 0.2
-    eps_high: float = 0.27
-    clip: bool = True  # MiniRL: apply the staleness mask M_t.
-    train_infer_is: bool = True  # MiniRL: multiply by the (capped) pi_old / mu weight.
-    # MiniRL: 1/|y_i| per response, then mean over the B responses (GRPO's normalizer). When True it
-    # replaces `normalizer` (dividing per-response means by T as well would only rescale the step).
-    length_norm: bool = False
-    # **open**: 'discrepancy' -> w = min(pi_old/mu, C) * r ; 'whole' -> w = min(pi_theta/mu, C).
-    tis_mode: str = "discrepancy"
-    # **open**: MiniRL's constant: 'responses' -> / B ; 'responses_x_len' -> / (B * T). B and T are the
-    # static mini-batch shape (padding rows included), so the divisor never depends on the data.
-    normalizer: str = "responses"
-    gspo_eps_low: float = 3e-4  # GSPO sequence-ratio clip (GSPO paper).
-    gspo_eps_high: float = 4e-4
-    dapo_eps_high: float = 0.28  # DAPO clip-higher; DAPO's low side uses eps_low.
-    # **open**: CISPO upper bound on sg[r]; MiniMax-M1 tuned it without publishing the value.
-    cispo_eps_high: float = 0.28
-
-    def __post_init__(self):
-        if not isinstance(self.name, str) or self.name not in LOSSES:
-            raise ValueError(f"LossConfig.name must be one of {sorted(LOSSES)}, got {self.name!r}")
-        for name in ("clip", "train_infer_is", "length_norm"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"LossConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.tis_mode not in TIS_MODES:
-            raise ValueError(f"LossConfig.tis_mode must be one of {TIS_MODES}, got {self.tis_mode!r}")
-        if self.normalizer not in NORMALIZERS:
-            raise ValueError(f"LossConfig.normalizer must be one of {NORMALIZERS}, got {self.normalizer!r}")
-        cap = _check_real("tis_cap", self.tis_cap)
-        if not cap >= 1.0:
-            raise ValueError(f"LossConfig.tis_cap must be >= 1 (inf disables truncation), got {cap!r}")
-        object.__setattr__(self, "tis_cap", cap)
-        for name in ("eps_low", "gspo_eps_low"):
-            v = _check_real(name, getattr(self, name))
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"LossConfig.{name} must lie in [0, 1], got {v!r}")
-            object.__setattr__(self, name, v)
-        for name in ("eps_high", "gspo_eps_high", "dapo_eps_high", "cispo_eps_high"):
-            v = _check_real(name, getattr(self, name))
-            if not v >= 0.0:
-                raise ValueError(f"LossConfig.{name} must be >= 0, got {v!r}")
-            object.__setattr__(self, name, v)
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any] | Any) -> "LossConfig":
-        """Build from an ml_collections ConfigDict section (or any mapping); missing keys take defaults.
-
-        Raises ValueError naming an unknown key, or the field whose value is invalid.
-        """
-        if hasattr(config, "to_dict"):  # ml_collections.ConfigDict / FrozenConfigDict
-            config = config.to_dict()
-        if not isinstance(config, Mapping):
-            raise TypeError(f"LossConfig.from_config expects a mapping or ConfigDict, got {type(config)}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in config:
-            if key not in known:
-                raise ValueError(f"Unknown loss config key {key!r}; known keys: {known}")
-        return cls(**dict(config))
+    if hasattr(config, "to_dict"):  # ml_collections.ConfigDict / FrozenConfigDict
+      config = config.to_dict()
+    if not isinstance(config, Mapping):
+      raise TypeError(f"LossConfig.from_config expects a mapping or ConfigDict, got {type(config)}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in config:
+      if key not in known:
+        raise ValueError(f"Unknown loss config key {key!r}; known keys: {known}")
+    return cls(**dict(config))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -180,28 +186,28 @@ LOSSES: dict[str, LossFn] = {}
 
 
 def register(name: str) -> Callable[[LossFn], LossFn]:
-    """Decorator: add a loss to LOSSES under `name` (names are unique)."""
+  """Decorator: add a loss to LOSSES under `name` (names are unique)."""
 
-    def deco(fn: LossFn) -> LossFn:
-        if name in LOSSES:
-            raise ValueError(f"loss {name!r} is already registered")
-        LOSSES[name] = fn
-        return fn
+  def deco(fn: LossFn) -> LossFn:
+    if name in LOSSES:
+      raise ValueError(f"loss {name!r} is already registered")
+    LOSSES[name] = fn
+    return fn
 
-    return deco
+  return deco
 
 
 def get_loss(name: str) -> LossFn:
-    """The loss registered as `name`; ValueError listing the known names otherwise."""
-    try:
-        return LOSSES[name]
-    except KeyError:
-        raise ValueError(f"Unknown loss {name!r}; known losses: {sorted(LOSSES)}") from None
+  """The loss registered as `name`; ValueError listing the known names otherwise."""
+  try:
+    return LOSSES[name]
+  except KeyError:
+    raise ValueError(f"Unknown loss {name!r}; known losses: {sorted(LOSSES)}") from None
 
 
 def policy_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Dispatch on cfg.name."""
-    return get_loss(cfg.name)(batch, cfg)
+  """Dispatch on cfg.name."""
+  return get_loss(cfg.name)(batch, cfg)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -210,37 +216,37 @@ def policy_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str
 
 
 def _f32(batch: LossInputs) -> LossInputs:
-    return jax.tree.map(lambda x: jnp.asarray(x).astype(jnp.float32), batch)
+  return jax.tree.map(lambda x: jnp.asarray(x).astype(jnp.float32), batch)
 
 
 def _safe_logp(batch: LossInputs) -> jax.Array:
-    """[B, T] logp with masked-out entries replaced by 0 (zero gradient there, no -inf * 0 = NaN)."""
-    return jnp.where(batch.mask > 0, batch.logp, 0.0)
+  """[B, T] logp with masked-out entries replaced by 0 (zero gradient there, no -inf * 0 = NaN)."""
+  return jnp.where(batch.mask > 0, batch.logp, 0.0)
 
 
 def _lengths(mask: jax.Array) -> jax.Array:
-    """[B] response lengths |y_i| = sum_t mask."""
-    return jnp.sum(mask, axis=1)
+  """[B] response lengths |y_i| = sum_t mask."""
+  return jnp.sum(mask, axis=1)
 
 
 def _per_response_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """[B] (1/|y_i|) sum_t mask * x; 0 for an empty row."""
-    return jnp.sum(x * mask, axis=1) / jnp.maximum(_lengths(mask), 1.0)
+  """[B] (1/|y_i|) sum_t mask * x; 0 for an empty row."""
+  return jnp.sum(x * mask, axis=1) / jnp.maximum(_lengths(mask), 1.0)
 
 
 def _clip_sides(ratio: jax.Array, adv: jax.Array, eps_low: float, eps_high: float):
-    """Where the PPO clip zeroes the gradient: (A > 0 and ratio > 1+eps_high), (A < 0 and ratio < 1-eps_low).
+  """Where the PPO clip zeroes the gradient: (A > 0 and ratio > 1+eps_high), (A < 0 and ratio < 1-eps_low).
 
-    ratio, adv broadcast against each other; returns two bool arrays of the broadcast shape.
-    """
-    high = (adv > 0) & (ratio > 1.0 + eps_high)
-    low = (adv < 0) & (ratio < 1.0 - eps_low)
-    return high, low
+  ratio, adv broadcast against each other; returns two bool arrays of the broadcast shape.
+  """
+  high = (adv > 0) & (ratio > 1.0 + eps_high)
+  low = (adv < 0) & (ratio < 1.0 - eps_low)
+  return high, low
 
 
 def _ppo_objective(ratio: jax.Array, adv: jax.Array, eps_low: float, eps_high: float) -> jax.Array:
-    """min(ratio * A, clip(ratio, 1-eps_low, 1+eps_high) * A), elementwise (gradient flows via ratio)."""
-    return jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
+  """min(ratio * A, clip(ratio, 1-eps_low, 1+eps_high) * A), elementwise (gradient flows via ratio)."""
+  return jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
 
 
 def _diagnostics(
@@ -252,31 +258,31 @@ def _diagnostics(
     clip_low: jax.Array,
     truncated: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
-    """Metrics common to all losses, over masked tokens (float32, all stop-gradient).
+  """Metrics common to all losses, over masked tokens (float32, all stop-gradient).
 
-    weight:    [B, T] the per-token weight the loss puts on A * grad log pi_theta before the clip mask.
-    clip_*:    [B, T] bool, tokens whose gradient the clip removes (or, for CISPO, whose weight it caps).
-    truncated: [B, T] bool, tokens whose train-infer ratio exceeded tis_cap; default pi_old/mu > C.
-    """
-    m = batch.mask
-    log_r = sg(masked_log_ratio(batch.logp, batch.logp_old, m))
-    r = jnp.exp(log_r)  # staleness ratio pi_theta / pi_old
-    d = jnp.exp(masked_log_ratio(batch.logp_old, batch.logp_mu, m))  # discrepancy pi_old / mu
-    if truncated is None:
-        truncated = d > cfg.tis_cap
-    weight = sg(weight)
-    return {
-        "is_weight_mean": masked_mean(weight, m),
-        "is_weight_max": masked_max(weight, m),
-        "is_truncated_frac": masked_mean(truncated.astype(jnp.float32), m),
-        "clip_frac_high": masked_mean(clip_high.astype(jnp.float32), m),
-        "clip_frac_low": masked_mean(clip_low.astype(jnp.float32), m),
-        "ratio_mean": masked_mean(r, m),
-        "ratio_max": masked_max(r, m),
-        "train_infer_ratio_mean": masked_mean(d, m),
-        "train_infer_ratio_max": masked_max(d, m),
-        "num_tokens": jnp.sum(m),
-    }
+  weight:    [B, T] the per-token weight the loss puts on A * grad log pi_theta before the clip mask.
+  clip_*:    [B, T] bool, tokens whose gradient the clip removes (or, for CISPO, whose weight it caps).
+  truncated: [B, T] bool, tokens whose train-infer ratio exceeded tis_cap; default pi_old/mu > C.
+  """
+  m = batch.mask
+  log_r = sg(masked_log_ratio(batch.logp, batch.logp_old, m))
+  r = jnp.exp(log_r)  # staleness ratio pi_theta / pi_old
+  d = jnp.exp(masked_log_ratio(batch.logp_old, batch.logp_mu, m))  # discrepancy pi_old / mu
+  if truncated is None:
+    truncated = d > cfg.tis_cap
+  weight = sg(weight)
+  return {
+      "is_weight_mean": masked_mean(weight, m),
+      "is_weight_max": masked_max(weight, m),
+      "is_truncated_frac": masked_mean(truncated.astype(jnp.float32), m),
+      "clip_frac_high": masked_mean(clip_high.astype(jnp.float32), m),
+      "clip_frac_low": masked_mean(clip_low.astype(jnp.float32), m),
+      "ratio_mean": masked_mean(r, m),
+      "ratio_max": masked_max(r, m),
+      "train_infer_ratio_mean": masked_mean(d, m),
+      "train_infer_ratio_max": masked_max(d, m),
+      "num_tokens": jnp.sum(m),
+  }
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -285,117 +291,117 @@ def _diagnostics(
 
 
 def _minirl_weight(batch: LossInputs, cfg: LossConfig, r: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """([B, T] w_t under sg, [B, T] bool truncated) for MiniRL, given r = sg[pi_theta / pi_old] [B, T].
+  """([B, T] w_t under sg, [B, T] bool truncated) for MiniRL, given r = sg[pi_theta / pi_old] [B, T].
 
-    train_infer_is and tis_mode='discrepancy':  w = min(pi_old/mu, C) * r   (algorithms.md section 3)
-    train_infer_is and tis_mode='whole':        w = min(pi_theta/mu, C)
-    not train_infer_is:                         w = r  (the pi_old/mu factor is dropped, staleness kept)
-    """
-    m = batch.mask
-    d = jnp.exp(masked_log_ratio(batch.logp_old, batch.logp_mu, m))
-    if not cfg.train_infer_is:
-        return sg(r), d > cfg.tis_cap
-    if cfg.tis_mode == "discrepancy":
-        return sg(jnp.minimum(d, cfg.tis_cap) * r), d > cfg.tis_cap
-    whole = jnp.exp(sg(masked_log_ratio(batch.logp, batch.logp_mu, m)))
-    return sg(jnp.minimum(whole, cfg.tis_cap)), whole > cfg.tis_cap
+  train_infer_is and tis_mode='discrepancy':  w = min(pi_old/mu, C) * r   (algorithms.md section 3)
+  train_infer_is and tis_mode='whole':        w = min(pi_theta/mu, C)
+  not train_infer_is:                         w = r  (the pi_old/mu factor is dropped, staleness kept)
+  """
+  m = batch.mask
+  d = jnp.exp(masked_log_ratio(batch.logp_old, batch.logp_mu, m))
+  if not cfg.train_infer_is:
+    return sg(r), d > cfg.tis_cap
+  if cfg.tis_mode == "discrepancy":
+    return sg(jnp.minimum(d, cfg.tis_cap) * r), d > cfg.tis_cap
+  whole = jnp.exp(sg(masked_log_ratio(batch.logp, batch.logp_mu, m)))
+  return sg(jnp.minimum(whole, cfg.tis_cap)), whole > cfg.tis_cap
 
 
 @register("minirl")
 def minirl_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """MiniRL (algorithms.md section 3), as a loss to minimize:
+  """MiniRL (algorithms.md section 3), as a loss to minimize:
 
-        L = -(1/N) sum_{i,t} mask_it * M_it * sg[w_it] * A_i * log pi_theta(y_it)
+      L = -(1/N) sum_{i,t} mask_it * M_it * sg[w_it] * A_i * log pi_theta(y_it)
 
-    M_it = 0 iff (A_i > 0 and r_it > 1+eps_high) or (A_i < 0 and r_it < 1-eps_low)   [clip=True]
-    N = B ('responses') or B*T ('responses_x_len'); length_norm=True replaces 1/N by (1/B) * 1/|y_i|.
-    Its gradient equals that of -sg[min(pi_old/mu, C)] * min(r A, clip(r) A) (the PPO-shaped form); the
-    value logged is the one of the formula above.
-    """
-    b = _f32(batch)
-    adv = b.advantages[:, None]  # [B, 1]
-    r = jnp.exp(sg(masked_log_ratio(b.logp, b.logp_old, b.mask)))  # [B, T] staleness ratio
-    w, truncated = _minirl_weight(b, cfg, r)  # [B, T]
-    if cfg.clip:
-        high, low = _clip_sides(r, adv, cfg.eps_low, cfg.eps_high)
-    else:
-        high = low = jnp.zeros(r.shape, bool)
-    keep = jnp.where(high | low, 0.0, 1.0)  # M_t
-    per_token = sg(keep * w) * adv * _safe_logp(b) * b.mask  # [B, T]
-    B, T = b.mask.shape
-    if cfg.length_norm:
-        loss = -jnp.sum(_per_response_mean(per_token, b.mask)) / B
-    else:
-        loss = -jnp.sum(per_token) / (B if cfg.normalizer == "responses" else B * T)
-    return loss, _diagnostics(b, cfg, weight=w, clip_high=high, clip_low=low, truncated=truncated)
+  M_it = 0 iff (A_i > 0 and r_it > 1+eps_high) or (A_i < 0 and r_it < 1-eps_low)   [clip=True]
+  N = B ('responses') or B*T ('responses_x_len'); length_norm=True replaces 1/N by (1/B) * 1/|y_i|.
+  Its gradient equals that of -sg[min(pi_old/mu, C)] * min(r A, clip(r) A) (the PPO-shaped form); the
+  value logged is the one of the formula above.
+  """
+  b = _f32(batch)
+  adv = b.advantages[:, None]  # [B, 1]
+  r = jnp.exp(sg(masked_log_ratio(b.logp, b.logp_old, b.mask)))  # [B, T] staleness ratio
+  w, truncated = _minirl_weight(b, cfg, r)  # [B, T]
+  if cfg.clip:
+    high, low = _clip_sides(r, adv, cfg.eps_low, cfg.eps_high)
+  else:
+    high = low = jnp.zeros(r.shape, bool)
+  keep = jnp.where(high | low, 0.0, 1.0)  # M_t
+  per_token = sg(keep * w) * adv * _safe_logp(b) * b.mask  # [B, T]
+  B, T = b.mask.shape
+  if cfg.length_norm:
+    loss = -jnp.sum(_per_response_mean(per_token, b.mask)) / B
+  else:
+    loss = -jnp.sum(per_token) / (B if cfg.normalizer == "responses" else B * T)
+  return loss, _diagnostics(b, cfg, weight=w, clip_high=high, clip_low=low, truncated=truncated)
 
 
 @register("grpo")
 def grpo_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """GRPO (no KL term): L = -(1/B) sum_i (1/|y_i|) sum_t min(r_it A_i, clip(r_it, 1-eps_low, 1+eps_high) A_i).
+  """GRPO (no KL term): L = -(1/B) sum_i (1/|y_i|) sum_t min(r_it A_i, clip(r_it, 1-eps_low, 1+eps_high) A_i).
 
-    r = pi_theta / pi_old (differentiated), no IS weight vs mu; A is expected to be (R - mean)/std.
-    1/G * 1/|y_i| is read as the mean over the B responses of per-response token means.
-    """
-    b = _f32(batch)
-    adv = b.advantages[:, None]
-    r = jnp.exp(masked_log_ratio(b.logp, b.logp_old, b.mask))  # [B, T], carries gradient
-    obj = _ppo_objective(r, adv, cfg.eps_low, cfg.eps_high)
-    loss = -jnp.sum(_per_response_mean(obj, b.mask)) / b.mask.shape[0]
-    high, low = _clip_sides(sg(r), adv, cfg.eps_low, cfg.eps_high)
-    return loss, _diagnostics(b, cfg, weight=r, clip_high=high, clip_low=low)
+  r = pi_theta / pi_old (differentiated), no IS weight vs mu; A is expected to be (R - mean)/std.
+  1/G * 1/|y_i| is read as the mean over the B responses of per-response token means.
+  """
+  b = _f32(batch)
+  adv = b.advantages[:, None]
+  r = jnp.exp(masked_log_ratio(b.logp, b.logp_old, b.mask))  # [B, T], carries gradient
+  obj = _ppo_objective(r, adv, cfg.eps_low, cfg.eps_high)
+  loss = -jnp.sum(_per_response_mean(obj, b.mask)) / b.mask.shape[0]
+  high, low = _clip_sides(sg(r), adv, cfg.eps_low, cfg.eps_high)
+  return loss, _diagnostics(b, cfg, weight=r, clip_high=high, clip_low=low)
 
 
 @register("dapo")
 def dapo_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """DAPO token-level loss: L = -(1/sum_i |y_i|) sum_{i,t} min(r A, clip(r, 1-eps_low, 1+dapo_eps_high) A).
+  """DAPO token-level loss: L = -(1/sum_i |y_i|) sum_{i,t} min(r A, clip(r, 1-eps_low, 1+dapo_eps_high) A).
 
-    No KL term, no IS vs mu. Dynamic sampling (dropping groups whose rewards are all equal) is a data
-    filter outside the loss: see fo_rl.rl.advantages.group_has_signal.
-    """
-    b = _f32(batch)
-    adv = b.advantages[:, None]
-    r = jnp.exp(masked_log_ratio(b.logp, b.logp_old, b.mask))
-    obj = _ppo_objective(r, adv, cfg.eps_low, cfg.dapo_eps_high)
-    loss = -jnp.sum(obj * b.mask) / jnp.maximum(jnp.sum(b.mask), 1.0)
-    high, low = _clip_sides(sg(r), adv, cfg.eps_low, cfg.dapo_eps_high)
-    return loss, _diagnostics(b, cfg, weight=r, clip_high=high, clip_low=low)
+  No KL term, no IS vs mu. Dynamic sampling (dropping groups whose rewards are all equal) is a data
+  filter outside the loss: see fo_rl.rl.advantages.group_has_signal.
+  """
+  b = _f32(batch)
+  adv = b.advantages[:, None]
+  r = jnp.exp(masked_log_ratio(b.logp, b.logp_old, b.mask))
+  obj = _ppo_objective(r, adv, cfg.eps_low, cfg.dapo_eps_high)
+  loss = -jnp.sum(obj * b.mask) / jnp.maximum(jnp.sum(b.mask), 1.0)
+  high, low = _clip_sides(sg(r), adv, cfg.eps_low, cfg.dapo_eps_high)
+  return loss, _diagnostics(b, cfg, weight=r, clip_high=high, clip_low=low)
 
 
 @register("cispo")
 def cispo_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """CISPO (MiniMax-M1): L = -(1/sum_i |y_i|) sum_{i,t} sg[min(r_it, 1+cispo_eps_high)] A_i log pi_theta.
+  """CISPO (MiniMax-M1): L = -(1/sum_i |y_i|) sum_{i,t} sg[min(r_it, 1+cispo_eps_high)] A_i log pi_theta.
 
-    No token is masked: the IS weight itself is clipped (lower bound absent, eps_low ~ inf). clip_frac_high
-    reports the share of tokens whose weight hit the upper bound; clip_frac_low is always 0.
-    """
-    b = _f32(batch)
-    adv = b.advantages[:, None]
-    r = jnp.exp(sg(masked_log_ratio(b.logp, b.logp_old, b.mask)))
-    w = sg(jnp.minimum(r, 1.0 + cfg.cispo_eps_high))
-    loss = -jnp.sum(w * adv * _safe_logp(b) * b.mask) / jnp.maximum(jnp.sum(b.mask), 1.0)
-    high = r > 1.0 + cfg.cispo_eps_high
-    return loss, _diagnostics(b, cfg, weight=w, clip_high=high, clip_low=jnp.zeros_like(high))
+  No token is masked: the IS weight itself is clipped (lower bound absent, eps_low ~ inf). clip_frac_high
+  reports the share of tokens whose weight hit the upper bound; clip_frac_low is always 0.
+  """
+  b = _f32(batch)
+  adv = b.advantages[:, None]
+  r = jnp.exp(sg(masked_log_ratio(b.logp, b.logp_old, b.mask)))
+  w = sg(jnp.minimum(r, 1.0 + cfg.cispo_eps_high))
+  loss = -jnp.sum(w * adv * _safe_logp(b) * b.mask) / jnp.maximum(jnp.sum(b.mask), 1.0)
+  high = r > 1.0 + cfg.cispo_eps_high
+  return loss, _diagnostics(b, cfg, weight=w, clip_high=high, clip_low=jnp.zeros_like(high))
 
 
 @register("gspo")
 def gspo_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """GSPO: L = -(1/B) sum_i min(s_i A_i, clip(s_i, 1-gspo_eps_low, 1+gspo_eps_high) A_i),
+  """GSPO: L = -(1/B) sum_i min(s_i A_i, clip(s_i, 1-gspo_eps_low, 1+gspo_eps_high) A_i),
 
-    s_i = exp((1/|y_i|) sum_t log(pi_theta / pi_old)(y_it)) (length-normalized sequence ratio, differentiated).
-    Empty rows contribute 0. Clip fractions are token-weighted (each token of a clipped sequence counts).
-    """
-    b = _f32(batch)
-    adv = b.advantages  # [B]
-    log_r = masked_log_ratio(b.logp, b.logp_old, b.mask)  # [B, T]
-    s = jnp.exp(_per_response_mean(log_r, b.mask))  # [B]
-    nonempty = (_lengths(b.mask) > 0).astype(jnp.float32)
-    obj = _ppo_objective(s, adv, cfg.gspo_eps_low, cfg.gspo_eps_high) * nonempty
-    loss = -jnp.sum(obj) / b.mask.shape[0]
-    high, low = _clip_sides(sg(s), adv, cfg.gspo_eps_low, cfg.gspo_eps_high)  # [B]
-    tok = lambda x: jnp.broadcast_to(x[:, None], b.mask.shape)  # noqa: E731  [B] -> [B, T]
-    metrics = _diagnostics(b, cfg, weight=tok(s), clip_high=tok(high), clip_low=tok(low))
-    metrics["seq_ratio_mean"] = jnp.sum(sg(s) * nonempty) / jnp.maximum(jnp.sum(nonempty), 1.0)
-    metrics["seq_ratio_max"] = jnp.max(jnp.where(nonempty > 0, sg(s), 0.0))
-    metrics["seq_clip_frac"] = jnp.sum((high | low) * nonempty) / jnp.maximum(jnp.sum(nonempty), 1.0)
-    return loss, metrics
+  s_i = exp((1/|y_i|) sum_t log(pi_theta / pi_old)(y_it)) (length-normalized sequence ratio, differentiated).
+  Empty rows contribute 0. Clip fractions are token-weighted (each token of a clipped sequence counts).
+  """
+  b = _f32(batch)
+  adv = b.advantages  # [B]
+  log_r = masked_log_ratio(b.logp, b.logp_old, b.mask)  # [B, T]
+  s = jnp.exp(_per_response_mean(log_r, b.mask))  # [B]
+  nonempty = (_lengths(b.mask) > 0).astype(jnp.float32)
+  obj = _ppo_objective(s, adv, cfg.gspo_eps_low, cfg.gspo_eps_high) * nonempty
+  loss = -jnp.sum(obj) / b.mask.shape[0]
+  high, low = _clip_sides(sg(s), adv, cfg.gspo_eps_low, cfg.gspo_eps_high)  # [B]
+  tok = lambda x: jnp.broadcast_to(x[:, None], b.mask.shape)  # noqa: E731  [B] -> [B, T]
+  metrics = _diagnostics(b, cfg, weight=tok(s), clip_high=tok(high), clip_low=tok(low))
+  metrics["seq_ratio_mean"] = jnp.sum(sg(s) * nonempty) / jnp.maximum(jnp.sum(nonempty), 1.0)
+  metrics["seq_ratio_max"] = jnp.max(jnp.where(nonempty > 0, sg(s), 0.0))
+  metrics["seq_clip_frac"] = jnp.sum((high | low) * nonempty) / jnp.maximum(jnp.sum(nonempty), 1.0)
+  return loss, metrics

@@ -32,27 +32,27 @@ __all__ = [
 
 
 def masked_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """sum_{b,t} mask * x in float32; x is sanitized where mask == 0 (so inf/NaN padding cannot leak)."""
-    mask = mask.astype(jnp.float32)
-    return jnp.sum(jnp.where(mask > 0, x.astype(jnp.float32), 0.0) * mask)
+  """sum_{b,t} mask * x in float32; x is sanitized where mask == 0 (so inf/NaN padding cannot leak)."""
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(jnp.where(mask > 0, x.astype(jnp.float32), 0.0) * mask)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """sum(mask * x) / max(sum(mask), 1): 0 (not NaN) for an empty mask."""
-    return masked_sum(x, mask) / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+  """sum(mask * x) / max(sum(mask), 1): 0 (not NaN) for an empty mask."""
+  return masked_sum(x, mask) / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
 
 
 def masked_max(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """max over tokens with mask > 0; 0 for an empty mask."""
-    mask = mask > 0
-    m = jnp.max(jnp.where(mask, x.astype(jnp.float32), -jnp.inf))
-    return jnp.where(jnp.any(mask), m, 0.0)
+  """max over tokens with mask > 0; 0 for an empty mask."""
+  mask = mask > 0
+  m = jnp.max(jnp.where(mask, x.astype(jnp.float32), -jnp.inf))
+  return jnp.where(jnp.any(mask), m, 0.0)
 
 
 def masked_log_ratio(logp_a: jax.Array, logp_b: jax.Array, mask: jax.Array) -> jax.Array:
-    """[B, T] log(p_a / p_b) = logp_a - logp_b on masked tokens, exactly 0 elsewhere (safe to exp)."""
-    diff = logp_a.astype(jnp.float32) - logp_b.astype(jnp.float32)
-    return jnp.where(mask > 0, diff, 0.0)
+  """[B, T] log(p_a / p_b) = logp_a - logp_b on masked tokens, exactly 0 elsewhere (safe to exp)."""
+  diff = logp_a.astype(jnp.float32) - logp_b.astype(jnp.float32)
+  return jnp.where(mask > 0, diff, 0.0)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -61,35 +61,35 @@ def masked_log_ratio(logp_a: jax.Array, logp_b: jax.Array, mask: jax.Array) -> j
 
 
 def train_infer_kl(logp_mu: jax.Array, logp_old: jax.Array, mask: jax.Array) -> jax.Array:
-    """KL[mu_old || pi_old] estimated on tokens sampled from mu: mean_t (log mu(y_t) - log pi_old(y_t)).
+  """KL[mu_old || pi_old] estimated on tokens sampled from mu: mean_t (log mu(y_t) - log pi_old(y_t)).
 
-    This is the paper's k1 estimator (algorithms.md section 6). It is unbiased but can be negative on a
-    finite batch. logp_mu, logp_old, mask: [B, T].
-    """
-    return masked_mean(masked_log_ratio(logp_mu, logp_old, mask), mask)
+  This is the paper's k1 estimator (algorithms.md section 6). It is unbiased but can be negative on a
+  finite batch. logp_mu, logp_old, mask: [B, T].
+  """
+  return masked_mean(masked_log_ratio(logp_mu, logp_old, mask), mask)
 
 
 def k3_kl(logp_mu: jax.Array, logp_old: jax.Array, mask: jax.Array) -> jax.Array:
-    """k3 estimator of KL[mu_old || pi_old]: mean_t (rho - 1 - log rho), rho = pi_old / mu_old.
+  """k3 estimator of KL[mu_old || pi_old]: mean_t (rho - 1 - log rho), rho = pi_old / mu_old.
 
-    E_{y~mu}[rho] = 1, so the expectation equals E_mu[-log rho] = KL[mu || pi_old]; every term is >= 0.
-    """
-    log_rho = masked_log_ratio(logp_old, logp_mu, mask)  # [B, T]
-    return masked_mean(jnp.exp(log_rho) - 1.0 - log_rho, mask)
+  E_{y~mu}[rho] = 1, so the expectation equals E_mu[-log rho] = KL[mu || pi_old]; every term is >= 0.
+  """
+  log_rho = masked_log_ratio(logp_old, logp_mu, mask)  # [B, T]
+  return masked_mean(jnp.exp(log_rho) - 1.0 - log_rho, mask)
 
 
 def frac_ratio_beyond(
     logp_a: jax.Array, logp_b: jax.Array, mask: jax.Array, tau: float = 2.0
 ) -> jax.Array:
-    """F(tau): fraction of masked tokens with max(rho, 1/rho) > tau, rho = p_a / p_b (R3 paper; tau=2).
+  """F(tau): fraction of masked tokens with max(rho, 1/rho) > tau, rho = p_a / p_b (R3 paper; tau=2).
 
-    max(rho, 1/rho) > tau  <=>  |log rho| > log tau, which avoids overflowing exp.
-    """
-    if not tau > 1.0:
-        raise ValueError(f"frac_ratio_beyond: tau must be > 1, got {tau!r}")
-    log_rho = masked_log_ratio(logp_a, logp_b, mask)  # [B, T]
-    beyond = (jnp.abs(log_rho) > jnp.log(jnp.float32(tau))).astype(jnp.float32)
-    return masked_mean(beyond, mask)
+  max(rho, 1/rho) > tau  <=>  |log rho| > log tau, which avoids overflowing exp.
+  """
+  if not tau > 1.0:
+    raise ValueError(f"frac_ratio_beyond: tau must be > 1, got {tau!r}")
+  log_rho = masked_log_ratio(logp_a, logp_b, mask)  # [B, T]
+  beyond = (jnp.abs(log_rho) > jnp.log(jnp.float32(tau))).astype(jnp.float32)
+  return masked_mean(beyond, mask)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -98,14 +98,14 @@ def frac_ratio_beyond(
 
 
 def token_entropy(logits: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean over masked tokens of H(pi(.|ctx)) = -sum_v p_v log p_v, in nats, from float32 log_softmax.
+  """Mean over masked tokens of H(pi(.|ctx)) = -sum_v p_v log p_v, in nats, from float32 log_softmax.
 
-    logits: [B, T, V], mask: [B, T]. Vocabulary entries with p = 0 (logit -inf) contribute 0.
-    """
-    logq = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, V]
-    q = jnp.exp(logq)
-    ent = -jnp.sum(jnp.where(q > 0, q * logq, 0.0), axis=-1)  # [B, T]
-    return masked_mean(ent, mask)
+  logits: [B, T, V], mask: [B, T]. Vocabulary entries with p = 0 (logit -inf) contribute 0.
+  """
+  logq = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, V]
+  q = jnp.exp(logq)
+  ent = -jnp.sum(jnp.where(q > 0, q * logq, 0.0), axis=-1)  # [B, T]
+  return masked_mean(ent, mask)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -116,47 +116,47 @@ def token_entropy(logits: jax.Array, mask: jax.Array) -> jax.Array:
 def router_disagreement(
     routes_a: jax.Array, routes_b: jax.Array, token_mask: jax.Array
 ) -> dict[str, jax.Array]:
-    """How often two routings (e.g. sampler vs trainer) pick different expert sets.
+  """How often two routings (e.g. sampler vs trainer) pick different expert sets.
 
-    routes_a, routes_b: int32 [B, T, L, K] top-k expert ids; dense (non-MoE) layers hold -1.
-    token_mask: [B, T], 1 on the tokens to score.
+  routes_a, routes_b: int32 [B, T, L, K] top-k expert ids; dense (non-MoE) layers hold -1.
+  token_mask: [B, T], 1 on the tokens to score.
 
-    A (token, layer) pair is a *decision* when the layer is a MoE layer on either side (any id >= 0); pairs
-    that are -1 on both sides (dense layers) are excluded. Two decisions agree when their top-k SETS are
-    equal (order inside K does not matter: compared after sorting). A pair that is -1 on one side only is
-    counted as a disagreement (it signals a layer-index shift, one of the silent failures of section 5).
+  A (token, layer) pair is a *decision* when the layer is a MoE layer on either side (any id >= 0); pairs
+  that are -1 on both sides (dense layers) are excluded. Two decisions agree when their top-k SETS are
+  equal (order inside K does not matter: compared after sorting). A pair that is -1 on one side only is
+  counted as a disagreement (it signals a layer-index shift, one of the silent failures of section 5).
 
-    Returns:
-      per_decision: share of decisions whose sets differ (R3 paper: ~10% for Qwen3-30B-A3B).
-      per_token:    share of scored tokens (those with >= 1 decision) where at least one layer differs.
-      num_decisions, num_tokens: the denominators (float32), for weighted aggregation across batches.
-    """
-    if routes_a.shape != routes_b.shape or routes_a.ndim != 4:
-        raise ValueError(
-            "router_disagreement: routes must both be [B, T, L, K], got "
-            f"{routes_a.shape} and {routes_b.shape}"
-        )
-    if token_mask.shape != routes_a.shape[:2]:
-        raise ValueError(
-            f"router_disagreement: token_mask {token_mask.shape} must be [B, T] = {routes_a.shape[:2]}"
-        )
-    sorted_a = jnp.sort(routes_a, axis=-1)  # [B, T, L, K]
-    sorted_b = jnp.sort(routes_b, axis=-1)
-    differs = jnp.any(sorted_a != sorted_b, axis=-1)  # [B, T, L]
-    is_moe = jnp.any(routes_a >= 0, axis=-1) | jnp.any(routes_b >= 0, axis=-1)  # [B, T, L]
-    decision = is_moe & (token_mask[..., None] > 0)  # [B, T, L]
+  Returns:
+    per_decision: share of decisions whose sets differ (R3 paper: ~10% for Qwen3-30B-A3B).
+    per_token:    share of scored tokens (those with >= 1 decision) where at least one layer differs.
+    num_decisions, num_tokens: the denominators (float32), for weighted aggregation across batches.
+  """
+  if routes_a.shape != routes_b.shape or routes_a.ndim != 4:
+    raise ValueError(
+        "router_disagreement: routes must both be [B, T, L, K], got "
+        f"{routes_a.shape} and {routes_b.shape}"
+    )
+  if token_mask.shape != routes_a.shape[:2]:
+    raise ValueError(
+        f"router_disagreement: token_mask {token_mask.shape} must be [B, T] = {routes_a.shape[:2]}"
+    )
+  sorted_a = jnp.sort(routes_a, axis=-1)  # [B, T, L, K]
+  sorted_b = jnp.sort(routes_b, axis=-1)
+  differs = jnp.any(sorted_a != sorted_b, axis=-1)  # [B, T, L]
+  is_moe = jnp.any(routes_a >= 0, axis=-1) | jnp.any(routes_b >= 0, axis=-1)  # [B, T, L]
+  decision = is_moe & (token_mask[..., None] > 0)  # [B, T, L]
 
-    num_decisions = jnp.sum(decision.astype(jnp.float32))
-    num_diff = jnp.sum((differs & decision).astype(jnp.float32))
+  num_decisions = jnp.sum(decision.astype(jnp.float32))
+  num_diff = jnp.sum((differs & decision).astype(jnp.float32))
 
-    token_scored = jnp.any(decision, axis=-1)  # [B, T]
-    token_differs = jnp.any(differs & decision, axis=-1)  # [B, T]
-    num_tokens = jnp.sum(token_scored.astype(jnp.float32))
-    num_tokens_diff = jnp.sum(token_differs.astype(jnp.float32))
+  token_scored = jnp.any(decision, axis=-1)  # [B, T]
+  token_differs = jnp.any(differs & decision, axis=-1)  # [B, T]
+  num_tokens = jnp.sum(token_scored.astype(jnp.float32))
+  num_tokens_diff = jnp.sum(token_differs.astype(jnp.float32))
 
-    return {
-        "per_decision": num_diff / jnp.maximum(num_decisions, 1.0),
-        "per_token": num_tokens_diff / jnp.maximum(num_tokens, 1.0),
-        "num_decisions": num_decisions,
-        "num_tokens": num_tokens,
-    }
+  return {
+      "per_decision": num_diff / jnp.maximum(num_decisions, 1.0),
+      "per_token": num_tokens_diff / jnp.maximum(num_tokens, 1.0),
+      "num_decisions": num_decisions,
+      "num_tokens": num_tokens,
+  }

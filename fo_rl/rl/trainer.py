@@ -15,6 +15,7 @@ Under R2 the first update evaluates the same parameters and routes as the old-lo
 ratio is 1 up to float rounding: the two are different XLA programs (forward vs forward+backward) and may
 fuse differently, which moves logp by a few float32 ulps (|ratio - 1| <= ~1e-6 on CPU).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,6 +49,7 @@ def _from_mapping(cls, d: Mapping[str, Any] | Any, where: str):
 class OptimConfig:
   """AdamW with linear warmup then constant LR, and global grad-norm clipping. The paper does not state
   these (algorithms.md section 6: open); the defaults suit the tiny CPU models."""
+
   learning_rate: float = 1e-4
   warmup_steps: int = 0  # optimizer updates (not RL steps)
   b1: float = 0.9
@@ -68,11 +70,15 @@ class OptimConfig:
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-  schedule = (optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
-              if cfg.warmup_steps else cfg.learning_rate)
+  schedule = (
+      optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+      if cfg.warmup_steps
+      else cfg.learning_rate
+  )
   if cfg.warmup_steps:
-    schedule = optax.join_schedules([schedule, optax.constant_schedule(cfg.learning_rate)],
-                                    [cfg.warmup_steps])
+    schedule = optax.join_schedules(
+        [schedule, optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps]
+    )
   parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
   parts.append(optax.adamw(schedule, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay))
   return optax.chain(*parts)
@@ -82,7 +88,9 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 class TrainerConfig:
   mini_batches: int = 1  # N: optimizer updates per rollout batch (the off-policiness)
   replay: str = "none"  # none | r2 | r3
-  temperature: float = 1.0  # must equal the sampler's: pi_old, pi_theta and mu share one distribution
+  temperature: float = (
+      1.0  # must equal the sampler's: pi_old, pi_theta and mu share one distribution
+  )
   loss: LossConfig = LossConfig()
   optim: OptimConfig = OptimConfig()
 
@@ -100,6 +108,7 @@ class TrainerConfig:
 class Rollouts:
   """A global batch of sampled sequences, aligned to input positions (prompt left-padded, response
   right-padded). Per-token arrays hold the value *of the token at that position*."""
+
   tokens: jax.Array  # [B, T] int32
   token_mask: jax.Array  # [B, T] bool: real tokens (prompt or response)
   positions: jax.Array  # [B, T] int32
@@ -132,8 +141,14 @@ def _where_finite(ok, new, old):
 class Trainer:
   """Holds the compiled old-logprob pass and update for one (model, mesh, rules, config)."""
 
-  def __init__(self, graphdef, model_cfg: ModelConfig, cfg: TrainerConfig, mesh: Mesh | None = None,
-               rules: Rules = DEFAULT_RULES):
+  def __init__(
+      self,
+      graphdef,
+      model_cfg: ModelConfig,
+      cfg: TrainerConfig,
+      mesh: Mesh | None = None,
+      rules: Rules = DEFAULT_RULES,
+  ):
     if cfg.replay != "none" and model_cfg.num_experts == 0:
       raise ValueError(f"rl.replay={cfg.replay!r} needs a MoE model, but model.num_experts=0")
     self.cfg, self.model_cfg, self.mesh, self.rules = cfg, model_cfg, mesh, rules
@@ -152,16 +167,26 @@ class Trainer:
     if self.mesh is None:
       return TrainState(params, jax.jit(self.tx.init)(params), zero(), zero())
     replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    params = jax.tree.map(lambda x: x if isinstance(getattr(x, "sharding", None), NamedSharding)
-                          else jax.device_put(x, replicated), params)
+    params = jax.tree.map(
+        lambda x: x
+        if isinstance(getattr(x, "sharding", None), NamedSharding)
+        else jax.device_put(x, replicated),
+        params,
+    )
     # Adam's moments get exactly the parameters' shardings (left to the compiler, zeros_like comes out
     # replicated: every device would hold the full moments); its step counts are replicated.
     param_sh = jax.tree.map(lambda x: x.sharding, params)
-    opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, jax.eval_shape(self.tx.init, params),
-                                   param_sh, transform_non_params=lambda _: replicated)
+    opt_sh = optax.tree_map_params(
+        self.tx,
+        lambda _, s: s,
+        jax.eval_shape(self.tx.init, params),
+        param_sh,
+        transform_non_params=lambda _: replicated,
+    )
     opt_state = jax.jit(self.tx.init, out_shardings=opt_sh)(params)
-    return TrainState(params, opt_state, jax.device_put(zero(), replicated),
-                      jax.device_put(zero(), replicated))
+    return TrainState(
+        params, opt_state, jax.device_put(zero(), replicated), jax.device_put(zero(), replicated)
+    )
 
   # ---- ahead-of-time compilation (fo_rl/parallel/dry_run.py) -------------------------------------
   def abstract_state(self, params) -> TrainState:
@@ -169,27 +194,37 @@ class Trainer:
     ShapeDtypeStructs with NamedShardings. Nothing is allocated."""
     replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     opt = jax.eval_shape(self.tx.init, params)
-    opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, opt, jax.tree.map(lambda x: x.sharding,
-                                                                               params),
-                                   transform_non_params=lambda _: replicated)
+    opt_sh = optax.tree_map_params(
+        self.tx,
+        lambda _, s: s,
+        opt,
+        jax.tree.map(lambda x: x.sharding, params),
+        transform_non_params=lambda _: replicated,
+    )
     opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt, opt_sh)
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
     return TrainState(params, opt, scalar, scalar)
 
   def lower(self, state: TrainState, ro: Rollouts) -> dict[str, Any]:
     """Lower the two jitted functions of `train_step` for abstract `state` / global batch `ro`
-    (ShapeDtypeStructs): {"old_pass": the old-logprob pass over ro, "update": one mini-batch update}."""
+    (ShapeDtypeStructs): {"old_pass": the old-logprob pass over ro, "update": one mini-batch update}.
+    """
     B, N = ro.tokens.shape[0], self.cfg.mini_batches
-    ro = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._batch_sharding(x)),
-                      ro)
+    ro = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._batch_sharding(x)), ro
+    )
     logp_old, live_routes, _ = jax.eval_shape(self._old_pass_fn, state.params, ro)
     replay = {"none": None, "r2": live_routes, "r3": ro.sampler_routes}[self.cfg.replay]
-    mb = jax.tree.map(lambda x: jax.ShapeDtypeStruct((B // N, *x.shape[1:]), x.dtype),
-                      (ro, logp_old, replay))
-    mb = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._batch_sharding(x)),
-                      mb)
-    return {"old_pass": self._old_pass.lower(state.params, ro),
-            "update": self._compile_update(state, *mb).lower(state, *mb)}
+    mb = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((B // N, *x.shape[1:]), x.dtype), (ro, logp_old, replay)
+    )
+    mb = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._batch_sharding(x)), mb
+    )
+    return {
+        "old_pass": self._old_pass.lower(state.params, ro),
+        "update": self._compile_update(state, *mb).lower(state, *mb),
+    }
 
   def _batch_sharding(self, x):
     if self.mesh is None:
@@ -204,11 +239,14 @@ class Trainer:
   def _minibatch_fn(self, tree, start, *, size: int):
     """Rows [start, start + size) of every array of `tree`, in the trainer's batch sharding. One jitted
     program for the whole mini-batch rather than an eager slice and a device_put per array: in a
-    2-process run those eager per-array programs once hung with the processes inside different ones."""
+    2-process run those eager per-array programs once hung with the processes inside different ones.
+    """
+
     def rows(x):
       y = jax.lax.dynamic_slice_in_dim(x, start, size, axis=0)
       sh = self._batch_sharding(y)
       return y if sh is None else jax.lax.with_sharding_constraint(y, sh)
+
     return jax.tree.map(rows, tree)
 
   # ---- old-logprob pass ---------------------------------------------------------------------
@@ -254,12 +292,14 @@ class Trainer:
     """(policy loss, loss metrics) of one mini-batch; `replay` None (live routing) or [B, T, L, k]."""
     logits, _ = self.apply(params, ro.tokens, ro.positions, replay, ro.token_mask)
     logp = token_logprobs(logits, ro.tokens, self.cfg.temperature)
-    return policy_loss(LossInputs(logp, logp_old, ro.logp_mu, ro.advantages, ro.response_mask),
-                       self.cfg.loss)
+    return policy_loss(
+        LossInputs(logp, logp_old, ro.logp_mu, ro.advantages, ro.response_mask), self.cfg.loss
+    )
 
   def _update_fn(self, state: TrainState, ro: Rollouts, logp_old, replay):
-    (loss, m), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state.params, ro, logp_old,
-                                                                        replay)
+    (loss, m), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
+        state.params, ro, logp_old, replay
+    )
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
     grads = jax.tree.map(lambda g: jnp.where(ok, g, 0), grads)  # keep Adam's moments finite too
@@ -278,9 +318,12 @@ class Trainer:
       return jax.jit(self._update_fn, donate_argnums=0)
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     batch_sh = jax.tree.map(self._batch_sharding, (mb, logp_old, replay))
-    return jax.jit(self._update_fn, in_shardings=(state_sh, *batch_sh),
-                   out_shardings=(state_sh, NamedSharding(self.mesh, jax.sharding.PartitionSpec())),
-                   donate_argnums=0)
+    return jax.jit(
+        self._update_fn,
+        in_shardings=(state_sh, *batch_sh),
+        out_shardings=(state_sh, NamedSharding(self.mesh, jax.sharding.PartitionSpec())),
+        donate_argnums=0,
+    )
 
   # ---- the step -------------------------------------------------------------------------------
   def train_step(self, state: TrainState, ro: Rollouts) -> tuple[TrainState, dict[str, float]]:
@@ -315,7 +358,9 @@ class Trainer:
       if k == "skipped":
         continue
       vals = np.asarray([m[k] for m in per_mb], np.float64)[applied]
-      out[k] = float(vals.max() if k.endswith("_max") else vals.mean()) if vals.size else float("nan")
+      out[k] = (
+          float(vals.max() if k.endswith("_max") else vals.mean()) if vals.size else float("nan")
+      )
     out["staleness_ratio_first_minibatch_max"] = float(per_mb[0].get("ratio_max", np.nan))
     out["skipped_steps"] = int(sum(int(m["skipped"]) for m in per_mb))  # in this train_step
     out["skipped_steps_total"] = int(state.skipped)  # since init_state

@@ -23,6 +23,7 @@ the most precision-sensitive, and they are a tiny share of the FLOPs; attention,
 weights (the bulk of the parameters) are quantized. "High precision" means the sampler's float dtype:
 float32, or bfloat16 when weight_dtype is bfloat16 (kept parts are then bfloat16 too).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -81,8 +82,10 @@ def part_of(path, ndim: int) -> str:
     return "attn"
   if name in _FFN:
     return "experts" if ndim == 3 else "mlp"
-  raise ValueError(f"quantize: parameter {'/'.join(keys)} has no known part; add it to "
-                   f"fo_rl/sampler/quantize.py:part_of")
+  raise ValueError(
+      f"quantize: parameter {'/'.join(keys)} has no known part; add it to "
+      f"fo_rl/sampler/quantize.py:part_of"
+  )
 
 
 def contracted_axes(path, ndim: int) -> tuple[int, ...]:
@@ -113,8 +116,9 @@ def quantize_array(w: jax.Array, dtype, axes: Sequence[int]) -> QTensor:
   return QTensor(x.astype(dtype), scale)
 
 
-def quantize_state(state, weight_dtype: str = "float32",
-                   keep_high_precision: Sequence[str] = DEFAULT_KEEP):
+def quantize_state(
+    state, weight_dtype: str = "float32", keep_high_precision: Sequence[str] = DEFAULT_KEEP
+):
   """The sampler's copy of an nnx.State of Params: QTensors for quantized parts, arrays for the rest.
 
   Pure and traceable (the weight sync jits it with the sampler's out_shardings).
@@ -126,7 +130,9 @@ def quantize_state(state, weight_dtype: str = "float32",
   def one(path, var):
     w = var.get_value()
     if isinstance(w, QTensor):
-      raise ValueError("quantize_state: the input already holds QTensors (pass the trainer's state)")
+      raise ValueError(
+          "quantize_state: the input already holds QTensors (pass the trainer's state)"
+      )
     if weight_dtype in QUANTIZED_DTYPES and part_of(path, w.ndim) not in keep:
       return var.replace(quantize_array(w, weight_dtype, contracted_axes(path, w.ndim)))
     return var.replace(jnp.asarray(w).astype(high))

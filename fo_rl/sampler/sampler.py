@@ -46,6 +46,7 @@ and renormalized. Greedy (temperature 0) returns the argmax and, as its logprob,
 argmax: the untruncated temperature-1 distribution (the argmax has probability 1 under the greedy
 "distribution", which would carry no information).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -100,6 +101,7 @@ class SamplerConfig:
     (small models, where attention is a large part of a step and the copy is cheap), else 1.
   rules: the sampler's logical-axis rules (its mesh is given to Sampler).
   """
+
   weight_dtype: str = "float32"
   keep_high_precision: tuple[str, ...] = Q.DEFAULT_KEEP
   dtype: str | None = None
@@ -117,13 +119,24 @@ class SamplerConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "keep_high_precision", tuple(self.keep_high_precision))
-    object.__setattr__(self, "rules", tuple((n, a if a is None or isinstance(a, str) else tuple(a))
-                                            for n, a in self.rules))
+    object.__setattr__(
+        self,
+        "rules",
+        tuple((n, a if a is None or isinstance(a, str) else tuple(a)) for n, a in self.rules),
+    )
     Q.validate(self.weight_dtype, self.keep_high_precision)
     validate_rules(self.rules, "sampler.rules")
     if self.moe_impl is not None and self.moe_impl not in ("auto",) + MOE_IMPLS:
-      raise ValueError(f"sampler.moe_impl={self.moe_impl!r}: must be None, 'auto' or one of {MOE_IMPLS}")
-    for f in ("prompt_bucket", "gen_bucket", "decode_segments", "decode_window", "max_decode_segments"):
+      raise ValueError(
+          f"sampler.moe_impl={self.moe_impl!r}: must be None, 'auto' or one of {MOE_IMPLS}"
+      )
+    for f in (
+        "prompt_bucket",
+        "gen_bucket",
+        "decode_segments",
+        "decode_window",
+        "max_decode_segments",
+    ):
       if getattr(self, f) is not None and getattr(self, f) < 1:
         raise ValueError(f"sampler.{f}={getattr(self, f)}: must be >= 1")
 
@@ -133,6 +146,7 @@ class SamplingParams:
   """temperature 0 is greedy. top_k 0 and top_p 1.0 disable truncation (the RL default: the trainer's
   pi must use the same truncation, algorithms.md section 7). Generation stops at any of `eos_ids` (the
   EOS token is part of the response) or after max_new_tokens."""
+
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
@@ -169,7 +183,8 @@ def bucket(n: int, minimum: int) -> int:
 # ------------------------------------------------------------------------------------------------
 def _argmax(x: jax.Array) -> jax.Array:
   """argmax over the last axis (first maximal index) as two plain reductions: XLA:CPU runs the
-  variadic (value, index) reduce of jnp.argmax several times slower, and it is on every decode step."""
+  variadic (value, index) reduce of jnp.argmax several times slower, and it is on every decode step.
+  """
   m = jnp.max(x, axis=-1, keepdims=True)
   n = x.shape[-1]
   first = jnp.min(jnp.where(x == m, jnp.arange(n, dtype=jnp.int32), n), axis=-1)
@@ -213,8 +228,10 @@ def exponential(key, shape: tuple[int, ...], row_offset=None) -> jax.Array:
   if row_offset is not None:
     counts = counts + jnp.asarray(row_offset, jnp.uint32) * np.uint32(math.prod(shape[1:]))
   w1, w2 = threefry2x32(data[0], data[1], jnp.zeros_like(counts), counts)
-  u = jax.lax.bitcast_convert_type(((w1 ^ w2) >> np.uint32(9)) | np.uint32(0x3F800000),
-                                   jnp.float32) - 1.0
+  u = (
+      jax.lax.bitcast_convert_type(((w1 ^ w2) >> np.uint32(9)) | np.uint32(0x3F800000), jnp.float32)
+      - 1.0
+  )
   return -jnp.log1p(-u)
 
 
@@ -236,7 +253,9 @@ def _truncated_sorted(x: jax.Array, top_k: int, top_p: float):
   keep = jnp.ones(vals.shape, bool)
   if top_p < 1.0:
     p = jax.nn.softmax(vals, axis=-1)  # renormalized over the top-k set
-    keep = (jnp.cumsum(p, axis=-1) - p) < top_p  # the mass before each token; the first always stays
+    keep = (
+        jnp.cumsum(p, axis=-1) - p
+    ) < top_p  # the mass before each token; the first always stays
   return vals, ids, keep
 
 
@@ -260,8 +279,9 @@ def truncate_logits(logits: jax.Array, temperature: float, top_k: int = 0, top_p
   return jnp.full_like(x, -jnp.inf).at[rows, ids].set(jnp.where(keep, vals, -jnp.inf))
 
 
-def sample_logits(key, logits: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                  row_offset=None):
+def sample_logits(
+    key, logits: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0, row_offset=None
+):
   """logits [B, V] -> (tokens [B] int32, logp [B] float32 of each token under the distribution it was
   sampled from: softmax(logits / temperature) over the top-k / top-p set, renormalized). row_offset: the
   rows are [row_offset, row_offset + B) of a larger batch, drawn as that batch's (see exponential).
@@ -292,6 +312,7 @@ def sample_logits(key, logits: jax.Array, temperature: float, top_k: int = 0, to
 @dataclasses.dataclass
 class DecodeState:
   """Everything decode carries. P = routes.shape[1] - tokens.shape[1] is the prompt bucket."""
+
   cache: list  # per layer {'k', 'v': [B, K, H, P + T]}
   key_mask: jax.Array  # [B, P + T] bool: real cache slots
   prompt_len: jax.Array  # [B] int32: real prompt tokens (= position of response token 0)
@@ -317,6 +338,7 @@ class SampleOutput:
   routes [B, P + T, L, k]: experts the sampler used when feeding each column (the model's replay layout;
     -1 in dense layers, a valid id in MoE layers everywhere).
   """
+
   prompt_tokens: jax.Array
   prompt_mask: jax.Array
   tokens: jax.Array
@@ -336,8 +358,12 @@ class SampleOutput:
     response token t is log_softmax(logits[:, P - 1 + t])[tokens[:, P + t]]."""
     tokens = jnp.concatenate([self.prompt_tokens, self.tokens], axis=1)
     mask = jnp.concatenate([self.prompt_mask, self.response_mask], axis=1)
-    return dict(tokens=tokens, token_mask=mask, positions=positions_from_mask(mask),
-                replay_routes=self.routes)
+    return dict(
+        tokens=tokens,
+        token_mask=mask,
+        positions=positions_from_mask(mask),
+        replay_routes=self.routes,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -359,8 +385,13 @@ class Sampler:
   config.rules, which may differ from the trainer's mesh and rules.
   """
 
-  def __init__(self, model_cfg: ModelConfig, config: SamplerConfig = SamplerConfig(),
-               mesh: Mesh | None = None, trainer_state=None):
+  def __init__(
+      self,
+      model_cfg: ModelConfig,
+      config: SamplerConfig = SamplerConfig(),
+      mesh: Mesh | None = None,
+      trainer_state=None,
+  ):
     over = {}
     if config.dtype is not None:
       over["dtype"] = config.dtype
@@ -379,8 +410,11 @@ class Sampler:
     self._hp_shardings = state_shardings(abstract, self.mesh, config.rules)  # high precision layout
     quantized = jax.eval_shape(self._quantize, abstract)
     self.param_shardings = jax.tree_util.tree_map(
-        self._leaf_sharding, self._hp_shardings, quantized,
-        is_leaf=lambda x: isinstance(x, nnx.Variable))
+        self._leaf_sharding,
+        self._hp_shardings,
+        quantized,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
     self.params = None
     # Weight sync: reshard (trainer layout -> out_shardings) and quantize in one compiled call.
     self._sync = jax.jit(self._quantize, out_shardings=self.param_shardings)
@@ -391,10 +425,16 @@ class Sampler:
     self._decode = jax.jit(self._decode_impl, static_argnames=("sampling",), donate_argnums=(1,))
     self._cache_dtype = jnp.dtype(config.cache_dtype or self.model_cfg.dtype)
     self._local_graphdefs = {}
-    route_fill = np.array([0 if self.model_cfg.is_moe_layer(i) else DENSE_ROUTE
-                           for i in range(self.model_cfg.num_layers)], np.int32)
-    self._route_fill = np.broadcast_to(route_fill[:, None],
-                                       (self.model_cfg.num_layers, self.model_cfg.route_slots))
+    route_fill = np.array(
+        [
+            0 if self.model_cfg.is_moe_layer(i) else DENSE_ROUTE
+            for i in range(self.model_cfg.num_layers)
+        ],
+        np.int32,
+    )
+    self._route_fill = np.broadcast_to(
+        route_fill[:, None], (self.model_cfg.num_layers, self.model_cfg.route_slots)
+    )
     if trainer_state is not None:
       self.update_weights(trainer_state)
 
@@ -407,8 +447,12 @@ class Sampler:
     """The sampler sharding of one parameter; a QTensor's scale is unsharded on its size-1 axes."""
     sh, value = hp_var.get_value(), q_var.get_value()
     if isinstance(value, QTensor):
-      sspec = P(*(s if value.scale.shape[d] != 1 else None
-                  for d, s in enumerate(tuple(sh.spec) + (None,) * (len(value.shape) - len(sh.spec)))))
+      sspec = P(
+          *(
+              s if value.scale.shape[d] != 1 else None
+              for d, s in enumerate(tuple(sh.spec) + (None,) * (len(value.shape) - len(sh.spec)))
+          )
+      )
       return hp_var.replace(QTensor(sh, NamedSharding(sh.mesh, sspec)))
     return hp_var
 
@@ -442,8 +486,9 @@ class Sampler:
       kv = ()
     return NamedSharding(self.mesh, P(bspec, (kv[0] if len(kv) == 1 else kv) or None, None, None))
 
-  def _prefill_impl(self, params, prompt, prompt_mask, key, max_new, *, sampling: SamplingParams,
-                    gen_len: int):
+  def _prefill_impl(
+      self, params, prompt, prompt_mask, key, max_new, *, sampling: SamplingParams, gen_len: int
+  ):
     cfg = self.model_cfg
     model = nnx.merge(self.graphdef, params)
     B, Pl = prompt.shape
@@ -451,26 +496,51 @@ class Sampler:
     csh = self._cache_sharding(B, cfg.num_kv_heads)
     # The prompt fills a cache of exactly P slots (the model then attends over the new keys only, not over
     # P + T mostly empty slots); it is padded to P + T for decode afterwards.
-    window = [{n: jnp.zeros(self._cache_shape(B, Pl), self._cache_dtype) for n in ("k", "v")}
-              for _ in range(cfg.num_layers)]
+    window = [
+        {n: jnp.zeros(self._cache_shape(B, Pl), self._cache_dtype) for n in ("k", "v")}
+        for _ in range(cfg.num_layers)
+    ]
     key_mask = jnp.concatenate([prompt_mask, jnp.ones((B, gen_len), bool)], axis=1)
     prompt_len = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
-    logits, routes, window = model(prompt, positions_from_mask(prompt_mask), token_mask=prompt_mask,
-                                   key_mask=prompt_mask, cache=window, cache_index=0)
+    logits, routes, window = model(
+        prompt,
+        positions_from_mask(prompt_mask),
+        token_mask=prompt_mask,
+        key_mask=prompt_mask,
+        cache=window,
+        cache_index=0,
+    )
     pad = ((0, 0),) * 3 + ((0, gen_len),)
-    cache = [{n: jax.lax.with_sharding_constraint(jnp.pad(c[n], pad), csh) for n in c} for c in window]
+    cache = [
+        {n: jax.lax.with_sharding_constraint(jnp.pad(c[n], pad), csh) for n in c} for c in window
+    ]
     route_buf = jnp.broadcast_to(jnp.asarray(self._route_fill), (B, S, *self._route_fill.shape))
     route_buf = jax.lax.dynamic_update_slice_in_dim(self._constrain(route_buf), routes, 0, axis=1)
-    tok, lp = sample_logits(jax.random.fold_in(key, 0), logits[:, -1], sampling.temperature,
-                            sampling.top_k, sampling.top_p)
+    tok, lp = sample_logits(
+        jax.random.fold_in(key, 0),
+        logits[:, -1],
+        sampling.temperature,
+        sampling.top_k,
+        sampling.top_p,
+    )
     tokens = jnp.full((B, gen_len), self.config.pad_id, jnp.int32).at[:, 0].set(tok)
     logp = jnp.zeros((B, gen_len), jnp.float32).at[:, 0].set(lp)
     eos = self._is_eos(tok, sampling)
     lengths = jnp.ones((B,), jnp.int32)
-    return DecodeState(cache=cache, key_mask=self._constrain(key_mask), prompt_len=prompt_len,
-                       tokens=self._constrain(tokens), logp=self._constrain(logp), routes=route_buf,
-                       lengths=lengths, done=eos | (lengths >= max_new), eos=eos,
-                       step=jnp.zeros((), jnp.int32), max_new=jnp.asarray(max_new, jnp.int32), key=key)
+    return DecodeState(
+        cache=cache,
+        key_mask=self._constrain(key_mask),
+        prompt_len=prompt_len,
+        tokens=self._constrain(tokens),
+        logp=self._constrain(logp),
+        routes=route_buf,
+        lengths=lengths,
+        done=eos | (lengths >= max_new),
+        eos=eos,
+        step=jnp.zeros((), jnp.int32),
+        max_new=jnp.asarray(max_new, jnp.int32),
+        key=key,
+    )
 
   @staticmethod
   def _is_eos(tok, sampling: SamplingParams):
@@ -523,19 +593,40 @@ class Sampler:
     graphdef = self._local_graphdef(axes)
 
     def per_shard(params, state, limit):  # state: this shard's rows
-      out = self._decode_loops(graphdef, params, state, limit, sampling, ends,
-                               jax.lax.axis_index(axes) * state.tokens.shape[0])
+      out = self._decode_loops(
+          graphdef,
+          params,
+          state,
+          limit,
+          sampling,
+          ends,
+          jax.lax.axis_index(axes) * state.tokens.shape[0],
+      )
       # Shards stop on their own; a shard that stopped early has every row done, so the furthest step
       # is where a later decode call (limit) resumes for all of them.
       return dataclasses.replace(out, step=jax.lax.pmax(out.step, axes))
 
     split = P(axes)  # batch rows over the manual axes; the other axes stay automatic
     spec = jax.tree_util.tree_map(lambda x: split if x.ndim else P(), state)
-    return jax.shard_map(per_shard, mesh=self.mesh, in_specs=(P(), spec, P()), out_specs=spec,
-                         axis_names=set(axes), check_vma=False)(params, state, limit)
+    return jax.shard_map(
+        per_shard,
+        mesh=self.mesh,
+        in_specs=(P(), spec, P()),
+        out_specs=spec,
+        axis_names=set(axes),
+        check_vma=False,
+    )(params, state, limit)
 
-  def _decode_loops(self, graphdef, params, state: DecodeState, limit, sampling: SamplingParams,
-                    ends: list[int], row_offset):
+  def _decode_loops(
+      self,
+      graphdef,
+      params,
+      state: DecodeState,
+      limit,
+      sampling: SamplingParams,
+      ends: list[int],
+      row_offset,
+  ):
     """The decode loops (one per segment, ending at response columns `ends`) over the rows in `state`:
     all of them, or one shard's, which are rows [row_offset, row_offset + B) of the batch (their random
     draws are that slice of the batch's)."""
@@ -548,21 +639,39 @@ class Sampler:
     def body(s: DecodeState):
       t = s.step
       fed = jax.lax.dynamic_slice_in_dim(s.tokens, t, 1, axis=1)  # y_t (pad for finished rows)
-      logits, routes, cache = model(fed, (s.prompt_len + t)[:, None], token_mask=ones,
-                                    key_mask=s.key_mask, cache=s.cache, cache_index=Pl + t)
+      logits, routes, cache = model(
+          fed,
+          (s.prompt_len + t)[:, None],
+          token_mask=ones,
+          key_mask=s.key_mask,
+          cache=s.cache,
+          cache_index=Pl + t,
+      )
       # Routes are recorded for real tokens only (t < length), so a padding column holds the fill value
       # however long the loop ran: the output does not depend on the other rows or the mesh.
       route_buf = _rmw_column(s.routes, Pl + t, routes[:, 0], t < s.lengths)
-      tok, lp = sample_logits(jax.random.fold_in(s.key, t + 1), logits[:, 0], sampling.temperature,
-                              sampling.top_k, sampling.top_p, row_offset)
+      tok, lp = sample_logits(
+          jax.random.fold_in(s.key, t + 1),
+          logits[:, 0],
+          sampling.temperature,
+          sampling.top_k,
+          sampling.top_p,
+          row_offset,
+      )
       active = ~s.done  # rows that produce y_{t+1}
       eos = active & self._is_eos(tok, sampling)
       lengths = s.lengths + active.astype(jnp.int32)
       return dataclasses.replace(
-          s, cache=cache, routes=route_buf, step=t + 1, lengths=lengths,
+          s,
+          cache=cache,
+          routes=route_buf,
+          step=t + 1,
+          lengths=lengths,
           tokens=_rmw_column(s.tokens, t + 1, tok, active),
           logp=_rmw_column(s.logp, t + 1, lp, active),
-          eos=s.eos | eos, done=s.done | eos | (lengths >= s.max_new))
+          eos=s.eos | eos,
+          done=s.done | eos | (lengths >= s.max_new),
+      )
 
     # Windowed decode: segment j feeds the response columns [stop_{j-1}, stop_j) and attends over the
     # first P + stop_j cache slots only, the most any of its steps can see. Each segment's while_loop
@@ -578,12 +687,16 @@ class Sampler:
       if j == 0:
         cache = [{n: c[n][..., :window] for n in c} for c in state.cache]
       else:
-        cache = [{n: jnp.concatenate([c[n], f[n][..., Pl + ends[j - 1]:window]], axis=3) for n in c}
-                 for c, f in zip(state.cache, full_cache)]
+        cache = [
+            {n: jnp.concatenate([c[n], f[n][..., Pl + ends[j - 1] : window]], axis=3) for n in c}
+            for c, f in zip(state.cache, full_cache)
+        ]
       state = dataclasses.replace(state, cache=cache, key_mask=full_mask[:, :window])
       state = jax.lax.while_loop(
           lambda s, stop=stop: (s.step < jnp.minimum(end, stop)) & jnp.any(s.lengths > s.step),
-          body, state)
+          body,
+          state,
+      )
     return state
 
   def prefill(self, prompt, prompt_mask, sampling: SamplingParams, seed=0) -> DecodeState:
@@ -592,16 +705,24 @@ class Sampler:
       raise RuntimeError("Sampler has no weights: call update_weights(trainer_state) first")
     gen_len = bucket(sampling.max_new_tokens, self.config.gen_bucket)
     key = seed if isinstance(seed, jax.Array) else jax.random.key(int(seed))
-    return self._prefill(self.params, prompt, prompt_mask, key,
-                         jnp.asarray(sampling.max_new_tokens, jnp.int32),
-                         sampling=sampling.compile_key, gen_len=gen_len)
+    return self._prefill(
+        self.params,
+        prompt,
+        prompt_mask,
+        key,
+        jnp.asarray(sampling.max_new_tokens, jnp.int32),
+        sampling=sampling.compile_key,
+        gen_len=gen_len,
+    )
 
-  def decode(self, state: DecodeState, sampling: SamplingParams, limit: int | None = None
-             ) -> DecodeState:
+  def decode(
+      self, state: DecodeState, sampling: SamplingParams, limit: int | None = None
+  ) -> DecodeState:
     """Decode until every row is done, or `limit` response columns have been fed. `state` is donated."""
     limit = state.tokens.shape[1] if limit is None else limit
-    return self._decode(self.params, state, jnp.asarray(limit, jnp.int32),
-                        sampling=sampling.compile_key)
+    return self._decode(
+        self.params, state, jnp.asarray(limit, jnp.int32), sampling=sampling.compile_key
+    )
 
   def pad_prompts(self, prompts: Sequence[Sequence[int]]):
     """Left-pad token-id lists to the bucket length -> (tokens, mask) [B, P] on the sampler's mesh."""
@@ -614,24 +735,38 @@ class Sampler:
     tok = np.full((len(prompts), Pl), self.config.pad_id, np.int32)
     mask = np.zeros((len(prompts), Pl), bool)
     for i, p in enumerate(prompts):
-      tok[i, Pl - len(p):] = np.asarray(p, np.int32)
-      mask[i, Pl - len(p):] = True
+      tok[i, Pl - len(p) :] = np.asarray(p, np.int32)
+      mask[i, Pl - len(p) :] = True
     sh = NamedSharding(self.mesh, batch_spec(self.config.rules, 2, self.mesh, len(prompts)))
     return jax.device_put(tok, sh), jax.device_put(mask, sh)
 
-  def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams = SamplingParams(),
-               seed: int | jax.Array = 0) -> SampleOutput:
+  def generate(
+      self,
+      prompts: Sequence[Sequence[int]],
+      sampling: SamplingParams = SamplingParams(),
+      seed: int | jax.Array = 0,
+  ) -> SampleOutput:
     """Sample one response per prompt (repeat a prompt for several samples). Returns device arrays
     without waiting for them (finish_reason is the only host read)."""
     tok, mask = self.pad_prompts(prompts)
     state = self.decode(self.prefill(tok, mask, sampling, seed), sampling)
     T = state.tokens.shape[1]
     response_mask = jnp.arange(T)[None, :] < state.lengths[:, None]
-    return SampleOutput(prompt_tokens=tok, prompt_mask=mask, tokens=state.tokens, logp_mu=state.logp,
-                        response_mask=response_mask, lengths=state.lengths, finished_eos=state.eos,
-                        routes=state.routes)
+    return SampleOutput(
+        prompt_tokens=tok,
+        prompt_mask=mask,
+        tokens=state.tokens,
+        logp_mu=state.logp,
+        response_mask=response_mask,
+        lengths=state.lengths,
+        finished_eos=state.eos,
+        routes=state.routes,
+    )
 
   def num_compiles(self) -> dict[str, int]:
     """Compiled variants per jitted function (tests use it to check that nothing recompiles)."""
-    return {"prefill": self._prefill._cache_size(), "decode": self._decode._cache_size(),
-            "update_weights": self._sync._cache_size()}
+    return {
+        "prefill": self._prefill._cache_size(),
+        "decode": self._decode._cache_size(),
+        "update_weights": self._sync._cache_size(),
+    }

@@ -17,6 +17,7 @@ The printed logprob of each token is logp_mu: its log-probability under the dist
 from (after temperature / top-k / top-p); greedy (--temperature=0) prints log softmax(logits) at the argmax.
 Errors (bad flags, missing files) exit with status 1 and one line naming the problem.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,9 @@ flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1.0: off).")
 flags.DEFINE_integer("top_k", 0, "Top-k sampling (0: off).")
 flags.DEFINE_integer("max_new_tokens", 64, "Maximum generated tokens per sample.")
 flags.DEFINE_enum("weight_dtype", "float32", list(WEIGHT_DTYPES), "The sampler's weight dtype.")
-flags.DEFINE_integer("eos_id", None, "End-of-sequence id (default: the tokenizer's / config's; -1: none).")
+flags.DEFINE_integer(
+    "eos_id", None, "End-of-sequence id (default: the tokenizer's / config's; -1: none)."
+)
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
@@ -49,6 +52,7 @@ def hf_tokenizer(directory: str):
   """The checkpoint directory's tokenizer (tokenizer.json, else a SentencePiece tokenizer.model), or None
   when it has none (then prompts are token ids)."""
   from fo_rl.data.tokenizer import HFTokenizer, Tokenizer
+
   if os.path.exists(os.path.join(directory, "tokenizer.json")):
     return HFTokenizer(directory)
   if os.path.exists(os.path.join(directory, "tokenizer.model")):
@@ -60,8 +64,10 @@ def parse_ids(text: str, vocab_size: int) -> list[int]:
   try:
     ids = [int(t) for t in text.replace(",", " ").split()]
   except ValueError:
-    raise ValueError(f"--prompt={text!r}: without a tokenizer the prompt must be token ids, e.g. "
-                     f"--prompt='1 2 3'") from None
+    raise ValueError(
+        f"--prompt={text!r}: without a tokenizer the prompt must be token ids, e.g. "
+        f"--prompt='1 2 3'"
+    ) from None
   bad = [i for i in ids if not 0 <= i < vocab_size]
   if bad:
     raise ValueError(f"--prompt: token id {bad[0]} is outside [0, vocab_size={vocab_size})")
@@ -71,6 +77,7 @@ def parse_ids(text: str, vocab_size: int) -> list[int]:
 def load_hf(directory: str):
   """(ModelConfig, params, tokenizer or None, eos id or None) of a Hugging Face checkpoint."""
   from fo_rl.model.hf import load_hf_checkpoint
+
   if not os.path.isfile(os.path.join(directory, "config.json")):
     raise ValueError(f"--hf_checkpoint={directory!r}: no config.json there")
   cfg, _, params = load_hf_checkpoint(directory)
@@ -116,12 +123,17 @@ def load_workdir(workdir: str, step: int | None):
       raise ValueError(f"--step={step}: {ckpt_dir} has steps {sorted(steps)}")
     graphdef, params = abstract_model(rc.model, None, rc.rules)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    state = TrainState(params, jax.eval_shape(Trainer(graphdef, rc.model, rc.trainer).tx.init, params),
-                       scalar, scalar)
+    state = TrainState(
+        params,
+        jax.eval_shape(Trainer(graphdef, rc.model, rc.trainer).tx.init, params),
+        scalar,
+        scalar,
+    )
     rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    bundle = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
-                          {"train": state, "rng": rng})
+    bundle = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), {"train": state, "rng": rng}
+    )
     bundle, _ = ckpt.restore(step, bundle)
   finally:
     ckpt.close()
@@ -130,18 +142,33 @@ def load_workdir(workdir: str, step: int | None):
   return rc.model, bundle["train"].params, tok, tok.eos_id
 
 
-def sample(hf_checkpoint=None, checkpoint=None, step=None, prompt="", prompt_ids=False,
-           num_samples=1, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=64,
-           weight_dtype="float32", eos_id=None, seed=0, out=sys.stdout):
+def sample(
+    hf_checkpoint=None,
+    checkpoint=None,
+    step=None,
+    prompt="",
+    prompt_ids=False,
+    num_samples=1,
+    temperature=1.0,
+    top_p=1.0,
+    top_k=0,
+    max_new_tokens=64,
+    weight_dtype="float32",
+    eos_id=None,
+    seed=0,
+    out=sys.stdout,
+):
   """The tool as a function: prints to `out` and returns the SampleOutput; raises ValueError on bad
   inputs."""
   from fo_rl.sampler import Sampler, SamplerConfig, SamplingParams
+
   if (hf_checkpoint is None) == (checkpoint is None):
     raise ValueError("give exactly one of --hf_checkpoint and --checkpoint")
   if num_samples < 1:
     raise ValueError(f"--num_samples={num_samples}: must be >= 1")
-  sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                            max_new_tokens=max_new_tokens)  # validates the sampling flags
+  sampling = SamplingParams(
+      temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens
+  )  # validates the sampling flags
   if hf_checkpoint is not None:
     cfg, params, tok, eos = load_hf(hf_checkpoint)
   else:
@@ -154,20 +181,31 @@ def sample(hf_checkpoint=None, checkpoint=None, step=None, prompt="", prompt_ids
     ids = tok.encode(prompt)
   if not ids:
     raise ValueError("--prompt: empty (the sampler needs at least one prompt token)")
-  sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                            max_new_tokens=max_new_tokens, eos_ids=() if eos is None else (eos,))
+  sampling = SamplingParams(
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+      max_new_tokens=max_new_tokens,
+      eos_ids=() if eos is None else (eos,),
+  )
   sampler = Sampler(cfg, SamplerConfig(weight_dtype=weight_dtype), trainer_state=params)
   res = sampler.generate([ids] * num_samples, sampling, seed=seed)
   tokens, logp = np.asarray(res.tokens), np.asarray(res.logp_mu)
   lengths, reasons = np.asarray(res.lengths), res.finish_reason
   print(f"prompt ({len(ids)} tokens): {ids if tok is None else repr(prompt)}", file=out)
-  print(f"sampler: weight_dtype={weight_dtype} temperature={temperature} top_k={top_k} top_p={top_p} "
-        f"max_new_tokens={max_new_tokens} eos={eos}", file=out)
+  print(
+      f"sampler: weight_dtype={weight_dtype} temperature={temperature} top_k={top_k} top_p={top_p} "
+      f"max_new_tokens={max_new_tokens} eos={eos}",
+      file=out,
+  )
   for b in range(num_samples):
     n = int(lengths[b])
     toks, lps = tokens[b, :n], logp[b, :n]
-    print(f"\n=== sample {b + 1}/{num_samples}: {n} tokens, finish={reasons[b]}, "
-          f"sum logp={lps.sum():.4f} ===", file=out)
+    print(
+        f"\n=== sample {b + 1}/{num_samples}: {n} tokens, finish={reasons[b]}, "
+        f"sum logp={lps.sum():.4f} ===",
+        file=out,
+    )
     if tok is not None:
       print(tok.decode(toks), file=out)
     print(f"{'#':>5} {'id':>8}  {'token':<20} {'logp':>10}", file=out)
@@ -183,9 +221,21 @@ def main(argv) -> int:
   if FLAGS.prompt is None:
     raise app.UsageError("--prompt is required")
   try:
-    sample(FLAGS.hf_checkpoint, FLAGS.checkpoint, FLAGS.step, FLAGS.prompt, FLAGS.prompt_ids,
-           FLAGS.num_samples, FLAGS.temperature, FLAGS.top_p, FLAGS.top_k, FLAGS.max_new_tokens,
-           FLAGS.weight_dtype, FLAGS.eos_id, FLAGS.seed)
+    sample(
+        FLAGS.hf_checkpoint,
+        FLAGS.checkpoint,
+        FLAGS.step,
+        FLAGS.prompt,
+        FLAGS.prompt_ids,
+        FLAGS.num_samples,
+        FLAGS.temperature,
+        FLAGS.top_p,
+        FLAGS.top_k,
+        FLAGS.max_new_tokens,
+        FLAGS.weight_dtype,
+        FLAGS.eos_id,
+        FLAGS.seed,
+    )
   except ValueError as e:
     print(f"fo_rl.tools.sample: error: {e}", file=sys.stderr)
     return 1

@@ -9,6 +9,7 @@ experts (Routing Replay); they are validated before anything runs. All inputs ar
 weights are read, and nothing is written unless the whole run succeeds (exit status 1 with a message
 otherwise).
 """
+
 from __future__ import annotations
 
 import os
@@ -19,10 +20,14 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 if "hf_checkpoint" not in flags.FLAGS:  # shared with the other tool when both are imported
-  flags.DEFINE_string("hf_checkpoint", None, "Hugging Face checkpoint directory (config.json + *.safetensors).")
+  flags.DEFINE_string(
+      "hf_checkpoint", None, "Hugging Face checkpoint directory (config.json + *.safetensors)."
+  )
 flags.DEFINE_string("input_ids", None, "Token ids, .npy integer array [B, T].")
 flags.DEFINE_string("output", None, "Where to write the logits, .npy float32 [B, T, V].")
-flags.DEFINE_string("routes_output", None, "Optional: where to write the routes, .npy int32 [B, T, L, k].")
+flags.DEFINE_string(
+    "routes_output", None, "Optional: where to write the routes, .npy int32 [B, T, L, k]."
+)
 flags.DEFINE_string("replay_routes", None, "Optional: routes to replay, .npy integer [B, T, L, k].")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype.")
 flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16", "float16"], "Parameter dtype.")
@@ -51,13 +56,16 @@ def read_input_ids(path: str, vocab_size: int) -> np.ndarray:
   bad = (ids < 0) | (ids >= vocab_size)
   if bad.any():
     b, t = (int(a[0]) for a in bad.nonzero())
-    raise ValueError(f"--input_ids {path!r}: token id {int(ids[b, t])} at [{b}, {t}] is outside "
-                     f"[0, vocab_size={vocab_size})")
+    raise ValueError(
+        f"--input_ids {path!r}: token id {int(ids[b, t])} at [{b}, {t}] is outside "
+        f"[0, vocab_size={vocab_size})"
+    )
   return ids.astype(np.int32)
 
 
 def read_replay_routes(path: str, cfg, bt: tuple[int, int]) -> np.ndarray:
   from fo_rl.model import validate_replay_routes
+
   routes = _load_npy(path, "--replay_routes").astype(np.int64)  # validated before narrowing
   try:
     validate_replay_routes(routes, cfg, None, bt)
@@ -73,9 +81,15 @@ def _save_atomic(path: str, arr: np.ndarray) -> None:
   os.replace(tmp, path)
 
 
-def score(hf_checkpoint: str, input_ids: str, output: str, routes_output: str | None = None,
-          replay_routes: str | None = None, dtype: str = "float32",
-          param_dtype: str = "float32") -> None:
+def score(
+    hf_checkpoint: str,
+    input_ids: str,
+    output: str,
+    routes_output: str | None = None,
+    replay_routes: str | None = None,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+) -> None:
   """The tool as a function. Raises ValueError (naming the file) on bad inputs, writing nothing."""
   import jax
   import jax.numpy as jnp
@@ -94,13 +108,16 @@ def score(hf_checkpoint: str, input_ids: str, output: str, routes_output: str | 
   cfg, graphdef, state = load_hf_checkpoint(hf_checkpoint, dtype=dtype, param_dtype=param_dtype)
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   apply = jax.jit(make_apply(graphdef))
-  logits, routes = apply(state, jnp.asarray(ids), positions,
-                         None if routes_in is None else jnp.asarray(routes_in))
+  logits, routes = apply(
+      state, jnp.asarray(ids), positions, None if routes_in is None else jnp.asarray(routes_in)
+  )
   logits = np.asarray(jax.device_get(logits), np.float32)
   routes = np.asarray(jax.device_get(routes), np.int32)
   if not np.isfinite(logits).all():
-    raise ValueError("the forward pass produced non-finite logits"
-                     + (" (check --replay_routes)" if replay_routes else ""))
+    raise ValueError(
+        "the forward pass produced non-finite logits"
+        + (" (check --replay_routes)" if replay_routes else "")
+    )
   _save_atomic(output, logits)
   if routes_output is not None:
     _save_atomic(routes_output, routes)
@@ -113,8 +130,15 @@ def main(argv) -> int:
     if not getattr(FLAGS, name):
       raise app.UsageError(f"--{name} is required")
   try:
-    score(FLAGS.hf_checkpoint, FLAGS.input_ids, FLAGS.output, FLAGS.routes_output,
-          FLAGS.replay_routes, FLAGS.dtype, FLAGS.param_dtype)
+    score(
+        FLAGS.hf_checkpoint,
+        FLAGS.input_ids,
+        FLAGS.output,
+        FLAGS.routes_output,
+        FLAGS.replay_routes,
+        FLAGS.dtype,
+        FLAGS.param_dtype,
+    )
   except ValueError as e:
     print(f"fo_rl.tools.score: error: {e}", file=sys.stderr)
     return 1
