@@ -2,39 +2,39 @@
 
 A checkpoint step holds two items:
 
-* ``state``: a pytree of ``jax.Array`` (params, optimizer state, PRNG keys...),
+* `state`: a pytree of `jax.Array` (params, optimizer state, PRNG keys...),
   possibly sharded over a multi-device / multi-host mesh. Saved with
-  ``ocp.args.StandardSave`` (tensorstore/OCDBT), restored with
-  ``ocp.args.StandardRestore`` directly into the shardings given by the caller's
+  `ocp.args.StandardSave` (tensorstore/OCDBT), restored with
+  `ocp.args.StandardRestore` directly into the shardings given by the caller's
   abstract state, which may differ from the shardings at save time (different
   mesh shape, fewer devices, replicated vs sharded...).
-* ``meta``: a small JSON-able dict (data position, counters, config hash...).
-  Saved with ``ocp.args.JsonSave``; numpy / jax scalars and arrays are turned
+* `meta`: a small JSON-able dict (data position, counters, config hash...).
+  Saved with `ocp.args.JsonSave`; numpy / jax scalars and arrays are turned
   into plain Python numbers / lists first.
 
 Layout on disk (orbax's)::
 
     <directory>/<step>/state/...   <directory>/<step>/meta/metadata
 
-Atomicity: orbax writes each step into ``<step>.orbax-checkpoint-tmp-<ts>`` and
-renames it to ``<step>`` only once every item (and every host) has finished, so
+Atomicity: orbax writes each step into `<step>.orbax-checkpoint-tmp-<ts>` and
+renames it to `<step>` only once every item (and every host) has finished, so
 a killed process leaves at most a tmp directory, which is never reported by
-:meth:`Checkpointer.latest_step` and is removed when the next Checkpointer is
+`Checkpointer.latest_step` and is removed when the next Checkpointer is
 opened on the directory.
 
-Multi-host: every process must call ``save`` / ``restore`` / ``wait`` /
-``close`` (they contain barriers); orbax decides which process writes which
+Multi-host: every process must call `save` / `restore` / `wait` /
+`close` (they contain barriers); orbax decides which process writes which
 file. This module writes no files of its own.
 
-PRNG keys: typed keys (``jax.random.key``, dtype ``key<impl>``) are supported.
-They are stored as their raw ``jax.random.key_data`` (uint32, shape
-``key.shape + (2,)`` for threefry) and re-wrapped with
-``jax.random.wrap_key_data`` on restore, using the impl from the *abstract*
+PRNG keys: typed keys (`jax.random.key`, dtype `key<impl>`) are supported.
+They are stored as their raw `jax.random.key_data` (uint32, shape
+`key.shape + (2,)` for threefry) and re-wrapped with
+`jax.random.wrap_key_data` on restore, using the impl from the *abstract*
 state's dtype. The on-disk format is therefore plain uint32 and is independent
-of orbax's own typed-key support. Raw uint32 keys (``jax.random.PRNGKey``)
+of orbax's own typed-key support. Raw uint32 keys (`jax.random.PRNGKey`)
 are just uint32 arrays and round-trip unchanged; a checkpoint saved with a
-typed key can be restored into a raw uint32 ``ShapeDtypeStruct`` of shape
-``(..., 2)`` and vice versa.
+typed key can be restored into a raw uint32 `ShapeDtypeStruct` of shape
+`(..., 2)` and vice versa.
 """
 
 from __future__ import annotations
@@ -71,10 +71,10 @@ class CheckpointMismatchError(ValueError):
 
 
 def abstract_like(tree: Any) -> Any:
-  """Pytree of ``jax.ShapeDtypeStruct`` (with shardings) mirroring ``tree``.
+  """Pytree of `jax.ShapeDtypeStruct` (with shardings) mirroring `tree`.
 
-  Convenience for building ``restore``'s target from a freshly initialized
-  state (or use ``jax.eval_shape`` + your shardings to avoid materializing it).
+  Convenience for building `restore`'s target from a freshly initialized
+  state (or use `jax.eval_shape` + your shardings to avoid materializing it).
   """
 
   def one(x):
@@ -101,13 +101,13 @@ def _key_str(k) -> str:
 
 def _norm_path(path) -> str:
   """Container-agnostic key path: dict keys, attributes and indices are all
-  joined with '/', so ``['opt'][0].mu['w']`` == orbax metadata's
-  ``['opt'][0]['mu']['w']`` == ``opt/0/mu/w``."""
+  joined with '/', so `['opt'][0].mu['w']` == orbax metadata's
+  `['opt'][0]['mu']['w']` == `opt/0/mu/w`."""
   return "/".join(_key_str(k) for k in path) or "<root>"
 
 
 def _extend_sharding(sharding, extra_dims: int):
-  """Sharding for ``key_data(key)`` given the sharding of ``key``."""
+  """Sharding for `key_data(key)` given the sharding of `key`."""
   if sharding is None or extra_dims == 0:
     return sharding
   if isinstance(sharding, NamedSharding):
@@ -220,21 +220,21 @@ def _use_distributed_barriers() -> None:
 
 
 class Checkpointer:
-  """Thin wrapper over ``orbax.checkpoint.CheckpointManager``.
+  """Thin wrapper over `orbax.checkpoint.CheckpointManager`.
 
   Args:
     directory: root directory (local path or any path orbax/etils supports).
-    max_to_keep: keep only the newest ``max_to_keep`` finalized steps
-      (``None`` keeps all).
-    save_interval_steps: ``save(step, ...)`` without ``force`` only writes when
-      ``step % save_interval_steps == 0`` or at a JAX preemption sync point
-      (orbax's ``PreemptionCheckpointingPolicy``), and never for a step <=
+    max_to_keep: keep only the newest `max_to_keep` finalized steps
+      (`None` keeps all).
+    save_interval_steps: `save(step, ...)` without `force` only writes when
+      `step % save_interval_steps == 0` or at a JAX preemption sync point
+      (orbax's `PreemptionCheckpointingPolicy`), and never for a step <=
       the latest saved step. (Unlike orbax's default policy there is no
       extra "initial save" of the first step.)
-    async_save: save in a background thread (the blocking part of ``save``
+    async_save: save in a background thread (the blocking part of `save`
       copies device buffers to host, so the caller may donate/overwrite the
-      state right after ``save`` returns). Call :meth:`wait` or
-      :meth:`close` before exiting.
+      state right after `save` returns). Call `wait` or
+      `close` before exiting.
   """
 
   def __init__(
@@ -277,11 +277,11 @@ class Checkpointer:
   # -- queries -------------------------------------------------------------
 
   def latest_step(self) -> int | None:
-    """Newest step in the directory (``None`` if there is none).
+    """Newest step in the directory (`None` if there is none).
 
     Only finalized steps found on disk when this Checkpointer was opened are
-    reported, plus steps this instance has ``save``d since (orbax lists an
-    in-flight async save immediately; :meth:`restore` waits for it).
+    reported, plus steps this instance has `save`d since (orbax lists an
+    in-flight async save immediately; `restore` waits for it).
     """
     return self._manager.latest_step()
 
@@ -296,11 +296,11 @@ class Checkpointer:
   def save(
       self, step: int, state: Any, meta: Mapping[str, Any] | None = None, force: bool = False
   ) -> bool:
-    """Save ``state`` (pytree of jax arrays) and ``meta`` (JSON-able dict).
+    """Save `state` (pytree of jax arrays) and `meta` (JSON-able dict).
 
-    Returns True if a save was started. Without ``force``, the save interval
+    Returns True if a save was started. Without `force`, the save interval
     decides. A step that already exists is never overwritten: it returns
-    False (with a warning when ``force``). Must be called on every process.
+    False (with a warning when `force`). Must be called on every process.
     """
     step = int(step)
     if step in self._manager.all_steps():
@@ -379,17 +379,17 @@ class Checkpointer:
   def restore(
       self, step: int | None, abstract_state: Any, *, strict_dtype: bool = True
   ) -> tuple[Any, dict]:
-    """Restore ``(state, meta)`` of ``step`` (``None``: latest step).
+    """Restore `(state, meta)` of `step` (`None`: latest step).
 
-    ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with
+    `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with
     shardings; each array is read directly into its target sharding, which
     need not match the sharding it was saved with. Typed PRNG keys in
-    ``abstract_state`` are rebuilt from the stored key data.
+    `abstract_state` are rebuilt from the stored key data.
 
     Raises FileNotFoundError if the step does not exist and
     CheckpointMismatchError (naming the directory and the offending keys)
-    if the stored tree's keys / shapes (and dtypes, if ``strict_dtype``)
-    differ from ``abstract_state``. With ``strict_dtype=False`` orbax casts
+    if the stored tree's keys / shapes (and dtypes, if `strict_dtype`)
+    differ from `abstract_state`. With `strict_dtype=False` orbax casts
     to the requested dtypes.
     """
     self.wait()

@@ -1,26 +1,26 @@
-"""Scalar metrics logging: ``<workdir>/metrics.jsonl`` + TensorBoard events.
+"""Scalar metrics logging: `<workdir>/metrics.jsonl` + TensorBoard events.
 
-* One JSON object per line: ``{"step": <int>, "<key>": <value>, ...}``.
-  Nested dicts are flattened with '/' (``{"eval": {"acc": 1}}`` ->
-  ``"eval/acc"``). jax / numpy scalars (and size-1 arrays) become Python
+* One JSON object per line: `{"step": <int>, "<key>": <value>, ...}`.
+  Nested dicts are flattened with '/' (`{"eval": {"acc": 1}}` ->
+  `"eval/acc"`). jax / numpy scalars (and size-1 arrays) become Python
   floats (ints / bools for integer / bool dtypes); larger arrays are written
   as (nested) lists to the jsonl only; strings are written to the jsonl only.
-* Non-finite floats are written as the JSON *strings* ``"NaN"``,
-  ``"Infinity"`` and ``"-Infinity"`` (the file stays strict JSON, and a NaN
-  loss stays distinguishable from a missing value). :func:`read_metrics`
-  turns them back into ``float('nan')`` / ``±inf``. TensorBoard gets the raw
+* Non-finite floats are written as the JSON *strings* `"NaN"`,
+  `"Infinity"` and `"-Infinity"` (the file stays strict JSON, and a NaN
+  loss stays distinguishable from a missing value). `read_metrics`
+  turns them back into `float('nan')` / `±inf`. TensorBoard gets the raw
   float (it displays NaN / inf natively).
-* Every ``write`` is flushed to the OS (optionally fsync'ed), so a SIGKILL
+* Every `write` is flushed to the OS (optionally fsync'ed), so a SIGKILL
   loses at most the line being written; a torn last line left by a kill is
-  dropped on the next open (and ignored by :func:`read_metrics`).
-* TensorBoard scalars go to ``<workdir>/tb/`` via ``tensorboardX`` (no
-  TensorFlow needed), flushed on every ``write``.
-* Resume: ``MetricsWriter(workdir, resume_step=s)`` or
-  ``writer.truncate_after(s)`` drops every jsonl line with ``step > s`` and
-  makes TensorBoard hide events with ``step > s`` (tensorboardX
-  ``purge_step=s + 1``), so a run resumed from the checkpoint at step ``s``
+  dropped on the next open (and ignored by `read_metrics`).
+* TensorBoard scalars go to `<workdir>/tb/` via `tensorboardX` (no
+  TensorFlow needed), flushed on every `write`.
+* Resume: `MetricsWriter(workdir, resume_step=s)` or
+  `writer.truncate_after(s)` drops every jsonl line with `step > s` and
+  makes TensorBoard hide events with `step > s` (tensorboardX
+  `purge_step=s + 1`), so a run resumed from the checkpoint at step `s`
   does not duplicate steps.
-* Only the writer with ``enabled=True`` (default: ``jax.process_index() == 0``)
+* Only the writer with `enabled=True` (default: `jax.process_index() == 0`)
   touches the filesystem; disabled writers are no-ops.
 """
 
@@ -136,7 +136,7 @@ def _parse(line: str) -> dict | None:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-  """Rows of a metrics.jsonl (or of ``<path>/metrics.jsonl`` for a workdir).
+  """Rows of a metrics.jsonl (or of `<path>/metrics.jsonl` for a workdir).
 
   "NaN" / "Infinity" / "-Infinity" strings are decoded back to floats;
   malformed lines (e.g. a line torn by a SIGKILL) are skipped. Missing file
@@ -168,11 +168,11 @@ class MetricsWriter:
   """Append-only jsonl + TensorBoard scalar writer (see module docstring).
 
   Args:
-    workdir: run directory; creates ``metrics.jsonl`` and ``tb/`` inside.
-    enabled: write anything at all; default ``jax.process_index() == 0``.
-    resume_step: if given, same as calling :meth:`truncate_after` right away.
+    workdir: run directory; creates `metrics.jsonl` and `tb/` inside.
+    enabled: write anything at all; default `jax.process_index() == 0`.
+    resume_step: if given, same as calling `truncate_after` right away.
     tensorboard: also write TensorBoard event files.
-    fsync: ``os.fsync`` after every line (survives machine crashes, not just
+    fsync: `os.fsync` after every line (survives machine crashes, not just
       process kills; slower on network filesystems).
   """
 
@@ -265,9 +265,9 @@ class MetricsWriter:
   # -- public API ----------------------------------------------------------
 
   def truncate_after(self, step: int) -> int:
-    """Drop metrics with ``step > step`` (and hide them in TensorBoard).
+    """Drop metrics with `step > step` (and hide them in TensorBoard).
 
-    Call when resuming from the checkpoint at ``step``. Returns the number of
+    Call when resuming from the checkpoint at `step`. Returns the number of
     jsonl lines dropped (0 when disabled).
     """
     if not self.enabled:
@@ -283,7 +283,7 @@ class MetricsWriter:
     return dropped
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-    """Append ``{"step": step, **metrics}`` and log scalars to TensorBoard."""
+    """Append `{"step": step, **metrics}` and log scalars to TensorBoard."""
     if not self.enabled:
       return
     if self._file is None:

@@ -1,7 +1,7 @@
 """Training-curve plots (PNG) from metrics rows (see fo_rl.metrics_writer).
 
-Rendering uses matplotlib's Agg canvas directly (``matplotlib.figure.Figure`` +
-``FigureCanvasAgg``), so no display is needed, pyplot's global state is never
+Rendering uses matplotlib's Agg canvas directly (`matplotlib.figure.Figure` +
+`FigureCanvasAgg`), so no display is needed, pyplot's global state is never
 touched and the process-wide backend is not changed.
 """
 
@@ -75,14 +75,14 @@ def plot_curves(
     title: str | None = None,
     dpi: int = 100,
 ) -> str:
-  """Write a PNG with one subplot per panel of ``keys`` vs ``step_key``.
+  """Write a PNG with one subplot per panel of `keys` vs `step_key`.
 
   Args:
-    metrics_rows: list of dicts (e.g. ``read_metrics(...)``) or a path to a
+    metrics_rows: list of dicts (e.g. `read_metrics(...)`) or a path to a
       metrics.jsonl / workdir.
     path: output PNG path (parent directories are created), e.g.
-      ``<workdir>/curves.png``.
-    keys: ``{panel title: (metric keys...)}``; defaults to reward_mean,
+      `<workdir>/curves.png`.
+    keys: `{panel title: (metric keys...)}`; defaults to reward_mean,
       eval/greedy_accuracy + eval/mean_accuracy, entropy, train_infer_kl,
       clip_frac_high + clip_frac_low.
     sum_panels: titles of panels that also show the sum of their keys

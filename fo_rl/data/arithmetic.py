@@ -1,21 +1,21 @@
 """Multi-digit addition / subtraction with column-by-column worked steps.
 
-Prompt: ``347+285=``. The 'steps' solution works one column at a time from the
+Prompt: `347+285=`. The 'steps' solution works one column at a time from the
 units up, always writing the carry (or borrow) coming in::
 
     7+5+0=12 4+8+1=13 3+2+1=6 #### 632
 
 Subtraction shows a borrow by writing the borrowed 1 in front of the top
 digit; operands are ordered so a >= b and the answer is never negative. For
-``742-285=``::
+`742-285=`::
 
     12-5-0=7 14-8-1=5 7-2-1=4 #### 457
 
 The 'terse' style writes only each column's raw value (sum or difference,
-before taking the digit), e.g. ``12 13 6 #### 632`` and ``-3 -5 4 #### 457``.
+before taking the digit), e.g. `12 13 6 #### 632` and `-3 -5 4 #### 457`.
 
-Difficulty knobs (:class:`ArithmeticDifficulty`): ``num_digits`` (operands are
-uniform in [0, 10**num_digits)) and ``ops`` (any of '+', '-').
+Difficulty knobs (`ArithmeticDifficulty`): `num_digits` (operands are
+uniform in [0, 10**num_digits)) and `ops` (any of '+', '-').
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class ArithmeticDifficulty:
 
 @dataclasses.dataclass(frozen=True)
 class ArithmeticProblem:
-  """``a op b`` with non-negative operands and a non-negative result."""
+  """`a op b` with non-negative operands and a non-negative result."""
 
   a: int
   b: int
@@ -108,7 +108,7 @@ def generate(
 def generate_split(
     split: str, num_examples: int, seed: int = 0, **difficulty: Any
 ) -> list[ArithmeticProblem]:
-  """``num_examples`` problems of ``split`` (see `common.sample_split`)."""
+  """`num_examples` problems of `split` (see `common.sample_split`)."""
   config = ArithmeticDifficulty(**difficulty)
   return common.sample_split(FAMILY, lambda rng: generate(rng, config), split, num_examples, seed)
 
@@ -169,7 +169,7 @@ def _render_step(column: _Column, op: str) -> str:
 
 
 def render(problem: ArithmeticProblem, columns: list[_Column], answer: int, style: str) -> str:
-  """Formats worked columns and a final answer as a response in ``style``."""
+  """Formats worked columns and a final answer as a response in `style`."""
   if style == "steps":
     steps = " ".join(_render_step(c, problem.op) for c in columns)
   elif style == "terse":
@@ -188,15 +188,15 @@ def solve(problem: ArithmeticProblem, style: str = "steps") -> str:
 def teach(
     problem: ArithmeticProblem, rng: random.Random, style: str = "steps", error_rate: float = 0.0
 ) -> str:
-  """A teacher response; with probability ``error_rate`` it contains one fault
-  drawn from :data:`FAULT_WEIGHTS` (most faults change the final answer)."""
+  """A teacher response; with probability `error_rate` it contains one fault
+  drawn from `FAULT_WEIGHTS` (most faults change the final answer)."""
   fault = common.pick_fault(rng, error_rate, FAULT_WEIGHTS)
   columns, answer = _work(problem, fault, rng)
   return render(problem, columns, answer, style)
 
 
 def verify(response: object, problem: ArithmeticProblem) -> float:
-  """1.0 iff the text after ``####`` is exactly the correct integer (commas allowed)."""
+  """1.0 iff the text after `####` is exactly the correct integer (commas allowed)."""
   answer = common.final_answer_text(response)
   if answer is None or not _INT_RE.fullmatch(answer):
     return 0.0

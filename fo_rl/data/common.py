@@ -1,12 +1,12 @@
 """Shared pieces of the procedural task families.
 
-* The final-answer convention: a response ends with ``#### <answer>``
-  (:data:`ANSWER_MARKER`); :func:`final_answer_text` extracts the answer.
+* The final-answer convention: a response ends with `#### <answer>`
+  (`ANSWER_MARKER`); `final_answer_text` extracts the answer.
 * Provably disjoint train/test splits: a problem's split is a pure function of
-  its canonical key (:func:`split_of`), so no seed, difficulty or example count
+  its canonical key (`split_of`), so no seed, difficulty or example count
   can put the same problem in both splits.
-* Seeded, platform-independent random streams (:func:`make_rng`) and a
-  normaliser for the ``rng`` arguments callers pass in (:func:`as_random`).
+* Seeded, platform-independent random streams (`make_rng`) and a
+  normaliser for the `rng` arguments callers pass in (`as_random`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Problem(Protocol):
 
   @property
   def answer(self) -> str:
-    """A reference final answer (the text a correct response puts after ``####``)."""
+    """A reference final answer (the text a correct response puts after `####`)."""
 
   @property
   def key(self) -> str:
@@ -46,7 +46,7 @@ P = TypeVar("P", bound=Problem)
 
 
 def final_answer_text(response: object) -> str | None:
-  """Returns the stripped text after the first ``####`` marker, or None.
+  """Returns the stripped text after the first `####` marker, or None.
 
   Everything after the marker counts as the answer, so a response with extra
   text (or a second marker) after its final answer fails the family's strict
@@ -72,7 +72,7 @@ def split_of(key: str, test_fraction: float = TEST_FRACTION) -> str:
 
 
 def make_rng(*parts: object) -> random.Random:
-  """A `random.Random` seeded from a hash of ``parts`` (stable across processes)."""
+  """A `random.Random` seeded from a hash of `parts` (stable across processes)."""
   digest = hashlib.sha256(repr(parts).encode("utf-8")).digest()
   return random.Random(int.from_bytes(digest[:8], "big"))
 
@@ -94,7 +94,7 @@ def as_random(rng: RngLike) -> random.Random:
 
 
 def check_split(split: str) -> None:
-  """Raises ValueError unless ``split`` is 'train' or 'test'."""
+  """Raises ValueError unless `split` is 'train' or 'test'."""
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
@@ -106,7 +106,7 @@ def sample_split(
     num_examples: int,
     seed: int,
 ) -> list[P]:
-  """Draws ``num_examples`` problems of one split, deterministically from ``seed``.
+  """Draws `num_examples` problems of one split, deterministically from `seed`.
 
   Problems whose key hashes to the other split are rejected, which makes the
   splits disjoint by construction. The test split is also deduplicated (train
@@ -142,13 +142,13 @@ def sample_split(
 
 
 def nudge(value: int, low: int, high: int, rng: random.Random) -> int:
-  """``value`` plus or minus one, kept inside [low, high] (a plausible slip)."""
+  """`value` plus or minus one, kept inside [low, high] (a plausible slip)."""
   options = [v for v in (value - 1, value + 1) if low <= v <= high]
   return rng.choice(options)
 
 
 def pick_fault(rng: random.Random, error_rate: float, weights: dict[str, float]) -> str | None:
-  """With probability ``error_rate`` picks a fault name by ``weights``, else None."""
+  """With probability `error_rate` picks a fault name by `weights`, else None."""
   if not 0.0 <= error_rate <= 1.0:
     raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
   if rng.random() >= error_rate:

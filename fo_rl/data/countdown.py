@@ -1,19 +1,19 @@
 """Countdown: reach a target from given numbers with +, - and *.
 
-Prompt: ``reach 30 with 3 7 9:``. The answer is an expression that uses each
+Prompt: `reach 30 with 3 7 9:`. The answer is an expression that uses each
 given number at most once (not all need be used) and evaluates to the target;
-the verifier parses and evaluates it itself (no ``eval``). The 'steps' teacher
+the verifier parses and evaluates it itself (no `eval`). The 'steps' teacher
 writes the combinations it makes, then the expression::
 
     7*3=21 21+9=30 #### 7*3+9
 
-The 'terse' style writes only ``#### 7*3+9``.
+The 'terse' style writes only `#### 7*3+9`.
 
 Every generated problem is solvable: the target is the value of a random
-combination of all the numbers, and :func:`solve` (an exhaustive search over
+combination of all the numbers, and `solve` (an exhaustive search over
 combination orders with non-negative intermediate results) finds a shortest
-solution. Difficulty knobs (:class:`CountdownDifficulty`): ``num_numbers``,
-``max_number`` (numbers are uniform in [1, max_number]) and ``max_target``.
+solution. Difficulty knobs (`CountdownDifficulty`): `num_numbers`,
+`max_number` (numbers are uniform in [1, max_number]) and `max_target`.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class CountdownDifficulty:
 class _Node:
   """A value built from some numbers, with its expression text.
 
-  ``prec`` is the precedence of the expression's top operator: 1 for + and
+  `prec` is the precedence of the expression's top operator: 1 for + and
   -, 2 for *, 3 for a single number.
   """
 
@@ -73,7 +73,7 @@ class _Node:
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-  """One combination ``left op right = result`` as a teacher writes it."""
+  """One combination `left op right = result` as a teacher writes it."""
 
   left: int
   op: str
@@ -85,7 +85,7 @@ class Step:
 
 
 def _combine(left: _Node, op: str, right: _Node) -> _Node:
-  """``left op right`` with the fewest parentheses that keep the meaning."""
+  """`left op right` with the fewest parentheses that keep the meaning."""
   lhs, rhs = left.expr, right.expr
   if op == "*":
     lhs = f"({lhs})" if left.prec == 1 else lhs
@@ -116,7 +116,7 @@ def _moves(nodes: Sequence[_Node]):
 
 
 def _search(nodes: list[_Node], target: int, depth: int) -> tuple[list[Step], _Node] | None:
-  """Depth-limited search: exactly ``depth`` combinations, the last hitting target."""
+  """Depth-limited search: exactly `depth` combinations, the last hitting target."""
   for rest, left, op, right in _moves(nodes):
     node = _combine(left, op, right)
     step = Step(left.value, op, right.value, node.value)
@@ -151,7 +151,7 @@ def solve_steps(numbers: tuple[int, ...], target: int) -> tuple[tuple[Step, ...]
 def _random_combination(
     numbers: Sequence[int], num_steps: int, rng: random.Random
 ) -> tuple[list[Step], _Node]:
-  """Combines random pairs of numbers ``num_steps`` times with random operators."""
+  """Combines random pairs of numbers `num_steps` times with random operators."""
   nodes = [_Node(n, str(n), 3) for n in numbers]
   steps: list[Step] = []
   node = nodes[0]
@@ -168,7 +168,7 @@ def _random_combination(
 
 @dataclasses.dataclass(frozen=True)
 class CountdownProblem:
-  """Reach ``target`` from ``numbers`` (each used at most once)."""
+  """Reach `target` from `numbers` (each used at most once)."""
 
   numbers: tuple[int, ...]
   target: int
@@ -221,13 +221,13 @@ def generate(
 def generate_split(
     split: str, num_examples: int, seed: int = 0, **difficulty: Any
 ) -> list[CountdownProblem]:
-  """``num_examples`` problems of ``split`` (see `common.sample_split`)."""
+  """`num_examples` problems of `split` (see `common.sample_split`)."""
   config = CountdownDifficulty(**difficulty)
   return common.sample_split(FAMILY, lambda rng: generate(rng, config), split, num_examples, seed)
 
 
 def render(steps: Sequence[Step], expression: str, style: str) -> str:
-  """Formats steps and a final expression as a response in ``style``."""
+  """Formats steps and a final expression as a response in `style`."""
   if style == "steps":
     body = " ".join(s.render() for s in steps)
     return (
@@ -251,8 +251,8 @@ def solve(problem: CountdownProblem, style: str = "steps") -> str:
 def teach(
     problem: CountdownProblem, rng: random.Random, style: str = "steps", error_rate: float = 0.0
 ) -> str:
-  """A teacher response; with probability ``error_rate`` it contains one fault
-  drawn from :data:`FAULT_WEIGHTS`."""
+  """A teacher response; with probability `error_rate` it contains one fault
+  drawn from `FAULT_WEIGHTS`."""
   fault = common.pick_fault(rng, error_rate, FAULT_WEIGHTS)
   steps, expression = solve_steps(problem.numbers, problem.target) or ((), "")
   steps = list(steps)
@@ -338,7 +338,7 @@ def evaluate(expression: str) -> tuple[int, list[int]]:
 
 
 def verify(response: object, problem: CountdownProblem) -> float:
-  """1.0 iff the text after ``####`` is an expression over the given numbers
+  """1.0 iff the text after `####` is an expression over the given numbers
   (each at most once) that evaluates to the target."""
   answer = common.final_answer_text(response)
   if not answer:

@@ -1,14 +1,14 @@
-"""Users' own data: JSON Lines with one ``{"prompt": ..., "answer": ...}`` per line.
+"""Users' own data: JSON Lines with one `{"prompt": ..., "answer": ...}` per line.
 
-The ``answer`` field may be a GSM8K-style worked solution ending in
-``#### <final answer>`` or just the final answer (string or number). Blank
+The `answer` field may be a GSM8K-style worked solution ending in
+`#### <final answer>` or just the final answer (string or number). Blank
 lines are skipped; any other malformed line raises a ValueError naming the file
 and the 1-based line number.
 
-The model sees ``Question: <prompt>\\nAnswer:`` (:data:`PROMPT_TEMPLATE`) and
-must end its response with ``#### <number>``. :func:`verify_numeric` takes the
-last number after the marker, ignoring thousands separators, so ``1,000``,
-``1000.0`` and ``$1000`` all match ``1000``.
+The model sees `Question: <prompt>\\nAnswer:` (`PROMPT_TEMPLATE`) and
+must end its response with `#### <number>`. `verify_numeric` takes the
+last number after the marker, ignoring thousands separators, so `1,000`,
+`1000.0` and `$1000` all match `1000`.
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ _NUMERIC_ANSWER_RE = re.compile(r"\$?\s*(" + _NUMBER_RE.pattern + r")\s*\.?")
 
 
 def reference_answer(answer_field: str) -> str:
-  """The final answer in an answer field: the text after its last ``####``, or all of it."""
+  """The final answer in an answer field: the text after its last `####`, or all of it."""
   _, sep, tail = answer_field.rpartition(common.ANSWER_MARKER)
   return (tail if sep else answer_field).strip()
 
 
 def parse_number(text: str) -> decimal.Decimal | None:
-  """A number written as e.g. ``-1,234.50`` (optionally ``$``-prefixed) or None."""
+  """A number written as e.g. `-1,234.50` (optionally `$`-prefixed) or None."""
   match = _NUMERIC_ANSWER_RE.fullmatch(text.strip())
   if match is None:
     return None
@@ -46,9 +46,9 @@ def parse_number(text: str) -> decimal.Decimal | None:
 
 
 def verify_numeric(response: object, reference: str) -> float:
-  """1.0 iff the last number after the ``####`` marker equals ``reference``.
+  """1.0 iff the last number after the `####` marker equals `reference`.
 
-  Numbers compare by value (``72.0 == 72``, commas ignored). A non-numeric
+  Numbers compare by value (`72.0 == 72`, commas ignored). A non-numeric
   reference must match the whole text after the marker (whitespace-normalised).
   """
   answer = common.final_answer_text(response)
@@ -127,7 +127,7 @@ def _parse_line(path: str, lineno: int, raw: bytes) -> dict[str, Any] | None:
 
 
 def load_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """Reads records ``{"prompt", "answer" (final answer), "solution" (raw field)}``.
+  """Reads records `{"prompt", "answer" (final answer), "solution" (raw field)}`.
 
   Raises ValueError naming the file and 1-based line number for a malformed
   line, and for a file with no records (reported at line 1).
@@ -156,7 +156,7 @@ def solve(problem: JsonlProblem, style: str = "steps") -> str:
 def teach(
     problem: JsonlProblem, rng: random.Random, style: str = "steps", error_rate: float = 0.0
 ) -> str:
-  """The reference response; with probability ``error_rate`` its final answer
+  """The reference response; with probability `error_rate` its final answer
   is replaced by a wrong one (a nearby number, or 'none' for a non-numeric answer)."""
   response = solve(problem, style)
   if common.pick_fault(rng, error_rate, {"wrong_final": 1.0}) is None:
@@ -171,5 +171,5 @@ def teach(
 
 
 def verify(response: object, problem: JsonlProblem) -> float:
-  """Numeric-answer verifier (see :func:`verify_numeric`)."""
+  """Numeric-answer verifier (see `verify_numeric`)."""
   return verify_numeric(response, problem.answer)

@@ -1,12 +1,12 @@
 """Sorting: put a short list of small numbers in ascending order.
 
-Prompt: ``sort 57 12 91 25 79:``; response: ``#### 12 25 57 79 91``. The
+Prompt: `sort 57 12 91 25 79:`; response: `#### 12 25 57 79 91`. The
 answer must be exactly the sorted list (duplicates kept); the verifier accepts
 numbers separated by spaces and/or commas, optionally inside brackets.
 
 Sorting has no intermediate steps, so the 'steps' and 'terse' styles coincide
 and every teacher fault changes the answer. Difficulty knobs
-(:class:`SortingDifficulty`): ``length`` and ``max_value`` (numbers are
+(`SortingDifficulty`): `length` and `max_value` (numbers are
 uniform in [0, max_value]).
 """
 
@@ -46,7 +46,7 @@ class SortingDifficulty:
 
 @dataclasses.dataclass(frozen=True)
 class SortingProblem:
-  """Sort ``numbers`` ascending."""
+  """Sort `numbers` ascending."""
 
   numbers: tuple[int, ...]
 
@@ -88,7 +88,7 @@ def generate(
 def generate_split(
     split: str, num_examples: int, seed: int = 0, **difficulty: Any
 ) -> list[SortingProblem]:
-  """``num_examples`` problems of ``split`` (see `common.sample_split`)."""
+  """`num_examples` problems of `split` (see `common.sample_split`)."""
   config = SortingDifficulty(**difficulty)
   return common.sample_split(FAMILY, lambda rng: generate(rng, config), split, num_examples, seed)
 
@@ -108,8 +108,8 @@ def solve(problem: SortingProblem, style: str = "steps") -> str:
 def teach(
     problem: SortingProblem, rng: random.Random, style: str = "steps", error_rate: float = 0.0
 ) -> str:
-  """A teacher response; with probability ``error_rate`` it contains one fault
-  drawn from :data:`FAULT_WEIGHTS`, which always makes it wrong."""
+  """A teacher response; with probability `error_rate` it contains one fault
+  drawn from `FAULT_WEIGHTS`, which always makes it wrong."""
   values = sorted(problem.numbers)
   fault = common.pick_fault(rng, error_rate, FAULT_WEIGHTS)
   if fault == "swap" and len(set(values)) < 2:
@@ -131,7 +131,7 @@ def teach(
 
 
 def verify(response: object, problem: SortingProblem) -> float:
-  """1.0 iff the text after ``####`` is exactly the sorted list."""
+  """1.0 iff the text after `####` is exactly the sorted list."""
   answer = common.final_answer_text(response)
   if not answer or not _LIST_RE.fullmatch(answer):
     return 0.0

@@ -1,6 +1,6 @@
 """The task interface the SFT and RL loops use, and its registry.
 
-A task turns records (plain dicts with at least ``prompt`` and ``answer``)
+A task turns records (plain dicts with at least `prompt` and `answer`)
 into model prompts, rewards and teacher traces::
 
     task = get_task("arithmetic", num_digits=3)
@@ -10,7 +10,7 @@ into model prompts, rewards and teacher traces::
     trace = task.teacher(train[0], "careful", rng)
 
 The model's response is everything it generates after the prompt (EOS
-excluded); a correct response ends with ``#### <answer>``.
+excluded); a correct response ends with `#### <answer>`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class Task(Protocol):
   def load(
       self, split: str, data_dir: PathLike | None = None, num_examples: int | None = None
   ) -> Sequence[dict[str, Any]]:
-    """Records of ``split`` ('train' or 'test'), optionally only the first ``num_examples``."""
+    """Records of `split` ('train' or 'test'), optionally only the first `num_examples`."""
 
   def problem(self, record: Record) -> common.Problem:
     """The family's problem dataclass for a record."""
@@ -42,10 +42,10 @@ class Task(Protocol):
     """The exact prompt text given to the model."""
 
   def verify(self, response: str, record: Record) -> float:
-    """Reward: 1.0 if ``response`` ends with a correct final answer, else 0.0."""
+    """Reward: 1.0 if `response` ends with a correct final answer, else 0.0."""
 
   def teacher(self, record: Record, variant: str = "careful", rng: common.RngLike = None) -> str:
-    """A cold-start SFT response from teacher ``variant`` (see `fo_rl.data.teachers`)."""
+    """A cold-start SFT response from teacher `variant` (see `fo_rl.data.teachers`)."""
 
 
 class RecordSource(Sequence[dict[str, Any]]):
@@ -118,8 +118,8 @@ class _FamilyTask:
 class ProceduralTask(_FamilyTask):
   """arithmetic / countdown / sorting, stored with TFDS (array_record).
 
-  ``params`` are the family's difficulty knobs plus ``num_train``,
-  ``num_test`` and ``seed`` (what the prepared dataset holds).
+  `params` are the family's difficulty knobs plus `num_train`,
+  `num_test` and `seed` (what the prepared dataset holds).
   """
 
   _PROBLEMS = {
@@ -180,10 +180,10 @@ TASK_NAMES = ("arithmetic", "countdown", "sorting", "jsonl")
 def get_task(name: str, **options: Any) -> Task:
   """A task by name.
 
-  * ``arithmetic`` / ``countdown`` / ``sorting``: ``options`` are difficulty
-    knobs (see each family's ``*Difficulty``) and ``num_train``,
-    ``num_test``, ``seed`` for the prepared dataset.
-  * ``jsonl``: ``train_file=`` and/or ``test_file=``.
+  * `arithmetic` / `countdown` / `sorting`: `options` are difficulty
+    knobs (see each family's `*Difficulty`) and `num_train`,
+    `num_test`, `seed` for the prepared dataset.
+  * `jsonl`: `train_file=` and/or `test_file=`.
   """
   if name == "jsonl":
     return JsonlTask(**options)

@@ -5,18 +5,18 @@ different teachers. Here a teacher is a solution *style* plus an *error rate*:
 the probability that a response contains one plausible mistake (a dropped
 carry, a miscalculated step, a wrong combination claimed to hit the target, two
 numbers out of order, ...). Mistakes sit in the worked steps and usually carry
-through to the final answer (each family's ``FAULT_WEIGHTS`` lists its
+through to the final answer (each family's `FAULT_WEIGHTS` lists its
 mistakes; a minority, e.g. arithmetic's 'typo', leave the final answer right),
 so a model imitating a teacher lands well below the verifier's ceiling but
 well above zero.
 
-Registered variants (:data:`TEACHERS`):
+Registered variants (`TEACHERS`):
 
-* ``oracle``  -- full worked steps, no mistakes (the reference solver).
-* ``careful`` -- full worked steps, mistakes in 30% of responses.
-* ``terse``   -- a different, shorter style (arithmetic: raw column values
+* `oracle`  -- full worked steps, no mistakes (the reference solver).
+* `careful` -- full worked steps, mistakes in 30% of responses.
+* `terse`   -- a different, shorter style (arithmetic: raw column values
   only; countdown: the expression only), mistakes in 40% of responses.
-* ``noisy``   -- full worked steps, mistakes in 60% of responses.
+* `noisy`   -- full worked steps, mistakes in 60% of responses.
 
 Measured final-answer accuracy (fraction verifying 1.0, 500 test problems at
 default difficulty; oracle / careful / terse / noisy): arithmetic 1.00 / 0.78 /
@@ -54,7 +54,7 @@ TEACHERS: dict[str, TeacherVariant] = {}
 
 
 def register_teacher(variant: TeacherVariant) -> TeacherVariant:
-  """Adds a variant to :data:`TEACHERS` (names must be unique)."""
+  """Adds a variant to `TEACHERS` (names must be unique)."""
   if variant.name in TEACHERS:
     raise ValueError(f"teacher {variant.name!r} is already registered")
   TEACHERS[variant.name] = variant
@@ -94,10 +94,10 @@ def teacher(
     *,
     error_rate: float | None = None,
 ) -> str:
-  """A teacher response (the text after the prompt) for ``problem``.
+  """A teacher response (the text after the prompt) for `problem`.
 
-  ``problem`` is any family's problem dataclass; ``rng`` a `random.Random`, a
-  numpy Generator or an int seed; ``error_rate`` overrides the variant's.
+  `problem` is any family's problem dataclass; `rng` a `random.Random`, a
+  numpy Generator or an int seed; `error_rate` overrides the variant's.
   """
   spec = get_teacher(variant)
   family = _FAMILIES.get(getattr(problem, "family", None))

@@ -1,6 +1,6 @@
 """TFDS builder for the arithmetic family (see `fo_rl.data.arithmetic`).
 
-Features: ``prompt``, ``answer`` (text), ``a``, ``b`` (int64), ``op`` (text).
+Features: `prompt`, `answer` (text), `a`, `b` (int64), `op` (text).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from fo_rl.data import arithmetic, tfds_common
 
 @dataclasses.dataclass(eq=False)
 class ArithmeticConfig(tfds_common.ProceduralConfig):
-  """Difficulty: ``num_digits`` per operand and the allowed ``ops``."""
+  """Difficulty: `num_digits` per operand and the allowed `ops`."""
 
   num_digits: int = arithmetic.ArithmeticDifficulty.num_digits
   ops: str = arithmetic.ArithmeticDifficulty.ops

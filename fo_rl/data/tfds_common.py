@@ -1,10 +1,10 @@
-"""TFDS plumbing shared by the procedural task builders, and :func:`load_split`.
+"""TFDS plumbing shared by the procedural task builders, and `load_split`.
 
 Datasets are generated locally (nothing is downloaded), written as
-array_record and read back with ``builder.as_data_source(split)``, which needs
+array_record and read back with `builder.as_data_source(split)`, which needs
 no TensorFlow. A builder config holds the difficulty knobs plus the example
 counts and seed; its name is derived from all of them, so every setting gets
-its own cached directory ``<data_dir>/<builder>/<config>/<version>/``.
+its own cached directory `<data_dir>/<builder>/<config>/<version>/`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ _BUILDER_MODULES = {
 
 
 def default_data_dir() -> str:
-  """``$FO_RL_DATA_DIR`` if set, else ``~/.cache/fo_rl/tfds``."""
+  """`$FO_RL_DATA_DIR` if set, else `~/.cache/fo_rl/tfds`."""
   return os.environ.get("FO_RL_DATA_DIR") or os.path.join(
       os.path.expanduser("~"), ".cache", "fo_rl", "tfds"
   )
@@ -75,7 +75,7 @@ def make_config(config_cls: type[ProceduralConfig], **params: Any) -> Procedural
 
 
 class ProceduralBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Builds train/test splits of one task family from its ``generate_split``."""
+  """Builds train/test splits of one task family from its `generate_split`."""
 
   VERSION = tfds.core.Version(DATASET_VERSION)
   RELEASE_NOTES = {DATASET_VERSION: "Initial release."}
@@ -115,7 +115,7 @@ class ProceduralBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 def builder_for(
     task_name: str, data_dir: str | os.PathLike | None = None, **params: Any
 ) -> ProceduralBuilder:
-  """The builder of ``task_name`` for ``params`` (difficulty, num_train, num_test, seed)."""
+  """The builder of `task_name` for `params` (difficulty, num_train, num_test, seed)."""
   if task_name not in _BUILDER_MODULES:
     raise ValueError(f"no tfds builder for {task_name!r}; known: {sorted(_BUILDER_MODULES)}")
   builder_cls = importlib.import_module(_BUILDER_MODULES[task_name]).BUILDER
@@ -140,12 +140,12 @@ def load_split(
     data_dir: str | os.PathLike | None = None,
     **params: Any,
 ) -> Any:
-  """Prepares ``task_name`` into ``data_dir`` on first use (cached after) and
-  returns the random-access array_record source of ``split``.
+  """Prepares `task_name` into `data_dir` on first use (cached after) and
+  returns the random-access array_record source of `split`.
 
-  ``params`` are the family's difficulty knobs plus ``num_train``,
-  ``num_test`` and ``seed``. Records come back as tfds decodes them (text as
-  bytes, integers as numpy); :func:`to_python` converts one to plain Python.
+  `params` are the family's difficulty knobs plus `num_train`,
+  `num_test` and `seed`. Records come back as tfds decodes them (text as
+  bytes, integers as numpy); `to_python` converts one to plain Python.
   """
   common.check_split(split)
   builder = builder_for(task_name, data_dir, **params)

@@ -1,7 +1,7 @@
 """TFDS builder for the countdown family (see `fo_rl.data.countdown`).
 
-Features: ``prompt``, ``answer`` (text), ``numbers`` (sequence of int64),
-``target`` (int64).
+Features: `prompt`, `answer` (text), `numbers` (sequence of int64),
+`target` (int64).
 """
 
 from __future__ import annotations

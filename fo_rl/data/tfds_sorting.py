@@ -1,6 +1,6 @@
 """TFDS builder for the sorting family (see `fo_rl.data.sorting`).
 
-Features: ``prompt``, ``answer`` (text), ``numbers`` (sequence of int64).
+Features: `prompt`, `answer` (text), `numbers` (sequence of int64).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from fo_rl.data import sorting, tfds_common
 
 @dataclasses.dataclass(eq=False)
 class SortingConfig(tfds_common.ProceduralConfig):
-  """Difficulty: list ``length`` and the largest value ``max_value``."""
+  """Difficulty: list `length` and the largest value `max_value`."""
 
   length: int = sorting.SortingDifficulty.length
   max_value: int = sorting.SortingDifficulty.max_value

@@ -1,8 +1,8 @@
 """A thin wrapper around the project's SentencePiece model.
 
-``Tokenizer.default()`` loads the committed ``assets/tokenizer.model`` (made
+`Tokenizer.default()` loads the committed `assets/tokenizer.model` (made
 by `fo_rl.data.train_tokenizer`). Encoding never adds BOS/EOS by itself and
-``decode(encode(text)) == text`` for any text (byte fallback, no
+`decode(encode(text)) == text` for any text (byte fallback, no
 normalisation); special ids are pad=0, unk=1, bos=2, eos=3.
 """
 
@@ -22,7 +22,7 @@ class Tokenizer:
   """Encode/decode text with a SentencePiece model."""
 
   def __init__(self, model: str | os.PathLike | bytes):
-    """``model`` is a path to a ``.model`` file or its serialized bytes."""
+    """`model` is a path to a `.model` file or its serialized bytes."""
     if isinstance(model, bytes):
       self._sp = spm.SentencePieceProcessor(model_proto=model)
     else:
@@ -57,25 +57,25 @@ class Tokenizer:
     return self._sp.eos_id()
 
   def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-    """Token ids of ``text``, optionally with BOS prepended / EOS appended."""
+    """Token ids of `text`, optionally with BOS prepended / EOS appended."""
     ids = self._sp.encode(text)
     return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
 
   def decode(self, ids: Sequence[int]) -> str:
-    """Text of ``ids``; pad/bos/eos (control pieces) decode to nothing."""
+    """Text of `ids`; pad/bos/eos (control pieces) decode to nothing."""
     return self._sp.decode([int(i) for i in ids])
 
   def id_to_piece(self, token_id: int) -> str:
     return self._sp.id_to_piece(int(token_id))
 
   def is_byte(self, token_id: int) -> bool:
-    """Whether ``token_id`` is a byte-fallback piece (text outside the trained vocabulary)."""
+    """Whether `token_id` is a byte-fallback piece (text outside the trained vocabulary)."""
     return self._sp.is_byte(int(token_id))
 
 
 class HFTokenizer:
-  """A Hugging Face checkpoint's ``tokenizer.json`` (the ``tokenizers`` library), behind the same
-  surface as :class:`Tokenizer`. EOS is the checkpoint's ``eos_token_id`` (generation_config.json, else
+  """A Hugging Face checkpoint's `tokenizer.json` (the `tokenizers` library), behind the same
+  surface as `Tokenizer`. EOS is the checkpoint's `eos_token_id` (generation_config.json, else
   config.json; the first one when it lists several; None when neither names one); a tokenizer without
   a BOS token (Qwen3) never prepends one."""
 

@@ -7,10 +7,10 @@ mistakes) of every task family over a range of difficulties, plus the JSONL
 prompt template. Training is deterministic (single thread, in-memory corpus),
 so the committed model is byte-for-byte what this script writes.
 
-Model choices: BPE, :data:`VOCAB_SIZE` pieces including 256 byte-fallback
+Model choices: BPE, `VOCAB_SIZE` pieces including 256 byte-fallback
 pieces (any text encodes, nothing maps to unk), digits always single pieces
-(``split_digits``), identity normalisation with no dummy prefix and no
-whitespace folding (so ``decode(encode(s)) == s`` exactly), ``####`` as one
+(`split_digits`), identity normalisation with no dummy prefix and no
+whitespace folding (so `decode(encode(s)) == s` exactly), `####` as one
 piece, and fixed special ids pad=0, unk=1, bos=2, eos=3.
 """
 
