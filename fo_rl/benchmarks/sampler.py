@@ -2,13 +2,13 @@
 
 Same tiny random Qwen3-MoE config and the same weights on both sides (fo_rl's state written with
 fo_rl.model.hf.save_hf_checkpoint and read by from_pretrained), float32, `threads` CPU threads each
-(torch.set_num_threads; XLA's flags are set by fo_rl/bench.py), batch 64, 32 prompt tokens, 64 new
+(torch.set_num_threads; XLA's flags are set by fo_rl/benchmarks/__main__.py), batch 64, 32 prompt tokens, 64 new
 tokens, plain sampling (temperature 1, no top-k / top-p; min_new_tokens = max_new_tokens on the peer and
 no EOS on fo_rl, so both generate exactly 64 tokens per row). Timed after a warm-up: best of 7 calls
 (see _best_of), fo_rl's and the peer's measured one after the other in the same process. fo_rl's sampler
 runs with its default SamplerConfig, which for this model means: dense MoE dispatch (moe_impl="auto",
 E=8 <= 4k) and windowed decode in segments of 16 steps (decode_segments=None: its KV cache is small).
-On CPU its mesh is `threads` CPU devices (fo_rl/bench.py asks XLA for them) along "data": the batch is
+On CPU its mesh is `threads` CPU devices (fo_rl/benchmarks/__main__.py asks XLA for them) along "data": the batch is
 split over them and each runs its own decode loop (Sampler.loop_axes), one core each, as PyTorch runs
 `threads` OpenMP threads.
 
