@@ -717,7 +717,8 @@ def test_run_detaches_and_is_idempotent_and_stops(launcher, tmp_path, worker_hom
 
   logdir = home / "fo_rl_logs" / "exp1"
   log, pidfile = logdir / "worker-3.log", logdir / "worker-3.pid"
-  assert wait_for(lambda: pidfile.exists() and "CWD=" in log.read_text())
+  # The log's header line quotes the command, "CWD=" included: wait for the program's own output line.
+  assert wait_for(lambda: pidfile.exists() and "\nCWD=" in log.read_text())
   pid = int(pidfile.read_text())
   pids.append(pid)
   assert alive(pid)

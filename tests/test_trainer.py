@@ -195,6 +195,15 @@ def runs(env, trainers):
   return get
 
 
+def _ratio_rounding(env) -> float:
+  """How far the first update's staleness ratio may sit from 1 when the old pass and the update round
+  differently: 1e-6, or 4 float32 ulps of the first mini-batch's largest |logp|. Rounding, never a single
+  misrouted token (~1e-2)."""
+  resp = np.asarray(env["noisy"].response_mask)[:MB] > 0
+  ulp = float(np.spacing(np.float32(np.abs(env["logp_live"][:MB][resp]).max())))
+  return max(1e-6, 4 * ulp)
+
+
 def _grad(state):
   """The (clipped) gradient of a state's first and only update, read back from Adam's first moment."""
   return [x / (1 - OPTIM.b1) for x in _leaves(state.opt_state[1][0].mu)]
@@ -239,7 +248,9 @@ def test_train_step_updates_and_metrics(env, trainers, runs):
   np.testing.assert_allclose(first["is_weight_mean"], np.minimum(rho, 5.0).mean(), rtol=1e-5)
   np.testing.assert_allclose(first["is_truncated_frac"], (rho > 5.0).mean(), atol=1e-6)
   assert first["is_truncated_frac"] > 0
-  np.testing.assert_allclose([first["ratio_mean"], first["ratio_max"]], 1.0, atol=1e-6)
+  # Ratio 1 up to the rounding of two different XLA programs (see the r2 test below).
+  tol = _ratio_rounding(env)
+  assert abs(first["ratio_max"] - 1) <= tol and abs(first["ratio_mean"] - 1) <= 1e-6
 
 
 def test_non_finite_update_is_skipped_and_counted(env, trainers, runs):
@@ -286,10 +297,10 @@ def test_r2_first_minibatch_is_exactly_the_no_replay_update(env, trainers, runs)
   # Staleness ratio 1: same params, same (recorded) routes. The old pass and the update are different
   # XLA programs (forward vs forward+backward) that may round differently: measured on CPU, one token's
   # logp (|logp| ~ 6.9) differs by 2 float32 ulps, ratio_max - 1 = 9.5e-7; ratio_mean is exactly 1.
-  # Allowed: 1e-6, or 4 ulps of the largest |logp| -- rounding, never a single misrouted token (~1e-2).
-  resp = np.asarray(env["noisy"].response_mask)[:MB] > 0
-  ulp = float(np.spacing(np.float32(np.abs(env["logp_live"][:MB][resp]).max())))
-  assert abs(first["ratio_max"] - 1) <= max(1e-6, 4 * ulp) and abs(first["ratio_mean"] - 1) <= 1e-6
+  # On another CPU the same token differed by 3 ulps (ratio_max - 1 = 1.4e-6).
+  assert (
+      abs(first["ratio_max"] - 1) <= _ratio_rounding(env) and abs(first["ratio_mean"] - 1) <= 1e-6
+  )
   assert m["staleness_ratio_first_minibatch_max"] == first["ratio_max"]
   # Loss and gradient of the first update (replaying the recorded routes) vs live routing, no replay.
   tr, params, ro = trainers["r2"], env["params"], env["noisy"]
