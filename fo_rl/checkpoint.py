@@ -48,10 +48,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from fo_rl.parallel.multihost import host_get
+
 __all__ = [
     "Checkpointer",
     "CheckpointMismatchError",
     "abstract_like",
+    "train_bundle",
+    "restore_train_bundle",
 ]
 
 log = logging.getLogger(__name__)
@@ -83,6 +87,31 @@ def abstract_like(tree: Any) -> Any:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
 
   return jax.tree.map(one, tree)
+
+
+def train_bundle(state: Any, rng: jax.Array, mesh=None) -> dict:
+  """What a run checkpoints at each step (fo_rl.run; read back by fo_rl.tools.sample):
+  `{"train": state (the TrainState), "rng": the run's typed PRNG key as raw key data}`.
+
+  With a `mesh` the key data is replicated over it: a global array every process can save (orbax,
+  multi-host). `state` may be ShapeDtypeStructs (a restore target: see `restore_train_bundle`)."""
+  data = jax.random.key_data(rng)
+  if mesh is not None:
+    data = jax.device_put(data, NamedSharding(mesh, PartitionSpec()))
+  return {"train": state, "rng": data}
+
+
+def restore_train_bundle(
+    ckpt: "Checkpointer", step: int | None, target: dict
+) -> tuple[Any, Any, dict]:
+  """(state, rng key, meta) of the `train_bundle` saved at `step` (None: the latest), each array read
+  into the sharding of its counterpart in `target` (a `train_bundle` of arrays or ShapeDtypeStructs).
+  """
+  bundle, meta = ckpt.restore(step, abstract_like(target))
+  # Restored key data is committed to one device; through numpy it is uncommitted again, as a fresh key
+  # is (else jit sees it on device 0 and the parameters on the mesh: "incompatible devices").
+  rng = jax.random.wrap_key_data(np.asarray(host_get(bundle["rng"])))
+  return bundle["train"], rng, meta
 
 
 def _is_prng_dtype(dtype) -> bool:

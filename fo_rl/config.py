@@ -1,28 +1,56 @@
 """The run configuration: one ml_collections ConfigDict nested by role, and its validated, typed view.
 
 `base_config()` defines every default once; files in configs/ override what their recipe changes.
-`parse(config)` turns the ConfigDict into frozen dataclasses and raises a ValueError naming the field
-(`rl.mini_batches`, `model.num_experts_per_tok`, ...) before anything is compiled or written.
+`parse(config)` turns the ConfigDict into a `RunConfig`: one frozen view per role (`model`, `init`,
+`parallel`, `data`, `sft`, `sampler` + `sampling`, `rl` (with `rl.loss`), `optim`, `eval`, `checkpoint`),
+each built, and its fields validated, once; a bad value is a ValueError naming the field
+(`rl.mini_batches`, `model.num_experts_per_tok`, ...) before anything is compiled or written, and so is a
+key that is no field of its section. The jobs (run.py, sft.py, dry_run.py) read only the view;
+`RunConfig.as_dict` is the config as plain JSON data (config.json, the resume check, the SFT cache key).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from typing import Any
 
 import ml_collections
 
+from fo_rl.common import from_mapping, unknown_keys
 from fo_rl.model.config import ModelConfig
 from fo_rl.parallel.sharding import DEFAULT_RULES, mesh_shape, validate_rules
 from fo_rl.rl.advantages import ADVANTAGE_MODES
 from fo_rl.rl.losses import LOSSES, LossConfig
-from fo_rl.rl.trainer import OptimConfig, TrainerConfig
+from fo_rl.rl.optim import OptimConfig
+from fo_rl.rl.rollouts import REPLAY_MODES
+from fo_rl.rl.trainer import TrainerConfig
 from fo_rl.sampler import quantize as Q
-from fo_rl.sampler.sampler import SamplerConfig, SamplingParams
+from fo_rl.sampler.config import SamplerConfig, SamplingParams
 
 TASKS = ("arithmetic", "countdown", "sorting", "jsonl")
 JSONL_OPTIONS = ("train_file", "test_file")
+RL_OPTIM_FIELDS = ("learning_rate", "warmup_steps", "b1", "b2", "eps", "weight_decay", "grad_clip")
+SAMPLING_FIELDS = (
+    "max_new_tokens",
+    "top_k",
+    "top_p",
+)  # of sampler.*: SamplingParams, not SamplerConfig
+SECTIONS = (
+    "name",
+    "seed",
+    "dry_run",
+    "model",
+    "init",
+    "parallel",
+    "data",
+    "sft",
+    "sampler",
+    "rl",
+    "optim",
+    "eval",
+    "checkpoint",
+)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -105,9 +133,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.advantage = "mean"  # mean | std | rloo
   c.rl.loss = ml_collections.ConfigDict(dataclasses.asdict(LossConfig()))
 
-  c.optim = ml_collections.ConfigDict(
-      dataclasses.asdict(OptimConfig(learning_rate=7e-5, warmup_steps=10))
-  )
+  # The RL optimizer: linear warmup, then constant (OptimConfig's schedule fields are the cold start's,
+  # set from sft.*).
+  optim = OptimConfig(learning_rate=7e-5, warmup_steps=10)
+  c.optim = ml_collections.ConfigDict({f: getattr(optim, f) for f in RL_OPTIM_FIELDS})
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 10  # RL steps
@@ -118,29 +147,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every = 10
   c.checkpoint.max_to_keep = 2
   return c
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-  """The validated view of a ConfigDict."""
-
-  raw: Any
-  seed: int
-  model: ModelConfig
-  trainer: TrainerConfig
-  sampler: SamplerConfig
-  sampling: SamplingParams  # eos ids are filled in once the tokenizer is known
-  mesh: dict
-  sampler_mesh: dict
-  rules: tuple
-  prompts_per_step: int
-  group_size: int
-  steps: int
-  advantage: str
-
-
-def _bad(field: str, value, why: str):
-  raise ValueError(f"{field}={value!r}: {why}")
 
 
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -219,79 +225,266 @@ def tiny_moe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def task_options(c: ml_collections.ConfigDict) -> dict:
-  """get_task's options: data.train_file/test_file for data.task=jsonl, else data.options."""
-  if c.data.task == "jsonl":
-    return {f: c.data.get(f, "") for f in JSONL_OPTIONS}
-  return c.data.options.to_dict()
+# --------------------------------------------------------------------------------------------------------
+# The typed view: one frozen dataclass per section, each validating its own fields when built.
+# --------------------------------------------------------------------------------------------------------
 
 
-def parse(c: ml_collections.ConfigDict, num_devices: int | None = None) -> RunConfig:
-  """Validate everything that can be checked without data or compilation."""
-  model = ModelConfig.from_dict(c.model)
-  rules = tuple(
-      (str(n), a if a is None or isinstance(a, str) else tuple(a)) for n, a in c.parallel.rules
-  )
-  validate_rules(rules, "parallel.rules")
-  if num_devices is not None:
-    mesh_shape(c.parallel.mesh, num_devices, "parallel.mesh")
-    mesh_shape(c.parallel.sampler_mesh, num_devices, "parallel.sampler_mesh")
-  if c.rl.loss.name not in LOSSES:
-    _bad("rl.loss.name", c.rl.loss.name, f"unknown loss; known: {sorted(LOSSES)}")
-  try:
-    loss = LossConfig.from_config(c.rl.loss)
-  except ValueError as e:
-    raise ValueError(f"rl.loss: {e}") from None
-  optim = OptimConfig.from_config(c.optim)
-  if c.rl.replay not in ("none", "r2", "r3"):
-    _bad("rl.replay", c.rl.replay, "must be one of none, r2, r3")
-  if c.rl.replay != "none" and model.num_experts == 0:
-    _bad("rl.replay", c.rl.replay, "routing replay needs a MoE model, but model.num_experts=0")
-  trainer = TrainerConfig(
-      mini_batches=int(c.rl.mini_batches),
-      replay=c.rl.replay,
-      temperature=float(c.rl.temperature),
-      loss=loss,
-      optim=optim,
-  )
-  for f in ("steps", "prompts_per_step", "group_size"):
-    if int(c.rl[f]) < 1:
-      _bad(f"rl.{f}", c.rl[f], "must be >= 1")
-  if c.rl.group_size < 2:
-    _bad("rl.group_size", c.rl.group_size, "group-relative advantages need >= 2 samples per prompt")
-  global_batch = c.rl.prompts_per_step * c.rl.group_size
-  if global_batch % c.rl.mini_batches:
-    _bad(
-        "rl.mini_batches",
-        c.rl.mini_batches,
-        f"must divide the global batch rl.prompts_per_step * rl.group_size = {global_batch}",
+def _bad(field: str, value, why: str):
+  raise ValueError(f"{field}={value!r}: {why}")
+
+
+def _at_least(section: str, view, fields, minimum: int = 1) -> None:
+  """Integer fields of a view that must be >= minimum (stored as int)."""
+  for f in fields:
+    if int(getattr(view, f)) < minimum:
+      _bad(f"{section}.{f}", getattr(view, f), f"must be >= {minimum}")
+    object.__setattr__(view, f, int(getattr(view, f)))
+
+
+def _set(view, **values) -> None:
+  """Normalize fields of a frozen view in its __post_init__."""
+  for k, v in values.items():
+    object.__setattr__(view, k, v)
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+  """init.*: where the parameters come from."""
+
+  hf_checkpoint: str = ""  # a Hugging Face checkpoint directory, user-expanded; '' = random init
+
+  def __post_init__(self):
+    _set(self, hf_checkpoint=os.path.expanduser(str(self.hf_checkpoint or "")))
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+  """parallel.*: the trainer's and the sampler's meshes, the logical-axis rules, the dry run's target."""
+
+  mesh: dict
+  sampler_mesh: dict
+  rules: tuple
+  topology: str = ""
+  hbm_gib: float = 0.0
+
+  def __post_init__(self):
+    _set(
+        self,
+        mesh=dict(self.mesh),
+        sampler_mesh=dict(self.sampler_mesh),
+        rules=tuple(
+            (str(n), a if a is None or isinstance(a, str) else tuple(a)) for n, a in self.rules
+        ),
+        topology=str(self.topology or ""),
+        hbm_gib=float(self.hbm_gib or 0.0),
     )
-  if c.rl.advantage not in ADVANTAGE_MODES:
-    _bad("rl.advantage", c.rl.advantage, f"must be one of {ADVANTAGE_MODES}")
-  if c.data.task not in TASKS:
-    _bad("data.task", c.data.task, f"must be one of {TASKS}")
-  for f in JSONL_OPTIONS:
-    path = c.data.get(f, "")
-    if c.data.task == "jsonl" and not path:
-      _bad(f"data.{f}", path, "data.task=jsonl needs a JSON Lines file per split")
-    if c.data.task == "jsonl" and not os.path.isfile(path):
-      _bad(f"data.{f}", path, "no such file")
-    if c.data.task != "jsonl" and path:
-      _bad(f"data.{f}", path, f"only used with data.task=jsonl, not {c.data.task!r}")
-  sampler = SamplerConfig(
-      weight_dtype=c.sampler.weight_dtype,
-      keep_high_precision=tuple(c.sampler.keep_high_precision),
-      prompt_bucket=int(c.sampler.prompt_bucket),
-      gen_bucket=int(c.sampler.gen_bucket),
-      moe_impl=c.sampler.moe_impl,
-      decode_segments=int(c.sampler.decode_segments) or None,
-      rules=rules,
-  )
+    validate_rules(self.rules, "parallel.rules")
+
+  def check_devices(self, num_devices: int) -> None:
+    """Both meshes fit `num_devices` devices."""
+    mesh_shape(self.mesh, num_devices, "parallel.mesh")
+    mesh_shape(self.sampler_mesh, num_devices, "parallel.sampler_mesh")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """data.*: the task, its options, and the tokenizer."""
+
+  task: str
+  options: dict  # get_task's options (data.task != jsonl)
+  train_file: str = ""  # data.task=jsonl: the JSON Lines file of each split
+  test_file: str = ""
+  data_dir: str = ""  # tfds data dir ('' = the default)
+  tokenizer: str = ""  # SentencePiece model ('' = the committed one)
+
+  def __post_init__(self):
+    _set(self, options=dict(self.options))
+    if self.task not in TASKS:
+      _bad("data.task", self.task, f"must be one of {TASKS}")
+    for f in JSONL_OPTIONS:
+      path = getattr(self, f)
+      if self.task == "jsonl" and not path:
+        _bad(f"data.{f}", path, "data.task=jsonl needs a JSON Lines file per split")
+      if self.task == "jsonl" and not os.path.isfile(path):
+        _bad(f"data.{f}", path, "no such file")
+      if self.task != "jsonl" and path:
+        _bad(f"data.{f}", path, f"only used with data.task=jsonl, not {self.task!r}")
+
+  def task_options(self) -> dict:
+    """get_task's options: data.train_file/test_file for data.task=jsonl, else data.options."""
+    if self.task == "jsonl":
+      return {f: getattr(self, f) for f in JSONL_OPTIONS}
+    return dict(self.options)
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+  """sft.*: the cold start (fo_rl/sft.py). Validated only when enabled."""
+
+  enabled: bool
+  steps: int
+  batch_size: int
+  learning_rate: float
+  warmup_steps: int
+  teacher: str  # see fo_rl/data/teachers.py
+  error_rate: float | None = None  # None (config: < 0): the teacher variant's own rate
+  max_len: int = 0  # tokens of prompt + response (config 0: 64)
+  cache_dir: str = ""  # '' = <workdir>/sft
+
+  def __post_init__(self):
+    rate = self.error_rate
+    _set(
+        self,
+        enabled=bool(self.enabled),
+        steps=int(self.steps),
+        batch_size=int(self.batch_size),
+        learning_rate=float(self.learning_rate),
+        warmup_steps=int(self.warmup_steps),
+        error_rate=None if rate is None or rate < 0 else float(rate),
+        max_len=int(self.max_len or 0) or 64,
+        cache_dir=str(self.cache_dir or ""),
+    )
+    if not self.enabled:
+      return
+    if self.steps < 1:
+      _bad("sft.steps", self.steps, "must be >= 1 when sft.enabled")
+    _at_least("sft", self, ("batch_size",))
+    if not self.learning_rate > 0:
+      _bad("sft.learning_rate", self.learning_rate, "must be > 0")
+    if not 0 <= self.warmup_steps < self.steps:
+      _bad("sft.warmup_steps", self.warmup_steps, f"must be in [0, sft.steps={self.steps})")
+
+  @property
+  def optim(self) -> OptimConfig:
+    """The cold start's optimizer: AdamW (weight decay 0.01, grad norm clipped at 1), linear warmup
+    over sft.warmup_steps, then cosine decay to a tenth of sft.learning_rate at sft.steps."""
+    return OptimConfig(
+        learning_rate=self.learning_rate,
+        warmup_steps=self.warmup_steps,
+        weight_decay=0.01,
+        grad_clip=1.0,
+        schedule="cosine",
+        decay_steps=self.steps,
+        final_fraction=0.1,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  """rl.*: the RL loop and its policy loss."""
+
+  steps: int
+  prompts_per_step: int
+  group_size: int  # G samples per prompt
+  mini_batches: int  # N optimizer updates per rollout batch
+  replay: str  # none | r2 | r3
+  temperature: float
+  advantage: str  # mean | std | rloo
+  loss: LossConfig
+
+  def __post_init__(self):
+    if self.replay not in REPLAY_MODES:
+      _bad("rl.replay", self.replay, "must be one of none, r2, r3")
+    _at_least("rl", self, ("mini_batches", "steps", "prompts_per_step", "group_size"))
+    _set(self, temperature=float(self.temperature))
+    if not self.temperature > 0:
+      _bad("rl.temperature", self.temperature, "must be > 0")
+    if self.group_size < 2:
+      _bad(
+          "rl.group_size", self.group_size, "group-relative advantages need >= 2 samples per prompt"
+      )
+    if self.global_batch % self.mini_batches:
+      _bad(
+          "rl.mini_batches",
+          self.mini_batches,
+          f"must divide the global batch rl.prompts_per_step * rl.group_size = {self.global_batch}",
+      )
+    if self.advantage not in ADVANTAGE_MODES:
+      _bad("rl.advantage", self.advantage, f"must be one of {ADVANTAGE_MODES}")
+
+  @property
+  def global_batch(self) -> int:
+    """Responses per RL step: prompts_per_step * group_size."""
+    return self.prompts_per_step * self.group_size
+
+  @classmethod
+  def from_config(cls, d) -> "RLConfig":
+    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+    loss = d.get("loss", {})
+    name = loss.get("name", LossConfig.name)
+    if name not in LOSSES:
+      _bad("rl.loss.name", name, f"unknown loss; known: {sorted(LOSSES)}")
+    d["loss"] = LossConfig.from_config(loss, "rl.loss")
+    return from_mapping(cls, d, "rl")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """eval.*: the held-out evaluation."""
+
+  every: int  # RL steps
+  num_prompts: int
+  samples: int  # G for the held-out mean accuracy
+
+  def __post_init__(self):
+    _at_least("eval", self, ("every", "num_prompts", "samples"))
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """checkpoint.*: the RL loop's checkpoints."""
+
+  every: int
+  max_to_keep: int | None  # None keeps every step
+
+  def __post_init__(self):
+    _at_least("checkpoint", self, ("every",))
+    if self.max_to_keep is not None:
+      _at_least("checkpoint", self, ("max_to_keep",))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """The validated view of a ConfigDict (see `parse`)."""
+
+  name: str
+  seed: int
+  dry_run: bool
+  model: ModelConfig
+  init: InitConfig
+  parallel: ParallelConfig
+  data: DataConfig
+  sft: SFTConfig
+  sampler: SamplerConfig  # sampler.* but for the sampling fields, and parallel.rules
+  sampling: SamplingParams  # RL sampling: sampler.top_k/top_p/max_new_tokens at rl.temperature
+  rl: RLConfig
+  optim: OptimConfig  # the RL optimizer
+  trainer: TrainerConfig  # rl.* and optim.* as the Trainer takes them
+  eval: EvalConfig
+  checkpoint: CheckpointConfig
+  as_dict: dict  # the whole config as plain JSON data (what config.json holds)
+
+
+def _sampler(d: dict, rules: tuple, rl: RLConfig) -> tuple[SamplerConfig, SamplingParams]:
+  """sampler.*: SamplerConfig (its weights and compiled code) and the RL SamplingParams (eos ids are
+  filled in once the tokenizer is known)."""
+  known = [f.name for f in dataclasses.fields(SamplerConfig) if f.name != "rules"]
+  unknown_keys(d, known + list(SAMPLING_FIELDS), "sampler")
+  d = dict(d)
+  sampling = {f: d.pop(f) for f in SAMPLING_FIELDS if f in d}
+  for f in ("prompt_bucket", "gen_bucket"):
+    if f in d:
+      d[f] = int(d[f])
+  if "decode_segments" in d:
+    d["decode_segments"] = int(d["decode_segments"] or 0) or None  # 0: automatic
+  d["keep_high_precision"] = tuple(d.get("keep_high_precision", Q.DEFAULT_KEEP))
+  sampler = from_mapping(SamplerConfig, dict(d, rules=rules), "sampler")
   sampling = SamplingParams(
-      temperature=float(c.rl.temperature),
-      top_k=int(c.sampler.top_k),
-      top_p=float(c.sampler.top_p),
-      max_new_tokens=int(c.sampler.max_new_tokens),
+      temperature=rl.temperature,
+      top_k=int(sampling.get("top_k", 0)),
+      top_p=float(sampling.get("top_p", 1.0)),
+      max_new_tokens=int(sampling.get("max_new_tokens", SamplingParams.max_new_tokens)),
   )
   if sampling.top_k or sampling.top_p < 1.0:
     # The trainer scores pi at temperature only; truncation in the sampler would bias the IS ratio by
@@ -301,25 +494,46 @@ def parse(c: ml_collections.ConfigDict, num_devices: int | None = None) -> RunCo
         (sampling.top_k, sampling.top_p),
         "RL needs an untruncated sampler (top_k=0, top_p=1.0) so that mu and pi share one distribution",
     )
-  for f in ("every", "num_prompts", "samples"):
-    if int(c.eval[f]) < 1:
-      _bad(f"eval.{f}", c.eval[f], "must be >= 1")
-  if int(c.checkpoint.every) < 1:
-    _bad("checkpoint.every", c.checkpoint.every, "must be >= 1")
-  if c.sft.enabled and int(c.sft.steps) < 1:
-    _bad("sft.steps", c.sft.steps, "must be >= 1 when sft.enabled")
+  return sampler, sampling
+
+
+def parse(c: ml_collections.ConfigDict, num_devices: int | None = None) -> RunConfig:
+  """Validate everything that can be checked without data or compilation; returns the typed view.
+
+  num_devices: also check that parallel.mesh and parallel.sampler_mesh fit that many devices."""
+  d = json.loads(c.to_json_best_effort() if hasattr(c, "to_json_best_effort") else json.dumps(c))
+  unknown_keys(d, SECTIONS, "config")
+  model = ModelConfig.from_dict(d["model"])
+  parallel = from_mapping(ParallelConfig, d["parallel"], "parallel")
+  if num_devices is not None:
+    parallel.check_devices(num_devices)
+  rl = RLConfig.from_config(d["rl"])
+  optim = OptimConfig.from_config(d["optim"])
+  if rl.replay != "none" and model.num_experts == 0:
+    _bad("rl.replay", rl.replay, "routing replay needs a MoE model, but model.num_experts=0")
+  data = from_mapping(DataConfig, d["data"], "data")
+  sampler, sampling = _sampler(d["sampler"], parallel.rules, rl)
   return RunConfig(
-      raw=c,
-      seed=int(c.seed),
+      name=str(d.get("name", "run")),
+      seed=int(d["seed"]),
+      dry_run=bool(d.get("dry_run", False)),
       model=model,
-      trainer=trainer,
+      init=from_mapping(InitConfig, d.get("init", {}), "init"),
+      parallel=parallel,
+      data=data,
+      sft=from_mapping(SFTConfig, d["sft"], "sft"),
       sampler=sampler,
       sampling=sampling,
-      mesh=dict(c.parallel.mesh),
-      sampler_mesh=dict(c.parallel.sampler_mesh),
-      rules=rules,
-      prompts_per_step=int(c.rl.prompts_per_step),
-      group_size=int(c.rl.group_size),
-      steps=int(c.rl.steps),
-      advantage=c.rl.advantage,
+      rl=rl,
+      optim=optim,
+      trainer=TrainerConfig(
+          mini_batches=rl.mini_batches,
+          replay=rl.replay,
+          temperature=rl.temperature,
+          loss=rl.loss,
+          optim=optim,
+      ),
+      eval=from_mapping(EvalConfig, d["eval"], "eval"),
+      checkpoint=from_mapping(CheckpointConfig, d["checkpoint"], "checkpoint"),
+      as_dict=d,
   )

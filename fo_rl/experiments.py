@@ -41,6 +41,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from fo_rl.common import SignalFlag, json_safe
+
 REPO = Path(__file__).resolve().parent.parent
 PAPER_CONFIGS = REPO / "configs" / "paper"
 SUITES = ("onpolicy", "offpolicy", "coldstart")
@@ -269,8 +271,8 @@ def build_plan(
       for field, text in overrides:
         set_field(c, field, parse_value(text, get_field(c, field)))
         flags.append(f"--config.{field}={text}")
-      config_lib.parse(c)  # a bad variant or override fails here, before anything runs
-      data = (c.data.task, json.dumps(config_lib.task_options(c), sort_keys=True), c.data.data_dir)
+      rc = config_lib.parse(c)  # a bad variant or override fails here, before anything runs
+      data = (rc.data.task, json.dumps(rc.data.task_options(), sort_keys=True), rc.data.data_dir)
       runs.append(
           Run(
               suite=suite,
@@ -279,8 +281,8 @@ def build_plan(
               config_arg=arg,
               workdir=root / variant / f"seed{seed}",
               flags=flags,
-              target_steps=int(c.rl.steps),
-              sft_key=sft_key(c) if c.sft.enabled else None,
+              target_steps=rc.rl.steps,
+              sft_key=sft_key(rc) if rc.sft.enabled else None,
               data=data,
           )
       )
@@ -353,24 +355,6 @@ def prepare_data(runs: Sequence[Run], log=print) -> None:
     log(f"data: {task} {options} ready ({time.time() - t0:.0f}s)")
 
 
-class _Stop:
-
-  def __init__(self):
-    self.flag = False
-    self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-  def _handle(self, signum, frame):
-    del frame
-    self.flag = True
-    print(
-        f"experiments: signal {signum}: stopping the running runs (they checkpoint) ...", flush=True
-    )
-
-  def restore(self):
-    for s, h in self._old.items():
-      signal.signal(s, h)
-
-
 def execute(
     runs: Sequence[Run],
     parallel: int,
@@ -400,7 +384,10 @@ def execute(
   codes: dict[str, int] = {}
   durations: list[float] = []
   pending = list(todo)
-  stop = _Stop()
+  stop = SignalFlag(
+      (signal.SIGINT, signal.SIGTERM),
+      "experiments: signal {signum}: stopping the running runs (they checkpoint) ...",
+  )
   cache = runs[0].workdir.parent.parent / "sft_cache"
 
   def eligible(r: Run) -> bool:
@@ -1364,25 +1351,13 @@ def write_report(results: Mapping[str, Any], root: str | Path) -> str:
   return str(path)
 
 
-def _json_safe(x):
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  if isinstance(x, dict):
-    return {k: _json_safe(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_json_safe(v) for v in x]
-  if isinstance(x, (np.floating, np.integer)):
-    return _json_safe(x.item())
-  return x
-
-
 def write_outputs(root: str | Path, log=print) -> dict[str, Any]:
   """results.json, report.md and <suite>.png for everything under root."""
   root = Path(root).resolve()
   results = collect(root)
   tmp = root / "results.json.tmp"
   with open(tmp, "w") as f:
-    json.dump(_json_safe(results), f, indent=1)
+    json.dump(json_safe(results), f, indent=1)  # NaN statistics -> null: strict JSON
   os.replace(tmp, root / "results.json")
   for suite, sres in results["suites"].items():
     plot_suite(suite, sres, root / f"{suite}.png")

@@ -35,6 +35,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from fo_rl.common import flatten, json_safe
+
 __all__ = ["MetricsWriter", "read_metrics", "METRICS_FILENAME"]
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,6 @@ log = logging.getLogger(__name__)
 METRICS_FILENAME = "metrics.jsonl"
 TB_SUBDIR = "tb"
 
-_NONFINITE_TO_STR = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 _STR_TO_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
@@ -86,25 +87,6 @@ def _scalar(x: Any) -> Any:
   if isinstance(x, (list, tuple)):
     return [_scalar(v) for v in x]
   return None
-
-
-def _json_safe(v: Any) -> Any:
-  if isinstance(v, float) and not math.isfinite(v):
-    return _NONFINITE_TO_STR[repr(v)]
-  if isinstance(v, list):
-    return [_json_safe(u) for u in v]
-  return v
-
-
-def _flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for k, v in metrics.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, key + "/"))
-    else:
-      out[key] = v
-  return out
 
 
 def _decode(v: Any) -> Any:
@@ -290,7 +272,7 @@ class MetricsWriter:
       raise RuntimeError("MetricsWriter is closed")
     step = int(step)
     row: dict[str, Any] = {"step": step}
-    for k, v in _flatten(metrics).items():
+    for k, v in flatten(metrics, "/").items():
       if k == "step":
         continue
       conv = _scalar(v)
@@ -298,7 +280,7 @@ class MetricsWriter:
         log.warning("metric %r of type %s is not loggable; skipped", k, type(v).__name__)
         continue
       row[k] = conv
-    line = json.dumps({k: _json_safe(v) for k, v in row.items()}, allow_nan=False)
+    line = json.dumps(json_safe(row, nonfinite="string"), allow_nan=False)
     self._file.write(line + "\n")
     self._file.flush()
     if self._fsync:

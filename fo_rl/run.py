@@ -15,11 +15,11 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fo_rl import config as config_lib
-from fo_rl.checkpoint import Checkpointer, abstract_like
+from fo_rl.checkpoint import Checkpointer, restore_train_bundle, train_bundle
+from fo_rl.common import SignalFlag, flatten
 from fo_rl.data import get_task
 from fo_rl.data.tokenizer import HFTokenizer, Tokenizer
 from fo_rl.metrics_writer import MetricsWriter, read_metrics
@@ -28,33 +28,24 @@ from fo_rl.parallel.multihost import host_get
 from fo_rl.parallel.sharding import make_mesh
 from fo_rl.plots import plot_curves
 from fo_rl.rl.advantages import group_advantages
-from fo_rl.rl.trainer import Rollouts, Trainer, TrainState
-from fo_rl.sampler.sampler import Sampler, SamplingParams
+from fo_rl.rl.rollouts import Rollouts
+from fo_rl.rl.trainer import Trainer
+from fo_rl.sampler import Sampler, SamplingParams
 from fo_rl.sft import cold_start
 
 # Fields a resumed run may change (they do not alter what was already computed).
 RESUMABLE_CHANGES = ("rl.steps", "eval.", "checkpoint.")
 
 
-def _flatten(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def _check_config(c, workdir: str) -> dict:
-  """The config as JSON; resuming with a different config is an error unless only harmless fields
-  changed. Reads only: a rejected run leaves the workdir as it was."""
+def _check_config(rc: config_lib.RunConfig, workdir: str) -> dict:
+  """The config as JSON (`rc.as_dict`); resuming with a different config is an error unless only
+  harmless fields changed. Reads only: a rejected run leaves the workdir as it was."""
   path = os.path.join(workdir, "config.json")
-  new = json.loads(c.to_json_best_effort())
+  new = rc.as_dict
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old, "."), flatten(new, ".")
     changed = sorted(
         k
         for k in set(a) | set(b)
@@ -68,10 +59,10 @@ def _check_config(c, workdir: str) -> dict:
   return new
 
 
-def _write_config(c, workdir: str) -> None:
+def _write_config(rc: config_lib.RunConfig, workdir: str) -> None:
   """config.json (after _check_config)."""
   path = os.path.join(workdir, "config.json")
-  new = _check_config(c, workdir)
+  new = _check_config(rc, workdir)
   if jax.process_index() == 0:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -113,22 +104,6 @@ class Rollout:
     }
 
 
-def to_rollouts(out, advantages) -> Rollouts:
-  """Sampler output -> the trainer's per-position layout [B, P + T] (prompt left-, response right-padded)."""
-  inp = out.trainer_inputs()
-  P = out.prompt_tokens.shape[1]
-  pad = lambda x: jnp.pad(x, ((0, 0), (P, 0)))
-  return Rollouts(
-      tokens=inp["tokens"],
-      token_mask=inp["token_mask"],
-      positions=inp["positions"],
-      response_mask=pad(out.response_mask.astype(jnp.float32)),
-      logp_mu=pad(out.logp_mu.astype(jnp.float32)),
-      sampler_routes=inp["replay_routes"],
-      advantages=jnp.asarray(advantages, jnp.float32),
-  )
-
-
 def load_pretrained(directory: str, rc, mesh):
   """(graphdef, params) of the Hugging Face checkpoint `init.hf_checkpoint`, each parameter created in its
   sharding (every host reads the tensors it needs). Its config.json must describe the architecture in
@@ -146,28 +121,8 @@ def load_pretrained(directory: str, rc, mesh):
         + ", ".join(f"{f} ({getattr(theirs, f)!r} vs {getattr(rc.model, f)!r})" for f in differ)
     )
   over = {f: getattr(rc.model, f) for f in ours}
-  _, graphdef, params = load_hf_checkpoint(directory, mesh=mesh, rules=rc.rules, **over)
+  _, graphdef, params = load_hf_checkpoint(directory, mesh=mesh, rules=rc.parallel.rules, **over)
   return graphdef, params
-
-
-def _replicated(x, mesh):
-  """x replicated over the mesh: a global array every process can checkpoint (orbax, multi-host)."""
-  return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-
-
-class _Preempted:
-  """SIGTERM (a TPU preemption notice) asks the loop to checkpoint and exit at the next step boundary."""
-
-  def __init__(self):
-    self.flag = False
-    self._old = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.flag = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._old)
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -176,13 +131,14 @@ def _fmt_eta(seconds: float) -> str:
 
 
 def run(c, workdir: str, log=print) -> dict:
-  """Run (or resume) the job described by ConfigDict `c` in `workdir`; returns the summary."""
+  """Run (or resume) the job described by ConfigDict `c` in `workdir`; returns the summary. Everything
+  below reads the typed view `rc = config.parse(c)`."""
   t_start = time.time()
   rc = config_lib.parse(c, jax.device_count())
-  _check_config(c, workdir)
+  _check_config(rc, workdir)
 
   # ---- data, tokenizer, model (bad data is an error before anything is written) ----------------
-  hf_dir = os.path.expanduser(str(c.init.get("hf_checkpoint", "") or ""))
+  hf_dir = rc.init.hf_checkpoint
   if hf_dir:  # a pretrained model: its weights and its tokenizer
     tokenizer = HFTokenizer(hf_dir)
     if tokenizer.eos_id is None:
@@ -191,50 +147,52 @@ def run(c, workdir: str, log=print) -> dict:
           f"generation_config.json (sampling stops at EOS)"
       )
   else:
-    tokenizer = Tokenizer(c.data.tokenizer) if c.data.tokenizer else Tokenizer.default()
+    tokenizer = Tokenizer(rc.data.tokenizer) if rc.data.tokenizer else Tokenizer.default()
   if rc.model.vocab_size < tokenizer.vocab_size:
     raise ValueError(
         f"model.vocab_size={rc.model.vocab_size} is smaller than the tokenizer's "
         f"{tokenizer.vocab_size}"
     )
-  task = get_task(c.data.task, **config_lib.task_options(c))
-  data_dir = c.data.data_dir or None
+  task = get_task(rc.data.task, **rc.data.task_options())
+  data_dir = rc.data.data_dir or None
   train_records = task.load("train", data_dir)
-  test_records = task.load("test", data_dir, num_examples=c.eval.num_prompts)
+  test_records = task.load("test", data_dir, num_examples=rc.eval.num_prompts)
   os.makedirs(workdir, exist_ok=True)
-  _write_config(c, workdir)
+  _write_config(rc, workdir)
   sampling = SamplingParams(
       temperature=rc.sampling.temperature,
       max_new_tokens=rc.sampling.max_new_tokens,
       eos_ids=(tokenizer.eos_id,),
   )
 
-  mesh = make_mesh(rc.mesh, where="parallel.mesh")
-  sampler_mesh = make_mesh(rc.sampler_mesh, where="parallel.sampler_mesh")
+  mesh = make_mesh(rc.parallel.mesh, where="parallel.mesh")
+  sampler_mesh = make_mesh(rc.parallel.sampler_mesh, where="parallel.sampler_mesh")
+  rules = rc.parallel.rules
   graphdef, params = (
-      load_pretrained(hf_dir, rc, mesh) if hf_dir else init_model(rc.model, mesh, rc.rules, rc.seed)
+      load_pretrained(hf_dir, rc, mesh) if hf_dir else init_model(rc.model, mesh, rules, rc.seed)
   )
-  trainer = Trainer(graphdef, rc.model, rc.trainer, mesh, rc.rules)
+  trainer = Trainer(graphdef, rc.model, rc.trainer, mesh, rules)
 
   # ---- resume or cold start --------------------------------------------------------------------
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.checkpoint.max_to_keep)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=rc.checkpoint.max_to_keep)
   latest = ckpt.latest_step()
   state = trainer.init_state(params)
-  bundle = {"train": state, "rng": _replicated(jax.random.key_data(jax.random.key(rc.seed)), mesh)}
+  rng = jax.random.key(rc.seed)
   # SIGTERM (preemption) from here on: SFT saves its progress, the step-0 eval and the RL loop checkpoint.
-  preempt = _Preempted()
+  preempt = SignalFlag((signal.SIGTERM,))
   if latest is None:
-    if c.sft.enabled:
+    if rc.sft.enabled:
       params, sft_info = cold_start(
-          c,
+          rc,
           graphdef,
           params,
           tokenizer,
           task,
           train_records,
           workdir,
-          log,
-          stop=lambda: preempt.flag,
+          mesh=mesh,
+          log=log,
+          stop=preempt,
       )
       if sft_info.get("preempted"):
         preempt.restore()
@@ -254,20 +212,12 @@ def run(c, workdir: str, log=print) -> dict:
         "wall_seconds": 0.0,
     }
   else:
-    bundle, meta = ckpt.restore(latest, abstract_like(bundle))
-    state = bundle["train"]
+    state, rng, meta = restore_train_bundle(ckpt, latest, train_bundle(state, rng, mesh))
     log(f"resuming from {workdir}/checkpoints step {latest}")
-  # Restored key data is committed to one device; through numpy it is uncommitted again, as a fresh key
-  # is (else jit sees it on device 0 and the parameters on the mesh: "incompatible devices").
-  rng = (
-      jax.random.wrap_key_data(np.asarray(host_get(bundle["rng"])))
-      if latest is not None
-      else jax.random.key(rc.seed)
-  )
 
   sampler = Sampler(rc.model, rc.sampler, sampler_mesh)
   sampler.update_weights(state.params)
-  rollout = Rollout(sampler, tokenizer, task, rc.group_size)
+  rollout = Rollout(sampler, tokenizer, task, rc.rl.group_size)
   writer = MetricsWriter(workdir, resume_step=meta["step"])
   order = np.random.default_rng(rc.seed).permutation(len(train_records))
 
@@ -275,7 +225,7 @@ def run(c, workdir: str, log=print) -> dict:
     eval_rng = jax.random.fold_in(
         jax.random.fold_in(rng, 2**31 - 1), step
     )  # disjoint from training's
-    m = rollout.evaluate(test_records, sampling, int(c.eval.samples), eval_rng)
+    m = rollout.evaluate(test_records, sampling, rc.eval.samples, eval_rng)
     acc = m["eval/mean_accuracy"]
     if meta["best_accuracy"] is None or acc > meta["best_accuracy"]:
       meta["best_accuracy"] = acc
@@ -292,13 +242,11 @@ def run(c, workdir: str, log=print) -> dict:
     )
     if preempt.flag:  # SIGTERM during the cold start's eval: keep the cold start and its accuracy
       meta["wall_seconds"] = time.time() - t_start
-      ckpt.save(
-          0, {"train": state, "rng": _replicated(jax.random.key_data(rng), mesh)}, meta, force=True
-      )
+      ckpt.save(0, train_bundle(state, rng, mesh), meta, force=True)
       log("SIGTERM: checkpointed step 0 (the cold start), exiting")
 
   # ---- RL loop ---------------------------------------------------------------------------------
-  P, G, steps = rc.prompts_per_step, rc.group_size, rc.steps
+  P, G, steps = rc.rl.prompts_per_step, rc.rl.group_size, rc.rl.steps
   t_loop, first_step = time.time(), meta["step"]
   wall_before = float(meta.get("wall_seconds", 0.0))
   last_eval = {}
@@ -309,8 +257,8 @@ def run(c, workdir: str, log=print) -> dict:
       pos = meta["data_position"]
       records = [train_records[int(order[(pos + i) % len(order)])] for i in range(P)]
       out, rewards = rollout.sample(records, sampling, G, jax.random.fold_in(rng, step))
-      adv = group_advantages(rewards, G, rc.advantage)
-      state, m = trainer.train_step(state, to_rollouts(out, adv))
+      adv = group_advantages(rewards, G, rc.rl.advantage)
+      state, m = trainer.train_step(state, Rollouts.from_sample(out, adv))
       sampler.update_weights(state.params)
       meta["data_position"] = pos + P
       meta["step"] = step + 1
@@ -321,7 +269,7 @@ def run(c, workdir: str, log=print) -> dict:
           tokens_per_second=n_tokens / (time.time() - t0),
           step_seconds=time.time() - t0,
       )
-      if (step + 1) % c.eval.every == 0 or step + 1 == steps:
+      if (step + 1) % rc.eval.every == 0 or step + 1 == steps:
         last_eval = evaluate(step + 1)
         m.update(last_eval)
       writer.write(step + 1, m)
@@ -333,14 +281,9 @@ def run(c, workdir: str, log=print) -> dict:
           f"kl {m['train_infer_kl']:.2e} entropy {m['entropy']:.3f} "
           f"tok/s {m['tokens_per_second']:.0f} ETA {_fmt_eta(eta)}"
       )
-      if (step + 1) % c.checkpoint.every == 0 or step + 1 == steps or preempt.flag:
+      if (step + 1) % rc.checkpoint.every == 0 or step + 1 == steps or preempt.flag:
         meta["wall_seconds"] = wall_before + time.time() - t_start
-        ckpt.save(
-            step + 1,
-            {"train": state, "rng": _replicated(jax.random.key_data(rng), mesh)},
-            meta,
-            force=True,
-        )
+        ckpt.save(step + 1, train_bundle(state, rng, mesh), meta, force=True)
       if preempt.flag:
         log(f"SIGTERM: checkpointed step {step + 1}, exiting")
         break

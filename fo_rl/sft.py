@@ -8,6 +8,7 @@ everything that determines it) and reused on re-runs.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -20,26 +21,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from fo_rl import config as config_lib
 from fo_rl.checkpoint import Checkpointer, abstract_like
 from fo_rl.data import teachers
 from fo_rl.model import make_apply
+from fo_rl.rl.optim import init_opt_state, make_optimizer
 from fo_rl.rl.trainer import token_logprobs
 
 
-def sft_key(c) -> str:
-  """A hash of everything the cold-start result depends on."""
-  parts = {
-      "model": c.model.to_dict(),
-      "sft": c.sft.to_dict(),
-      "data": c.data.to_dict(),
-      "seed": c.seed,
-  }
-  if (
-      c.data.task != "jsonl"
-  ):  # the JSONL files are unused (and keys of earlier cold starts stay valid)
+def sft_key(rc: config_lib.RunConfig) -> str:
+  """A hash of everything the cold-start result depends on: model.*, sft.* (but the cache dir), data.*
+  (but the JSONL files when data.task is not jsonl, so keys of earlier cold starts stay valid) and seed,
+  as the config's plain data `rc.as_dict`."""
+  d = rc.as_dict
+  parts = copy.deepcopy(
+      {"model": d["model"], "sft": d["sft"], "data": d["data"], "seed": d["seed"]}
+  )
+  if rc.data.task != "jsonl":
     for f in config_lib.JSONL_OPTIONS:
       parts["data"].pop(f, None)
   parts["sft"].pop("cache_dir", None)
@@ -55,15 +55,14 @@ def encode_example(tokenizer, task, record, response: str, max_len: int):
   return ids, mask
 
 
-def _batches(tokenizer, task, records, c, rng: random.Random, max_len: int):
-  B = c.sft.batch_size
-  rate = None if c.sft.error_rate < 0 else float(c.sft.error_rate)
+def _batches(tokenizer, task, records, sft: config_lib.SFTConfig, rng: random.Random):
+  B, max_len = sft.batch_size, sft.max_len
   while True:
     toks = np.full((B, max_len), tokenizer.pad_id, np.int32)
     mask = np.zeros((B, max_len), np.float32)
     for b in range(B):
       rec = records[rng.randrange(len(records))]
-      resp = teachers.teacher(task.problem(rec), c.sft.teacher, rng, error_rate=rate)
+      resp = teachers.teacher(task.problem(rec), sft.teacher, rng, error_rate=sft.error_rate)
       ids, m = encode_example(tokenizer, task, rec, resp, max_len)
       toks[b, : len(ids)] = ids
       mask[b, : len(m)] = m
@@ -71,15 +70,28 @@ def _batches(tokenizer, task, records, c, rng: random.Random, max_len: int):
 
 
 def cold_start(
-    c, graphdef, params, tokenizer, task, records, workdir: str, log=print, stop=lambda: False
+    rc: config_lib.RunConfig,
+    graphdef,
+    params,
+    tokenizer,
+    task,
+    records,
+    workdir: str,
+    mesh: Mesh | None = None,
+    log=print,
+    stop=lambda: False,
 ):
   """Returns (params after SFT, info). Reuses a finished cold start when one is on disk.
 
-  `stop()` is polled after every SFT step (run.py: a SIGTERM arrived). When it turns true, the SFT state
-  (parameters, optimizer state, step) is saved in `<directory>.partial` and (params, info) returns with
-  info["preempted"] = True; the next call resumes SFT from there (same batches, same result)."""
-  cache_dir = c.sft.get("cache_dir", "") or ""
-  directory = os.path.join(cache_dir, sft_key(c)) if cache_dir else os.path.join(workdir, "sft")
+  `params` live on `mesh` (None: unsharded); the optimizer (`sft.optim`) and its state are the trainer's
+  (fo_rl/rl/optim.py). `stop()` is polled after every SFT step (run.py: a SIGTERM arrived). When it turns
+  true, the SFT state (parameters, optimizer state, step) is saved in `<directory>.partial` and
+  (params, info) returns with info["preempted"] = True; the next call resumes SFT from there (same
+  batches, same result)."""
+  sft = rc.sft
+  directory = (
+      os.path.join(sft.cache_dir, sft_key(rc)) if sft.cache_dir else os.path.join(workdir, "sft")
+  )
   ckpt = Checkpointer(directory, max_to_keep=1)
   if ckpt.latest_step() is not None:
     params, meta = ckpt.restore(None, abstract_like(params))
@@ -88,22 +100,10 @@ def cold_start(
     return params, dict(meta, reused=True)
 
   apply = make_apply(graphdef)
-  steps = int(c.sft.steps)
-  sched = optax.warmup_cosine_decay_schedule(
-      0.0, c.sft.learning_rate, c.sft.warmup_steps, steps, c.sft.learning_rate * 0.1
-  )
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
-  opt_state = jax.jit(tx.init)(params)
-  # Adam's step counts come out on one device: put them on the parameters' mesh, and keep every output
-  # of `step` in its input's sharding, or the second step compiles everything again.
-  meshes = [
-      x.sharding.mesh for x in jax.tree.leaves(params) if isinstance(x.sharding, NamedSharding)
-  ]
-  if meshes:
-    rep = NamedSharding(meshes[0], PartitionSpec())
-    opt_state = jax.tree.map(
-        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, rep), opt_state
-    )
+  steps = sft.steps
+  tx = make_optimizer(sft.optim)
+  opt_state = init_opt_state(tx, params, mesh)
+  # Every output of `step` keeps its input's sharding, or the second step compiles everything again.
   shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
 
   @functools.partial(jax.jit, out_shardings=(*shardings, None))
@@ -118,8 +118,7 @@ def cold_start(
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  max_len = int(c.sft.get("max_len", 0) or 0) or 64
-  it = _batches(tokenizer, task, records, c, random.Random(c.seed), max_len)
+  it = _batches(tokenizer, task, records, sft, random.Random(rc.seed))
   partial = Checkpointer(directory.rstrip("/") + ".partial", max_to_keep=1)
   first, losses, seconds = 0, [], 0.0
   if partial.latest_step() is not None:  # an SFT preempted earlier: continue it where it stopped
@@ -136,7 +135,7 @@ def cold_start(
       losses.append(float(loss))
       log(
           f"cold start: SFT step {i + 1}/{steps} loss {losses[-1]:.4f} "
-          f"({seconds + time.time() - t0:.0f}s, teacher={c.sft.teacher})"
+          f"({seconds + time.time() - t0:.0f}s, teacher={sft.teacher})"
       )
     if stop() and i + 1 < steps:
       partial.save(
@@ -154,8 +153,8 @@ def cold_start(
       "steps": steps,
       "final_loss": losses[-1],
       "seconds": seconds + time.time() - t0,
-      "teacher": c.sft.teacher,
-      "key": sft_key(c),
+      "teacher": sft.teacher,
+      "key": sft_key(rc),
   }
   ckpt.save(0, params, info, force=True)
   ckpt.wait()

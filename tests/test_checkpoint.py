@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fo_rl.checkpoint import Checkpointer, CheckpointMismatchError, abstract_like
+from fo_rl.checkpoint import (
+    Checkpointer,
+    CheckpointMismatchError,
+    abstract_like,
+    restore_train_bundle,
+    train_bundle,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -249,6 +255,41 @@ def test_prng_key_roundtrip_typed_and_raw(tmp_path):
       jax.random.key_data(restored_single["keys"]), jax.random.key_data(batch)
   )
   assert restored_single["keys"].sharding.device_set == {jax.devices()[0]}
+  ck.close()
+
+
+def test_train_bundle_roundtrip_on_a_mesh_and_onto_one_device(tmp_path):
+  """fo_rl.run's checkpoint: {"train": state, "rng": the key's data replicated over the mesh}; restored
+  into the live shardings (a resume) or onto one device (fo_rl.tools.sample)."""
+  mesh = _mesh((2, 4), ("data", "model"))
+  state = _make_state(mesh)
+  del state["rng"]
+  rng = jax.random.fold_in(jax.random.key(3), 11)
+  bundle = train_bundle(state, rng, mesh)
+  assert set(bundle) == {"train", "rng"} and bundle["rng"].dtype == jnp.uint32
+  assert bundle["rng"].sharding.is_equivalent_to(NamedSharding(mesh, P()), 1)
+  with Checkpointer(tmp_path / "b") as ck:
+    ck.save(5, bundle, {"step": 5})
+  ck = Checkpointer(tmp_path / "b")
+  fresh = _make_state(mesh, seed=1)  # different values, same structure and shardings
+  del fresh["rng"]
+  got, got_rng, meta = restore_train_bundle(ck, None, train_bundle(fresh, jax.random.key(0), mesh))
+  _assert_tree_equal(state, got)
+  _assert_shardings(got, abstract_like(state))
+  assert meta == {"step": 5}
+  np.testing.assert_array_equal(jax.random.normal(got_rng, (3,)), jax.random.normal(rng, (3,)))
+  # The restored key is uncommitted, as a fresh one: jit mixes it with arrays on the mesh.
+  jax.jit(lambda k, x: jax.random.normal(k, x.shape) + x)(got_rng, state["params"]["dense"]["bias"])
+  # Onto one device, from ShapeDtypeStructs (nothing initialized).
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+      train_bundle(abstract_like(state), jax.random.key(0)),
+  )
+  got1, rng1, _ = restore_train_bundle(ck, 5, target)
+  _assert_tree_equal(state, got1)
+  assert all(x.sharding.device_set == {jax.devices()[0]} for x in jax.tree.leaves(got1))
+  np.testing.assert_array_equal(jax.random.key_data(rng1), jax.random.key_data(rng))
   ck.close()
 
 

@@ -8,9 +8,11 @@ variant runs end to end through `python -m fo_rl.main` in tests/test_main.py.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -198,3 +200,162 @@ def test_tiny_variant_runs(rel, skip, tmp_path, run_caches):
   assert summary["final_accuracy"] is not None and summary["cold_start_accuracy"] is not None
   assert (workdir / "checkpoints" / str(steps)).is_dir()
   assert (workdir / "curves.png").stat().st_size > 0
+
+
+# ---- the typed view -------------------------------------------------------------------------------------
+
+
+def _old_sft_key(c) -> str:
+  """sft.sft_key as it was computed from the ConfigDict before the typed view (cached cold starts on disk
+  carry these keys): the new one must give the same bytes."""
+  import hashlib
+
+  parts = {
+      "model": c.model.to_dict(),
+      "sft": c.sft.to_dict(),
+      "data": c.data.to_dict(),
+      "seed": c.seed,
+  }
+  if c.data.task != "jsonl":
+    for f in config_lib.JSONL_OPTIONS:
+      parts["data"].pop(f, None)
+  parts["sft"].pop("cache_dir", None)
+  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def test_sft_key_is_unchanged(tmp_path):
+  from fo_rl.sft import sft_key
+
+  base = config_lib.base_config()
+  assert sft_key(config_lib.parse(base)) == "f41e570e60a73fc8"  # computed before the typed view
+  assert sft_key(config_lib.parse(_load("configs/moe_r3.py").get_config("tiny"))) == (
+      "614b1abe16b4cd17"
+  )
+  for rel in CONFIG_FILES:
+    mod = _load(rel)
+    for arg in _documented_args(rel, mod):
+      c = mod.get_config(arg) if arg else mod.get_config()
+      c.sft.cache_dir = "/elsewhere"  # not part of the key
+      assert sft_key(config_lib.parse(c)) == _old_sft_key(c), f"{rel}:{arg}"
+  for split in ("train", "test"):
+    (tmp_path / f"{split}.jsonl").write_text('{"prompt": "1", "answer": "1"}\n')
+  c = config_lib.tiny(config_lib.base_config())
+  c.data.task = "jsonl"
+  c.data.train_file, c.data.test_file = str(tmp_path / "train.jsonl"), str(tmp_path / "test.jsonl")
+  rc = config_lib.parse(c)
+  assert sft_key(rc) == _old_sft_key(c) != sft_key(config_lib.parse(config_lib.tiny(base)))
+  assert rc.as_dict["data"]["train_file"] == c.data.train_file  # the key's copy left as_dict alone
+
+
+def test_view_is_typed_frozen_and_keeps_the_plain_config():
+  c = _load("configs/moe_r3.py").get_config("tiny")
+  rc = config_lib.parse(c)
+  assert rc.as_dict == json.loads(c.to_json_best_effort())  # what config.json holds
+  assert (rc.name, rc.seed, rc.dry_run) == ("moe_r3_tiny", 0, False)
+  assert (rc.rl.steps, rc.rl.global_batch, rc.rl.replay) == (2, 16, "r3")
+  assert rc.rl.loss == rc.trainer.loss and rc.trainer.optim == rc.optim
+  assert (rc.trainer.mini_batches, rc.trainer.replay) == (rc.rl.mini_batches, rc.rl.replay)
+  assert rc.sampling.max_new_tokens == c.sampler.max_new_tokens == 12
+  assert rc.sampler.rules == rc.parallel.rules and rc.sampler.decode_segments is None
+  assert rc.sft.error_rate is None and rc.sft.max_len == 48 and rc.sft.optim.schedule == "cosine"
+  assert rc.optim.schedule == "constant" and rc.optim.learning_rate == c.optim.learning_rate
+  assert rc.data.task_options() == {"num_digits": 3, "ops": "+-"}
+  assert (rc.eval.every, rc.checkpoint.every, rc.checkpoint.max_to_keep) == (1, 1, 2)
+  assert rc.init.hf_checkpoint == ""
+  for view in (rc, rc.rl, rc.sft, rc.data, rc.parallel, rc.eval, rc.checkpoint, rc.init):
+    with pytest.raises(dataclasses.FrozenInstanceError):
+      view.seed = 1
+  c.init.hf_checkpoint = "~/ckpt"
+  c.sft.error_rate, c.sft.max_len = 0.25, 0
+  rc = config_lib.parse(c)
+  assert rc.init.hf_checkpoint == os.path.expanduser("~/ckpt")
+  assert (rc.sft.error_rate, rc.sft.max_len) == (0.25, 64)
+
+
+@pytest.mark.parametrize(
+    "section",
+    [
+        "",
+        "model",
+        "init",
+        "parallel",
+        "data",
+        "sft",
+        "sampler",
+        "rl",
+        "rl.loss",
+        "optim",
+        "eval",
+        "checkpoint",
+    ],
+)
+def test_unknown_key_in_any_section_is_an_error_naming_it(section):
+  c = config_lib.base_config()
+  node = _get(c, section) if section else c
+  node["not_a_field"] = 1
+  with pytest.raises(ValueError) as e:
+    config_lib.parse(c)
+  assert str(e.value).startswith(
+      f"{section or 'config'}: unknown field(s) ['not_a_field']"
+  ), e.value
+
+
+@pytest.mark.parametrize(
+    "field, value, named",
+    [
+        ("rl.steps", 0, "rl.steps"),
+        ("rl.mini_batches", 0, "rl.mini_batches"),
+        ("rl.mini_batches", 3, "rl.mini_batches"),
+        ("rl.group_size", 1, "rl.group_size"),
+        ("rl.replay", "r4", "rl.replay"),
+        ("rl.temperature", 0.0, "rl.temperature"),
+        ("rl.advantage", "median", "rl.advantage"),
+        ("rl.loss.name", "ppo", "rl.loss.name"),
+        ("rl.loss.tis_cap", 0.5, "rl.loss"),
+        ("optim.learning_rate", 0.0, "optim.learning_rate"),
+        ("model.num_heads", 3, "model.num_heads"),
+        ("data.task", "chess", "data.task"),
+        ("data.train_file", "/x.jsonl", "data.train_file"),
+        ("sampler.top_k", 5, "sampler.top_k/top_p"),
+        ("sampler.moe_impl", "sparse", "sampler.moe_impl"),
+        ("eval.samples", 0, "eval.samples"),
+        ("checkpoint.every", 0, "checkpoint.every"),
+        ("checkpoint.max_to_keep", 0, "checkpoint.max_to_keep"),
+        ("sft.steps", 0, "sft.steps"),
+        ("sft.batch_size", 0, "sft.batch_size"),
+        ("sft.learning_rate", 0.0, "sft.learning_rate"),
+        ("sft.warmup_steps", 800, "sft.warmup_steps"),
+        ("parallel.rules", [["batch", "nope"]], "parallel.rules"),
+    ],
+)
+def test_bad_field_is_an_error_naming_it(field, value, named):
+  c = config_lib.base_config()
+  *path, last = field.split(".")
+  node = _get(c, ".".join(path))
+  with node.ignore_type():
+    node[last] = value
+  with pytest.raises(ValueError) as e:
+    config_lib.parse(c)
+  assert named in str(e.value), e.value
+
+
+def test_disabled_sft_is_not_validated():
+  c = config_lib.base_config()
+  c.sft.enabled, c.sft.steps = False, 0
+  assert config_lib.parse(c).sft.enabled is False
+
+
+def test_jobs_read_only_the_typed_view():
+  """run.py, sft.py and dry_run.py take the ConfigDict only to parse it: no `c.<field>` reads."""
+  import ast
+
+  for rel in ("fo_rl/run.py", "fo_rl/sft.py", "fo_rl/dry_run.py"):
+    tree = ast.parse((REPO / rel).read_text())
+    reads = [
+        f"{rel}:{n.lineno}: {n.value.id}.{n.attr}"
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute)
+        and isinstance(n.value, ast.Name)
+        and n.value.id in ("c", "config")
+    ]
+    assert not reads, reads

@@ -16,6 +16,7 @@ import pytest
 
 from fo_rl import config as config_lib
 from fo_rl import experiments as X
+from fo_rl.common import json_safe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -409,7 +410,9 @@ def test_report_and_figure_from_synthetic_results(tmp_path):
   report = Path(X.write_report(results, tmp_path)).read_text()
   assert "## Verdict rules" in report and X.RULES_TEXT.splitlines()[0] in report
   assert "| 2a |" in report and "offpolicy.png" in report and "- model: tiny" in report
-  json.dumps(X._json_safe(results), allow_nan=False)  # results.json is strict JSON
+  json.dumps(
+      json_safe(results), allow_nan=False
+  )  # results.json (experiments.write_outputs) is strict JSON
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def test_hf_checkpoint_loads_in_its_shardings_with_its_tokenizer(tmp_path):
   c = _tiny_qwen()
   directory, saved = _hf_dir(tmp_path, c)
   rc = config_lib.parse(c, jax.device_count())
-  mesh = make_mesh(rc.mesh)
+  mesh = make_mesh(rc.parallel.mesh)
   graphdef, params = load_pretrained(directory, rc, mesh)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved)):
     assert a.dtype == jnp.bfloat16 and a.sharding.mesh.shape == mesh.shape
@@ -145,6 +145,6 @@ def test_hf_checkpoint_of_another_architecture_names_the_field(tmp_path):
       ValueError,
       match=r"init.hf_checkpoint=.*differs from model.\* in " r"num_experts_per_tok \(4 vs 2\)",
   ):
-    load_pretrained(directory, rc, make_mesh(rc.mesh))
+    load_pretrained(directory, rc, make_mesh(rc.parallel.mesh))
   with open(os.path.join(directory, "config.json")) as f:
     assert json.load(f)["num_experts_per_tok"] == 4

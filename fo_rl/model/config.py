@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from fo_rl.common import from_mapping
+
 DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("fast", "reference", "dense")
 GMM_BACKENDS = ("auto", "blocked", "ragged_dot")
@@ -133,12 +135,7 @@ class ModelConfig:
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
     """From a plain dict or an ml_collections ConfigDict section; unknown keys are an error."""
-    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"model: unknown field(s) {unknown}; known fields: {sorted(known)}")
-    return cls(**d)
+    return from_mapping(cls, d, "model")
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)

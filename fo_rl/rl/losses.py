@@ -36,6 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fo_rl.common import from_mapping
 from fo_rl.rl.metrics import masked_log_ratio, masked_max, masked_mean
 
 __all__ = [
@@ -161,20 +162,12 @@ class LossConfig:
       object.__setattr__(self, name, v)
 
   @classmethod
-  def from_config(cls, config: Mapping[str, Any] | Any) -> "LossConfig":
+  def from_config(cls, config: Mapping[str, Any] | Any, where: str = "rl.loss") -> "LossConfig":
     """Build from an ml_collections ConfigDict section (or any mapping); missing keys take defaults.
 
-    Raises ValueError naming an unknown key, or the field whose value is invalid.
+    Raises ValueError naming `where` and an unknown key, or the field whose value is invalid.
     """
-    if hasattr(config, "to_dict"):  # ml_collections.ConfigDict / FrozenConfigDict
-      config = config.to_dict()
-    if not isinstance(config, Mapping):
-      raise TypeError(f"LossConfig.from_config expects a mapping or ConfigDict, got {type(config)}")
-    known = [f.name for f in dataclasses.fields(cls)]
-    for key in config:
-      if key not in known:
-        raise ValueError(f"Unknown loss config key {key!r}; known keys: {known}")
-    return cls(**dict(config))
+    return from_mapping(cls, config, where)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -93,8 +93,8 @@ def load_hf(directory: str):
 def load_workdir(workdir: str, step: int | None):
   """(ModelConfig, params, tokenizer, eos id) of an fo_rl training run directory.
 
-  The checkpoint holds fo_rl.run's bundle {"train": TrainState, "rng": key data}; Checkpointer checks the
-  full structure, so the whole bundle is described (shapes only, nothing is initialized or compiled) and
+  The checkpoint holds fo_rl.run's `train_bundle` (fo_rl/checkpoint.py); Checkpointer checks the full
+  structure, so the whole bundle is described (shapes only, nothing is initialized or compiled) and
   restored onto one device; only the parameters are kept.
   """
   import jax
@@ -102,10 +102,11 @@ def load_workdir(workdir: str, step: int | None):
   import ml_collections
 
   from fo_rl import config as config_lib
-  from fo_rl.checkpoint import Checkpointer
+  from fo_rl.checkpoint import Checkpointer, restore_train_bundle, train_bundle
   from fo_rl.data.tokenizer import Tokenizer
   from fo_rl.model.init import abstract_model
-  from fo_rl.rl.trainer import Trainer, TrainState
+  from fo_rl.rl.optim import abstract_opt_state, make_optimizer
+  from fo_rl.rl.trainer import TrainState
 
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
@@ -121,25 +122,20 @@ def load_workdir(workdir: str, step: int | None):
     step = max(steps) if step is None else step
     if step not in steps:
       raise ValueError(f"--step={step}: {ckpt_dir} has steps {sorted(steps)}")
-    graphdef, params = abstract_model(rc.model, None, rc.rules)
+    _, params = abstract_model(rc.model, None, rc.parallel.rules)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    state = TrainState(
-        params,
-        jax.eval_shape(Trainer(graphdef, rc.model, rc.trainer).tx.init, params),
-        scalar,
-        scalar,
-    )
-    rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    opt_state = abstract_opt_state(make_optimizer(rc.trainer.optim), params)
+    state = TrainState(params, opt_state, scalar, scalar)
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    bundle = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), {"train": state, "rng": rng}
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+        train_bundle(state, jax.random.key(0)),
     )
-    bundle, _ = ckpt.restore(step, bundle)
+    state, _, _ = restore_train_bundle(ckpt, step, target)
   finally:
     ckpt.close()
-  raw = rc.raw
-  tok = Tokenizer(raw.data.tokenizer) if raw.data.get("tokenizer") else Tokenizer.default()
-  return rc.model, bundle["train"].params, tok, tok.eos_id
+  tok = Tokenizer(rc.data.tokenizer) if rc.data.tokenizer else Tokenizer.default()
+  return rc.model, state.params, tok, tok.eos_id
 
 
 def sample(
