@@ -100,9 +100,9 @@ def _torch_forward(model, ids):
   return out.logits.numpy(), router
 
 
-def _fo_forward(graphdef, state, ids, replay=None):
-  logits, routes = jax.jit(make_apply(graphdef))(state, jnp.asarray(ids), _positions(), replay)
-  return np.asarray(logits), np.asarray(routes)
+def _fo_forward(graphdef, state, ids, routes=None):
+  logits, live_routes = jax.jit(make_apply(graphdef))(state, jnp.asarray(ids), _positions(), routes)
+  return np.asarray(logits), np.asarray(live_routes)
 
 
 def _pure(state):

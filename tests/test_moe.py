@@ -31,19 +31,19 @@ def test_route_live_matches_qwen3_softmax_topk(norm):
 def test_route_replay_uses_given_ids_with_live_softmax():
   rng = np.random.default_rng(1)
   logits = rng.normal(size=(20, 6)).astype(np.float32)
-  replay = np.stack([rng.choice(6, 2, replace=False) for _ in range(20)]).astype(np.int32)
-  ids, w = moe.route(jnp.asarray(logits), 2, True, jnp.asarray(replay))
-  np.testing.assert_array_equal(np.asarray(ids), replay)
+  routes = np.stack([rng.choice(6, 2, replace=False) for _ in range(20)]).astype(np.int32)
+  ids, w = moe.route(jnp.asarray(logits), 2, True, jnp.asarray(routes))
+  np.testing.assert_array_equal(np.asarray(ids), routes)
   # g_i = I_i exp(s_i) / sum_j I_j exp(s_j)
-  e = np.exp(np.take_along_axis(logits.astype(np.float64), replay, -1))
+  e = np.exp(np.take_along_axis(logits.astype(np.float64), routes, -1))
   np.testing.assert_allclose(np.asarray(w), e / e.sum(-1, keepdims=True), rtol=1e-5)
 
 
 def test_router_gets_gradient_under_replay():
   logits = jnp.asarray(np.random.default_rng(2).normal(size=(10, 6)), jnp.float32)
-  replay = jnp.asarray(np.tile([[4, 1]], (10, 1)), jnp.int32)
+  routes = jnp.asarray(np.tile([[4, 1]], (10, 1)), jnp.int32)
   coef = jnp.asarray(np.random.default_rng(3).normal(size=(10, 2)), jnp.float32)
-  g = jax.grad(lambda s: jnp.sum(moe.route(s, 2, True, replay)[1] * coef))(logits)
+  g = jax.grad(lambda s: jnp.sum(moe.route(s, 2, True, routes)[1] * coef))(logits)
   g = np.asarray(g)
   assert np.abs(g[:, [1, 4]]).min() > 0  # replayed experts' logits get gradient
   # Others drop out of the renormalized softmax (zero up to float32 rounding of the full softmax).
@@ -53,11 +53,11 @@ def test_router_gets_gradient_under_replay():
 @pytest.mark.parametrize("bad", [-1, 6])
 def test_route_rejects_out_of_range_replay(bad):
   logits = jnp.zeros((4, 6))
-  replay = jnp.asarray([[0, 1], [2, bad], [3, 4], [5, 0]], jnp.int32)
+  routes = jnp.asarray([[0, 1], [2, bad], [3, 4], [5, 0]], jnp.int32)
   with pytest.raises(ValueError, match="outside"):
-    moe.route(logits, 2, True, replay)
+    moe.route(logits, 2, True, routes)
   # Inside jit nothing can be raised: the bad row's gate weights turn NaN, never a silent clamp.
-  _, w = jax.jit(lambda s, r: moe.route(s, 2, True, r))(logits, replay)
+  _, w = jax.jit(lambda s, r: moe.route(s, 2, True, r))(logits, routes)
   w = np.asarray(w)
   assert np.isnan(w[1]).all() and np.isfinite(np.delete(w, 1, axis=0)).all()
 

@@ -14,7 +14,9 @@ import pytest
 
 from fo_rl.model import ModelConfig, abstract_model, make_apply, positions_from_mask
 from fo_rl.parallel.sharding import DEFAULT_RULES, make_mesh, state_shardings
-from fo_rl.rl.trainer import OptimConfig, Rollouts, Trainer, TrainerConfig
+from fo_rl.rl.rollouts import Rollouts, pass_routes
+from fo_rl.rl.optim import OptimConfig
+from fo_rl.rl.trainer import Trainer, TrainerConfig
 
 CFG = ModelConfig(
     vocab_size=96,
@@ -155,7 +157,7 @@ def env():
   flip = (rng.uniform(size=(B, T, L)) < 0.1) & token_mask[..., None]
   flip[:, :, 1] = False  # layer 1 is dense
   r[flip] = (r[flip] + 1) % E  # {a+1, b+1} != {a, b} for k=2, E=8
-  noisy = _with(exact, logp_mu=logp_mu, sampler_routes=r)
+  noisy = _with(exact, logp_mu=logp_mu, routes=r)
   return dict(
       graphdef=graphdef,
       params=params,
@@ -372,9 +374,7 @@ def test_dense_layer_keeps_its_index_and_shifted_routes_are_rejected(env, traine
   np.testing.assert_array_equal(rec[real], env["routes"][real])  # what the model itself routes
   shifted = np.roll(rec, 1, axis=2)  # routes shifted by one layer
   with pytest.raises(ValueError, match="layer"):
-    trainers["r3"].train_step(
-        trainers["r3"].init_state(_copy(params)), _with(ro, sampler_routes=shifted)
-    )
+    trainers["r3"].train_step(trainers["r3"].init_state(_copy(params)), _with(ro, routes=shifted))
   # Inside jit nothing can raise: the shifted routes make the loss NaN and the update is skipped.
   state0 = tr.init_state(_copy(params))
   keep = _leaves((state0.params, state0.opt_state))
@@ -411,9 +411,9 @@ def test_left_padded_prompts_keep_routes_aligned(env, trainers):
     logp_ref[b, starts[b] : P + rlen[b]] = lp_u[b, : n[b]]
   resp = np.asarray(ro.response_mask) > 0
   r3 = trainers["r3"]
-  logp_old = np.asarray(r3.old_logprobs(env["params"], _with(ro, sampler_routes=aligned)))
+  logp_old = np.asarray(r3.old_logprobs(env["params"], _with(ro, routes=aligned)))
   np.testing.assert_allclose(logp_old[resp], logp_ref[resp], rtol=1e-5, atol=1e-5)
-  lp_bad = np.asarray(r3.old_logprobs(env["params"], _with(ro, sampler_routes=unshifted)))
+  lp_bad = np.asarray(r3.old_logprobs(env["params"], _with(ro, routes=unshifted)))
   padded = plen < P
   assert np.abs(lp_bad - logp_ref)[padded][resp[padded]].max() > 1e-3  # the check can fail
 
@@ -450,8 +450,9 @@ def test_sharded_train_step_matches_single_device(env, runs, mesh_cfg, replay, b
   assert sum(any(s.spec) for s in out_sh) > len(out_sh) // 2  # most of the state is really sharded
 
   # The compiled update's in/out shardings are the state's mesh shardings.
-  logp_old, routes, _ = tr.old_pass(new.params, ro)
-  args = tr._shard_batch(_mb((ro, logp_old, routes if replay == "r2" else ro.sampler_routes), 0))
+  logp_old, live_routes, _ = tr.old_pass(new.params, ro)
+  routes = pass_routes(replay, "update", sampler=ro.routes, live=live_routes)
+  args = tr._shard_batch(_mb((ro, logp_old, routes), 0))
   compiled = tr._update.lower(new, *args).compile()
   for sh in (compiled.input_shardings[0][0], compiled.output_shardings[0]):
     assert all(a.is_equivalent_to(b, x.ndim) for a, b, x in zip(jax.tree.leaves(sh), out_sh, old))

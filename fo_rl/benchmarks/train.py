@@ -32,7 +32,9 @@ import numpy as np
 
 from fo_rl.benchmarks.common import row
 from fo_rl.model import ModelConfig, init_model, make_apply, positions_from_mask
-from fo_rl.rl.trainer import OptimConfig, Rollouts, Trainer, TrainerConfig
+from fo_rl.rl.rollouts import Rollouts
+from fo_rl.rl.optim import OptimConfig
+from fo_rl.rl.trainer import Trainer, TrainerConfig
 
 LR = 1e-4
 
@@ -93,8 +95,8 @@ def _rounds(fns, rounds: int, iters: int, pause: float = 0.05):
 class _FoRL:
   """One Trainer update per call, the state threaded through (it is donated)."""
 
-  def __init__(self, trainer: Trainer, state, mb: Rollouts, logp_old, replay):
-    self.trainer, self.state, self.args = trainer, state, (mb, logp_old, replay)
+  def __init__(self, trainer: Trainer, state, mb: Rollouts, logp_old, routes):
+    self.trainer, self.state, self.args = trainer, state, (mb, logp_old, routes)
     self.fn = trainer._compile_update(state, *self.args)
     self.first_loss = None
 

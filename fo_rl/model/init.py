@@ -39,19 +39,21 @@ def init_model(
   return graphdef, jax.jit(build, out_shardings=shardings)()
 
 
-def forward(graphdef, state, tokens, positions, replay_routes=None, token_mask=None):
-  """Pure forward: (logits [B, T, V] float32, routes [B, T, L, k] int32). Usable inside jax.jit."""
-  logits, routes, _ = nnx.merge(graphdef, state)(
-      tokens, positions, replay_routes, token_mask=token_mask
+def forward(graphdef, state, tokens, positions, routes=None, token_mask=None):
+  """Pure forward: (logits [B, T, V] float32, the routes chosen live [B, T, L, k] int32); `routes`
+  [B, T, L, k]: the routes to replay (`Transformer.__call__`), None: live routing. Usable inside jax.jit.
+  """
+  logits, live_routes, _ = nnx.merge(graphdef, state)(
+      tokens, positions, routes, token_mask=token_mask
   )
-  return logits, routes
+  return logits, live_routes
 
 
 def make_apply(graphdef):
-  """apply(state, tokens, positions, replay_routes=None, token_mask=None) -> (logits, routes)."""
+  """apply(state, tokens, positions, routes=None, token_mask=None) -> (logits, live routes)."""
 
-  def apply(state, tokens, positions, replay_routes=None, token_mask=None):
-    return forward(graphdef, state, tokens, positions, replay_routes, token_mask)
+  def apply(state, tokens, positions, routes=None, token_mask=None):
+    return forward(graphdef, state, tokens, positions, routes, token_mask)
 
   return apply
 

@@ -40,24 +40,25 @@ def route(
     router_logits: jax.Array,
     k: int,
     norm_topk_prob: bool = True,
-    replay_ids: jax.Array | None = None,
+    routes: jax.Array | None = None,
 ):
   """router_logits [..., E] -> (ids [..., k] int32, gate weights [..., k] float32).
 
-  With `replay_ids` the ids are taken as given (integer data, no gradient) and the weights are the live
-  softmax over them. An id outside [0, E) is an error: raised when the ids are concrete, and when traced
-  (inside jit, where nothing can be raised) the gate weight becomes NaN so the error cannot pass silently.
+  With `routes` [..., k] (the expert ids to replay) those ids are taken as given (integer data, no
+  gradient) and the weights are the live softmax over them. An id outside [0, E) is an error: raised
+  when the ids are concrete, and when traced (inside jit, where nothing can be raised) the gate weight
+  becomes NaN so the error cannot pass silently.
   """
   num_experts = router_logits.shape[-1]
   probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
-  if replay_ids is None:
+  if routes is None:
     weights, ids = jax.lax.top_k(probs, k)
   else:
-    if replay_ids.shape[-1] != k:
+    if routes.shape[-1] != k:
       raise ValueError(
-          f"replay ids have {replay_ids.shape[-1]} experts per token, the model uses {k}"
+          f"replay routes have {routes.shape[-1]} experts per token, the model uses {k}"
       )
-    ids = replay_ids.astype(jnp.int32)
+    ids = routes.astype(jnp.int32)
     check_replay_ids(ids, num_experts)
     valid = (ids >= 0) & (ids < num_experts)
     weights = jnp.take_along_axis(probs, jnp.clip(ids, 0, num_experts - 1), axis=-1)

@@ -161,7 +161,8 @@ class MLP(nnx.Module):
 
 
 class MoEBlock(nnx.Module):
-  """Router + experts. Returns the block output and the experts used, ids [B, T, k]."""
+  """Router + experts. Returns the block output and the experts used, ids [B, T, k]; given `routes`
+  [B, T, k] (this layer's slice of the model's routes) it uses those experts at real tokens."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, mesh: Mesh | None, token_axes: tuple):
     D, F, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
@@ -172,19 +173,18 @@ class MoEBlock(nnx.Module):
     self.down_proj = _init(rngs, (E, F, D), ("expert", "expert_mlp", "embed"), pd)
     self.cfg, self.mesh, self.token_axes = cfg, mesh, token_axes
 
-  def __call__(self, x, replay_ids=None, token_mask=None):
+  def __call__(self, x, routes=None, token_mask=None):
     cfg = self.cfg
     B, T, D = x.shape
     xf = x.reshape(B * T, D)
     # The router runs in float32 whatever the compute dtype: top-k decisions are brittle.
     logits = xf.astype(jnp.float32) @ materialize(self.router.get_value(), jnp.float32)  # [BT, E]
-    replay = None
-    if replay_ids is not None:
-      replay = replay_ids.reshape(B * T, -1)
+    if routes is not None:
+      routes = routes.reshape(B * T, -1)
       if token_mask is not None:  # padding positions are never checked: they route live
         live = jax.lax.top_k(logits, cfg.num_experts_per_tok)[1]
-        replay = jnp.where(token_mask.reshape(B * T, 1), replay, live)
-    ids, weights = moe.route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob, replay)
+        routes = jnp.where(token_mask.reshape(B * T, 1), routes, live)
+    ids, weights = moe.route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob, routes)
     experts = moe.Experts(
         self.gate_proj.get_value(), self.up_proj.get_value(), self.down_proj.get_value()
     )
@@ -217,20 +217,20 @@ class DecoderLayer(nnx.Module):
     self.mlp = MoEBlock(cfg, rngs, mesh, token_axes) if self.is_moe else MLP(cfg, rngs)
     self.route_slots = cfg.route_slots
 
-  def __call__(
-      self, x, positions, key_mask, token_mask, replay_ids=None, cache=None, cache_index=None
-  ):
+  def __call__(self, x, positions, key_mask, token_mask, routes=None, cache=None, cache_index=None):
+    """(x, the experts used [B, T, k] (DENSE_ROUTE in a dense layer), cache); `routes` [B, T, k]: this
+    layer's slice of the routes to replay, or None (live routing)."""
     h, new_cache = self.self_attn(self.input_layernorm(x), positions, key_mask, cache, cache_index)
     x = x + h
     h = self.post_attention_layernorm(x)
     B, T = x.shape[:2]
     if self.is_moe:
-      h, ids = self.mlp(h, replay_ids, token_mask)
+      h, ids = self.mlp(h, routes, token_mask)
     else:
       h = self.mlp(h)
       ids = jnp.full((B, T, self.route_slots), DENSE_ROUTE, jnp.int32)
-      if replay_ids is not None:  # a real id reaching a dense layer means the layer index shifted
-        shifted = jnp.any(replay_ids != DENSE_ROUTE, axis=-1, keepdims=True)
+      if routes is not None:  # a real id reaching a dense layer means the layer index shifted
+        shifted = jnp.any(routes != DENSE_ROUTE, axis=-1, keepdims=True)
         if token_mask is not None:
           shifted = shifted & token_mask[..., None]
         h = jnp.where(shifted, jnp.nan, h)
@@ -265,18 +265,20 @@ class Transformer(nnx.Module):
       self,
       tokens,
       positions,
-      replay_routes=None,
+      routes=None,
       *,
       token_mask=None,
       key_mask=None,
       cache=None,
       cache_index=None,
   ):
-    """tokens, positions [B, T] int32 -> (logits [B, T, V] float32, routes [B, T, L, k] int32, cache).
+    """tokens, positions [B, T] int32 -> (logits [B, T, V] float32, the routes chosen live
+    [B, T, L, k] int32, cache).
 
     token_mask [B, T]: real (non-padding) input positions; padding is never attended to and is not
       checked under replay. Default: all real.
-    replay_routes [B, T, L, k]: experts to use per (position, layer); dense layers hold -1.
+    routes [B, T, L, k]: experts to use per (position, layer) at real positions, None: live routing;
+      dense layers hold -1 (the layout of `fo_rl.rl.rollouts`, which the returned routes share).
     cache: list over layers of {'k','v': [B, K, H, S]}, written at slots cache_index + [0, T); then
       key_mask [B, S] says which cache slots hold real tokens (it must include the new ones).
     """
@@ -289,8 +291,8 @@ class Transformer(nnx.Module):
       key_mask = token_mask
     elif key_mask is None:
       raise ValueError("key_mask [B, S] is required with a cache")
-    if replay_routes is not None:
-      validate_replay_routes(replay_routes, cfg, token_mask, (B, T))
+    if routes is not None:
+      validate_replay_routes(routes, cfg, token_mask, (B, T))
     x = jnp.take(materialize(self.embed_tokens.get_value(), dt), tokens, axis=0)
     if self.mesh is not None:
       x = jax.lax.with_sharding_constraint(
@@ -298,44 +300,44 @@ class Transformer(nnx.Module):
       )
     all_ids, new_cache = [], []
     scanned = (
-        _scan_layers(self.layers, x, positions, key_mask, token_mask, replay_routes, cfg.remat)
+        _scan_layers(self.layers, x, positions, key_mask, token_mask, routes, cfg.remat)
         if cfg.scan_layers and cache is None
         else None
     )
     if scanned is not None:
-      x, routes = scanned
+      x, live_routes = scanned
     for i, layer in enumerate(self.layers if scanned is None else ()):
-      replay_ids = None if replay_routes is None else replay_routes[:, :, i, :]
+      layer_routes = None if routes is None else routes[:, :, i, :]
       if (
           cfg.remat and cache is None
       ):  # training: keep only each layer's input for the backward pass
-        (x, ids), c = _remat_layer(layer, x, positions, key_mask, token_mask, replay_ids), None
+        (x, ids), c = _remat_layer(layer, x, positions, key_mask, token_mask, layer_routes), None
       else:
         x, ids, c = layer(
             x,
             positions,
             key_mask,
             token_mask,
-            replay_ids,
+            layer_routes,
             None if cache is None else cache[i],
             cache_index,
         )
       all_ids.append(ids)
       new_cache.append(c)
     if scanned is None:
-      routes = jnp.stack(all_ids, axis=2)
+      live_routes = jnp.stack(all_ids, axis=2)
     x = self.norm(x)
     if cfg.tie_word_embeddings:
       head = materialize(self.embed_tokens.get_value(), jnp.float32).T
     else:
       head = materialize(self.lm_head.get_value(), jnp.float32)
     logits = x.astype(jnp.float32) @ head
-    return logits, routes, (None if cache is None else new_cache)
+    return logits, live_routes, (None if cache is None else new_cache)
 
 
-def _scan_layers(layers, x, positions, key_mask, token_mask, replay_routes, remat: bool):
-  """(x, routes [B, T, L, k]) of the layers run as one lax.scan (model.scan_layers), or None when the
-  layers differ in structure (e.g. dense and MoE layers mixed) and cannot be stacked.
+def _scan_layers(layers, x, positions, key_mask, token_mask, routes, remat: bool):
+  """(x, live routes [B, T, L, k]) of the layers run as one lax.scan (model.scan_layers), or None when
+  the layers differ in structure (e.g. dense and MoE layers mixed) and cannot be stacked.
 
   The weights are stacked along a new leading axis inside the step (one extra copy of the parameters,
   sharded as they are); the scan body is one decoder layer, so XLA compiles a single layer whatever the
@@ -345,23 +347,24 @@ def _scan_layers(layers, x, positions, key_mask, token_mask, replay_routes, rema
   if any(g != graphdef for g, _ in splits[1:]):
     return None
   stacked = jax.tree.map(lambda *w: jnp.stack(w), *[s for _, s in splits])
-  replay = None if replay_routes is None else jnp.moveaxis(replay_routes, 2, 0)  # [L, B, T, k]
 
   def body(h, inputs):
-    state, replay_ids = inputs
-    h, ids, _ = nnx.merge(graphdef, state)(h, positions, key_mask, token_mask, replay_ids)
+    state, layer_routes = inputs
+    h, ids, _ = nnx.merge(graphdef, state)(h, positions, key_mask, token_mask, layer_routes)
     return h, ids
 
   if remat:
     body = jax.checkpoint(body)
-  x, ids = jax.lax.scan(body, x, (stacked, replay))
+  x, ids = jax.lax.scan(
+      body, x, (stacked, None if routes is None else jnp.moveaxis(routes, 2, 0))  # [L, B, T, k]
+  )
   return x, jnp.moveaxis(ids, 0, 2)
 
 
 @nnx.remat
-def _remat_layer(layer, x, positions, key_mask, token_mask, replay_ids):
+def _remat_layer(layer, x, positions, key_mask, token_mask, routes):
   """A decoder layer (no KV cache) whose activations are recomputed in the backward pass (model.remat)."""
-  x, ids, _ = layer(x, positions, key_mask, token_mask, replay_ids)
+  x, ids, _ = layer(x, positions, key_mask, token_mask, routes)
   return x, ids
 
 

@@ -118,7 +118,8 @@ def router_disagreement(
 ) -> dict[str, jax.Array]:
   """How often two routings (e.g. sampler vs trainer) pick different expert sets.
 
-  routes_a, routes_b: int32 [B, T, L, K] top-k expert ids; dense (non-MoE) layers hold -1.
+  routes_a, routes_b: int32 [B, T, L, K] top-k expert ids in the routes layout of `fo_rl.rl.rollouts`;
+    dense (non-MoE) layers hold -1.
   token_mask: [B, T], 1 on the tokens to score.
 
   A (token, layer) pair is a *decision* when the layer is a MoE layer on either side (any id >= 0); pairs

@@ -2,12 +2,14 @@
 
 One call of `Trainer.train_step(state, rollouts)`:
   1. old-logprob pass with the parameters that produced the rollouts: logp_old = log pi_old(y_t).
-       replay=none: live routing.   replay=r2: live routing, and the routes are *recorded*.
-       replay=r3: the sampler's routes are *replayed* (a live pass is also run, for the disagreement metric).
   2. the global batch is split into N = rl.mini_batches contiguous mini-batches; each gets one AdamW update
-     of the registered policy loss (fo_rl/rl/losses.py). r2 and r3 replay their routes in every update.
+     of the registered policy loss (fo_rl/rl/losses.py).
      An update whose gradient or loss is not finite is skipped (parameters and optimizer state unchanged)
      and counted.
+The routes each pass feeds the gating (live; r2: the old pass's live routes, recorded and replayed by the
+updates; r3: the sampler's, replayed by both) are `fo_rl.rl.rollouts.PASS_ROUTES`; the batch layout and
+the routes layout are `fo_rl.rl.rollouts`. (Under r3 the old pass also runs live, for the disagreement
+metrics.)
 The update is one jax.jit with explicit in/out shardings over the mesh and a donated train state: the
 state passed to `train_step` (and the params given to `init_state`) must not be used afterwards.
 
@@ -19,7 +21,7 @@ fuse differently, which moves logp by a few float32 ulps (|ratio - 1| <= ~1e-6 o
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,56 +34,8 @@ from fo_rl.parallel.multihost import host_get  # device_get that also works acro
 from fo_rl.parallel.sharding import DEFAULT_RULES, Rules, batch_spec
 from fo_rl.rl import metrics as rl_metrics
 from fo_rl.rl.losses import LossConfig, LossInputs, policy_loss
-
-REPLAY_MODES = ("none", "r2", "r3")
-
-
-def _from_mapping(cls, d: Mapping[str, Any] | Any, where: str):
-  d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(d) - known)
-  if unknown:
-    raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
-  return cls(**d)
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-  """AdamW with linear warmup then constant LR, and global grad-norm clipping. The paper does not state
-  these (algorithms.md section 6: open); the defaults suit the tiny CPU models."""
-
-  learning_rate: float = 1e-4
-  warmup_steps: int = 0  # optimizer updates (not RL steps)
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-8
-  weight_decay: float = 0.0
-  grad_clip: float = 1.0  # global norm; <= 0 disables
-
-  def __post_init__(self):
-    if not self.learning_rate > 0:
-      raise ValueError(f"optim.learning_rate={self.learning_rate!r}: must be > 0")
-    if self.warmup_steps < 0:
-      raise ValueError(f"optim.warmup_steps={self.warmup_steps!r}: must be >= 0")
-
-  @classmethod
-  def from_config(cls, d) -> "OptimConfig":
-    return _from_mapping(cls, d, "optim")
-
-
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-  schedule = (
-      optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
-      if cfg.warmup_steps
-      else cfg.learning_rate
-  )
-  if cfg.warmup_steps:
-    schedule = optax.join_schedules(
-        [schedule, optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps]
-    )
-  parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-  parts.append(optax.adamw(schedule, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay))
-  return optax.chain(*parts)
+from fo_rl.rl.optim import OptimConfig, abstract_opt_state, init_opt_state, make_optimizer
+from fo_rl.rl.rollouts import REPLAY_MODES, Rollouts, pass_routes, replays_sampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,21 +55,6 @@ class TrainerConfig:
       raise ValueError(f"rl.mini_batches={self.mini_batches!r}: must be >= 1")
     if not self.temperature > 0:
       raise ValueError(f"rl.temperature={self.temperature!r}: must be > 0")
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Rollouts:
-  """A global batch of sampled sequences, aligned to input positions (prompt left-padded, response
-  right-padded). Per-token arrays hold the value *of the token at that position*."""
-
-  tokens: jax.Array  # [B, T] int32
-  token_mask: jax.Array  # [B, T] bool: real tokens (prompt or response)
-  positions: jax.Array  # [B, T] int32
-  response_mask: jax.Array  # [B, T] float32: 1 on sampled response tokens
-  logp_mu: jax.Array  # [B, T] float32: sampler logprob of each response token
-  sampler_routes: jax.Array  # [B, T, L, k] int32: experts the sampler used when each token was fed
-  advantages: jax.Array  # [B] float32
 
 
 @jax.tree_util.register_dataclass
@@ -165,7 +104,7 @@ class Trainer:
     """A fresh TrainState around `params` (taken over: the first update donates them)."""
     zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
     if self.mesh is None:
-      return TrainState(params, jax.jit(self.tx.init)(params), zero(), zero())
+      return TrainState(params, init_opt_state(self.tx, params), zero(), zero())
     replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     params = jax.tree.map(
         lambda x: x
@@ -173,35 +112,18 @@ class Trainer:
         else jax.device_put(x, replicated),
         params,
     )
-    # Adam's moments get exactly the parameters' shardings (left to the compiler, zeros_like comes out
-    # replicated: every device would hold the full moments); its step counts are replicated.
-    param_sh = jax.tree.map(lambda x: x.sharding, params)
-    opt_sh = optax.tree_map_params(
-        self.tx,
-        lambda _, s: s,
-        jax.eval_shape(self.tx.init, params),
-        param_sh,
-        transform_non_params=lambda _: replicated,
-    )
-    opt_state = jax.jit(self.tx.init, out_shardings=opt_sh)(params)
+    # Adam's moments get exactly the parameters' shardings; its step counts are replicated.
+    opt_state = init_opt_state(self.tx, params, self.mesh)
     return TrainState(
         params, opt_state, jax.device_put(zero(), replicated), jax.device_put(zero(), replicated)
     )
 
-  # ---- ahead-of-time compilation (fo_rl/parallel/dry_run.py) -------------------------------------
+  # ---- ahead-of-time compilation (fo_rl/dry_run.py) ----------------------------------------------
   def abstract_state(self, params) -> TrainState:
     """The TrainState `init_state` builds, as ShapeDtypeStructs with the same shardings; `params` are
     ShapeDtypeStructs with NamedShardings. Nothing is allocated."""
     replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    opt = jax.eval_shape(self.tx.init, params)
-    opt_sh = optax.tree_map_params(
-        self.tx,
-        lambda _, s: s,
-        opt,
-        jax.tree.map(lambda x: x.sharding, params),
-        transform_non_params=lambda _: replicated,
-    )
-    opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt, opt_sh)
+    opt = abstract_opt_state(self.tx, params, self.mesh)
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
     return TrainState(params, opt, scalar, scalar)
 
@@ -214,9 +136,9 @@ class Trainer:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._batch_sharding(x)), ro
     )
     logp_old, live_routes, _ = jax.eval_shape(self._old_pass_fn, state.params, ro)
-    replay = {"none": None, "r2": live_routes, "r3": ro.sampler_routes}[self.cfg.replay]
+    routes = pass_routes(self.cfg.replay, "update", sampler=ro.routes, live=live_routes)
     mb = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct((B // N, *x.shape[1:]), x.dtype), (ro, logp_old, replay)
+        lambda x: jax.ShapeDtypeStruct((B // N, *x.shape[1:]), x.dtype), (ro, logp_old, routes)
     )
     mb = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._batch_sharding(x)), mb
@@ -254,8 +176,8 @@ class Trainer:
     """Step 1 of `train_step`: (logp_old [B, T] (0 at position 0), the live routes [B, T, L, k] (what r2
     records and replays), old-pass metrics). Under r3 logp_old replays the sampler's routes, which are
     checked here first: they are outside data."""
-    if self.cfg.replay == "r3":
-      validate_replay_routes(ro.sampler_routes, self.model_cfg, ro.token_mask)
+    if replays_sampler(self.cfg.replay):
+      validate_replay_routes(ro.routes, self.model_cfg, ro.token_mask)
     return self._old_pass(params, self._shard_batch(ro))
 
   def old_logprobs(self, params, ro: Rollouts) -> jax.Array:
@@ -268,8 +190,9 @@ class Trainer:
     logp_live = token_logprobs(logits, ro.tokens, temp)
     mask = ro.response_mask
     out = {}
-    if self.cfg.replay == "r3":
-      logits, _ = self.apply(params, ro.tokens, ro.positions, ro.sampler_routes, ro.token_mask)
+    routes = pass_routes(self.cfg.replay, "old", sampler=ro.routes, live=live_routes)
+    if routes is not None:  # r3
+      logits, _ = self.apply(params, ro.tokens, ro.positions, routes, ro.token_mask)
       logp_old = token_logprobs(logits, ro.tokens, temp)
       out["r3_vs_live_logp_gap"] = rl_metrics.masked_mean(jnp.abs(logp_old - logp_live), mask)
     else:
@@ -279,7 +202,7 @@ class Trainer:
     ent_logits = jnp.pad(logits[:, :-1], ((0, 0), (1, 0), (0, 0))) / temp
     out["entropy"] = rl_metrics.token_entropy(ent_logits, mask)
     if self.model_cfg.num_experts > 0:
-      dis = rl_metrics.router_disagreement(ro.sampler_routes, live_routes, ro.token_mask)
+      dis = rl_metrics.router_disagreement(ro.routes, live_routes, ro.token_mask)
       out["router_disagreement_per_decision"] = dis["per_decision"]
       out["router_disagreement_per_token"] = dis["per_token"]
     out["train_infer_kl"] = rl_metrics.train_infer_kl(ro.logp_mu, logp_old, mask)
@@ -288,17 +211,18 @@ class Trainer:
     return logp_old, live_routes, out
 
   # ---- one update -----------------------------------------------------------------------------
-  def loss_fn(self, params, ro: Rollouts, logp_old, replay):
-    """(policy loss, loss metrics) of one mini-batch; `replay` None (live routing) or [B, T, L, k]."""
-    logits, _ = self.apply(params, ro.tokens, ro.positions, replay, ro.token_mask)
+  def loss_fn(self, params, ro: Rollouts, logp_old, routes):
+    """(policy loss, loss metrics) of one mini-batch; `routes` None (live routing) or the [B, T, L, k]
+    routes to replay (`pass_routes(..., "update", ...)`)."""
+    logits, _ = self.apply(params, ro.tokens, ro.positions, routes, ro.token_mask)
     logp = token_logprobs(logits, ro.tokens, self.cfg.temperature)
     return policy_loss(
         LossInputs(logp, logp_old, ro.logp_mu, ro.advantages, ro.response_mask), self.cfg.loss
     )
 
-  def _update_fn(self, state: TrainState, ro: Rollouts, logp_old, replay):
+  def _update_fn(self, state: TrainState, ro: Rollouts, logp_old, routes):
     (loss, m), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
-        state.params, ro, logp_old, replay
+        state.params, ro, logp_old, routes
     )
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
@@ -313,11 +237,11 @@ class Trainer:
     m = dict(m, loss=loss, grad_norm=grad_norm, update_norm=update_norm, skipped=skipped)
     return new, m
 
-  def _compile_update(self, state: TrainState, mb, logp_old, replay):
+  def _compile_update(self, state: TrainState, mb, logp_old, routes):
     if self.mesh is None:
       return jax.jit(self._update_fn, donate_argnums=0)
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    batch_sh = jax.tree.map(self._batch_sharding, (mb, logp_old, replay))
+    batch_sh = jax.tree.map(self._batch_sharding, (mb, logp_old, routes))
     return jax.jit(
         self._update_fn,
         in_shardings=(state_sh, *batch_sh),
@@ -333,11 +257,11 @@ class Trainer:
       raise ValueError(f"rl.mini_batches={N} does not divide the global batch of {B} responses")
     ro = self._shard_batch(ro)
     logp_old, live_routes, old_metrics = self.old_pass(state.params, ro)
-    replay = {"none": None, "r2": live_routes, "r3": ro.sampler_routes}[cfg.replay]
+    routes = pass_routes(cfg.replay, "update", sampler=ro.routes, live=live_routes)
     per_mb = []
     mb_size = B // N
     for i in range(N):
-      mb, lo, rp = self._minibatch((ro, logp_old, replay), i * mb_size, size=mb_size)
+      mb, lo, rp = self._minibatch((ro, logp_old, routes), i * mb_size, size=mb_size)
       if mb_size not in self._updates:
         self._updates[mb_size] = self._compile_update(state, mb, lo, rp)
       self._update = self._updates[mb_size]
