@@ -74,7 +74,7 @@ def main(argv):
       "workdirs", os.path.splitext(os.path.basename(_CONFIG.value.get("name", "run") or "run"))[0]
   )
   if config.dry_run:
-    from fo_rl.parallel import dry_run
+    from fo_rl import dry_run
 
     dry_run.main(config)
     return

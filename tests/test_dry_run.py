@@ -147,7 +147,7 @@ def test_bad_topology_or_mesh_is_a_clear_error():
 
 
 def test_qwen3_30b_a3b_fits_a_v5p_64():
-  from fo_rl.parallel import dry_run
+  from fo_rl import dry_run
 
   c = _load("configs/qwen3_30b_a3b.py").get_config("v5p-64")
   assert c.parallel.topology == "v5p:2x4x4"

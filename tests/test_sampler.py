@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding
 from fo_rl.model import ModelConfig, QTensor, init_model, make_apply, validate_replay_routes
 from fo_rl.parallel.sharding import DEFAULT_RULES, make_mesh, state_shardings
 from fo_rl.model.init import abstract_model
+from fo_rl.rl.rollouts import Rollouts
 from fo_rl.sampler import (
     Sampler,
     SamplerConfig,
@@ -21,7 +22,7 @@ from fo_rl.sampler import (
     sample_logits,
     truncate_logits,
 )
-from fo_rl.sampler.sampler import exponential, threefry2x32
+from fo_rl.sampler.sampling import exponential, threefry2x32
 
 CFG = ModelConfig(
     vocab_size=128,
@@ -68,16 +69,17 @@ def sampler(trainer, weight_dtype) -> Sampler:
   return _SAMPLERS[weight_dtype]
 
 
+def rollouts(out) -> Rollouts:
+  """What the trainer sees of `out` (zero advantages: unused here)."""
+  return Rollouts.from_sample(out, np.zeros(out.tokens.shape[0], np.float32))
+
+
 def trainer_logp(trainer, out, replay: bool = False):
   """Teacher-forced log pi(response token) at temperature 1 (no truncation), and the trainer's routes."""
   _, state, apply = trainer
-  inp = out.trainer_inputs()
+  ro = rollouts(out)
   logits, routes = apply(
-      state,
-      inp["tokens"],
-      inp["positions"],
-      inp["replay_routes"] if replay else None,
-      inp["token_mask"],
+      state, ro.tokens, ro.positions, ro.routes if replay else None, ro.token_mask
   )
   Pl = out.prompt_tokens.shape[1]
   lp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, Pl - 1 : -1]), out.tokens[..., None], -1)[
@@ -111,8 +113,7 @@ def check_well_formed(out, sp: SamplingParams):
   )
   assert np.all((routes[:, :, MOE] >= 0) & (routes[:, :, MOE] < CFG.num_experts))
   assert np.all(routes[:, :, [1]] == -1)
-  inp = out.trainer_inputs()
-  validate_replay_routes(routes, CFG, np.asarray(inp["token_mask"]))
+  validate_replay_routes(routes, CFG, np.asarray(rollouts(out).token_mask))
 
 
 def test_float32_sampler_matches_trainer(trainer, prompts):
@@ -124,7 +125,7 @@ def test_float32_sampler_matches_trainer(trainer, prompts):
   lp, routes, _ = trainer_logp(trainer, out)
   mask = np.asarray(out.response_mask)
   np.testing.assert_allclose(np.asarray(out.logp_mu)[mask], lp[mask], atol=1e-4, rtol=0)
-  real = np.asarray(out.trainer_inputs()["token_mask"])
+  real = np.asarray(rollouts(out).token_mask)
   np.testing.assert_array_equal(np.asarray(out.routes)[real], routes[real])  # prompt + response
 
 
@@ -133,7 +134,7 @@ def _gaps(trainer, out):
   mu = np.asarray(out.logp_mu)[mask]
   live_lp, live_routes, _ = trainer_logp(trainer, out)
   r3_lp, _, _ = trainer_logp(trainer, out, replay=True)
-  real = np.asarray(out.trainer_inputs()["token_mask"])
+  real = np.asarray(rollouts(out).token_mask)
   a = np.sort(np.asarray(out.routes)[:, :, MOE], -1)[real]
   b = np.sort(live_routes[:, :, MOE], -1)[real]
   disagree = np.any(a != b, axis=-1)  # [tokens, MoE layers]: top-k sets differ
@@ -402,7 +403,7 @@ def test_sample_tool_fo_rl_workdir(tmp_path):
   c = config_lib.base_config()
   rc = config_lib.parse(c)
   (tmp_path / "config.json").write_text(json.dumps(json.loads(c.to_json_best_effort())))
-  graphdef, params = init_model(rc.model, None, rc.rules, seed=3)
+  graphdef, params = init_model(rc.model, None, rc.parallel.rules, seed=3)
   state = Trainer(graphdef, rc.model, rc.trainer).init_state(params)
   with Checkpointer(tmp_path / "checkpoints") as ck:
     ck.save(
@@ -514,3 +515,53 @@ def test_per_shard_decode_samples_what_one_device_does(trainer, prompts, mesh_sh
   routes, P = np.asarray(st.routes), tok.shape[1]
   after = np.arange(routes.shape[1])[None] >= P + lengths[:, None]  # never-fed response columns
   assert np.all(routes[after][:, MOE] == 0) and np.all(routes[after][:, [1]] == -1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ahead-of-time lowering (what fo_rl/dry_run.py compiles).
+# ------------------------------------------------------------------------------------------------
+def test_lower_gives_the_functions_generate_runs(trainer, prompts):
+  """`Sampler.lower` lowers the weight sync, prefill and decode for abstract inputs; the lowered decode
+  takes exactly the shardings the compiled prefill returns, and the compiled functions run on real
+  arrays sample what `generate` does (per-shard loops over `data`, experts over `expert`)."""
+  _, state, _ = trainer
+  rules = DEFAULT_RULES
+  trainer_mesh = make_mesh({"fsdp": 2, "expert": 4})
+  _, abstract = abstract_model(CFG, trainer_mesh, rules)
+  shardings = state_shardings(abstract, trainer_mesh, rules)
+  abstract = jax.tree.map(
+      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings
+  )
+  s = Sampler(CFG, SamplerConfig(weight_dtype="int8"), mesh=make_mesh({"data": 2, "expert": 4}))
+  B, Pl, T = len(prompts), 16, bucket(SAMPLING.max_new_tokens, s.config.gen_bucket)
+  lowered = s.lower(abstract, B, Pl, SAMPLING)
+  assert sorted(lowered) == ["decode", "prefill", "update_weights"]
+  compiled = {name: low.compile() for name, low in lowered.items()}
+  out_sh = jax.tree.leaves(compiled["prefill"].output_shardings)
+  in_sh = jax.tree.leaves(compiled["decode"].input_shardings[0][1])  # (params, state, limit)
+  shapes = jax.tree.leaves(lowered["prefill"].out_info)
+  assert len(out_sh) == len(in_sh) == len(shapes) == 11 + 2 * CFG.num_layers
+  for a, b, x in zip(out_sh, in_sh, shapes):
+    assert a.is_equivalent_to(b, len(x.shape)), (a, b, x.shape)
+  assert tuple(shapes[0].shape) == (B, CFG.num_kv_heads, CFG.head_dim, Pl + T)  # layer 0's cache
+
+  placed = jax.device_put(state, shardings)
+  s.update_weights(placed)
+  params = compiled["update_weights"](placed)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(s.params)):
+    np.testing.assert_array_equal(
+        np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32))
+    )
+  tok, mask = s.pad_prompts(prompts)
+  replicated = NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+  key = jax.device_put(jax.random.key(9), replicated)
+  max_new = jax.device_put(jnp.int32(SAMPLING.max_new_tokens), replicated)
+  st = compiled["decode"](params, compiled["prefill"](params, tok, mask, key, max_new), max_new)
+  ref = s.generate(prompts, SAMPLING, seed=9)
+  for a, b in (
+      ("tokens", "tokens"),
+      ("logp", "logp_mu"),
+      ("routes", "routes"),
+      ("lengths", "lengths"),
+  ):
+    np.testing.assert_array_equal(np.asarray(getattr(st, a)), np.asarray(getattr(ref, b)))

@@ -10,16 +10,9 @@ from fo_rl.sampler.quantize import (
     quantize_array,
     quantize_state,
 )
-from fo_rl.sampler.sampler import (
-    DecodeState,
-    SampleOutput,
-    Sampler,
-    SamplerConfig,
-    SamplingParams,
-    bucket,
-    sample_logits,
-    truncate_logits,
-)
+from fo_rl.sampler.config import SamplerConfig, SamplingParams, bucket
+from fo_rl.sampler.sampler import DecodeState, SampleOutput, Sampler
+from fo_rl.sampler.sampling import sample_logits, truncate_logits
 
 __all__ = [
     "DEFAULT_KEEP",

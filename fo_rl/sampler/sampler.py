@@ -4,7 +4,10 @@
     sampler.update_weights(trainer_state)          # reshard + quantize, one jitted call
     out = sampler.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=256, eos_ids=(2,)),
                            seed=step)
-    batch = out.trainer_inputs()                   # tokens, token_mask, positions, replay_routes (R3)
+    ro = Rollouts.from_sample(out, advantages)     # the trainer's layout (fo_rl/rl/rollouts.py)
+
+The settings live in fo_rl/sampler/config.py, the sampling maths (temperature, top-k / top-p, the draw and
+its logprob) in fo_rl/sampler/sampling.py, the weight quantization in fo_rl/sampler/quantize.py.
 
 Layout of one batch (B rows). Prompts are LEFT-padded to a bucket length P, responses RIGHT-padded to a
 bucket length T (T >= max_new_tokens), so the full sequence is [prompt (P) | response (T)] and every row's
@@ -14,37 +17,35 @@ model's layout: per layer {'k','v': [B, K, H, P + T]}) has one slot per input co
 real prompt slots (generated slots are all marked: the causal mask already hides slots not yet written),
 and all rows share the write slot `cache_index = P + t` at decode step t.
 
-Steps. `prefill` feeds the P prompt columns in one call, records their routes and samples response token
-y_0. Decode step t feeds y_t at slot P + t, records the experts used for it and samples y_{t+1}; a row stops
-after EOS or max_new_tokens. The step that feeds a row's LAST token is run as well (its sampled successor is
-discarded): it costs one extra forward per row (1/T of the decode), and gives that token the experts the
-sampler really uses for it, so `routes` holds real sampler decisions at every real position of the full
-sequence and R3 can replay all of them. Response columns after a row's last token hold valid ids (0) in
-MoE layers and -1 in dense layers (routes are recorded for real tokens only, so these do not depend on how
-long the other rows kept the loop going); prompt padding holds the experts the padding token was routed
-to. Either way the trainer never checks them (its token_mask is False there).
+Steps. `Sampler.prefill` feeds the P prompt columns in one call, records their routes and samples response
+token y_0. Decode step t (`decode_step`) feeds y_t at slot P + t, records the experts used for it and
+samples y_{t+1}; a row stops after EOS or max_new_tokens. The step that feeds a row's LAST token is run as
+well (its sampled successor is discarded): it costs one extra forward per row (1/T of the decode), and
+gives that token the experts the sampler really uses for it, so `routes` holds real sampler decisions at
+every real position of the full sequence and R3 can replay all of them. Response columns after a row's
+last token hold valid ids (0) in MoE layers and -1 in dense layers (routes are recorded for real tokens
+only, so these do not depend on how long the other rows kept the loop going); prompt padding holds the
+experts the padding token was routed to. Either way the trainer never checks them (its token_mask is False
+there).
 
-Decode loop: a `lax.while_loop` inside ONE jitted call, `cond = step < limit & some row still has a token
-to feed`. Compared with a host loop over jitted single steps it has no per-token dispatch or host sync, and
-it still exits as soon as every row is done. (`decode(state, limit)` stops at `limit` steps, so a caller
-that wants to stream can run it in chunks; `generate` runs it once.) When the batch is split over mesh axes
-that hold no weights (`data`, see Sampler.loop_axes), each shard runs its own loop under shard_map: it
-exits when ITS rows are done and its loop condition needs no cross-device reduction per step (on a
-multi-device CPU host, one loop per device and core). The random draws are indexed by the global row, so
-the samples are the same on any mesh. For small models the loop is split
-into segments that attend over the part of the cache they can reach (SamplerConfig.decode_segments), so
-decode time stays linear in the number of tokens; the prefill attends over the prompt's own P slots.
+Decode loop (`decode_loop`): a `lax.while_loop` over `decode_step` inside ONE jitted call, `cond = step <
+limit & some row still has a token to feed`. Compared with a host loop over jitted single steps it has no
+per-token dispatch or host sync, and it still exits as soon as every row is done. (`decode(state, limit)`
+stops at `limit` steps, so a caller that wants to stream can run it in chunks; `generate` runs it once.)
+When the batch is split over mesh axes that hold no weights (`data`, see Sampler.loop_axes), each shard
+runs its own loop under shard_map: it exits when ITS rows are done and its loop condition needs no
+cross-device reduction per step (on a multi-device CPU host, one loop per device and core). The random
+draws are indexed by the global row, so the samples are the same on any mesh. For small models the loop is
+split into segments that attend over the part of the cache they can reach (SamplerConfig.decode_segments),
+so decode time stays linear in the number of tokens; the prefill attends over the prompt's own P slots.
 
 Bucketing. P = bucket(longest prompt), T = bucket(max_new_tokens) (powers of two, at least
 `prompt_bucket` / `gen_bucket`); max_new_tokens, the prompt lengths and the seed are traced values, so
 every call within the same (B, P, T, SamplingParams) reuses the compiled prefill and decode. The batch size
 and SamplingParams (temperature, top_k, top_p, eos ids: they change the sampling code) are compile keys.
 
-Logprobs (algorithms.md section 7): `logp_mu` is the log-probability of each sampled token under the
-distribution actually sampled from, i.e. softmax(logits / temperature) restricted to the top-k / top-p set
-and renormalized. Greedy (temperature 0) returns the argmax and, as its logprob, log softmax(logits) at the
-argmax: the untruncated temperature-1 distribution (the argmax has probability 1 under the greedy
-"distribution", which would carry no information).
+Ahead of time. `Sampler.lower` lowers the weight sync, the prefill and the decode for abstract inputs
+(ShapeDtypeStructs with shardings, nothing allocated); fo_rl/dry_run.py compiles them for a TPU topology.
 """
 
 from __future__ import annotations
@@ -59,250 +60,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fo_rl.model.config import MOE_IMPLS, ModelConfig
+from fo_rl.model.config import ModelConfig
 from fo_rl.model.init import abstract_model, positions_from_mask
 from fo_rl.model.qtensor import QTensor
 from fo_rl.model.transformer import DENSE_ROUTE
-from fo_rl.parallel.sharding import DEFAULT_RULES, batch_spec, make_mesh, state_shardings, validate_rules
+from fo_rl.parallel.sharding import batch_spec, make_mesh, state_shardings, validate_rules
 from fo_rl.sampler import quantize as Q
-
-
-# ------------------------------------------------------------------------------------------------
-# Configuration.
-# ------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class SamplerConfig:
-  """How the sampler holds and runs its copy of the weights.
-
-  weight_dtype: float32 | bfloat16 | float8_e4m3fn | int8. FP8 / int8 use per-output-channel scales
-    (absmax / dtype max, see fo_rl/sampler/quantize.py).
-  keep_high_precision: parts left in high precision when weight_dtype is FP8 / int8; parts are
-    "embed", "norm", "router", "lm_head", "attn", "mlp", "experts". Default: embeddings, norms, router,
-    lm_head (as vLLM / SGLang FP8 Qwen3-MoE checkpoints); attention, dense-MLP and expert weights are
-    quantized.
-  dtype: activation / matmul-input dtype (None: the model config's dtype). cache_dtype: KV cache dtype
-    (None: `dtype`).
-  prompt_bucket / gen_bucket: prompt and generation lengths are padded to the next power of two that is
-    at least this, so different lengths share compiled code.
-  pad_id: token id written at padding positions (prompt left padding, response right padding).
-  moe_impl: the sampler's MoE dispatch. "auto" (default): "dense" (fo_rl.model.moe.dispatch_dense: every
-    expert on every token in three plain matmuls, no sort / gather / scatter) when num_experts <=
-    4 * num_experts_per_tok, i.e. at most 4x the expert FLOPs of a dropless dispatch, and the sampler's
-    mesh does not shard the experts (dense would all-gather them every step), where it is the faster
-    one (measured on CPU: 0.95x the generate time with the benchmark's E=8 k=2 model), else the
-    model's; None: the model's; or any model moe_impl. The routes are the same whatever the
-    dispatch (routing comes first); the outputs differ by float rounding only.
-  gmm_backend: override the model config's grouped-matmul backend for sampling (None: keep).
-  decode_segments: the decode loop runs in this many segments of equal length, each attending over the
-    cache slots it can reach (windowed decode, see Sampler._decode_impl): less attention work, at the
-    price of a second copy of the reached part of the KV cache while decoding and one compiled step
-    per segment. 1: one loop over the whole bucket. None (default): segments of `decode_window` steps
-    (at most `max_decode_segments`) while the KV cache is at most `window_cache_mib` MiB per device
-    (small models, where attention is a large part of a step and the copy is cheap), else 1.
-  rules: the sampler's logical-axis rules (its mesh is given to Sampler).
-  """
-
-  weight_dtype: str = "float32"
-  keep_high_precision: tuple[str, ...] = Q.DEFAULT_KEEP
-  dtype: str | None = None
-  cache_dtype: str | None = None
-  prompt_bucket: int = 16
-  gen_bucket: int = 16
-  pad_id: int = 0
-  moe_impl: str | None = "auto"
-  gmm_backend: str | None = None
-  decode_segments: int | None = None
-  decode_window: int = 16
-  max_decode_segments: int = 8
-  window_cache_mib: float = 256.0
-  rules: tuple = DEFAULT_RULES
-
-  def __post_init__(self):
-    object.__setattr__(self, "keep_high_precision", tuple(self.keep_high_precision))
-    object.__setattr__(
-        self,
-        "rules",
-        tuple((n, a if a is None or isinstance(a, str) else tuple(a)) for n, a in self.rules),
-    )
-    Q.validate(self.weight_dtype, self.keep_high_precision)
-    validate_rules(self.rules, "sampler.rules")
-    if self.moe_impl is not None and self.moe_impl not in ("auto",) + MOE_IMPLS:
-      raise ValueError(
-          f"sampler.moe_impl={self.moe_impl!r}: must be None, 'auto' or one of {MOE_IMPLS}"
-      )
-    for f in (
-        "prompt_bucket",
-        "gen_bucket",
-        "decode_segments",
-        "decode_window",
-        "max_decode_segments",
-    ):
-      if getattr(self, f) is not None and getattr(self, f) < 1:
-        raise ValueError(f"sampler.{f}={getattr(self, f)}: must be >= 1")
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-  """temperature 0 is greedy. top_k 0 and top_p 1.0 disable truncation (the RL default: the trainer's
-  pi must use the same truncation, algorithms.md section 7). Generation stops at any of `eos_ids` (the
-  EOS token is part of the response) or after max_new_tokens."""
-
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  max_new_tokens: int = 64
-  eos_ids: tuple[int, ...] = ()
-
-  def __post_init__(self):
-    eos = self.eos_ids
-    eos = () if eos is None else (eos,) if isinstance(eos, (int, np.integer)) else eos
-    object.__setattr__(self, "eos_ids", tuple(int(e) for e in eos))
-    if self.temperature < 0:
-      raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 is greedy)")
-    if self.top_k < 0:
-      raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 disables top-k)")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p={self.top_p}: must be in (0, 1] (1 disables top-p)")
-    if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
-
-  @property
-  def compile_key(self) -> "SamplingParams":
-    """The fields the compiled code depends on (max_new_tokens is a traced value)."""
-    return dataclasses.replace(self, max_new_tokens=1)
-
-
-def bucket(n: int, minimum: int) -> int:
-  """The smallest power of two >= max(n, 1) that is also >= minimum (minimum itself if n is small)."""
-  b = 1 << max(int(n) - 1, 0).bit_length()
-  return max(b, int(minimum))
-
-
-# ------------------------------------------------------------------------------------------------
-# Sampling: temperature, top-k, top-p; the logprob of the distribution actually sampled from.
-# ------------------------------------------------------------------------------------------------
-def _argmax(x: jax.Array) -> jax.Array:
-  """argmax over the last axis (first maximal index) as two plain reductions: XLA:CPU runs the
-  variadic (value, index) reduce of jnp.argmax several times slower, and it is on every decode step.
-  """
-  m = jnp.max(x, axis=-1, keepdims=True)
-  n = x.shape[-1]
-  first = jnp.min(jnp.where(x == m, jnp.arange(n, dtype=jnp.int32), n), axis=-1)
-  return jnp.minimum(first, n - 1).astype(jnp.int32)  # (NaN logits match nothing: stay in range)
-
-
-_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-
-
-def threefry2x32(k1, k2, x1, x2):
-  """The Threefry-2x32 block function (20 rounds; Salmon et al. 2011) on uint32 arrays, unrolled.
-  Bit-identical to jax.extend.random.threefry_2x32 (tests check it), which XLA:CPU lowers as a rolled
-  loop that copies its whole state every round: twice as slow for a decode step's [B, V] draw."""
-  ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
-  x1, x2 = x1 + ks[0], x2 + ks[1]
-  for i in range(5):
-    for r in _THREEFRY_ROTATIONS[i % 2]:
-      x1 = x1 + x2
-      x2 = ((x2 << np.uint32(r)) | (x2 >> np.uint32(32 - r))) ^ x1
-    x1 = x1 + ks[(i + 1) % 3]
-    x2 = x2 + ks[(i + 2) % 3] + np.uint32(i + 1)
-  return x1, x2
-
-
-def exponential(key, shape: tuple[int, ...], row_offset=None) -> jax.Array:
-  """float32 Exp(1) draws of `shape` from a threefry PRNG key, as jax.random.exponential(key, shape)
-  computes them (with jax_threefry_partitionable, the default: bits = the XOR of the two words of the
-  Threefry block of each element's counter; u = uniform [0, 1) from 23 of them; -log(1 - u)), but with
-  the unrolled block function, which XLA:CPU runs twice as fast.
-
-  row_offset (traced int, optional): `shape` is rows [row_offset, row_offset + shape[0]) of a larger
-  array; the draws are that slice of the larger array's (the sampler's per-shard decode uses it, so the
-  samples do not depend on the mesh). A non-threefry key (jax_default_prng_impl=rbg) falls back to JAX's
-  own sampler, with the offset folded into the key: reproducible, but mesh-dependent."""
-  data = jax.random.key_data(key)
-  if data.shape != (2,):
-    if row_offset is not None:
-      key = jax.random.fold_in(key, row_offset)
-    return jax.random.exponential(key, shape, jnp.float32)
-  counts = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
-  if row_offset is not None:
-    counts = counts + jnp.asarray(row_offset, jnp.uint32) * np.uint32(math.prod(shape[1:]))
-  w1, w2 = threefry2x32(data[0], data[1], jnp.zeros_like(counts), counts)
-  u = (
-      jax.lax.bitcast_convert_type(((w1 ^ w2) >> np.uint32(9)) | np.uint32(0x3F800000), jnp.float32)
-      - 1.0
-  )
-  return -jnp.log1p(-u)
-
-
-def _categorical(key, x: jax.Array, row_offset=None) -> jax.Array:
-  """A draw from softmax(x) over the last axis by an exponential race: argmax_i p_i / E_i with
-  E_i ~ Exp(1) i.i.d. is distributed as p (it is the Gumbel-max trick, log p_i - log E_i = x_i + Gumbel,
-  up to a constant) but takes one log per entry instead of Gumbel's two, which is most of the sampling
-  cost of a CPU decode step. -inf logits get p_i = 0 and are never drawn."""
-  p = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
-  e = jnp.maximum(exponential(key, x.shape, row_offset), jnp.finfo(jnp.float32).tiny)
-  return _argmax(p / e)
-
-
-def _truncated_sorted(x: jax.Array, top_k: int, top_p: float):
-  """x [B, V] scaled logits -> (vals [B, n], ids [B, n], keep [B, n]): the n = top_k (or V) largest logits
-  in descending order (ties: lower id first) and which of them the top-k / top-p set keeps."""
-  V = x.shape[-1]
-  vals, ids = jax.lax.top_k(x, top_k if 0 < top_k < V else V)
-  keep = jnp.ones(vals.shape, bool)
-  if top_p < 1.0:
-    p = jax.nn.softmax(vals, axis=-1)  # renormalized over the top-k set
-    keep = (
-        jnp.cumsum(p, axis=-1) - p
-    ) < top_p  # the mass before each token; the first always stays
-  return vals, ids, keep
-
-
-def _truncates(V: int, top_k: int, top_p: float) -> bool:
-  return 0 < top_k < V or top_p < 1.0
-
-
-def truncate_logits(logits: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0):
-  """logits [B, V] -> logits / temperature with every token outside the top-k / top-p set at -inf.
-
-  top-k keeps exactly the k largest (ties broken towards the lower token id); top-p then keeps, among
-  those, the smallest most-probable prefix whose probability (renormalized over the top-k set) reaches
-  top_p: sorted token i is kept iff the mass of the tokens before it is < top_p (the first token always
-  is). top_k / top_p are static: the untruncated case (the RL default) does no sort at all.
-  """
-  x = logits.astype(jnp.float32) / temperature
-  if not _truncates(x.shape[-1], top_k, top_p):
-    return x
-  vals, ids, keep = _truncated_sorted(x, top_k, top_p)
-  rows = jnp.arange(x.shape[0])[:, None]
-  return jnp.full_like(x, -jnp.inf).at[rows, ids].set(jnp.where(keep, vals, -jnp.inf))
-
-
-def sample_logits(
-    key, logits: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0, row_offset=None
-):
-  """logits [B, V] -> (tokens [B] int32, logp [B] float32 of each token under the distribution it was
-  sampled from: softmax(logits / temperature) over the top-k / top-p set, renormalized). row_offset: the
-  rows are [row_offset, row_offset + B) of a larger batch, drawn as that batch's (see exponential).
-  Greedy (temperature 0): the argmax, with its log-probability under softmax(logits) (temperature 1,
-  untruncated). With truncation the draw is made among the n sorted candidates only (no scatter back to
-  the vocabulary)."""
-  logits = logits.astype(jnp.float32)
-  if temperature == 0:
-    tok = _argmax(logits)
-    lp = jax.nn.log_softmax(logits, axis=-1)
-    return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
-  x = logits / temperature
-  if not _truncates(x.shape[-1], top_k, top_p):
-    tok = _categorical(key, x, row_offset)
-    lp = jax.nn.log_softmax(x, axis=-1)
-    return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
-  vals, ids, keep = _truncated_sorted(x, top_k, top_p)
-  masked = jnp.where(keep, vals, -jnp.inf)
-  j = _categorical(key, masked, row_offset)[:, None]
-  lp = jnp.take_along_axis(jax.nn.log_softmax(masked, axis=-1), j, axis=-1)[:, 0]
-  return jnp.take_along_axis(ids, j, axis=-1)[:, 0].astype(jnp.int32), lp
+from fo_rl.sampler.config import SamplerConfig, SamplingParams, bucket
+from fo_rl.sampler.sampling import sample_logits
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,22 +117,9 @@ class SampleOutput:
   def finish_reason(self) -> list[str]:
     return ["eos" if e else "length" for e in np.asarray(jax.device_get(self.finished_eos))]
 
-  def trainer_inputs(self) -> dict[str, jax.Array]:
-    """What the trainer feeds the model to score the samples (teacher forcing, R3 replay):
-    tokens / token_mask / positions [B, P + T] and replay_routes [B, P + T, L, k]. The log-probability of
-    response token t is log_softmax(logits[:, P - 1 + t])[tokens[:, P + t]]."""
-    tokens = jnp.concatenate([self.prompt_tokens, self.tokens], axis=1)
-    mask = jnp.concatenate([self.prompt_mask, self.response_mask], axis=1)
-    return dict(
-        tokens=tokens,
-        token_mask=mask,
-        positions=positions_from_mask(mask),
-        replay_routes=self.routes,
-    )
-
 
 # ------------------------------------------------------------------------------------------------
-# The sampler.
+# The decode step and the decode loop.
 # ------------------------------------------------------------------------------------------------
 def _rmw_column(buf, t, new, active):
   """buf[:, t] = where(active, new, buf[:, t]) (buf [B, S, ...], new [B, ...], active [B]). Read and write
@@ -378,6 +130,140 @@ def _rmw_column(buf, t, new, active):
   return jax.lax.dynamic_update_index_in_dim(buf, jnp.where(active, new, old), t, axis=1)
 
 
+def _is_eos(tok, sampling: SamplingParams):
+  """Whether each token of `tok` is one of `sampling.eos_ids`."""
+  eos = jnp.zeros(tok.shape, bool)
+  for e in sampling.eos_ids:
+    eos = eos | (tok == e)
+  return eos
+
+
+def decode_step(model, s: DecodeState, sampling: SamplingParams, row_offset=None) -> DecodeState:
+  """One decode step: feed response column t = s.step (y_t, pad for finished rows) at cache slot P + t,
+  record the experts it used, sample y_{t+1} for the rows still active. The rows of `s` are rows
+  [row_offset, row_offset + B) of the batch (None: all of it): their random draws are that slice of the
+  batch's (`fo_rl.sampler.sampling.exponential`)."""
+  B, T = s.tokens.shape
+  Pl = s.routes.shape[1] - T
+  t = s.step
+  fed = jax.lax.dynamic_slice_in_dim(s.tokens, t, 1, axis=1)  # y_t (pad for finished rows)
+  logits, routes, cache = model(
+      fed,
+      (s.prompt_len + t)[:, None],
+      token_mask=jnp.ones((B, 1), bool),
+      key_mask=s.key_mask,
+      cache=s.cache,
+      cache_index=Pl + t,
+  )
+  # Routes are recorded for real tokens only (t < length), so a padding column holds the fill value
+  # however long the loop ran: the output does not depend on the other rows or the mesh.
+  route_buf = _rmw_column(s.routes, Pl + t, routes[:, 0], t < s.lengths)
+  tok, lp = sample_logits(
+      jax.random.fold_in(s.key, t + 1),
+      logits[:, 0],
+      sampling.temperature,
+      sampling.top_k,
+      sampling.top_p,
+      row_offset,
+  )
+  active = ~s.done  # rows that produce y_{t+1}
+  eos = active & _is_eos(tok, sampling)
+  lengths = s.lengths + active.astype(jnp.int32)
+  return dataclasses.replace(
+      s,
+      cache=cache,
+      routes=route_buf,
+      step=t + 1,
+      lengths=lengths,
+      tokens=_rmw_column(s.tokens, t + 1, tok, active),
+      logp=_rmw_column(s.logp, t + 1, lp, active),
+      eos=s.eos | eos,
+      done=s.done | eos | (lengths >= s.max_new),
+  )
+
+
+def decode_loop(
+    params,
+    state: DecodeState,
+    limit,
+    *,
+    graphdef,
+    sampling: SamplingParams,
+    ends: tuple[int, ...],
+    mesh: Mesh,
+    loop_axes: tuple[str, ...] = (),
+    row_offset=None,
+) -> DecodeState:
+  """Run `decode_step` until every row is done or `limit` response columns are fed: one
+  `lax.while_loop` per segment, the segments ending at response columns `ends` (windowed decode, below).
+  `Sampler.decode` runs it jitted, with the state donated.
+
+  loop_axes: mesh axes of `mesh` that split the batch and hold no weights (Sampler.loop_axes). Along them
+  each shard runs this function on its own rows under shard_map, with `graphdef` the model as seen there
+  (Sampler._local_graphdef) and `row_offset` the shard's first row, so its random draws are that slice of
+  the batch's."""
+  if loop_axes:
+
+    def per_shard(params, state, limit):  # state: this shard's rows
+      out = decode_loop(
+          params,
+          state,
+          limit,
+          graphdef=graphdef,
+          sampling=sampling,
+          ends=ends,
+          mesh=mesh,
+          row_offset=jax.lax.axis_index(loop_axes) * state.tokens.shape[0],
+      )
+      # Shards stop on their own; a shard that stopped early has every row done, so the furthest step
+      # is where a later decode call (limit) resumes for all of them.
+      return dataclasses.replace(out, step=jax.lax.pmax(out.step, loop_axes))
+
+    split = P(loop_axes)  # batch rows over the manual axes; the other axes stay automatic
+    spec = jax.tree_util.tree_map(lambda x: split if x.ndim else P(), state)
+    return jax.shard_map(
+        per_shard,
+        mesh=mesh,
+        in_specs=(P(), spec, P()),
+        out_specs=spec,
+        axis_names=set(loop_axes),
+        check_vma=False,
+    )(params, state, limit)
+
+  model = nnx.merge(graphdef, params)
+  T = state.tokens.shape[1]
+  Pl = state.routes.shape[1] - T
+  end = jnp.minimum(limit, T)
+  # Windowed decode: segment j feeds the response columns [stop_{j-1}, stop_j) and attends over the
+  # first P + stop_j cache slots only, the most any of its steps can see. Each segment's while_loop
+  # carries that prefix of the cache: the first is sliced from the state's cache, each next one is the
+  # last one extended by the slots it adds (taken from the state's cache: empty unless an earlier decode
+  # call got that far), and the last one is the whole cache again. The prefix is a copy (XLA cannot
+  # alias part of a buffer), hence the memory rule in SamplerConfig.decode_segments. With n segments
+  # a decode of T tokens costs about T * (a + b (P + T / 2 + T / n)) instead of T * (a + b (P + T))
+  # (a: per-step work, b: attention per cache slot); the samples are the same.
+  full_cache, full_mask = state.cache, state.key_mask
+  for j, stop in enumerate(ends):
+    window = Pl + stop
+    if j == 0:
+      cache = [{n: c[n][..., :window] for n in c} for c in state.cache]
+    else:
+      cache = [
+          {n: jnp.concatenate([c[n], f[n][..., Pl + ends[j - 1] : window]], axis=3) for n in c}
+          for c, f in zip(state.cache, full_cache)
+      ]
+    state = dataclasses.replace(state, cache=cache, key_mask=full_mask[:, :window])
+    state = jax.lax.while_loop(
+        lambda s, stop=stop: (s.step < jnp.minimum(end, stop)) & jnp.any(s.lengths > s.step),
+        lambda s: decode_step(model, s, sampling, row_offset),
+        state,
+    )
+  return state
+
+
+# ------------------------------------------------------------------------------------------------
+# The sampler.
+# ------------------------------------------------------------------------------------------------
 class Sampler:
   """Owns the sampler's weights (quantized per SamplerConfig) on its own mesh, and generates.
 
@@ -422,7 +308,11 @@ class Sampler:
     # The decode state is DONATED: the KV cache (and the other buffers) is updated in place, so a decode
     # call allocates no second cache and copies nothing; inside the while_loop every token's cache write
     # is an in-place dynamic_update_slice of the loop-carried buffer (no copy per token).
-    self._decode = jax.jit(self._decode_impl, static_argnames=("sampling",), donate_argnums=(1,))
+    self._decode = jax.jit(
+        decode_loop,
+        static_argnames=("graphdef", "sampling", "ends", "mesh", "loop_axes"),
+        donate_argnames=("state",),
+    )
     self._cache_dtype = jnp.dtype(config.cache_dtype or self.model_cfg.dtype)
     self._local_graphdefs = {}
     route_fill = np.array(
@@ -469,7 +359,132 @@ class Sampler:
       trainer_state = jax.device_put(trainer_state, self._hp_shardings)
     self.params = self._sync(trainer_state)
 
-  # ---- prefill / decode ---------------------------------------------------------------------------
+  def abstract_params(self, trainer_params):
+    """The sampler's weights for abstract trainer parameters (ShapeDtypeStructs, as `update_weights`
+    takes them): ShapeDtypeStructs in the sampler's dtypes and shardings. Nothing is allocated."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        jax.eval_shape(self._quantize, trainer_params),
+        self.param_shardings,
+    )
+
+  # ---- generation -------------------------------------------------------------------------------
+  def generate(
+      self,
+      prompts: Sequence[Sequence[int]],
+      sampling: SamplingParams = SamplingParams(),
+      seed: int | jax.Array = 0,
+  ) -> SampleOutput:
+    """Sample one response per prompt (repeat a prompt for several samples). Returns device arrays
+    without waiting for them (finish_reason is the only host read)."""
+    tok, mask = self.pad_prompts(prompts)
+    state = self.decode(self.prefill(tok, mask, sampling, seed), sampling)
+    T = state.tokens.shape[1]
+    response_mask = jnp.arange(T)[None, :] < state.lengths[:, None]
+    return SampleOutput(
+        prompt_tokens=tok,
+        prompt_mask=mask,
+        tokens=state.tokens,
+        logp_mu=state.logp,
+        response_mask=response_mask,
+        lengths=state.lengths,
+        finished_eos=state.eos,
+        routes=state.routes,
+    )
+
+  def pad_prompts(self, prompts: Sequence[Sequence[int]]):
+    """Left-pad token-id lists to the bucket length -> (tokens, mask) [B, P] on the sampler's mesh."""
+    if not len(prompts):
+      raise ValueError("generate: no prompts")
+    lens = [len(p) for p in prompts]
+    if min(lens) < 1:
+      raise ValueError("generate: every prompt needs at least one token")
+    Pl = bucket(max(lens), self.config.prompt_bucket)
+    tok = np.full((len(prompts), Pl), self.config.pad_id, np.int32)
+    mask = np.zeros((len(prompts), Pl), bool)
+    for i, p in enumerate(prompts):
+      tok[i, Pl - len(p) :] = np.asarray(p, np.int32)
+      mask[i, Pl - len(p) :] = True
+    sh = NamedSharding(self.mesh, batch_spec(self.config.rules, 2, self.mesh, len(prompts)))
+    return jax.device_put(tok, sh), jax.device_put(mask, sh)
+
+  def prefill(self, prompt, prompt_mask, sampling: SamplingParams, seed=0) -> DecodeState:
+    """prompt, prompt_mask [B, P] (left-padded, P a bucket length) -> the decode state after y_0."""
+    if self.params is None:
+      raise RuntimeError("Sampler has no weights: call update_weights(trainer_state) first")
+    gen_len = bucket(sampling.max_new_tokens, self.config.gen_bucket)
+    key = seed if isinstance(seed, jax.Array) else jax.random.key(int(seed))
+    return self._prefill(
+        self.params,
+        prompt,
+        prompt_mask,
+        key,
+        jnp.asarray(sampling.max_new_tokens, jnp.int32),
+        sampling=sampling.compile_key,
+        gen_len=gen_len,
+    )
+
+  def decode(
+      self, state: DecodeState, sampling: SamplingParams, limit: int | None = None
+  ) -> DecodeState:
+    """Decode until every row is done, or `limit` response columns have been fed: `decode_loop`, jitted.
+    `state` is donated."""
+    limit = state.tokens.shape[1] if limit is None else limit
+    return self._decode(
+        self.params, state, jnp.asarray(limit, jnp.int32), **self._decode_statics(state, sampling)
+    )
+
+  # ---- the decode loop's layout ----------------------------------------------------------------
+  def _decode_statics(self, state: DecodeState, sampling: SamplingParams) -> dict:
+    """The static (compile-time) arguments of `decode_loop` for a decode state of `state`'s shapes."""
+    B, T = state.tokens.shape
+    axes = self.loop_axes(B)
+    return dict(
+        graphdef=self._local_graphdef(axes),
+        sampling=sampling.compile_key,
+        ends=tuple(self.segment_ends(B, state.routes.shape[1] - T, T)),
+        mesh=self.mesh,
+        loop_axes=axes,
+    )
+
+  def segment_ends(self, B: int, P: int, T: int) -> list[int]:
+    """Response columns at which the decode segments end, [W, 2W, ..., T], for a batch of B rows, prompt
+    bucket P and generation bucket T (see SamplerConfig.decode_segments)."""
+    c = self.config
+    n = c.decode_segments
+    if n is None:
+      cfg = self.model_cfg
+      shape = self._cache_shape(B, P + T)
+      shard = self._cache_sharding(B, cfg.num_kv_heads).shard_shape(shape)
+      mib = 2 * cfg.num_layers * math.prod(shard) * self._cache_dtype.itemsize / 2**20
+      n = min(-(-T // c.decode_window), c.max_decode_segments) if mib <= c.window_cache_mib else 1
+    W = -(-T // min(n, T))
+    return list(range(W, T, W)) + [T]
+
+  def loop_axes(self, B: int) -> tuple[str, ...]:
+    """The mesh axes over which decode runs one loop per shard for a batch of B rows: the batch axes
+    (batch_spec) that hold no parameter or head (no other rule names them) and have size > 1. Along them
+    the shards share nothing but the weights, so each runs its own while_loop, with its own early exit
+    and no cross-device reduction per step (XLA:CPU: one loop per device, each on its own core)."""
+    spec = batch_spec(self.config.rules, 1, self.mesh, B)[0]
+    spec = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    table = validate_rules(self.config.rules)
+    used = {a for name, axes in table.items() if name != "batch" for a in axes}
+    return tuple(a for a in spec if a not in used and self.mesh.shape[a] > 1)
+
+  def _local_graphdef(self, axes: tuple[str, ...]):
+    """The model as seen inside the per-shard decode: the same parameters, with `axes` (manual there)
+    dropped from the batch rule, so the model's activation constraints and expert-parallel dispatch
+    only name the mesh axes that are still automatic."""
+    if not axes:
+      return self.graphdef
+    if axes not in self._local_graphdefs:
+      batch = tuple(a for a in validate_rules(self.config.rules).get("batch", ()) if a not in axes)
+      rules = tuple((n, batch or None) if n == "batch" else (n, v) for n, v in self.config.rules)
+      self._local_graphdefs[axes] = abstract_model(self.model_cfg, self.mesh, rules)[0]
+    return self._local_graphdefs[axes]
+
+  # ---- the prefill and the KV cache -------------------------------------------------------------
   def _constrain(self, x):
     spec = batch_spec(self.config.rules, x.ndim, self.mesh, x.shape[0])
     return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
@@ -525,14 +540,14 @@ class Sampler:
     )
     tokens = jnp.full((B, gen_len), self.config.pad_id, jnp.int32).at[:, 0].set(tok)
     logp = jnp.zeros((B, gen_len), jnp.float32).at[:, 0].set(lp)
-    eos = self._is_eos(tok, sampling)
+    eos = _is_eos(tok, sampling)
     lengths = jnp.ones((B,), jnp.int32)
-    return DecodeState(
+    state = DecodeState(
         cache=cache,
-        key_mask=self._constrain(key_mask),
+        key_mask=key_mask,
         prompt_len=prompt_len,
-        tokens=self._constrain(tokens),
-        logp=self._constrain(logp),
+        tokens=tokens,
+        logp=logp,
         routes=route_buf,
         lengths=lengths,
         done=eos | (lengths >= max_new),
@@ -541,226 +556,70 @@ class Sampler:
         max_new=jnp.asarray(max_new, jnp.int32),
         key=key,
     )
+    # Every leaf in the layout `_decode_state_shardings` declares (left to itself, the compiler picks
+    # some, e.g. replicates `lengths`), so `lower` knows the decode's input without compiling this.
+    return jax.tree.map(
+        jax.lax.with_sharding_constraint, state, self._decode_state_shardings(B, Pl, gen_len)
+    )
 
-  @staticmethod
-  def _is_eos(tok, sampling: SamplingParams):
-    eos = jnp.zeros(tok.shape, bool)
-    for e in sampling.eos_ids:
-      eos = eos | (tok == e)
-    return eos
-
-  def segment_ends(self, B: int, P: int, T: int) -> list[int]:
-    """Response columns at which the decode segments end, [W, 2W, ..., T], for a batch of B rows, prompt
-    bucket P and generation bucket T (see SamplerConfig.decode_segments)."""
-    c = self.config
-    n = c.decode_segments
-    if n is None:
-      cfg = self.model_cfg
-      shape = self._cache_shape(B, P + T)
-      shard = self._cache_sharding(B, cfg.num_kv_heads).shard_shape(shape)
-      mib = 2 * cfg.num_layers * math.prod(shard) * self._cache_dtype.itemsize / 2**20
-      n = min(-(-T // c.decode_window), c.max_decode_segments) if mib <= c.window_cache_mib else 1
-    W = -(-T // min(n, T))
-    return list(range(W, T, W)) + [T]
-
-  def loop_axes(self, B: int) -> tuple[str, ...]:
-    """The mesh axes over which decode runs one loop per shard for a batch of B rows: the batch axes
-    (batch_spec) that hold no parameter or head (no other rule names them) and have size > 1. Along them
-    the shards share nothing but the weights, so each runs its own while_loop, with its own early exit
-    and no cross-device reduction per step (XLA:CPU: one loop per device, each on its own core)."""
-    spec = batch_spec(self.config.rules, 1, self.mesh, B)[0]
-    spec = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    table = validate_rules(self.config.rules)
-    used = {a for name, axes in table.items() if name != "batch" for a in axes}
-    return tuple(a for a in spec if a not in used and self.mesh.shape[a] > 1)
-
-  def _local_graphdef(self, axes: tuple[str, ...]):
-    """The model as seen inside the per-shard decode: the same parameters, with `axes` (manual there)
-    dropped from the batch rule, so the model's activation constraints and expert-parallel dispatch
-    only name the mesh axes that are still automatic."""
-    if axes not in self._local_graphdefs:
-      batch = tuple(a for a in validate_rules(self.config.rules).get("batch", ()) if a not in axes)
-      rules = tuple((n, batch or None) if n == "batch" else (n, v) for n, v in self.config.rules)
-      self._local_graphdefs[axes] = abstract_model(self.model_cfg, self.mesh, rules)[0]
-    return self._local_graphdefs[axes]
-
-  def _decode_impl(self, params, state: DecodeState, limit, *, sampling: SamplingParams):
-    B, T = state.tokens.shape
-    ends = self.segment_ends(B, state.routes.shape[1] - T, T)
-    axes = self.loop_axes(B)
-    if not axes:
-      return self._decode_loops(self.graphdef, params, state, limit, sampling, ends, None)
-    graphdef = self._local_graphdef(axes)
-
-    def per_shard(params, state, limit):  # state: this shard's rows
-      out = self._decode_loops(
-          graphdef,
-          params,
-          state,
-          limit,
-          sampling,
-          ends,
-          jax.lax.axis_index(axes) * state.tokens.shape[0],
-      )
-      # Shards stop on their own; a shard that stopped early has every row done, so the furthest step
-      # is where a later decode call (limit) resumes for all of them.
-      return dataclasses.replace(out, step=jax.lax.pmax(out.step, axes))
-
-    split = P(axes)  # batch rows over the manual axes; the other axes stay automatic
-    spec = jax.tree_util.tree_map(lambda x: split if x.ndim else P(), state)
-    return jax.shard_map(
-        per_shard,
-        mesh=self.mesh,
-        in_specs=(P(), spec, P()),
-        out_specs=spec,
-        axis_names=set(axes),
-        check_vma=False,
-    )(params, state, limit)
-
-  def _decode_loops(
-      self,
-      graphdef,
-      params,
-      state: DecodeState,
-      limit,
-      sampling: SamplingParams,
-      ends: list[int],
-      row_offset,
-  ):
-    """The decode loops (one per segment, ending at response columns `ends`) over the rows in `state`:
-    all of them, or one shard's, which are rows [row_offset, row_offset + B) of the batch (their random
-    draws are that slice of the batch's)."""
-    model = nnx.merge(graphdef, params)
-    B, T = state.tokens.shape
-    Pl = state.routes.shape[1] - T
-    ones = jnp.ones((B, 1), bool)
-    end = jnp.minimum(limit, T)
-
-    def body(s: DecodeState):
-      t = s.step
-      fed = jax.lax.dynamic_slice_in_dim(s.tokens, t, 1, axis=1)  # y_t (pad for finished rows)
-      logits, routes, cache = model(
-          fed,
-          (s.prompt_len + t)[:, None],
-          token_mask=ones,
-          key_mask=s.key_mask,
-          cache=s.cache,
-          cache_index=Pl + t,
-      )
-      # Routes are recorded for real tokens only (t < length), so a padding column holds the fill value
-      # however long the loop ran: the output does not depend on the other rows or the mesh.
-      route_buf = _rmw_column(s.routes, Pl + t, routes[:, 0], t < s.lengths)
-      tok, lp = sample_logits(
-          jax.random.fold_in(s.key, t + 1),
-          logits[:, 0],
-          sampling.temperature,
-          sampling.top_k,
-          sampling.top_p,
-          row_offset,
-      )
-      active = ~s.done  # rows that produce y_{t+1}
-      eos = active & self._is_eos(tok, sampling)
-      lengths = s.lengths + active.astype(jnp.int32)
-      return dataclasses.replace(
-          s,
-          cache=cache,
-          routes=route_buf,
-          step=t + 1,
-          lengths=lengths,
-          tokens=_rmw_column(s.tokens, t + 1, tok, active),
-          logp=_rmw_column(s.logp, t + 1, lp, active),
-          eos=s.eos | eos,
-          done=s.done | eos | (lengths >= s.max_new),
-      )
-
-    # Windowed decode: segment j feeds the response columns [stop_{j-1}, stop_j) and attends over the
-    # first P + stop_j cache slots only, the most any of its steps can see. Each segment's while_loop
-    # carries that prefix of the cache: the first is sliced from the state's cache, each next one is the
-    # last one extended by the slots it adds (taken from the state's cache: empty unless an earlier decode
-    # call got that far), and the last one is the whole cache again. The prefix is a copy (XLA cannot
-    # alias part of a buffer), hence the memory rule in SamplerConfig.decode_segments. With n segments
-    # a decode of T tokens costs about T * (a + b (P + T / 2 + T / n)) instead of T * (a + b (P + T))
-    # (a: per-step work, b: attention per cache slot); the samples are the same.
-    full_cache, full_mask = state.cache, state.key_mask
-    for j, stop in enumerate(ends):
-      window = Pl + stop
-      if j == 0:
-        cache = [{n: c[n][..., :window] for n in c} for c in state.cache]
-      else:
-        cache = [
-            {n: jnp.concatenate([c[n], f[n][..., Pl + ends[j - 1] : window]], axis=3) for n in c}
-            for c, f in zip(state.cache, full_cache)
-        ]
-      state = dataclasses.replace(state, cache=cache, key_mask=full_mask[:, :window])
-      state = jax.lax.while_loop(
-          lambda s, stop=stop: (s.step < jnp.minimum(end, stop)) & jnp.any(s.lengths > s.step),
-          body,
-          state,
-      )
-    return state
-
-  def prefill(self, prompt, prompt_mask, sampling: SamplingParams, seed=0) -> DecodeState:
-    """prompt, prompt_mask [B, P] (left-padded, P a bucket length) -> the decode state after y_0."""
-    if self.params is None:
-      raise RuntimeError("Sampler has no weights: call update_weights(trainer_state) first")
-    gen_len = bucket(sampling.max_new_tokens, self.config.gen_bucket)
-    key = seed if isinstance(seed, jax.Array) else jax.random.key(int(seed))
-    return self._prefill(
-        self.params,
-        prompt,
-        prompt_mask,
-        key,
-        jnp.asarray(sampling.max_new_tokens, jnp.int32),
+  # ---- ahead-of-time compilation (fo_rl/dry_run.py) ---------------------------------------------
+  def lower(
+      self, trainer_params, batch: int, prompt_len: int, sampling: SamplingParams
+  ) -> dict[str, jax.stages.Lowered]:
+    """Lower the sampler's three jitted functions for abstract inputs (nothing is allocated):
+    {"update_weights": the weight sync from `trainer_params` (ShapeDtypeStructs with the trainer's
+    shardings), "prefill": the prompt pass over `batch` prompts of bucket length `prompt_len`, "decode":
+    the decode loop over its output, T = bucket(sampling.max_new_tokens, gen_bucket) columns}, with the
+    shardings `prefill` and `decode` see at run time (the decode state's: `_decode_state_shardings`).
+    """
+    params = self.abstract_params(trainer_params)
+    replicated = NamedSharding(self.mesh, P())
+    rows = NamedSharding(self.mesh, batch_spec(self.config.rules, 2, self.mesh, batch))
+    prompt = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=rows)
+    prompt_mask = jax.ShapeDtypeStruct((batch, prompt_len), jnp.bool_, sharding=rows)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
+    max_new = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    static = dict(
         sampling=sampling.compile_key,
-        gen_len=gen_len,
+        gen_len=bucket(sampling.max_new_tokens, self.config.gen_bucket),
     )
-
-  def decode(
-      self, state: DecodeState, sampling: SamplingParams, limit: int | None = None
-  ) -> DecodeState:
-    """Decode until every row is done, or `limit` response columns have been fed. `state` is donated."""
-    limit = state.tokens.shape[1] if limit is None else limit
-    return self._decode(
-        self.params, state, jnp.asarray(limit, jnp.int32), sampling=sampling.compile_key
+    prefill = self._prefill.lower(params, prompt, prompt_mask, key, max_new, **static)
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        prefill.out_info,
+        self._decode_state_shardings(batch, prompt_len, static["gen_len"]),
     )
+    return {
+        "update_weights": self._sync.lower(trainer_params),
+        "prefill": prefill,
+        "decode": self._decode.lower(
+            params, state, max_new, **self._decode_statics(state, sampling)
+        ),
+    }
 
-  def pad_prompts(self, prompts: Sequence[Sequence[int]]):
-    """Left-pad token-id lists to the bucket length -> (tokens, mask) [B, P] on the sampler's mesh."""
-    if not len(prompts):
-      raise ValueError("generate: no prompts")
-    lens = [len(p) for p in prompts]
-    if min(lens) < 1:
-      raise ValueError("generate: every prompt needs at least one token")
-    Pl = bucket(max(lens), self.config.prompt_bucket)
-    tok = np.full((len(prompts), Pl), self.config.pad_id, np.int32)
-    mask = np.zeros((len(prompts), Pl), bool)
-    for i, p in enumerate(prompts):
-      tok[i, Pl - len(p) :] = np.asarray(p, np.int32)
-      mask[i, Pl - len(p) :] = True
-    sh = NamedSharding(self.mesh, batch_spec(self.config.rules, 2, self.mesh, len(prompts)))
-    return jax.device_put(tok, sh), jax.device_put(mask, sh)
-
-  def generate(
-      self,
-      prompts: Sequence[Sequence[int]],
-      sampling: SamplingParams = SamplingParams(),
-      seed: int | jax.Array = 0,
-  ) -> SampleOutput:
-    """Sample one response per prompt (repeat a prompt for several samples). Returns device arrays
-    without waiting for them (finish_reason is the only host read)."""
-    tok, mask = self.pad_prompts(prompts)
-    state = self.decode(self.prefill(tok, mask, sampling, seed), sampling)
-    T = state.tokens.shape[1]
-    response_mask = jnp.arange(T)[None, :] < state.lengths[:, None]
-    return SampleOutput(
-        prompt_tokens=tok,
-        prompt_mask=mask,
-        tokens=state.tokens,
-        logp_mu=state.logp,
-        response_mask=response_mask,
-        lengths=state.lengths,
-        finished_eos=state.eos,
-        routes=state.routes,
+  def _decode_state_shardings(self, batch: int, prompt_len: int, gen_len: int) -> DecodeState:
+    """The shardings of the decode state `prefill` returns for `batch` rows, prompt bucket `prompt_len`
+    and generation bucket `gen_len`: the KV cache as `_cache_sharding`, the per-row arrays over the batch
+    axes, the scalars replicated. `_prefill_impl` constrains its output to them."""
+    rows = lambda ndim: NamedSharding(
+        self.mesh, batch_spec(self.config.rules, ndim, self.mesh, batch)
+    )
+    replicated = NamedSharding(self.mesh, P())
+    cache = self._cache_sharding(batch, self.model_cfg.num_kv_heads)
+    return DecodeState(
+        cache=[{"k": cache, "v": cache} for _ in range(self.model_cfg.num_layers)],
+        key_mask=rows(2),
+        prompt_len=rows(1),
+        tokens=rows(2),
+        logp=rows(2),
+        routes=rows(4),
+        lengths=rows(1),
+        done=rows(1),
+        eos=rows(1),
+        step=replicated,
+        max_new=replicated,
+        key=replicated,
     )
 
   def num_compiles(self) -> dict[str, int]:

@@ -7,7 +7,7 @@ topology `parallel.topology` (e.g. "v5p:2x4x4", the chip grid of a v5p-64) comes
 `jax.experimental.topologies.get_topology_desc`, the meshes `parallel.mesh` / `parallel.sampler_mesh` are
 built over its devices, and the parameters, optimizer state, rollouts and KV cache are
 `jax.ShapeDtypeStruct`s carrying their NamedShardings: nothing is materialized. The functions compiled are
-the ones the job runs (the same jitted callables, lowered with `.lower(...)`):
+the ones the job runs (the same jitted callables, lowered by `Trainer.lower` and `Sampler.lower`):
 
   trainer.old_pass        the old-logprob pass over the global batch (Trainer._old_pass)
   trainer.update          one mini-batch update (Trainer._compile_update: donated state, explicit shardings)
@@ -44,8 +44,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+
+from fo_rl import config as config_lib
+from fo_rl.model import abstract_model
+from fo_rl.parallel.sharding import batch_spec, make_mesh, state_shardings
+from fo_rl.rl.rollouts import Rollouts
+from fo_rl.rl.trainer import Trainer
+from fo_rl.sampler import Sampler, SamplingParams, bucket
 
 GIB = 1024**3
 
@@ -189,35 +195,28 @@ class _Setup:
   """The abstract (never materialized) trainer and sampler of a config on a topology's devices."""
 
   def __init__(self, config, devices=None):
-    from fo_rl import config as config_lib
-    from fo_rl.model import abstract_model
-    from fo_rl.parallel.sharding import make_mesh, state_shardings
-    from fo_rl.rl.trainer import Trainer
-    from fo_rl.sampler.sampler import Sampler
-
-    c = config
-    self.topology = str(c.parallel.get("topology", "") or "")
+    self.rc = rc = config_lib.parse(config)
+    self.topology = rc.parallel.topology
     self.devices = topology_devices(self.topology) if devices is None else list(devices)
-    self.rc = rc = config_lib.parse(c, len(self.devices))
-    self.hbm = hbm_bytes(self.devices, float(c.parallel.get("hbm_gib", 0.0) or 0.0))
+    rc.parallel.check_devices(len(self.devices))
+    self.hbm = hbm_bytes(self.devices, rc.parallel.hbm_gib)
     model_cfg = rc.model
     if model_cfg.gmm_backend == "auto" and self.devices[0].platform == "tpu":
       model_cfg = model_cfg.replace(
           gmm_backend="ragged_dot"
       )  # what "auto" picks on TPU at run time
     self.model_cfg = model_cfg
-    self.mesh = make_mesh(rc.mesh, devices=self.devices, where="parallel.mesh")
+    self.mesh = make_mesh(rc.parallel.mesh, devices=self.devices, where="parallel.mesh")
     self.sampler_mesh = make_mesh(
-        rc.sampler_mesh, devices=self.devices, where="parallel.sampler_mesh"
+        rc.parallel.sampler_mesh, devices=self.devices, where="parallel.sampler_mesh"
     )
-    graphdef, abstract = abstract_model(model_cfg, self.mesh, rc.rules)
-    self.params = with_shardings(abstract, state_shardings(abstract, self.mesh, rc.rules))
-    self.trainer = Trainer(graphdef, model_cfg, rc.trainer, self.mesh, rc.rules)
+    rules = rc.parallel.rules
+    graphdef, abstract = abstract_model(model_cfg, self.mesh, rules)
+    self.params = with_shardings(abstract, state_shardings(abstract, self.mesh, rules))
+    self.trainer = Trainer(graphdef, model_cfg, rc.trainer, self.mesh, rules)
     self.state = self.trainer.abstract_state(self.params)
     self.sampler = Sampler(model_cfg, rc.sampler, self.sampler_mesh)
-    self.sparams = with_shardings(
-        jax.eval_shape(self.sampler._quantize, self.params), self.sampler.param_shardings
-    )
+    self.sparams = self.sampler.abstract_params(self.params)
     self.state_bytes = device_bytes(self.state)
     self.param_bytes = device_bytes(self.state.params)
     self.sampler_bytes = device_bytes(self.sparams)
@@ -243,16 +242,11 @@ def resident_bytes(config, devices=None) -> int:
 def plan(config, devices=None, log=None) -> list[dict]:
   """Compile the RL step for `config` on `devices` (default: parallel.topology's); returns the report rows
   (one per function, then the verdict). Raises DryRunError for a bad topology / missing libtpu."""
-  from fo_rl.parallel.sharding import batch_spec
-  from fo_rl.rl.trainer import Rollouts
-  from fo_rl.sampler.sampler import SamplingParams, bucket
-
   log = log or (lambda s: None)
-  c = config
   setup = _Setup(config, devices)
-  rc, hbm, mesh, sampler_mesh = setup.rc, setup.hbm, setup.mesh, setup.sampler_mesh
+  rc, hbm, mesh = setup.rc, setup.hbm, setup.mesh
   model_cfg, trainer, sampler = setup.model_cfg, setup.trainer, setup.sampler
-  params, state, sparams = setup.params, setup.state, setup.sparams
+  params, state = setup.params, setup.state
   state_bytes, param_bytes, sampler_bytes = (
       setup.state_bytes,
       setup.param_bytes,
@@ -262,13 +256,13 @@ def plan(config, devices=None, log=None) -> list[dict]:
   log(f"dry run: {head}")
 
   # ---- shapes --------------------------------------------------------------------------------------
-  B = rc.prompts_per_step * rc.group_size
-  Pl = bucket(1, int(c.sampler.prompt_bucket))
-  T = bucket(rc.sampling.max_new_tokens, int(c.sampler.gen_bucket))
+  B = rc.rl.global_batch
+  Pl = bucket(1, rc.sampler.prompt_bucket)
+  T = bucket(rc.sampling.max_new_tokens, rc.sampler.gen_bucket)
   Lt = Pl + T
   Ly, k = model_cfg.num_layers, model_cfg.route_slots
-  bsh = lambda shape, dt, m=mesh: _sds(
-      shape, dt, NamedSharding(m, batch_spec(rc.rules, len(shape), m, shape[0]))
+  bsh = lambda shape, dt: _sds(
+      shape, dt, NamedSharding(mesh, batch_spec(rc.parallel.rules, len(shape), mesh, shape[0]))
   )
   ro = Rollouts(
       tokens=bsh((B, Lt), jnp.int32),
@@ -276,7 +270,7 @@ def plan(config, devices=None, log=None) -> list[dict]:
       positions=bsh((B, Lt), jnp.int32),
       response_mask=bsh((B, Lt), jnp.float32),
       logp_mu=bsh((B, Lt), jnp.float32),
-      sampler_routes=bsh((B, Lt, Ly, k), jnp.int32),
+      routes=bsh((B, Lt, Ly, k), jnp.int32),
       advantages=bsh((B,), jnp.float32),
   )
   step_bytes = device_bytes(ro) + device_bytes(
@@ -284,17 +278,14 @@ def plan(config, devices=None, log=None) -> list[dict]:
   )
 
   # ---- sampler inputs ------------------------------------------------------------------------------
-  Bs = max(B, int(c.eval.num_prompts) * int(c.eval.samples))
+  Bs = max(B, rc.eval.num_prompts * rc.eval.samples)
   sampling = SamplingParams(
       temperature=rc.sampling.temperature,
       top_k=rc.sampling.top_k,
       top_p=rc.sampling.top_p,
       max_new_tokens=rc.sampling.max_new_tokens,
       eos_ids=(0,),
-  ).compile_key
-  replicated = NamedSharding(sampler_mesh, P())
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
+  )
 
   shapes = {
       "global_batch": B,
@@ -329,43 +320,35 @@ def plan(config, devices=None, log=None) -> list[dict]:
     rows.append(row)
     return compiled
 
-  lowered = trainer.lower(state, ro)
-  run("trainer.old_pass", lambda: lowered["old_pass"], sampler_bytes, {"batch": B, "seq_len": Lt})
+  trainer_lowered = trainer.lower(state, ro)
+  run(
+      "trainer.old_pass",
+      lambda: trainer_lowered["old_pass"],
+      sampler_bytes,
+      {"batch": B, "seq_len": Lt},
+  )
   run(
       "trainer.update",
-      lambda: lowered["update"],
+      lambda: trainer_lowered["update"],
       sampler_bytes + step_bytes,
       {"batch": B // rc.trainer.mini_batches, "seq_len": Lt},
   )
+  sampler_lowered = sampler.lower(params, Bs, Pl, sampling)
   run(
       "sampler.update_weights",
-      lambda: sampler._sync.lower(params),
+      lambda: sampler_lowered["update_weights"],
       state_bytes - param_bytes + sampler_bytes,
       {},
   )
-  prompt = bsh((Bs, Pl), jnp.int32, sampler_mesh)
-  pmask = bsh((Bs, Pl), jnp.bool_, sampler_mesh)
-  max_new = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-  prefill = run(
+  run(
       "sampler.prefill",
-      lambda: sampler._prefill.lower(
-          sparams, prompt, pmask, key, max_new, sampling=sampling, gen_len=T
-      ),
+      lambda: sampler_lowered["prefill"],
       state_bytes,
       {"batch": Bs, "seq_len": Lt},
   )
-  if prefill is not None:
-    dstate = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        prefill.out_info,
-        prefill.output_shardings,
-    )
-    run(
-        "sampler.decode",
-        lambda: sampler._decode.lower(sparams, dstate, max_new, sampling=sampling),
-        state_bytes,
-        {"batch": Bs, "seq_len": Lt},
-    )
+  run(
+      "sampler.decode", lambda: sampler_lowered["decode"], state_bytes, {"batch": Bs, "seq_len": Lt}
+  )
   return rows + [judge(rows, head, hbm)]
 
 
