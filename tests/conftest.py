@@ -1,4 +1,8 @@
-"""Test setup: 8 fake CPU devices, set before jax is imported anywhere."""
+"""Test setup: 8 fake CPU devices, set before jax is imported anywhere; the shared toy model.
+
+Tiers (markers registered in pyproject.toml; README "Quick start"): `slow`, `e2e`, `multiprocess`,
+`tpu_compile`. CI runs every test; the fast development tier is
+`-m "not slow and not e2e and not multiprocess and not tpu_compile"`."""
 
 import os
 
@@ -13,6 +17,19 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 import pytest  # noqa: E402
+
+from toy import TOY  # noqa: E402  (tests/toy.py)
+
+
+@pytest.fixture(scope="session")
+def toy_model():
+  """(TOY, graphdef, params): the toy model initialized at seed 0 on one device, once per session
+  (its init program takes seconds to compile). Every test that asks for it gets the same `params`:
+  never donate them or change them in place; derive new arrays instead."""
+  from fo_rl.model import init_model
+
+  graphdef, params = init_model(TOY, seed=0)
+  return TOY, graphdef, params
 
 
 @pytest.fixture(scope="module")

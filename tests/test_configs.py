@@ -177,6 +177,7 @@ def _tiny_runs():
 TINY_RUNS = _tiny_runs()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("rel, skip", TINY_RUNS, ids=[r for r, _ in TINY_RUNS])
 def test_tiny_variant_runs(rel, skip, tmp_path, run_caches):
   if skip:

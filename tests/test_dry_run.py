@@ -75,6 +75,7 @@ def _json_lines(stdout):
   return [json.loads(l) for l in stdout.splitlines() if l.startswith("{")]
 
 
+@pytest.mark.tpu_compile
 def test_tiny_dry_run_prints_memory_per_function():
   t0 = time.time()
   p = _main("configs/qwen3_30b_a3b.py:tiny")
@@ -122,6 +123,7 @@ def test_tiny_dry_run_prints_memory_per_function():
   print(f"tiny dry run: {time.time() - t0:.0f}s")
 
 
+@pytest.mark.tpu_compile
 def test_plan_that_cannot_fit_fails_with_the_numbers():
   # Qwen3-235B-A22B's 1.4 TB train state on 4 v5p chips: refused before compiling anything.
   p = _main(
@@ -137,6 +139,8 @@ def test_plan_that_cannot_fit_fails_with_the_numbers():
   assert "the train state (" in p.stderr and "> 95 GiB HBM" in p.stderr
 
 
+# Not marked tpu_compile: it fails before compiling, in seconds, so the fast tier reaches
+# fo_rl/dry_run.py (it still needs libtpu, like every test here).
 def test_bad_topology_or_mesh_is_a_clear_error():
   p = _main("configs/qwen3_30b_a3b.py:tiny", "--config.parallel.topology=v5p-64", timeout=300)
   assert p.returncode == 2, p.stderr[-2000:]
@@ -146,6 +150,8 @@ def test_bad_topology_or_mesh_is_a_clear_error():
   assert "dry run: parallel.mesh:" in p.stderr and "cannot fill 4 devices" in p.stderr
 
 
+@pytest.mark.tpu_compile
+@pytest.mark.slow  # minutes of TPU compilation on 2 cores
 def test_qwen3_30b_a3b_fits_a_v5p_64():
   from fo_rl import dry_run
 

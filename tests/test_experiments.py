@@ -463,6 +463,7 @@ def _events(log):
   return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
+@pytest.mark.slow
 def test_scheduler_shares_cold_starts_and_resumes(tmp_path, monkeypatch):
   (tmp_path / "fake_main.py").write_text(FAKE_MAIN)
   monkeypatch.setenv("PYTHONPATH", str(tmp_path))
@@ -521,6 +522,7 @@ def _cli(args, env):
   return p, time.time() - t0
 
 
+@pytest.mark.e2e
 def test_runner_end_to_end_and_resume(tmp_path):
   env = dict(os.environ)
   env["XLA_FLAGS"] = ""  # the runs use the real CPU, not the 8 fake devices of conftest

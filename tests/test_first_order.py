@@ -220,6 +220,7 @@ def test_constant_baseline_leaves_on_policy_expectation_unchanged(seed):
     np.testing.assert_allclose(g, ref, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("G", [2, 3])
 def test_group_baselines_in_expectation(G):
   """Enumerate every group of G i.i.d. responses (27^G groups, prompt-major rows) with probability

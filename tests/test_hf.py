@@ -308,6 +308,7 @@ def test_unsupported_configs():
 # ------------------------------------------------------------------------------------------------
 # Sharded loading.
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sharded_load_matches_single_device(hf):
   d, _ = hf("moe_norm")
   mesh = make_mesh({"fsdp": 2, "expert": 4})
@@ -349,6 +350,8 @@ def _run_score(*args):
   )
 
 
+# End to end (`python -m fo_rl.tools.score` twice, then in-process calls) but seconds long: not
+# marked e2e, so the fast tier reaches fo_rl/tools/score.py.
 def test_score_tool(hf, tmp_path):
   from fo_rl.tools.score import score
 

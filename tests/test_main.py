@@ -208,6 +208,7 @@ def pulse(tmp_path_factory, caches):
   return workdir, rc, out, seconds
 
 
+@pytest.mark.e2e
 def test_tiny_run_has_a_pulse(pulse):
   workdir, rc, out, seconds = pulse
   _ok(rc, out)
@@ -368,6 +369,7 @@ def interrupted(tmp_path_factory, caches, reference, resume_args):
   return workdir, phases
 
 
+@pytest.mark.e2e
 def test_sigterm_checkpoints_last_step_and_exits_cleanly(interrupted):
   workdir, phases = interrupted
   term = phases["term"]
@@ -390,6 +392,7 @@ def test_sigterm_checkpoints_last_step_and_exits_cleanly(interrupted):
   assert "SFT step" not in nxt and "cold start: held-out" not in nxt
 
 
+@pytest.mark.e2e
 def test_sigkill_mid_rl_then_resume_matches_uninterrupted_run(interrupted, reference):
   workdir, phases = interrupted
   kill = phases["kill"]
@@ -425,6 +428,7 @@ def _last_error_line(out: str) -> str:
   return lines[-1] if lines else ""
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "overrides, field",
     [
@@ -444,6 +448,8 @@ def test_bad_config_is_a_fast_error_naming_the_field(tmp_path, caches, overrides
   assert not workdir.exists(), f"a rejected config wrote {sorted(os.listdir(workdir))}"
 
 
+# Not marked e2e: the fast tier's one run of `python -m fo_rl.main` (it stops in seconds, before
+# SFT), so that tier reaches fo_rl/main.py and the start of fo_rl/run.py.
 def test_malformed_jsonl_is_a_fast_error_naming_file_and_line(tmp_path, caches):
   good = '{"prompt": "What is 2 + 3?", "answer": "5"}\n'
   train = tmp_path / "train.jsonl"
@@ -464,6 +470,7 @@ def test_malformed_jsonl_is_a_fast_error_naming_file_and_line(tmp_path, caches):
   assert not (workdir / "config.json").exists()
 
 
+@pytest.mark.e2e
 def test_resuming_with_a_different_config_is_an_error_and_loses_nothing(pulse, caches):
   workdir, rc, out, _ = pulse
   _ok(rc, out)

@@ -14,20 +14,11 @@ from fo_rl.model import (
     validate_replay_routes,
 )
 from fo_rl.parallel.sharding import DEFAULT_RULES, make_mesh, state_shardings
+from toy import TOY
 
-CFG = ModelConfig(
-    vocab_size=96,
-    hidden_size=32,
-    num_layers=4,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    intermediate_size=48,
-    moe_intermediate_size=16,
-    num_experts=8,
-    num_experts_per_tok=2,
-    mlp_only_layers=(1,),
-)
+# The toy model (tests/toy.py) with a fourth layer (MoE; layer 1 stays the one dense layer) and this
+# file's vocabulary.
+CFG = TOY.replace(vocab_size=96, num_layers=4)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +59,7 @@ def test_replaying_own_routes_is_exact_and_other_routes_change_logits(model):
   assert float(jnp.abs(l3 - logits).max()) > 1e-3
 
 
+@pytest.mark.slow
 def test_router_receives_gradient_under_replay(model):
   apply, state = model
   toks, pos = _batch()
@@ -105,9 +97,10 @@ def test_replay_errors_name_the_problem(model):
     validate_replay_routes(r[:, :, :3], CFG)
 
 
+@pytest.mark.slow
 def test_bad_replay_inside_jit_poisons_output(model):
   apply, state = model
-  graphdef, _ = init_model(CFG, seed=0)
+  graphdef, _ = abstract_model(CFG)  # the graphdef only: no parameters to initialize
   from fo_rl.model import forward
 
   toks, pos = _batch()
@@ -119,6 +112,7 @@ def test_bad_replay_inside_jit_poisons_output(model):
   assert bad[1, 4:].all() and not bad[0].any()  # row 1 from the bad position on; other rows clean
 
 
+@pytest.mark.slow
 def test_left_padding_matches_unpadded(model):
   apply, state = model
   toks, _ = _batch(B=2, T=10)
@@ -138,6 +132,7 @@ def test_left_padding_matches_unpadded(model):
   np.testing.assert_array_equal(np.asarray(l2[0, pad:]), np.asarray(logits_p[0, pad:]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mesh_cfg", [{"fsdp": 2, "expert": 4}, {"data": 2, "expert": 2, "tensor": 2}]
 )
@@ -159,13 +154,14 @@ def test_sharded_forward_matches_single_device(model, mesh_cfg):
 def test_reference_dispatch_model_matches_fast(model):
   apply, state = model
   toks, pos = _batch()
-  g_ref, _ = init_model(CFG.replace(moe_impl="reference"), seed=0)
+  g_ref, _ = abstract_model(CFG.replace(moe_impl="reference"))  # the graphdef only
   l_ref, r_ref = jax.jit(make_apply(g_ref))(state, toks, pos)
   l_fast, r_fast = apply(state, toks, pos)
   np.testing.assert_allclose(np.asarray(l_ref), np.asarray(l_fast), atol=1e-5)
   np.testing.assert_array_equal(np.asarray(r_ref), np.asarray(r_fast))
 
 
+@pytest.mark.slow
 def test_dense_model_and_tied_embeddings():
   cfg = CFG.replace(num_experts=0, tie_word_embeddings=True)
   graphdef, state = init_model(cfg)

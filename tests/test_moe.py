@@ -92,6 +92,7 @@ def _np_moe(x, ids, w, ex):
   return y
 
 
+@pytest.mark.slow  # (the fast tier compares the two at model level: test_model.py)
 @pytest.mark.parametrize("backend,block", [("blocked", 8), ("blocked", 32), ("ragged_dot", 0)])
 def test_fast_dispatch_matches_reference_values_and_grads(backend, block):
   x, ids, w = _inputs()
@@ -113,6 +114,7 @@ def test_fast_dispatch_matches_reference_values_and_grads(backend, block):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fast_dispatch_handles_empty_and_skewed_groups():
   x, _, w = _inputs(N=40)
   ids = jnp.asarray(np.tile([[3, 5]], (40, 1)), jnp.int32)  # all tokens to two experts, six empty
@@ -124,6 +126,7 @@ def test_fast_dispatch_handles_empty_and_skewed_groups():
   )
 
 
+@pytest.mark.slow
 def test_dense_dispatch_matches_numpy_values_and_grads():
   """moe_impl="dense" (the sampler's decode dispatch): every expert on every token with the routing
   weights folded into the down projection, checked against the numpy definition and the reference's
@@ -149,6 +152,7 @@ def test_dense_dispatch_matches_numpy_values_and_grads():
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mesh_cfg",
     [

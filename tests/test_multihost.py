@@ -18,6 +18,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.multiprocess
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny default recipe (MoE, R3, N = 4, FP8 sampler), made cheaper: no cold start; evaluation reuses the
 # training batch's compiled sampler (4 prompts x 4 samples).

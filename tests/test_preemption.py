@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # the main job, in process
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

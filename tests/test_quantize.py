@@ -7,22 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fo_rl.model import ModelConfig, QTensor, init_model
+from fo_rl.model import QTensor, init_model
 from fo_rl.sampler import quantize as Q
+from toy import TOY
 
-CFG = ModelConfig(
-    vocab_size=128,
-    hidden_size=32,
-    num_layers=3,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    moe_intermediate_size=16,
-    intermediate_size=48,
-    num_experts=8,
-    num_experts_per_tok=2,
-    mlp_only_layers=(1,),
-)
+CFG = TOY  # the toy model (tests/toy.py)
 # jitted: eager quantization compiles every small op of every parameter shape separately (slow tests)
 quantize_state = jax.jit(Q.quantize_state, static_argnums=(1, 2))
 NP_DTYPE = {"int8": np.int8, "float8_e4m3fn": ml_dtypes.float8_e4m3fn}
@@ -39,8 +28,8 @@ def np_quantize(w, dtype, axes):
 
 
 @pytest.fixture(scope="module")
-def state():
-  return init_model(CFG)[1]
+def state(toy_model):
+  return toy_model[2]  # init_model(CFG)[1], shared by the session
 
 
 def _flat(state):
@@ -161,6 +150,7 @@ def test_float_dtypes_and_validation(state):
     Q.quantize_state(state, "int8", keep_high_precision=("embedding",))
 
 
+@pytest.mark.slow
 def test_quantized_model_runs_close_to_float(state):
   graphdef, _ = init_model(CFG)
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 128, (2, 9)), jnp.int32)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fo_rl.model import DENSE_ROUTE, ModelConfig, abstract_model, make_apply, positions_from_mask
+from fo_rl.model import DENSE_ROUTE, abstract_model, make_apply, positions_from_mask
 from fo_rl.rl.rollouts import (
     PASS_ROUTES,
     REPLAY_MODES,
@@ -18,6 +18,7 @@ from fo_rl.rl.rollouts import (
 )
 from fo_rl.rl.trainer import Trainer, TrainerConfig
 from fo_rl.sampler import SampleOutput
+from toy import TOY
 
 
 def _sample(prompts, responses, logps, routes) -> SampleOutput:
@@ -130,19 +131,7 @@ def test_pass_table():
 # ------------------------------------------------------------------------------------------------------
 # A broken replay is noticed.
 # ------------------------------------------------------------------------------------------------------
-CFG = ModelConfig(
-    vocab_size=64,
-    hidden_size=32,
-    num_layers=3,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    intermediate_size=48,
-    moe_intermediate_size=16,
-    num_experts=8,
-    num_experts_per_tok=2,
-    mlp_only_layers=(1,),
-)
+CFG = TOY.replace(vocab_size=64)  # the toy model (tests/toy.py) with this file's vocabulary
 
 
 def _params(seed=0):
@@ -158,6 +147,7 @@ def _params(seed=0):
   )
 
 
+@pytest.mark.slow
 def test_routes_reach_the_gating_in_the_passes_the_table_says():
   """Rollouts built from sampler output whose routes are the model's own (a float32 sampler), then the
   same with the MoE routes corrupted. Under none and r2 no pass reads the rollouts' routes: logp_old and

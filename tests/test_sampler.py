@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from fo_rl.model import ModelConfig, QTensor, init_model, make_apply, validate_replay_routes
+from fo_rl.model import QTensor, init_model, make_apply, validate_replay_routes
 from fo_rl.parallel.sharding import DEFAULT_RULES, make_mesh, state_shardings
 from fo_rl.model.init import abstract_model
 from fo_rl.rl.rollouts import Rollouts
@@ -23,29 +23,18 @@ from fo_rl.sampler import (
     truncate_logits,
 )
 from fo_rl.sampler.sampling import exponential, threefry2x32
+from toy import TOY
 
-CFG = ModelConfig(
-    vocab_size=128,
-    hidden_size=32,
-    num_layers=3,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    moe_intermediate_size=16,
-    intermediate_size=48,
-    num_experts=8,
-    num_experts_per_tok=2,
-    mlp_only_layers=(1,),
-)
+CFG = TOY  # the toy model (tests/toy.py)
 MOE = list(CFG.moe_layers)  # [0, 2]; layer 1 is dense
 SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=24, eos_ids=(3, 7, 11))
 
 
 @pytest.fixture(scope="module")
-def trainer():
+def trainer(toy_model):
   """A trainer state with weights 10x the init scale (std 0.2): sharper next-token distributions and
   router logits, closer to a trained model than the near-uniform init."""
-  graphdef, state = init_model(CFG, seed=0)
+  _, graphdef, state = toy_model  # init_model(CFG, seed=0), shared by the session
   state = jax.tree_util.tree_map(lambda x: x * 10.0 if x.ndim > 1 else x, state)
   return graphdef, state, jax.jit(make_apply(graphdef))
 
@@ -141,6 +130,7 @@ def _gaps(trainer, out):
   return mu - live_lp[mask], mu - r3_lp[mask], disagree
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weight_dtype", ["float8_e4m3fn", "int8"])
 def test_quantized_sampler_kl_routes_and_r3(trainer, prompts, weight_dtype):
   out = sampler(trainer, weight_dtype).generate(prompts, SAMPLING, seed=2)
@@ -159,6 +149,7 @@ def test_quantized_sampler_kl_routes_and_r3(trainer, prompts, weight_dtype):
   assert np.abs(r3).mean() < 0.8 * np.abs(live).mean()  # R3 lowers the trainer-sampler gap
 
 
+@pytest.mark.slow
 def test_greedy_is_deterministic_and_scores_at_temperature_one(trainer, prompts):
   s = sampler(trainer, "float32")
   greedy = dataclasses.replace(SAMPLING, temperature=0.0)
@@ -180,6 +171,7 @@ def test_same_seed_reproduces(trainer, prompts):
   assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
 
 
+@pytest.mark.slow
 def test_no_recompile_within_buckets(trainer):
   s = sampler(trainer, "float32")
   rng = np.random.default_rng(1)
@@ -231,7 +223,14 @@ def np_truncated_probs(logits, temperature, top_k, top_p):
 
 @pytest.mark.parametrize(
     "temperature,top_k,top_p",
-    [(1.0, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.7), (1.0, 2, 0.5), (0.5, 0, 0.9), (2.0, 5, 0.8)],
+    [  # the fast tier samples with no truncation and with top-k and top-p together
+        (1.0, 0, 1.0),
+        pytest.param(1.0, 3, 1.0, marks=pytest.mark.slow),
+        pytest.param(1.0, 0, 0.7, marks=pytest.mark.slow),
+        (1.0, 2, 0.5),
+        pytest.param(0.5, 0, 0.9, marks=pytest.mark.slow),
+        pytest.param(2.0, 5, 0.8, marks=pytest.mark.slow),
+    ],
 )
 def test_truncation_matches_numpy(temperature, top_k, top_p):
   rng = np.random.default_rng(0)
@@ -252,6 +251,7 @@ def test_truncation_matches_numpy(temperature, top_k, top_p):
   np.testing.assert_allclose(freq, ref, atol=0.04)  # and sampled from it
 
 
+@pytest.mark.slow
 def test_threefry_and_exponential_match_jax():
   """The sampler's unrolled Threefry-2x32 is bit-identical to JAX's, and its Exp(1) draws are the ones
   jax.random.exponential makes from the same key (partitionable threefry, JAX's default)."""
@@ -291,6 +291,7 @@ def test_greedy_logp_is_untruncated_temperature_one():
 # ------------------------------------------------------------------------------------------------
 # Weight sync across meshes.
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_update_weights_across_meshes(trainer, prompts):
   _, state, _ = trainer
   rules = DEFAULT_RULES
@@ -327,6 +328,7 @@ def test_update_weights_across_meshes(trainer, prompts):
 # ------------------------------------------------------------------------------------------------
 # The user tool: python -m fo_rl.tools.sample.
 # ------------------------------------------------------------------------------------------------
+# End to end but seconds long: not marked e2e, so the fast tier reaches fo_rl/tools/sample.py.
 def test_sample_tool_hf_checkpoint_matches_transformers(tmp_path):
   import io
 
@@ -390,6 +392,7 @@ def test_sample_tool_hf_checkpoint_matches_transformers(tmp_path):
     tool.sample(hf_checkpoint=str(tmp_path), prompt="hello", out=io.StringIO())
 
 
+@pytest.mark.e2e
 def test_sample_tool_fo_rl_workdir(tmp_path):
   """A run directory laid out as fo_rl.run writes it: config.json + checkpoints/<step> of the bundle."""
   import io
@@ -442,6 +445,7 @@ def test_chunked_decode_equals_one_call(trainer, prompts):
     np.testing.assert_array_equal(np.asarray(getattr(st, a)), np.asarray(getattr(full, b)))
 
 
+@pytest.mark.slow
 def test_windowed_decode_and_dense_dispatch_change_nothing(trainer, prompts):
   """The default sampler decodes in segments that attend over a window of the cache and dispatches
   densely (moe_impl="auto" -> "dense" for E=8 k=2); one segment over the whole bucket with the model's
@@ -484,6 +488,7 @@ def test_loop_axes_are_the_batch_axes_that_hold_no_weights():
   ).loop_axes(8) == ("tensor",)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [{"data": 8}, {"data": 2, "expert": 4}])
 def test_per_shard_decode_samples_what_one_device_does(trainer, prompts, mesh_shape):
   """The batch split over `data`, each shard decoding in its own loop (with its own early exit;
@@ -520,6 +525,7 @@ def test_per_shard_decode_samples_what_one_device_does(trainer, prompts, mesh_sh
 # ------------------------------------------------------------------------------------------------
 # Ahead-of-time lowering (what fo_rl/dry_run.py compiles).
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_lower_gives_the_functions_generate_runs(trainer, prompts):
   """`Sampler.lower` lowers the weight sync, prefill and decode for abstract inputs; the lowered decode
   takes exactly the shardings the compiled prefill returns, and the compiled functions run on real

@@ -14,8 +14,12 @@ import numpy as np
 import pytest
 
 from fo_rl import config as config_lib
-from fo_rl.model import ModelConfig, init_model, make_apply
+from fo_rl.model import abstract_model, init_model, make_apply
 from fo_rl.parallel.sharding import DEFAULT_RULES, make_mesh
+from toy import TOY
+
+# Each test compiles a model or writes and loads a checkpoint: seconds apiece.
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,21 +35,13 @@ def _tiny_qwen():
 
 def test_scanned_remat_layers_match_the_loop():
   mesh = make_mesh({"data": 1, "fsdp": 4, "expert": 2, "tensor": 1})
-  base = ModelConfig(
-      vocab_size=64,
-      hidden_size=32,
-      num_layers=3,
-      num_heads=4,
-      num_kv_heads=1,
-      head_dim=8,
-      moe_intermediate_size=16,
-      num_experts=4,
-      num_experts_per_tok=2,
-  )
+  base = TOY.replace(mlp_only_layers=())  # every layer MoE: the layers scan as one
   B, T = 8, 8
-  tok = jax.random.randint(jax.random.key(1), (B, T), 0, 64)
+  tok = jax.random.randint(jax.random.key(1), (B, T), 0, base.vocab_size)
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-  routes = jax.random.randint(jax.random.key(2), (B, T, 3, 2), 0, 4)  # R3-style replay
+  routes = jax.random.randint(
+      jax.random.key(2), (B, T, base.num_layers, base.num_experts_per_tok), 0, base.num_experts
+  )  # R3-style replay
   out = {}
   for name, over in [("loop", {}), ("scan+remat", {"scan_layers": True, "remat": True})]:
     graphdef, params = init_model(
@@ -66,23 +62,11 @@ def test_scanned_remat_layers_match_the_loop():
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-def test_scan_falls_back_to_the_loop_for_mixed_layers():
-  cfg = ModelConfig(
-      vocab_size=64,
-      hidden_size=32,
-      num_layers=3,
-      num_heads=4,
-      num_kv_heads=1,
-      head_dim=8,
-      moe_intermediate_size=16,
-      num_experts=4,
-      num_experts_per_tok=2,
-      mlp_only_layers=(1,),
-  )
+def test_scan_falls_back_to_the_loop_for_mixed_layers(toy_model):
+  cfg, g1, p1 = toy_model  # layer 1 dense, layers 0 and 2 MoE
   tok = jnp.zeros((2, 4), jnp.int32)
   pos = jnp.broadcast_to(jnp.arange(4), (2, 4))
-  g1, p1 = init_model(cfg)
-  g2, _ = init_model(cfg.replace(scan_layers=True))
+  g2, _ = abstract_model(cfg.replace(scan_layers=True))  # the graphdef only
   l1, r1 = make_apply(g1)(p1, tok, pos)
   l2, r2 = make_apply(g2)(p1, tok, pos)
   np.testing.assert_allclose(l2, l1, rtol=1e-6)

@@ -33,6 +33,7 @@ def test_special_ids(tok):
   assert tok.decode([tok.bos_id] + tok.encode("1+2") + [tok.eos_id, tok.pad_id]) == "1+2"
 
 
+@pytest.mark.slow
 def test_corpus_round_trips_without_unk_or_bytes(tok):
   lines = list(train_tokenizer.corpus())
   assert len(lines) > 10_000

@@ -12,25 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fo_rl.model import ModelConfig, abstract_model, make_apply, positions_from_mask
+from fo_rl.model import abstract_model, make_apply, positions_from_mask
 from fo_rl.parallel.sharding import DEFAULT_RULES, make_mesh, state_shardings
 from fo_rl.rl.rollouts import Rollouts, pass_routes
 from fo_rl.rl.optim import OptimConfig
 from fo_rl.rl.trainer import Trainer, TrainerConfig
+from toy import TOY
 
-CFG = ModelConfig(
-    vocab_size=96,
-    hidden_size=32,
-    num_layers=3,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    intermediate_size=48,
-    moe_intermediate_size=16,
-    num_experts=8,
-    num_experts_per_tok=2,
-    mlp_only_layers=(1,),
-)
+CFG = TOY.replace(vocab_size=96)  # the toy model (tests/toy.py) with this file's vocabulary
 E, L, K = CFG.num_experts, CFG.num_layers, CFG.num_experts_per_tok
 B, P, R = 16, 8, 8
 T = P + R
@@ -293,6 +282,7 @@ def test_non_finite_update_is_skipped_and_counted(env, trainers, runs):
 # ------------------------------------------------------------------------------------------------------
 # Routing Replay.
 # ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_r2_first_minibatch_is_exactly_the_no_replay_update(env, trainers, runs):
   _, m, per_mb = runs("r2")
   first = per_mb[0]
@@ -322,6 +312,7 @@ def test_r2_first_minibatch_is_exactly_the_no_replay_update(env, trainers, runs)
     np.testing.assert_allclose(x, clip * y, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_r3_with_fp32_sampler_reproduces_logp_mu(env, trainers):
   """(A whole r3 train step on this batch runs, sharded, in test_sharded_train_step_matches_single_device.)"""
   ro = env["exact"]
@@ -334,6 +325,7 @@ def test_r3_with_fp32_sampler_reproduces_logp_mu(env, trainers):
   assert m["router_disagreement_per_decision"] == 0 and m["r3_vs_live_logp_gap"] < 1e-6
 
 
+@pytest.mark.slow
 def test_replay_changes_the_computation(env, trainers, runs):
   runs("r2")  # the update is compiled
   tr, params, ro = trainers["r2"], env["params"], env["noisy"]
@@ -421,6 +413,7 @@ def test_left_padded_prompts_keep_routes_aligned(env, trainers):
 # ------------------------------------------------------------------------------------------------------
 # Sharding.
 # ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mesh_cfg,replay,batch",
     [
