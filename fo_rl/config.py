@@ -23,8 +23,7 @@ from fo_rl.parallel.sharding import DEFAULT_RULES, mesh_shape, validate_rules
 from fo_rl.rl.advantages import ADVANTAGE_MODES
 from fo_rl.rl.losses import LOSSES, LossConfig
 from fo_rl.rl.optim import OptimConfig
-from fo_rl.rl.rollouts import REPLAY_MODES
-from fo_rl.rl.trainer import TrainerConfig
+from fo_rl.rl.trainer import TrainerConfig, check_rl_fields
 from fo_rl.sampler import quantize as Q
 from fo_rl.sampler.config import SamplerConfig, SamplingParams
 
@@ -384,12 +383,9 @@ class RLConfig:
   loss: LossConfig
 
   def __post_init__(self):
-    if self.replay not in REPLAY_MODES:
-      _bad("rl.replay", self.replay, "must be one of none, r2, r3")
-    _at_least("rl", self, ("mini_batches", "steps", "prompts_per_step", "group_size"))
-    _set(self, temperature=float(self.temperature))
-    if not self.temperature > 0:
-      _bad("rl.temperature", self.temperature, "must be > 0")
+    check_rl_fields(self.mini_batches, self.replay, self.temperature)
+    _set(self, mini_batches=int(self.mini_batches), temperature=float(self.temperature))
+    _at_least("rl", self, ("steps", "prompts_per_step", "group_size"))
     if self.group_size < 2:
       _bad(
           "rl.group_size", self.group_size, "group-relative advantages need >= 2 samples per prompt"
@@ -509,8 +505,7 @@ def parse(c: ml_collections.ConfigDict, num_devices: int | None = None) -> RunCo
     parallel.check_devices(num_devices)
   rl = RLConfig.from_config(d["rl"])
   optim = OptimConfig.from_config(d["optim"])
-  if rl.replay != "none" and model.num_experts == 0:
-    _bad("rl.replay", rl.replay, "routing replay needs a MoE model, but model.num_experts=0")
+  check_rl_fields(rl.mini_batches, rl.replay, rl.temperature, model.num_experts)
   data = from_mapping(DataConfig, d["data"], "data")
   sampler, sampling = _sampler(d["sampler"], parallel.rules, rl)
   return RunConfig(

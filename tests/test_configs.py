@@ -340,6 +340,34 @@ def test_bad_field_is_an_error_naming_it(field, value, named):
   assert named in str(e.value), e.value
 
 
+@pytest.mark.parametrize(
+    "overrides, kwargs",
+    [
+        ({"rl.replay": "r4"}, dict(replay="r4")),
+        ({"rl.mini_batches": 0}, dict(mini_batches=0)),
+        ({"rl.temperature": -1.0}, dict(temperature=-1.0)),
+        ({"rl.replay": "r3", "model.num_experts": 0}, dict(replay="r3", num_experts=0)),
+    ],
+)
+def test_rl_fields_are_checked_in_one_place(overrides, kwargs):
+  """config.parse and the Trainer's own config reject rl.replay / mini_batches / temperature with one
+  message: the check lives once, in rl/trainer.py (check_rl_fields)."""
+  from fo_rl.rl.trainer import check_rl_fields
+
+  c = config_lib.base_config()
+  for field, value in overrides.items():
+    *path, last = field.split(".")
+    node = _get(c, ".".join(path))
+    with node.ignore_type():
+      node[last] = value
+  with pytest.raises(ValueError) as from_parse:
+    config_lib.parse(c)
+  args = {"mini_batches": 1, "replay": "none", "temperature": 1.0, **kwargs}
+  with pytest.raises(ValueError) as from_trainer:
+    check_rl_fields(**args)
+  assert str(from_parse.value) == str(from_trainer.value)
+
+
 def test_disabled_sft_is_not_validated():
   c = config_lib.base_config()
   c.sft.enabled, c.sft.steps = False, 0

@@ -49,12 +49,23 @@ class TrainerConfig:
   optim: OptimConfig = OptimConfig()
 
   def __post_init__(self):
-    if self.replay not in REPLAY_MODES:
-      raise ValueError(f"rl.replay={self.replay!r}: must be one of {REPLAY_MODES}")
-    if int(self.mini_batches) < 1:
-      raise ValueError(f"rl.mini_batches={self.mini_batches!r}: must be >= 1")
-    if not self.temperature > 0:
-      raise ValueError(f"rl.temperature={self.temperature!r}: must be > 0")
+    check_rl_fields(self.mini_batches, self.replay, self.temperature)
+
+
+def check_rl_fields(mini_batches, replay, temperature, num_experts: int | None = None) -> None:
+  """The one home of the checks on rl.mini_batches, rl.replay and rl.temperature (TrainerConfig runs
+  them; so does config.parse, through RLConfig, before anything is built); with num_experts, also
+  that routing replay has a MoE model to replay."""
+  if replay not in REPLAY_MODES:
+    raise ValueError(f"rl.replay={replay!r}: must be one of {REPLAY_MODES}")
+  if int(mini_batches) < 1:
+    raise ValueError(f"rl.mini_batches={mini_batches!r}: must be >= 1")
+  if not float(temperature) > 0:
+    raise ValueError(f"rl.temperature={temperature!r}: must be > 0")
+  if num_experts is not None and replay != "none" and num_experts == 0:
+    raise ValueError(
+        f"rl.replay={replay!r}: routing replay needs a MoE model, but model.num_experts=0"
+    )
 
 
 @jax.tree_util.register_dataclass
@@ -88,8 +99,7 @@ class Trainer:
       mesh: Mesh | None = None,
       rules: Rules = DEFAULT_RULES,
   ):
-    if cfg.replay != "none" and model_cfg.num_experts == 0:
-      raise ValueError(f"rl.replay={cfg.replay!r} needs a MoE model, but model.num_experts=0")
+    check_rl_fields(cfg.mini_batches, cfg.replay, cfg.temperature, model_cfg.num_experts)
     self.cfg, self.model_cfg, self.mesh, self.rules = cfg, model_cfg, mesh, rules
     self.apply = make_apply(graphdef)
     self.tx = make_optimizer(cfg.optim)
