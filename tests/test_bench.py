@@ -30,7 +30,11 @@ ROWS = {  # each suite's row names, up to the size suffix the moe and train suit
 }
 
 
-@pytest.mark.parametrize("suite", sorted(ROWS))
+# Each suite runs end to end (e2e); the moe suite, seconds long, stays in the fast tier so that the
+# tier reaches fo_rl/bench.py and fo_rl/benchmarks/.
+@pytest.mark.parametrize(
+    "suite", [pytest.param(s, marks=() if s == "moe" else pytest.mark.e2e) for s in sorted(ROWS)]
+)
 def test_quick_suite_prints_its_rows(suite):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)  # as a user runs it: fo_rl.bench asks XLA for `threads` CPU devices
@@ -54,3 +58,19 @@ def test_quick_suite_prints_its_rows(suite):
     assert all(
         r["devices"] == 2 for r in rows
     )  # the batch is split over 2 CPU devices, one loop each
+
+
+def test_timing_helpers_interleave_their_callables():
+  """The sampler and train suites' timers (fast tier: the suites themselves are e2e) call each callable
+  in turn, round after round, so that a burst of load from other processes hits every contender alike."""
+  from fo_rl.benchmarks import sampler, train
+
+  calls = []
+  fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+  best = sampler._best_of(fns, repeats=3)
+  assert calls == list("abc") * 4  # one warm-up call each, then 3 interleaved rounds
+  assert set(best) == set("abc") and all(0 <= t < 1 for t in best.values())
+  calls.clear()
+  per = train._rounds(list(fns.values()), rounds=2, iters=3, pause=0)
+  assert calls == [k for k in "abc" for _ in range(3)] * 2
+  assert len(per) == 3 and all(0 <= lo <= med < 1 for lo, med in per)
