@@ -10,7 +10,9 @@ sampler's experts replayed in the old-logprob pass and every update (R3) and FP8
 Hardware: a 2-core CPU, no accelerator. Measured wall time on an idle 2-core machine: 292 s (4.9 min;
 compilation and the ~90 s SFT cold start included; the tfds data was already generated). Expected result
 (seed 0, measured): held-out mean accuracy 0.533 after the cold start -> 0.754 after 200 RL steps
-(+0.221, best 0.775 at step 190), greedy 0.875 -> 0.875, no collapse (README "Results").
+(+0.221, best 0.775 at step 190), greedy 0.875 -> 0.875, no collapse (README "Results"). On another
+2-core machine (Xeon with AVX-512/AMX: XLA:CPU rounds differently per instruction set) the same code
+gives 0.488 -> 0.740 (best 0.773), greedy 0.828 -> 0.906.
 """
 
 from fo_rl.config import base_config, tiny
