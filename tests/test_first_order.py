@@ -9,7 +9,8 @@ for position 2. The reward R(y) in {0, 1} is a random fixed table.
 (b) surrogate: E_{y~mu}[ grad of the token-level MiniRL objective ], computed by calling
                fo_rl.rl.losses' minirl on all 27 responses as ONE batch. The loss is linear in A, so the
                expectation weight mu(y) goes into the advantage: A_y = mu(y) * R(y) * N, where N is the
-               loss's constant normalizer (B or B*T); the loss is minimized, so (b) = -grad loss.
+               loss's constant normalizer (B, or B*T with T = 3 the response budget); the loss is
+               minimized, so (b) = -grad loss.
 
 Claims checked:
   1. pi_theta = mu (= pi_old): (b) == (a) exactly (the first-order approximation is exact there), whatever
@@ -82,8 +83,8 @@ def surrogate_grad(theta, seq_weight, cfg, logp_mu, logp_old, seqs=SEQS, ctx=CTX
   """
   B = seqs.shape[0]
   mask = with_prompt(jnp.ones((B, T_RESP), jnp.float32))  # [B, 4], 0 on the prompt
-  T = mask.shape[1]
-  norm = B if (cfg.length_norm or cfg.normalizer == "responses") else B * T
+  # responses_x_len divides by B times the response budget T_RESP (the prompt column is not counted)
+  norm = B if (cfg.length_norm or cfg.normalizer == "responses") else B * T_RESP
   adv = seq_weight * norm
 
   def loss(th):

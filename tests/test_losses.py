@@ -94,6 +94,13 @@ def finite_diff(f, lp, mask, h=1e-6):
 # --------------------------------------------------------------------------------------------------------
 
 
+def ref_budget(mask):
+  """The response length budget: columns from the first one holding a response token (any row) to the end."""
+  W = mask.shape[1]
+  first = min((t for i in range(mask.shape[0]) for t in range(W) if mask[i, t]), default=0)
+  return W - first
+
+
 def ref_minirl_weight(lp_sg, lo, lm, cfg):
   """(w, truncated) for one token, exactly as section 3 / the LossConfig docs describe."""
   r = math.exp(lp_sg - lo)
@@ -134,7 +141,7 @@ def ref_minirl(lp, d, cfg, lp_sg=None):
     total += row
   if cfg.length_norm or cfg.normalizer == "responses":
     return -total / B
-  return -total / (B * T)
+  return -total / (B * ref_budget(mask))
 
 
 def ref_minirl_grad(d, cfg):
@@ -153,7 +160,7 @@ def ref_minirl_grad(d, cfg):
       if cfg.length_norm:
         norm = B * n
       else:
-        norm = B if cfg.normalizer == "responses" else B * T
+        norm = B if cfg.normalizer == "responses" else B * ref_budget(mask)
       g[i, t] = -m * w * adv[i] / norm
   return g
 
@@ -329,6 +336,50 @@ def test_minirl_knobs_change_the_result():
   ):
     _, grad, _ = jax_value_and_grad(d, L.LossConfig(**change))
     assert not np.allclose(grad, base_grad, rtol=1e-4, atol=1e-7), change
+
+
+def with_prompt_columns(d, P, rng):
+  """d with P extra masked columns on the left (a prompt bucket, as the trainer's [B, P + T] layout),
+  holding random junk."""
+  B = d["mask"].shape[0]
+  pad = lambda x, junk: np.concatenate([junk, x], axis=1)  # noqa: E731
+  out = {k: pad(v, rng.normal(0.0, 3.0, (B, P))) for k, v in d.items() if k != "advantages"}
+  out["mask"] = pad(d["mask"], np.zeros((B, P)))
+  out["advantages"] = d["advantages"]
+  return out
+
+
+@pytest.mark.parametrize("length_norm", [False, True])
+@pytest.mark.parametrize("normalizer", ["responses", "responses_x_len"])
+def test_normalizer_does_not_depend_on_the_prompt_bucket(normalizer, length_norm):
+  """The trainer passes [B, P + T] arrays: the same responses behind prompt buckets of 0, 5 and 16
+  columns give the same loss and gradient (responses_x_len divides by B * T, T the response budget).
+  """
+  if length_norm and normalizer != "responses":
+    pytest.skip("length_norm replaces the normalizer")
+  cfg = L.LossConfig(normalizer=normalizer, length_norm=length_norm)
+  rng = np.random.default_rng(0)
+  d = make_batch(0)
+  d["mask"][:, 0] = np.where(d["mask"].sum(1) > 0, 1.0, 0.0)  # responses start at column 0: T = 9
+  loss, grad, _ = jax_value_and_grad(d, cfg)
+  if normalizer == "responses_x_len" and not length_norm:
+    assert_close(loss, ref_minirl(d["logp"], d, cfg), what="value")
+    assert ref_budget(d["mask"]) == d["mask"].shape[1]
+  for P in (5, 16):
+    loss_p, grad_p, _ = jax_value_and_grad(with_prompt_columns(d, P, rng), cfg)
+    assert loss_p == pytest.approx(loss, rel=1e-6, abs=1e-8), P
+    np.testing.assert_allclose(grad_p[:, P:], grad, rtol=1e-6, atol=1e-9)
+    assert np.all(grad_p[:, :P] == 0)
+
+
+def test_response_budget():
+  m = np.zeros((3, 10))
+  m[0, 4:7] = 1
+  m[1, 4:10] = 1
+  assert float(L.response_budget(jnp.asarray(m))) == 6  # responses start at column 4
+  m[2, 3] = 1
+  assert float(L.response_budget(jnp.asarray(m))) == 7
+  assert float(L.response_budget(jnp.zeros((2, 5)))) == 5  # no response: the width
 
 
 def test_minirl_gradient_equals_ppo_shaped_form():

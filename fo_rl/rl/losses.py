@@ -21,7 +21,8 @@ Axis letters: B batch (responses), T length.
 Choices the paper leaves **open** (each is a LossConfig field, documented at the field):
   * tis_mode: 'discrepancy' caps only pi_old/mu and multiplies by the staleness ratio r (default reading of
     section 3); 'whole' caps pi_theta/mu. Both coincide on-policy (r = 1).
-  * normalizer: the constant MiniRL divides the token sum by: 'responses' (B) or 'responses_x_len' (B*T).
+  * normalizer: the constant MiniRL divides the token sum by: 'responses' (B) or 'responses_x_len'
+    (B * T, T the response length budget: see `response_budget`).
   * cispo_eps_high: MiniMax-M1 tuned it without publishing a value; 0.28 here (the DAPO clip-higher value,
     also Trinity-RFT's CISPO default). The CISPO lower bound is absent (eps_low ~ inf, as in MiniMax-M1).
 """
@@ -49,6 +50,7 @@ __all__ = [
     "policy_loss",
     "TIS_MODES",
     "NORMALIZERS",
+    "response_budget",
 ]
 
 sg = jax.lax.stop_gradient
@@ -72,6 +74,10 @@ class LossInputs:
   logp_mu:    [B, T] log mu_old(y_t | .): the sampler's logprob of the token it sampled (data).
   advantages: [B]    one advantage per response, broadcast over its tokens.
   mask:       [B, T] float, 1 on response tokens, 0 on prompt and padding.
+
+  The arrays may hold prompt columns too (the trainer passes its [B, P + T] layout, responses starting at
+  column P): the loss reads the response length budget from the mask (`response_budget`), not from the
+  arrays' width.
   """
 
   logp: jax.Array
@@ -125,8 +131,10 @@ class LossConfig:
   length_norm: bool = False
   # **open**: 'discrepancy' -> w = min(pi_old/mu, C) * r ; 'whole' -> w = min(pi_theta/mu, C).
   tis_mode: str = "discrepancy"
-  # **open**: MiniRL's constant: 'responses' -> / B ; 'responses_x_len' -> / (B * T). B and T are the
-  # static mini-batch shape (padding rows included), so the divisor never depends on the data.
+  # **open**: MiniRL's constant: 'responses' -> / B ; 'responses_x_len' -> / (B * T). B is the mini-batch
+  # size (padding rows included) and T the response length budget (`response_budget`: the columns from
+  # the first response column to the end), so the divisor depends on the layout only, never on the
+  # sampled lengths, and not on the prompt bucket.
   normalizer: str = "responses"
   gspo_eps_low: float = 3e-4  # GSPO sequence-ratio clip (GSPO paper).
   gspo_eps_high: float = 4e-4
@@ -222,6 +230,20 @@ def _lengths(mask: jax.Array) -> jax.Array:
   return jnp.sum(mask, axis=1)
 
 
+def response_budget(mask: jax.Array) -> jax.Array:
+  """[] float32 T: the response length budget of a [B, W] mask, W minus the first column that holds a
+  response token in any row (W for an all-empty mask).
+
+  In the trainer's layout ([prompt P | response T], prompts left-padded, responses right-padded) every
+  row's first response token sits at column P, so this is exactly T, whatever the prompt bucket P; on
+  response-only arrays ([B, T], responses from column 0) it is T as well.
+  """
+  W = mask.shape[1]
+  has_response = jnp.any(mask > 0, axis=0)  # [W]
+  first = jnp.min(jnp.where(has_response, jnp.arange(W), W))
+  return jnp.where(first < W, W - first, W).astype(jnp.float32)
+
+
 def _per_response_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
   """[B] (1/|y_i|) sum_t mask * x; 0 for an empty row."""
   return jnp.sum(x * mask, axis=1) / jnp.maximum(_lengths(mask), 1.0)
@@ -307,7 +329,8 @@ def minirl_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str
       L = -(1/N) sum_{i,t} mask_it * M_it * sg[w_it] * A_i * log pi_theta(y_it)
 
   M_it = 0 iff (A_i > 0 and r_it > 1+eps_high) or (A_i < 0 and r_it < 1-eps_low)   [clip=True]
-  N = B ('responses') or B*T ('responses_x_len'); length_norm=True replaces 1/N by (1/B) * 1/|y_i|.
+  N = B ('responses') or B*T ('responses_x_len', T = `response_budget(mask)`); length_norm=True replaces
+  1/N by (1/B) * 1/|y_i|.
   Its gradient equals that of -sg[min(pi_old/mu, C)] * min(r A, clip(r) A) (the PPO-shaped form); the
   value logged is the one of the formula above.
   """
@@ -321,11 +344,13 @@ def minirl_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str
     high = low = jnp.zeros(r.shape, bool)
   keep = jnp.where(high | low, 0.0, 1.0)  # M_t
   per_token = sg(keep * w) * adv * _safe_logp(b) * b.mask  # [B, T]
-  B, T = b.mask.shape
+  B = b.mask.shape[0]
   if cfg.length_norm:
     loss = -jnp.sum(_per_response_mean(per_token, b.mask)) / B
+  elif cfg.normalizer == "responses":
+    loss = -jnp.sum(per_token) / B
   else:
-    loss = -jnp.sum(per_token) / (B if cfg.normalizer == "responses" else B * T)
+    loss = -jnp.sum(per_token) / (B * response_budget(b.mask))
   return loss, _diagnostics(b, cfg, weight=w, clip_high=high, clip_low=low, truncated=truncated)
 
 
