@@ -131,6 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.temperature = 1.0
   c.rl.advantage = "mean"  # mean | std | rloo
   c.rl.loss = ml_collections.ConfigDict(dataclasses.asdict(LossConfig()))
+  # Stop with an error after this many consecutive RL steps whose every update was skipped for a
+  # non-finite loss or gradient (0: never stop).
+  c.rl.max_skipped_steps = 3
 
   # The RL optimizer: linear warmup, then constant (OptimConfig's schedule fields are the cold start's,
   # set from sft.*).
@@ -381,9 +384,13 @@ class RLConfig:
   temperature: float
   advantage: str  # mean | std | rloo
   loss: LossConfig
+  max_skipped_steps: int  # stop after this many consecutive fully skipped RL steps (0: never)
 
   def __post_init__(self):
     check_rl_fields(self.mini_batches, self.replay, self.temperature)
+    k = self.max_skipped_steps
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+      _bad("rl.max_skipped_steps", k, "must be an integer >= 0 (0: never stop)")
     _set(self, mini_batches=int(self.mini_batches), temperature=float(self.temperature))
     _at_least("rl", self, ("steps", "prompts_per_step", "group_size"))
     if self.group_size < 2:

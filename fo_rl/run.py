@@ -125,6 +125,11 @@ def load_pretrained(directory: str, rc, mesh):
   return graphdef, params
 
 
+class SkippedUpdatesError(RuntimeError):
+  """`rl.max_skipped_steps` consecutive RL steps had every update skipped for a non-finite loss or
+  gradient: the run no longer trains."""
+
+
 def _fmt_eta(seconds: float) -> str:
   m, s = divmod(int(max(seconds, 0)), 60)
   return f"{m}m{s:02d}s"
@@ -250,6 +255,8 @@ def run(c, workdir: str, log=print) -> dict:
   t_loop, first_step = time.time(), meta["step"]
   wall_before = float(meta.get("wall_seconds", 0.0))
   last_eval = {}
+  N, max_skipped = rc.rl.mini_batches, rc.rl.max_skipped_steps
+  fully_skipped = 0  # consecutive RL steps whose every update was skipped (non-finite)
   try:
     last = meta["step"] if preempt.flag else steps  # SIGTERM during the step-0 eval: no RL step
     for step in range(meta["step"], last):
@@ -279,8 +286,23 @@ def run(c, workdir: str, log=print) -> dict:
           f"step {step + 1}/{steps} reward {m['reward_mean']:.3f} "
           f"acc {last_eval.get('eval/mean_accuracy', float('nan')):.3f} "
           f"kl {m['train_infer_kl']:.2e} entropy {m['entropy']:.3f} "
+          f"skipped {m['skipped_steps']}/{N} "
           f"tok/s {m['tokens_per_second']:.0f} ETA {_fmt_eta(eta)}"
       )
+      fully_skipped = fully_skipped + 1 if m["skipped_steps"] == N else 0
+      if max_skipped and fully_skipped >= max_skipped:
+        # Every update of these steps was a no-op: stop before checkpointing this one. The metrics
+        # written so far stay, and so do the checkpoints already saved (the last one finalized here).
+        ckpt.wait()
+        latest = ckpt.latest_step()
+        raise SkippedUpdatesError(
+            f"rl.max_skipped_steps={max_skipped}: every update of the last {fully_skipped} RL "
+            f"steps ({step + 2 - fully_skipped}..{step + 1}) was skipped for a non-finite loss or "
+            f"gradient (skipped_steps_total {m['skipped_steps_total']}); stopped. metrics.jsonl "
+            f"holds steps up to {step + 1}; "
+            + ("no checkpoint yet" if latest is None else f"the last checkpoint is step {latest}")
+            + " (rl.max_skipped_steps=0 never stops)"
+        )
       if (step + 1) % rc.checkpoint.every == 0 or step + 1 == steps or preempt.flag:
         meta["wall_seconds"] = wall_before + time.time() - t_start
         ckpt.save(step + 1, train_bundle(state, rng, mesh), meta, force=True)

@@ -311,6 +311,8 @@ def test_unknown_key_in_any_section_is_an_error_naming_it(section):
         ("rl.replay", "r4", "rl.replay"),
         ("rl.temperature", 0.0, "rl.temperature"),
         ("rl.advantage", "median", "rl.advantage"),
+        ("rl.max_skipped_steps", -1, "rl.max_skipped_steps"),
+        ("rl.max_skipped_steps", 2.5, "rl.max_skipped_steps"),
         ("rl.loss.name", "ppo", "rl.loss.name"),
         ("rl.loss.tis_cap", 0.5, "rl.loss"),
         ("optim.learning_rate", 0.0, "optim.learning_rate"),

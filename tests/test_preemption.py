@@ -8,6 +8,10 @@ run() installs its handler before SFT), in this process, so the tests are determ
 * SIGTERM during the step-0 eval checkpoints step 0 (the cold start and its accuracy) and the re-run
   resumes from it without SFT or the eval again.
 (tests/test_main.py covers SIGTERM and SIGKILL during RL through the real entry point.)
+
+And the other way a run stops early: `rl.max_skipped_steps` consecutive RL steps whose every update was
+skipped for a non-finite gradient (here NaN advantages from RL step 2 on) stop it with an error naming the
+knob, keeping the metrics written and the checkpoints saved; the re-run resumes from the last one.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import re
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.e2e  # the main job, in process
@@ -108,3 +113,58 @@ def test_sigterm_during_sft_saves_it_and_the_rerun_resumes_it(tmp_path, eval_pre
   assert summary2["cold_start_accuracy"] == reference["cold_start_accuracy"]
   assert summary2["preempted"] is False and summary2["steps"] == 1
   assert not partial.exists(), "the finished cold start supersedes the partial one"
+
+
+def test_consecutive_fully_skipped_steps_stop_the_run_keeping_metrics_and_checkpoints(
+    tmp_path, monkeypatch, run_caches
+):
+  from fo_rl import run as run_lib
+  from fo_rl.metrics_writer import read_metrics
+
+  real = run_lib.group_advantages
+  calls = []
+
+  def nan_from_step_2(rewards, G, mode):
+    calls.append(1)
+    adv = real(rewards, G, mode)
+    return adv if len(calls) == 1 else np.full_like(adv, np.nan)  # every update of the step: NaN
+
+  monkeypatch.setattr(run_lib, "group_advantages", nan_from_step_2)
+  c = _tiny()
+  c.rl.steps, c.rl.max_skipped_steps, c.checkpoint.max_to_keep = 6, 2, 5
+  N = c.rl.mini_batches
+  workdir = tmp_path / "run"
+  lines = []
+  with pytest.raises(run_lib.SkippedUpdatesError) as e:
+    run_lib.run(c, str(workdir), log=lines.append)
+  msg = str(e.value)
+  assert msg.startswith(
+      "rl.max_skipped_steps=2: every update of the last 2 RL steps (2..3) was skipped"
+  ), msg
+  assert "the last checkpoint is step 2" in msg, msg
+  steps = [s for s in lines if s.startswith("step ")]
+  assert [s.split()[1] for s in steps] == ["1/6", "2/6", "3/6"], lines  # stopped after step 3
+  assert [re.search(r"skipped (\d+/\d+)", s).group(1) for s in steps] == [
+      f"0/{N}",
+      f"{N}/{N}",
+      f"{N}/{N}",
+  ]
+  # The metrics written are kept, the stopping step's row included.
+  rows = read_metrics(str(workdir))
+  assert [r["step"] for r in rows] == [0, 1, 2, 3]
+  assert [r["skipped_steps"] for r in rows[1:]] == [0, N, N]
+  assert [r["skipped_steps_total"] for r in rows[1:]] == [0, N, 2 * N]
+  assert not (workdir / "summary.json").exists()  # an error, not a finished run
+  # The checkpoints saved before the stop are kept and finalized; the stopping step is not saved.
+  assert _ckpt_steps(workdir) == [1, 2]
+  assert not any("tmp" in p.name for p in (workdir / "checkpoints").iterdir())
+
+  # The last checkpoint is intact: without the NaN, the re-run resumes from it and trains step 3.
+  monkeypatch.setattr(run_lib, "group_advantages", real)
+  c.rl.steps = 3
+  lines2 = []
+  summary = run_lib.run(c, str(workdir), log=lines2.append)
+  assert f"resuming from {workdir}/checkpoints step 2" in lines2, lines2
+  assert summary["steps"] == 3 and summary["preempted"] is False
+  rows = read_metrics(str(workdir))
+  assert [r["step"] for r in rows] == [0, 1, 2, 3] and rows[-1]["skipped_steps"] == 0
