@@ -557,6 +557,77 @@ def test_inf_and_nan_padding_are_ignored(name):
     assert metrics2[k] == pytest.approx(metrics[k], rel=1e-6, abs=1e-7), k
 
 
+EXTREME_CFGS = [
+    L.LossConfig(),
+    L.LossConfig(tis_cap=float("inf")),
+    L.LossConfig(tis_mode="whole", tis_cap=float("inf")),
+    L.LossConfig(clip=False),
+    L.LossConfig(train_infer_is=False),
+    L.LossConfig(name="grpo"),
+    L.LossConfig(name="dapo"),
+    L.LossConfig(name="cispo"),
+    L.LossConfig(name="gspo"),
+]
+
+
+def extreme_batch():
+  """make_batch with |log ratio| of 100 on response tokens (exp overflows float32 past 88): pi_theta far
+  above and below pi_old, pi_old far above and below mu, on a row with A = 0 and on rows with A != 0.
+  """
+  d = make_batch(0)
+  rows = {1: 0.0, 0: None, 3: None}  # row 1 has A = 0
+  for i in rows:
+    ts = np.flatnonzero(d["mask"][i])
+    t0, t1 = ts[0], ts[-1]
+    d["logp"][i, t0] = d["logp_old"][i, t0] + 100.0  # r = e^100
+    d["logp_mu"][i, t0] = d["logp_old"][i, t0] - 100.0  # pi_old / mu = e^100
+    if t1 != t0:
+      d["logp"][i, t1] = d["logp_old"][i, t1] - 100.0  # r = e^-100
+      d["logp_mu"][i, t1] = d["logp_old"][i, t1] + 100.0
+  assert d["advantages"][1] == 0.0
+  return d
+
+
+@pytest.mark.parametrize("cfg", EXTREME_CFGS, ids=lambda c: f"{c.name}-{c.tis_mode}-{c.tis_cap}")
+def test_extreme_log_ratios_stay_finite(cfg):
+  """log ratios of +-100 (exp overflows float32 to inf past 88): the loss, its gradient and every metric
+  stay finite (the ratios are clamped to e^+-20, verl's bound), tokens with A = 0 get exactly zero
+  gradient, and the clamped share is reported."""
+  d = extreme_batch()
+  loss, grad, metrics = jax_value_and_grad(d, cfg)
+  assert np.isfinite(loss), loss
+  assert np.all(np.isfinite(grad)), grad
+  assert all(np.isfinite(v) for v in metrics.values()), metrics
+  assert np.all(grad[1] == 0)  # A = 0: no gradient, and no NaN
+  assert metrics["log_ratio_clamped_frac"] > 0
+  assert metrics["ratio_max"] == pytest.approx(math.exp(L.LOG_RATIO_BOUND), rel=1e-5)
+
+
+def test_extreme_minirl_value_is_the_clamped_reference():
+  """The clamp is the only change: the numpy reference with every log ratio clamped to [-20, 20] gives
+  the loss and gradient; without extreme values nothing is clamped (the metric is 0)."""
+  cfg = L.LossConfig(tis_cap=float("inf"), clip=False)
+  d = extreme_batch()
+  clamp = lambda x: np.clip(x, -L.LOG_RATIO_BOUND, L.LOG_RATIO_BOUND)  # noqa: E731
+  dc = dict(d)  # logp_mu moved so that every log ratio is its clamped value, relative to logp_old
+  dc["logp_mu"] = d["logp_old"] - clamp(d["logp_old"] - d["logp_mu"])
+  lp_sg = d["logp_old"] + clamp(d["logp"] - d["logp_old"])  # the staleness ratio, clamped
+  loss, grad, _ = jax_value_and_grad(d, cfg)
+  want = ref_minirl(d["logp"], dc, cfg, lp_sg=lp_sg)
+  assert_close(loss, want, rtol=1e-5, what="value")
+  # The surrogate is linear in log pi_theta (weights held at lp_sg): its gradient at entry (i, t) is its
+  # value at the unit vector e_it (finite differences would drown in the e^40 weights' cancellation).
+  want_grad = np.zeros_like(grad)
+  for i, t in zip(*np.nonzero(d["mask"])):
+    e = np.zeros_like(grad)
+    e[i, t] = 1.0
+    want_grad[i, t] = ref_minirl(e, dc, cfg, lp_sg=lp_sg)
+  assert np.abs(want_grad).max() > 1e16  # the clamped weight e^20 * e^20 is in play
+  assert_close(grad, want_grad, rtol=1e-5, atol=1e-7, what="grad")
+  _, _, m = jax_value_and_grad(make_batch(0), L.LossConfig())
+  assert m["log_ratio_clamped_frac"] == 0
+
+
 @pytest.mark.parametrize("name", sorted(L.LOSSES))
 def test_jit_and_bf16_inputs(name):
   d = make_batch(0)

@@ -14,7 +14,12 @@ papers define them.)
 
 Numerics: all arithmetic is float32. Log differences are zeroed outside the mask before exp, and masked-out
 logp values are replaced by 0, so padding (even -inf) never produces NaN in the value or the gradient. A
-fully-masked row contributes exactly zero; an all-masked batch gives loss 0.
+fully-masked row contributes exactly zero; an all-masked batch gives loss 0. Every log ratio is clamped to
+[-LOG_RATIO_BOUND, LOG_RATIO_BOUND] = [-20, 20] before exp (as verl does for log(pi/pi_old) and for its
+rollout-correction ratios): exp(20) ~ 4.9e8 stays finite, where log r > 88 would overflow float32 to inf
+and turn an A = 0 token into inf * 0 = NaN. Ratios inside [e^-20, e^20] are unchanged; the share of
+tokens whose ratio was clamped is reported (`log_ratio_clamped_frac`), and a clamped ratio differentiated
+through (GRPO, DAPO, GSPO) gets zero gradient, like torch.clamp in verl.
 
 Axis letters: B batch (responses), T length.
 
@@ -51,11 +56,13 @@ __all__ = [
     "TIS_MODES",
     "NORMALIZERS",
     "response_budget",
+    "LOG_RATIO_BOUND",
 ]
 
 sg = jax.lax.stop_gradient
 
 TIS_MODES = ("discrepancy", "whole")
+LOG_RATIO_BOUND = 20.0  # |log ratio| clamp before exp (verl's bound): see the module docstring
 NORMALIZERS = ("responses", "responses_x_len")
 
 
@@ -230,6 +237,16 @@ def _lengths(mask: jax.Array) -> jax.Array:
   return jnp.sum(mask, axis=1)
 
 
+def _log_ratio(logp_a: jax.Array, logp_b: jax.Array, mask: jax.Array) -> jax.Array:
+  """[B, T] log(p_a / p_b) on masked tokens (0 elsewhere), clamped to [-LOG_RATIO_BOUND, LOG_RATIO_BOUND]."""
+  return jnp.clip(masked_log_ratio(logp_a, logp_b, mask), -LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+
+
+def _clamped(logp_a: jax.Array, logp_b: jax.Array, mask: jax.Array) -> jax.Array:
+  """[B, T] bool: masked tokens whose |log(p_a / p_b)| exceeds LOG_RATIO_BOUND (clamped by `_log_ratio`)."""
+  return (mask > 0) & (jnp.abs(masked_log_ratio(logp_a, logp_b, mask)) > LOG_RATIO_BOUND)
+
+
 def response_budget(mask: jax.Array) -> jax.Array:
   """[] float32 T: the response length budget of a [B, W] mask, W minus the first column that holds a
   response token in any row (W for an all-empty mask).
@@ -280,13 +297,17 @@ def _diagnostics(
   truncated: [B, T] bool, tokens whose train-infer ratio exceeded tis_cap; default pi_old/mu > C.
   """
   m = batch.mask
-  log_r = sg(masked_log_ratio(batch.logp, batch.logp_old, m))
+  log_r = sg(_log_ratio(batch.logp, batch.logp_old, m))
   r = jnp.exp(log_r)  # staleness ratio pi_theta / pi_old
-  d = jnp.exp(masked_log_ratio(batch.logp_old, batch.logp_mu, m))  # discrepancy pi_old / mu
+  d = jnp.exp(_log_ratio(batch.logp_old, batch.logp_mu, m))  # discrepancy pi_old / mu
   if truncated is None:
     truncated = d > cfg.tis_cap
   weight = sg(weight)
+  clamped = _clamped(sg(batch.logp), batch.logp_old, m) | _clamped(batch.logp_old, batch.logp_mu, m)
+  if cfg.name == "minirl" and cfg.tis_mode == "whole":
+    clamped = clamped | _clamped(sg(batch.logp), batch.logp_mu, m)
   return {
+      "log_ratio_clamped_frac": masked_mean(clamped.astype(jnp.float32), m),
       "is_weight_mean": masked_mean(weight, m),
       "is_weight_max": masked_max(weight, m),
       "is_truncated_frac": masked_mean(truncated.astype(jnp.float32), m),
@@ -313,12 +334,12 @@ def _minirl_weight(batch: LossInputs, cfg: LossConfig, r: jax.Array) -> tuple[ja
   not train_infer_is:                         w = r  (the pi_old/mu factor is dropped, staleness kept)
   """
   m = batch.mask
-  d = jnp.exp(masked_log_ratio(batch.logp_old, batch.logp_mu, m))
+  d = jnp.exp(_log_ratio(batch.logp_old, batch.logp_mu, m))
   if not cfg.train_infer_is:
     return sg(r), d > cfg.tis_cap
   if cfg.tis_mode == "discrepancy":
     return sg(jnp.minimum(d, cfg.tis_cap) * r), d > cfg.tis_cap
-  whole = jnp.exp(sg(masked_log_ratio(batch.logp, batch.logp_mu, m)))
+  whole = jnp.exp(sg(_log_ratio(batch.logp, batch.logp_mu, m)))
   return sg(jnp.minimum(whole, cfg.tis_cap)), whole > cfg.tis_cap
 
 
@@ -336,7 +357,7 @@ def minirl_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str
   """
   b = _f32(batch)
   adv = b.advantages[:, None]  # [B, 1]
-  r = jnp.exp(sg(masked_log_ratio(b.logp, b.logp_old, b.mask)))  # [B, T] staleness ratio
+  r = jnp.exp(sg(_log_ratio(b.logp, b.logp_old, b.mask)))  # [B, T] staleness ratio
   w, truncated = _minirl_weight(b, cfg, r)  # [B, T]
   if cfg.clip:
     high, low = _clip_sides(r, adv, cfg.eps_low, cfg.eps_high)
@@ -363,7 +384,7 @@ def grpo_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str, 
   """
   b = _f32(batch)
   adv = b.advantages[:, None]
-  r = jnp.exp(masked_log_ratio(b.logp, b.logp_old, b.mask))  # [B, T], carries gradient
+  r = jnp.exp(_log_ratio(b.logp, b.logp_old, b.mask))  # [B, T], carries gradient
   obj = _ppo_objective(r, adv, cfg.eps_low, cfg.eps_high)
   loss = -jnp.sum(_per_response_mean(obj, b.mask)) / b.mask.shape[0]
   high, low = _clip_sides(sg(r), adv, cfg.eps_low, cfg.eps_high)
@@ -379,7 +400,7 @@ def dapo_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str, 
   """
   b = _f32(batch)
   adv = b.advantages[:, None]
-  r = jnp.exp(masked_log_ratio(b.logp, b.logp_old, b.mask))
+  r = jnp.exp(_log_ratio(b.logp, b.logp_old, b.mask))
   obj = _ppo_objective(r, adv, cfg.eps_low, cfg.dapo_eps_high)
   loss = -jnp.sum(obj * b.mask) / jnp.maximum(jnp.sum(b.mask), 1.0)
   high, low = _clip_sides(sg(r), adv, cfg.eps_low, cfg.dapo_eps_high)
@@ -395,7 +416,7 @@ def cispo_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str,
   """
   b = _f32(batch)
   adv = b.advantages[:, None]
-  r = jnp.exp(sg(masked_log_ratio(b.logp, b.logp_old, b.mask)))
+  r = jnp.exp(sg(_log_ratio(b.logp, b.logp_old, b.mask)))
   w = sg(jnp.minimum(r, 1.0 + cfg.cispo_eps_high))
   loss = -jnp.sum(w * adv * _safe_logp(b) * b.mask) / jnp.maximum(jnp.sum(b.mask), 1.0)
   high = r > 1.0 + cfg.cispo_eps_high
@@ -411,7 +432,7 @@ def gspo_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str, 
   """
   b = _f32(batch)
   adv = b.advantages  # [B]
-  log_r = masked_log_ratio(b.logp, b.logp_old, b.mask)  # [B, T]
+  log_r = _log_ratio(b.logp, b.logp_old, b.mask)  # [B, T]
   s = jnp.exp(_per_response_mean(log_r, b.mask))  # [B]
   nonempty = (_lengths(b.mask) > 0).astype(jnp.float32)
   obj = _ppo_objective(s, adv, cfg.gspo_eps_low, cfg.gspo_eps_high) * nonempty
