@@ -182,3 +182,60 @@ def test_expert_parallel_matches_single_device(mesh_cfg):
   g2 = jax.jit(jax.grad(f_ep, argnums=(0, 1, 2)))(x, w, ex)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+
+
+# Rules under which the tokens are split over `tensor` too. With the default `expert_mlp -> tensor` the
+# expert-parallel psum over `tensor` would add up partial results of different tokens.
+_TENSOR_BATCH = {"batch": ("data", "tensor", "expert")}
+
+
+def _rules(**over):
+  from fo_rl.parallel.sharding import DEFAULT_RULES
+
+  over = {**_TENSOR_BATCH, **over}
+  return tuple((n, over.get(n, v)) for n, v in DEFAULT_RULES)
+
+
+@pytest.mark.slow
+def test_expert_parallel_psum_axes_come_from_the_rules():
+  """The expert-MLP psum runs over the axes of the `expert_mlp` rule (none here), not over `tensor`
+  whatever the rules say: with the tokens split over `tensor`, the model's expert-parallel forward
+  matches one device (values and routes)."""
+  from fo_rl.model import init_model, make_apply
+  from toy import TOY
+
+  toks = jax.random.randint(jax.random.key(0), (8, 12), 0, TOY.vocab_size)
+  pos = jnp.broadcast_to(jnp.arange(12), (8, 12))
+  graphdef, state = init_model(TOY, seed=0)
+  logits, routes = jax.jit(make_apply(graphdef))(state, toks, pos)
+  mesh = make_mesh({"data": 2, "expert": 2, "tensor": 2})
+  rules = _rules(expert_mlp=None)
+  graphdef_m, state_m = init_model(TOY, mesh, rules, seed=0)
+  logits_m, routes_m = jax.jit(make_apply(graphdef_m))(state_m, toks, pos)
+  np.testing.assert_array_equal(np.asarray(routes_m), np.asarray(routes))
+  np.testing.assert_allclose(np.asarray(logits_m), np.asarray(logits), atol=2e-5)
+
+
+def test_expert_parallel_rejects_tokens_and_expert_mlp_on_one_axis():
+  """`batch` and `expert_mlp` both on `tensor`: a ValueError naming parallel.rules, raised while
+  tracing (before any compile), from the model and from dispatch_fast alike. On a mesh where that axis
+  has size 1 nothing is split and nothing is rejected."""
+  from fo_rl.model import abstract_model, make_apply
+  from toy import TOY
+
+  mesh = make_mesh({"data": 2, "expert": 2, "tensor": 2})
+  graphdef, state = abstract_model(TOY, mesh, _rules())
+  toks = jax.ShapeDtypeStruct((8, 12), jnp.int32)
+  with pytest.raises(ValueError, match=r"parallel.rules.*\['tensor'\].*different tokens"):
+    jax.eval_shape(make_apply(graphdef), state, toks, toks)
+  x, ids, w = _inputs(N=16)
+  with pytest.raises(ValueError, match=r"parallel.rules.*expert_mlp"):
+    moe.dispatch_fast(
+        x, ids, w, _experts(), mesh=mesh, token_axes=("data", "tensor"), mlp_axes=("tensor",)
+    )
+  assert moe.expert_parallel_axes(
+      make_mesh({"data": 4, "expert": 2}), ("data", "tensor"), ("tensor",)
+  ) == (
+      ("data", "expert"),
+      (),
+  )

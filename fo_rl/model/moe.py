@@ -202,7 +202,7 @@ def _dispatch_expert_parallel(
     backend: str,
     block: int,
     expert_axis: str,
-    tensor_axis: str | None,
+    mlp_axes: tuple[str, ...],
 ):
   """Body run per device under shard_map. x [n, D] local tokens; experts hold E/ep local experts.
 
@@ -232,8 +232,8 @@ def _dispatch_expert_parallel(
   order2 = jnp.argsort(recv_e, stable=True)  # local expert id; the padding id e_local sorts last
   group_sizes = jnp.bincount(recv_e, length=e_local + 1)[:e_local].astype(jnp.int32)
   ry = _expert_ffn(recv_x[order2], group_sizes, experts, backend, block)
-  if tensor_axis is not None:
-    ry = jax.lax.psum(ry, tensor_axis)  # the expert hidden dim F is split over `tensor`
+  if mlp_axes:  # the expert hidden dim F is split over mlp_axes: each shard holds a partial sum
+    ry = jax.lax.psum(ry, mlp_axes)
   back = ry[_inverse_permutation(order2)].reshape(ep, A, D)
   ret = jax.lax.all_to_all(back, expert_axis, 0, 0)  # ret[j, r]: result of my r-th row sent to j
   ys = ret[dest, slot - starts[dest]]  # [A, D] in sorted order
@@ -249,6 +249,33 @@ def _weight_spec(w, spec: P) -> P | QTensor:
   return spec
 
 
+def expert_parallel_axes(
+    mesh: Mesh, token_axes: tuple[str, ...], mlp_axes: tuple[str, ...]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """The mesh axes (size > 1) the expert-parallel dispatch splits the tokens over (`token_axes`, the
+  `batch` rule's, plus `expert`) and the expert hidden dimension F over (`mlp_axes`, the `expert_mlp`
+  rule's: each shard computes a partial sum over its slice of F, summed by a psum over them).
+
+  The two must be disjoint: on an axis in both, the shards hold different tokens, and the psum would
+  add partial results of different tokens (a wrong output, no error). That is a ValueError naming
+  parallel.rules.
+  """
+  token_axes = tuple(a for a in token_axes if mesh.shape[a] > 1)
+  if "expert" not in token_axes:
+    token_axes = token_axes + ("expert",)
+  mlp_axes = tuple(a for a in mlp_axes if mesh.shape[a] > 1)
+  shared = [a for a in mlp_axes if a in token_axes]
+  if shared:
+    raise ValueError(
+        f"parallel.rules: the expert-parallel MoE dispatch splits the tokens over mesh axes "
+        f"{token_axes} (the 'batch' rule, plus 'expert') and the experts' hidden dimension over "
+        f"{mlp_axes} (the 'expert_mlp' rule); both name {shared}, where the sum over the hidden "
+        f"dimension would add up partial results of different tokens. Map 'batch' and "
+        f"'expert_mlp' to disjoint mesh axes (or give {shared} size 1 in parallel.mesh)."
+    )
+  return token_axes, mlp_axes
+
+
 def dispatch_fast(
     x,
     ids,
@@ -257,19 +284,22 @@ def dispatch_fast(
     *,
     mesh: Mesh | None = None,
     token_axes: tuple[str, ...] = (),
+    mlp_axes: tuple[str, ...] = ("tensor",),
     backend: str = "auto",
     block: int = 32,
 ):
-  """x [N, D], ids/weights [N, k] -> [N, D], dropless. Expert-parallel when mesh['expert'] > 1."""
+  """x [N, D], ids/weights [N, k] -> [N, D], dropless. Expert-parallel when mesh['expert'] > 1.
+
+  token_axes: the mesh axes of the `batch` rule (the tokens are split over them and `expert`);
+  mlp_axes: those of the `expert_mlp` rule (the experts' hidden dimension is split over them). They
+  must not overlap (`expert_parallel_axes`)."""
   if mesh is None or mesh.shape.get("expert", 1) == 1:
     return _dispatch_local(x, ids, weights, experts, backend, block)
   E = experts.gate.shape[0]
   ep = mesh.shape["expert"]
   if E % ep:
     raise ValueError(f"model.num_experts={E} is not divisible by the mesh's expert axis ({ep})")
-  token_axes = tuple(a for a in token_axes if mesh.shape[a] > 1)
-  if "expert" not in token_axes:
-    token_axes = token_axes + ("expert",)
+  token_axes, mlp_axes = expert_parallel_axes(mesh, tuple(token_axes), tuple(mlp_axes))
   n_shards = math.prod(mesh.shape[a] for a in token_axes)
   N = x.shape[0]
   pad = (-N) % n_shards  # pad tokens so every shard gets the same count; padded rows are dropped
@@ -277,10 +307,10 @@ def dispatch_fast(
     x = jnp.pad(x, ((0, pad), (0, 0)))
     ids = jnp.pad(ids, ((0, pad), (0, 0)))
     weights = jnp.pad(weights, ((0, pad), (0, 0)))
-  tensor = "tensor" if mesh.shape.get("tensor", 1) > 1 else None
+  mlp = mlp_axes[0] if len(mlp_axes) == 1 else (mlp_axes or None)
   tok = P(token_axes, None)
-  w_in = P("expert", None, tensor)
-  w_out = P("expert", tensor, None)
+  w_in = P("expert", None, mlp)
+  w_out = P("expert", mlp, None)
   in_specs = (
       tok,
       tok,
@@ -296,7 +326,7 @@ def dispatch_fast(
       backend=backend,
       block=block,
       expert_axis="expert",
-      tensor_axis=tensor,
+      mlp_axes=mlp_axes,
   )
   context = jax.sharding.get_abstract_mesh()
   if context.manual_axes:  # inside a shard_map over other axes (the sampler's per-shard decode)

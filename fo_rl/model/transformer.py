@@ -164,14 +164,16 @@ class MoEBlock(nnx.Module):
   """Router + experts. Returns the block output and the experts used, ids [B, T, k]; given `routes`
   [B, T, k] (this layer's slice of the model's routes) it uses those experts at real tokens."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, mesh: Mesh | None, token_axes: tuple):
+  def __init__(
+      self, cfg: ModelConfig, rngs: nnx.Rngs, mesh: Mesh | None, token_axes: tuple, mlp_axes: tuple
+  ):
     D, F, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
     pd = jnp.dtype(cfg.param_dtype)
     self.router = _init(rngs, (D, E), ("embed", "router"), pd)
     self.gate_proj = _init(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), pd)
     self.up_proj = _init(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), pd)
     self.down_proj = _init(rngs, (E, F, D), ("expert", "expert_mlp", "embed"), pd)
-    self.cfg, self.mesh, self.token_axes = cfg, mesh, token_axes
+    self.cfg, self.mesh, self.token_axes, self.mlp_axes = cfg, mesh, token_axes, mlp_axes
 
   def __call__(self, x, routes=None, token_mask=None):
     cfg = self.cfg
@@ -200,6 +202,7 @@ class MoEBlock(nnx.Module):
           experts,
           mesh=self.mesh,
           token_axes=self.token_axes,
+          mlp_axes=self.mlp_axes,
           backend=cfg.gmm_backend,
           block=cfg.moe_block_size,
       )
@@ -208,13 +211,13 @@ class MoEBlock(nnx.Module):
 
 class DecoderLayer(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, index: int, rngs: nnx.Rngs, mesh, token_axes):
+  def __init__(self, cfg: ModelConfig, index: int, rngs: nnx.Rngs, mesh, token_axes, mlp_axes):
     pd = jnp.dtype(cfg.param_dtype)
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
     self.self_attn = Attention(cfg, rngs)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
     self.is_moe = cfg.is_moe_layer(index)
-    self.mlp = MoEBlock(cfg, rngs, mesh, token_axes) if self.is_moe else MLP(cfg, rngs)
+    self.mlp = MoEBlock(cfg, rngs, mesh, token_axes, mlp_axes) if self.is_moe else MLP(cfg, rngs)
     self.route_slots = cfg.route_slots
 
   def __call__(self, x, positions, key_mask, token_mask, routes=None, cache=None, cache_index=None):
@@ -250,11 +253,12 @@ class Transformer(nnx.Module):
       rules: Rules = DEFAULT_RULES,
   ):
     rules = tuple((name, axes) for name, axes in rules)
-    token_axes = validate_rules(rules).get("batch", ())
+    table = validate_rules(rules)
+    token_axes, mlp_axes = table.get("batch", ()), table.get("expert_mlp", ())
     pd = jnp.dtype(cfg.param_dtype)
     self.embed_tokens = _init(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
     self.layers = nnx.List(
-        [DecoderLayer(cfg, i, rngs, mesh, token_axes) for i in range(cfg.num_layers)]
+        [DecoderLayer(cfg, i, rngs, mesh, token_axes, mlp_axes) for i in range(cfg.num_layers)]
     )
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
     if not cfg.tie_word_embeddings:
