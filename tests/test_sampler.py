@@ -281,6 +281,43 @@ def test_threefry_and_exponential_match_jax():
     assert abs((e > t).mean() - np.exp(-t)) < 0.005
 
 
+def _np_exponential(key, shape, row_offset, wrap=False):
+  """numpy reference of `exponential`: each element's flat index in the larger array as a uint64,
+  split into its (hi, lo) words, hashed by JAX's own threefry_2x32, bits = the XOR of the two output
+  words, u = 23 of them as a float in [0, 1), -log(1 - u)."""
+  rows, inner = shape[0], int(np.prod(shape[1:]))
+  idx = (np.arange(rows, dtype=np.uint64)[:, None] + np.uint64(row_offset)) * np.uint64(inner)
+  idx = (idx + np.arange(inner, dtype=np.uint64)[None, :]).ravel()
+  hi, lo = (idx >> np.uint64(32)).astype(np.uint32), (idx & np.uint64(2**32 - 1)).astype(np.uint32)
+  if wrap:  # a uint32 counter: the flat index modulo 2^32
+    hi = np.zeros_like(hi)
+  k = np.asarray(jax.random.key_data(key))
+  out = np.asarray(jax.extend.random.threefry_2x32(tuple(k), np.concatenate([hi, lo])))
+  bits = out[: idx.size] ^ out[idx.size :]
+  u = ((bits >> np.uint32(9)) | np.uint32(0x3F800000)).view(np.float32) - np.float32(1)
+  return -np.log1p(-u.astype(np.float64)).reshape(shape), hi
+
+
+def test_draws_past_2_32_counters_do_not_wrap():
+  """Rows x vocabulary past 2^32 (rows 28267.. at Qwen's vocabulary of 151936): the counters carry
+  into the high word of JAX's 64-bit counter instead of wrapping to the draws of the first rows."""
+  key = jax.random.fold_in(jax.random.key(3), 7)
+  V, offset = 151_936, 28_267  # rows 28267..28270 hold flat indices on both sides of 2^32
+  ours = np.asarray(jax.jit(exponential, static_argnums=1)(key, (4, V), jnp.int32(offset)))
+  ref, hi = _np_exponential(key, (4, V), offset)
+  assert hi.min() == 0 and hi.max() == 1  # the slice crosses 2^32
+  np.testing.assert_allclose(ours, ref, rtol=1e-6)
+  # A wrapped uint32 counter would repeat the first rows' draws past 2^32.
+  wrapped, _ = _np_exponential(key, (4, V), offset, wrap=True)
+  past = hi.reshape(4, V) == 1
+  assert np.isclose(ours[past], wrapped[past]).mean() < 0.01  # (only chance coincidences)
+  np.testing.assert_array_equal(ref[~past], wrapped[~past])
+  # A whole batch of one row and an offset of 0 is unchanged (the existing test checks it vs jax).
+  np.testing.assert_array_equal(
+      np.asarray(exponential(key, (2, 7), jnp.int32(0))), np.asarray(exponential(key, (2, 7)))
+  )
+
+
 def test_greedy_logp_is_untruncated_temperature_one():
   logits = jnp.log(jnp.asarray(PROBS[:2] + 1e-9, jnp.float32))
   tok, lp = sample_logits(jax.random.key(0), logits, 0.0, 3, 0.5)

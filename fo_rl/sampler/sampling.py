@@ -11,7 +11,9 @@ argmax: the untruncated temperature-1 distribution (the argmax has probability 1
 
 The draws are made by an exponential race (`_categorical`) on Exp(1) noise from an unrolled Threefry-2x32
 (`threefry2x32`, `exponential`): bit-identical to `jax.random.exponential`, twice as fast on XLA:CPU, and
-indexed by the global row (`row_offset`), so a shard of the batch draws what the whole batch would.
+indexed by the global row (`row_offset`), so a shard of the batch draws what the whole batch would. The
+counter of each draw is its 64-bit flat index in the whole batch, as JAX's (two uint32 words): it does not
+wrap when rows x vocabulary passes 2^32.
 """
 
 from __future__ import annotations
@@ -51,6 +53,44 @@ def threefry2x32(k1, k2, x1, x2):
   return x1, x2
 
 
+def _mul_wide(a: jax.Array, b: int) -> tuple[jax.Array, jax.Array]:
+  """(hi, lo): the two uint32 words of the 64-bit product of uint32 array `a` and int b < 2^32, from
+  16-bit halves (no uint64: jax_enable_x64 is off)."""
+  mask = np.uint32(0xFFFF)
+  a0, a1 = a & mask, a >> np.uint32(16)
+  b0, b1 = np.uint32(b & 0xFFFF), np.uint32(b >> 16)
+  p00, p01, p10, p11 = a0 * b0, a0 * b1, a1 * b0, a1 * b1
+  mid = (p00 >> np.uint32(16)) + (p01 & mask) + (p10 & mask)  # < 3 * 2^16
+  lo = (p00 & mask) | (mid << np.uint32(16))
+  hi = p11 + (p01 >> np.uint32(16)) + (p10 >> np.uint32(16)) + (mid >> np.uint32(16))
+  return hi, lo
+
+
+def _counters(shape: tuple[int, ...], row_offset=None) -> tuple[jax.Array, jax.Array]:
+  """The Threefry counters of an array of `shape` that is rows [row_offset, row_offset + shape[0]) of
+  a larger one: each element's flat index in the larger array, a 64-bit integer as its (hi, lo) uint32
+  words, as jax.random's partitionable threefry counts (`iota_2x32_shape`). Flat indices past 2^32 (rows
+  x vocabulary: 28K rows at a 152K vocabulary) carry into the high word instead of wrapping around.
+  """
+  n = math.prod(shape)
+  if row_offset is None and n < 2**32:  # the high words are all 0
+    return jnp.zeros(shape, jnp.uint32), jax.lax.iota(jnp.uint32, n).reshape(shape)
+  rows = shape[0] if shape else 1
+  inner = math.prod(shape[1:])
+  if inner >= 2**32:
+    raise ValueError(
+        f"exponential: a row of {inner} draws (shape {shape}) needs a counter past 2^32"
+    )
+  r = jax.lax.iota(jnp.uint32, rows)
+  if row_offset is not None:
+    r = r + jnp.asarray(row_offset, jnp.uint32)
+  hi, lo = _mul_wide(r, inner)  # the first flat index of each row
+  cols = jax.lax.iota(jnp.uint32, inner)
+  lo = lo[:, None] + cols[None, :]
+  hi = hi[:, None] + (lo < cols[None, :]).astype(jnp.uint32)  # the carry of lo + cols
+  return hi.reshape(shape), lo.reshape(shape)
+
+
 def exponential(key, shape: tuple[int, ...], row_offset=None) -> jax.Array:
   """float32 Exp(1) draws of `shape` from a threefry PRNG key, as jax.random.exponential(key, shape)
   computes them (with jax_threefry_partitionable, the default: bits = the XOR of the two words of the
@@ -59,17 +99,15 @@ def exponential(key, shape: tuple[int, ...], row_offset=None) -> jax.Array:
 
   row_offset (traced int, optional): `shape` is rows [row_offset, row_offset + shape[0]) of a larger
   array; the draws are that slice of the larger array's (the sampler's per-shard decode uses it, so the
-  samples do not depend on the mesh). A non-threefry key (jax_default_prng_impl=rbg) falls back to JAX's
+  samples do not depend on the mesh), with 64-bit counters (`_counters`). A non-threefry key (jax_default_prng_impl=rbg) falls back to JAX's
   own sampler, with the offset folded into the key: reproducible, but mesh-dependent."""
   data = jax.random.key_data(key)
   if data.shape != (2,):
     if row_offset is not None:
       key = jax.random.fold_in(key, row_offset)
     return jax.random.exponential(key, shape, jnp.float32)
-  counts = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
-  if row_offset is not None:
-    counts = counts + jnp.asarray(row_offset, jnp.uint32) * np.uint32(math.prod(shape[1:]))
-  w1, w2 = threefry2x32(data[0], data[1], jnp.zeros_like(counts), counts)
+  hi, lo = _counters(shape, row_offset)
+  w1, w2 = threefry2x32(data[0], data[1], hi, lo)
   u = (
       jax.lax.bitcast_convert_type(((w1 ^ w2) >> np.uint32(9)) | np.uint32(0x3F800000), jnp.float32)
       - 1.0
