@@ -11,10 +11,11 @@ Hardware: a 2-core CPU. Expected wall time: about 5 minutes
 Expected result: a rise in held-out accuracy like the default run's; not yet measured for this recipe.
 """
 
-from fo_rl.config import base_config, tiny
+from fo_rl.config import base_config, tiny, variant
 
 
 def get_config(arg: str = ""):
+  arg = variant(arg, ("", "tiny"), __file__)
   c = base_config()
   c.name = "minirl_onpolicy"
   c.rl.mini_batches = 1

@@ -15,10 +15,11 @@ compilation and the ~90 s SFT cold start included; the tfds data was already gen
 gives 0.488 -> 0.740 (best 0.773), greedy 0.828 -> 0.906.
 """
 
-from fo_rl.config import base_config, tiny
+from fo_rl.config import base_config, tiny, variant
 
 
 def get_config(arg: str = ""):
+  arg = variant(arg, ("", "tiny"), __file__)
   c = base_config()
   c.name = "moe_r3"
   c.rl.mini_batches = 4

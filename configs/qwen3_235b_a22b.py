@@ -21,7 +21,7 @@ Sequence: prompts up to 256 tokens, responses up to 512: 768 positions per row (
 function; compiling 94 layers for 256 chips takes several minutes on a CPU.
 """
 
-from fo_rl.config import base_config, hf_model, tiny_moe
+from fo_rl.config import base_config, hf_model, tiny_moe, variant
 
 TOPOLOGIES = {
     "v6e-256": dict(
@@ -42,6 +42,7 @@ TOPOLOGIES = {
 
 
 def get_config(arg: str = ""):
+  arg = variant(arg, ("", "tiny", *TOPOLOGIES), __file__)
   c = base_config()
   c.name = "qwen3_235b_a22b"
   c.model = hf_model(

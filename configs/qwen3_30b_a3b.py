@@ -26,7 +26,7 @@ and each update for its mini-batch (2 / 1 rows per chip), which is what bounds t
 `--config.dry_run=True` prints the per-chip numbers (README, "Running on Cloud TPU").
 """
 
-from fo_rl.config import base_config, hf_model, tiny_moe
+from fo_rl.config import base_config, hf_model, tiny_moe, variant
 
 TOPOLOGIES = {
     "v5p-64": dict(
@@ -47,6 +47,7 @@ TOPOLOGIES = {
 
 
 def get_config(arg: str = ""):
+  arg = variant(arg, ("", "tiny", *TOPOLOGIES), __file__)
   c = base_config()
   c.name = "qwen3_30b_a3b"
   c.model = hf_model(

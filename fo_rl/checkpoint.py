@@ -22,6 +22,10 @@ a killed process leaves at most a tmp directory, which is never reported by
 `Checkpointer.latest_step` and is removed when the next Checkpointer is
 opened on the directory.
 
+Damage: `Checkpointer.read_meta` reads a step's meta alone (cheap: the resume check before anything is
+built), `list_steps` lists the finalized steps without opening (or creating) the directory, and
+`move_aside` renames an unreadable step or cache out of the way (nothing is deleted).
+
 Multi-host: every process must call `save` / `restore` / `wait` /
 `close` (they contain barriers); orbax decides which process writes which
 file. This module writes no files of its own.
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Mapping
 
 import jax
@@ -48,12 +53,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from fo_rl.common import UserError
 from fo_rl.parallel.multihost import host_get
 
 __all__ = [
     "Checkpointer",
     "CheckpointMismatchError",
     "abstract_like",
+    "list_steps",
+    "move_aside",
     "train_bundle",
     "restore_train_bundle",
 ]
@@ -65,8 +73,34 @@ _META = "meta"
 _MAX_LISTED = 10  # max keys named per category in a mismatch error
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
   """The checkpoint on disk does not match the requested abstract state."""
+
+
+def list_steps(directory: str | os.PathLike) -> list[int]:
+  """The finalized steps in `directory` (names that are integers; orbax's unfinished
+  `<step>.orbax-checkpoint-tmp-*` are not), ascending; [] when it does not exist. Reads only."""
+  from etils import epath
+
+  path = epath.Path(os.fspath(directory))
+  if not path.is_dir():
+    return []
+  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def move_aside(path: str | os.PathLike, dest_dir: str | os.PathLike | None = None) -> str:
+  """Renames `path` (an unreadable checkpoint step or cache) to `<path>.corrupt-<time>`, or into
+  `dest_dir` as `<name>.corrupt-<time>`; returns the new path. Process 0 renames; nothing is deleted.
+  """
+  from etils import epath
+
+  src = epath.Path(os.fspath(path))
+  name = f"{src.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+  dest = (epath.Path(os.fspath(dest_dir)) if dest_dir is not None else src.parent) / name
+  if jax.process_index() == 0:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    src.rename(dest)
+  return os.fspath(dest)
 
 
 # ---------------------------------------------------------------------------
@@ -264,6 +298,8 @@ class Checkpointer:
       copies device buffers to host, so the caller may donate/overwrite the
       state right after `save` returns). Call `wait` or
       `close` before exiting.
+    read_only: only read (restore, read_meta): the directory is neither
+      created nor cleaned of stale tmp directories.
   """
 
   def __init__(
@@ -273,6 +309,7 @@ class Checkpointer:
       save_interval_steps: int = 1,
       *,
       async_save: bool = True,
+      read_only: bool = False,
   ):
     self.directory = os.fspath(directory)
     if "://" not in self.directory:
@@ -295,8 +332,8 @@ class Checkpointer:
             ]
         ),
         preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep),
-        create=True,
-        cleanup_tmp_directories=True,
+        create=not read_only,
+        cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=async_save,
     )
     self._manager = ocp.CheckpointManager(
@@ -316,6 +353,13 @@ class Checkpointer:
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
+
+  def read_meta(self, step: int) -> dict:
+    """The JSON meta of `step` alone (none of the arrays are read)."""
+    restored = self._manager.restore(
+        int(step), args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
+    )
+    return dict(restored[_META] or {})
 
   def should_save(self, step: int) -> bool:
     return self._manager.should_save(step)

@@ -5,6 +5,8 @@
 * `flatten(d, sep)`: nested mappings -> one level of `a<sep>b` keys (config.json, metrics rows).
 * `json_safe(x, nonfinite)`: a value made strict JSON (non-finite floats -> null or "NaN" strings).
 * `SignalFlag`: SIGTERM / SIGINT turned into a flag the job polls at its next step boundary.
+* `UserError`: a problem with the user's input (config, data, workdir, checkpoint); `fo_rl.main` prints
+  it as one line and exits with status 1 (any other exception keeps its traceback).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
+    "UserError",
     "unknown_keys",
     "from_mapping",
     "flatten",
@@ -26,11 +29,17 @@ __all__ = [
 ]
 
 
+class UserError(ValueError):
+  """A problem with the user's input (a config field, a data file and line, the workdir, a checkpoint);
+  its message names what to change. `fo_rl.main` prints it as one line (no traceback) and exits 1.
+  """
+
+
 def unknown_keys(d: Mapping[str, Any], known, where: str) -> None:
   """A ValueError naming `where`, the keys of `d` that are not in `known`, and the known ones."""
   unknown = sorted(set(d) - set(known))
   if unknown:
-    raise ValueError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+    raise UserError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(known)}")
 
 
 def from_mapping(cls, d: Mapping[str, Any] | Any, where: str):
@@ -38,7 +47,7 @@ def from_mapping(cls, d: Mapping[str, Any] | Any, where: str):
 
   A key that is not a field of `cls` is a ValueError naming `where` and the known fields. A ValueError
   raised by `cls` itself is prefixed with `where` unless its message already starts with it (the views
-  name their fields `where.field=...`)."""
+  name their fields `where.field=...`); either way it is a `UserError`."""
   if hasattr(d, "to_dict"):  # ml_collections.ConfigDict / FrozenConfigDict
     d = d.to_dict()
   if not isinstance(d, Mapping):
@@ -48,8 +57,8 @@ def from_mapping(cls, d: Mapping[str, Any] | Any, where: str):
     return cls(**d)
   except ValueError as e:
     if str(e).startswith(where):
-      raise
-    raise ValueError(f"{where}: {e}") from None
+      raise UserError(str(e)) from None
+    raise UserError(f"{where}: {e}") from None
 
 
 def flatten(d: Mapping[str, Any], sep: str = ".", prefix: str = "") -> dict[str, Any]:

@@ -17,7 +17,9 @@ import os
 
 import ml_collections
 
-from fo_rl.common import from_mapping, unknown_keys
+from fo_rl.common import UserError, from_mapping, unknown_keys
+from fo_rl.data import teachers as teachers_lib
+from fo_rl.data.tasks import ProceduralTask
 from fo_rl.model.config import ModelConfig
 from fo_rl.parallel.sharding import DEFAULT_RULES, mesh_shape, validate_rules
 from fo_rl.rl.advantages import ADVANTAGE_MODES
@@ -34,7 +36,8 @@ SAMPLING_FIELDS = (
     "max_new_tokens",
     "top_k",
     "top_p",
-)  # of sampler.*: SamplingParams, not SamplerConfig
+    "max_prompt_len",
+)  # of sampler.*: SamplingParams (and RunConfig.max_prompt_len), not SamplerConfig
 SECTIONS = (
     "name",
     "seed",
@@ -105,6 +108,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft.teacher = "careful"  # see fo_rl/data/teachers.py
   c.sft.error_rate = -1.0  # -1: the teacher variant's own rate
   c.sft.max_len = 48  # tokens of prompt + response
+  # An example longer than sft.max_len: "left" drops prompt tokens from the left (the response and its
+  # EOS are kept whole while they fit), "right" keeps the first sft.max_len tokens (the response's end,
+  # or all of it, is lost).
+  c.sft.truncate = "left"
+  # Pre-flight: the fraction of response tokens kept after truncation, measured on the training data,
+  # must be at least this (else an error naming sft.max_len and the first example cut).
+  c.sft.min_kept_fraction = 0.9
   c.sft.cache_dir = (
       ""  # '' = <workdir>/sft; a shared dir reuses a cold start across runs (keyed by hash)
   )
@@ -113,6 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler.weight_dtype = "float8_e4m3fn"
   c.sampler.keep_high_precision = list(Q.DEFAULT_KEEP)
   c.sampler.max_new_tokens = 40
+  c.sampler.max_prompt_len = 256  # tokens (BOS included); a longer prompt in the data is an error
   c.sampler.top_k = 0  # RL default: no truncation (algorithms.md section 7)
   c.sampler.top_p = 1.0
   c.sampler.prompt_bucket = 16
@@ -233,7 +244,21 @@ def tiny_moe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def _bad(field: str, value, why: str):
-  raise ValueError(f"{field}={value!r}: {why}")
+  raise UserError(f"{field}={value!r}: {why}")
+
+
+def variant(arg: str, known, config_file: str) -> str:
+  """`arg` (the part after ':' in `--config=FILE:ARG`) if it is one of `known` ('' = the default),
+  else a UserError naming the config file and the known variants. Every file in configs/ calls it.
+  """
+  known = tuple(known)
+  if arg not in known:
+    name = os.path.relpath(config_file) if os.path.isabs(config_file) else config_file
+    listed = ", ".join(repr(k) for k in known if k)
+    raise UserError(
+        f"--config={name}:{arg}: unknown variant {arg!r}; known: {listed} (or none: {name})"
+    )
+  return arg
 
 
 def _at_least(section: str, view, fields, minimum: int = 1) -> None:
@@ -312,12 +337,30 @@ class DataConfig:
         _bad(f"data.{f}", path, "no such file")
       if self.task != "jsonl" and path:
         _bad(f"data.{f}", path, f"only used with data.task=jsonl, not {self.task!r}")
+    if self.task != "jsonl":
+      _check_task_options(self.task, self.options)
 
   def task_options(self) -> dict:
     """get_task's options: data.train_file/test_file for data.task=jsonl, else data.options."""
     if self.task == "jsonl":
       return {f: getattr(self, f) for f in JSONL_OPTIONS}
     return dict(self.options)
+
+
+def _check_task_options(task: str, options: dict) -> None:
+  """data.options against the task's difficulty knobs (and num_train / num_test / seed), without data."""
+  try:
+    ProceduralTask(task, **options)
+  except TypeError as e:  # an unknown keyword of the difficulty dataclass
+    raise UserError(f"data.options: {e} (data.task={task!r})") from None
+  except ValueError as e:  # "<knob> must be ..."
+    knob = next((k for k in options if str(e).startswith(k)), None)
+    if knob is None:
+      raise UserError(f"data.options={options!r}: {e}") from None
+    raise UserError(f"data.options.{knob}={options[knob]!r}: {e}") from None
+
+
+SFT_TRUNCATE = ("left", "right")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,9 +376,15 @@ class SFTConfig:
   error_rate: float | None = None  # None (config: < 0): the teacher variant's own rate
   max_len: int = 0  # tokens of prompt + response (config 0: 64)
   cache_dir: str = ""  # '' = <workdir>/sft
+  truncate: str = "left"  # left: drop prompt tokens from the left | right: keep the first max_len
+  min_kept_fraction: float = 0.9  # pre-flight: response tokens kept after truncation, at least
 
   def __post_init__(self):
     rate = self.error_rate
+    if rate is not None and not (rate < 0 or rate <= 1):  # NaN or > 1
+      _bad("sft.error_rate", rate, "must be in [0, 1] (or < 0: the teacher's own rate)")
+    if int(self.max_len or 0) < 0:
+      _bad("sft.max_len", self.max_len, "must be >= 1 (0: 64)")
     _set(
         self,
         enabled=bool(self.enabled),
@@ -346,9 +395,16 @@ class SFTConfig:
         error_rate=None if rate is None or rate < 0 else float(rate),
         max_len=int(self.max_len or 0) or 64,
         cache_dir=str(self.cache_dir or ""),
+        min_kept_fraction=float(self.min_kept_fraction),
     )
     if not self.enabled:
       return
+    if self.teacher not in teachers_lib.TEACHERS:
+      _bad("sft.teacher", self.teacher, f"unknown teacher; known: {sorted(teachers_lib.TEACHERS)}")
+    if self.truncate not in SFT_TRUNCATE:
+      _bad("sft.truncate", self.truncate, f"must be one of {SFT_TRUNCATE}")
+    if not 0 <= self.min_kept_fraction <= 1:
+      _bad("sft.min_kept_fraction", self.min_kept_fraction, "must be in [0, 1]")
     if self.steps < 1:
       _bad("sft.steps", self.steps, "must be >= 1 when sft.enabled")
     _at_least("sft", self, ("batch_size",))
@@ -467,6 +523,7 @@ class RunConfig:
   eval: EvalConfig
   checkpoint: CheckpointConfig
   as_dict: dict  # the whole config as plain JSON data (what config.json holds)
+  max_prompt_len: int = 256  # sampler.max_prompt_len: the longest prompt (tokens, BOS included)
 
 
 def _sampler(d: dict, rules: tuple, rl: RLConfig) -> tuple[SamplerConfig, SamplingParams]:
@@ -483,12 +540,16 @@ def _sampler(d: dict, rules: tuple, rl: RLConfig) -> tuple[SamplerConfig, Sampli
     d["decode_segments"] = int(d["decode_segments"] or 0) or None  # 0: automatic
   d["keep_high_precision"] = tuple(d.get("keep_high_precision", Q.DEFAULT_KEEP))
   sampler = from_mapping(SamplerConfig, dict(d, rules=rules), "sampler")
-  sampling = SamplingParams(
-      temperature=rl.temperature,
-      top_k=int(sampling.get("top_k", 0)),
-      top_p=float(sampling.get("top_p", 1.0)),
-      max_new_tokens=int(sampling.get("max_new_tokens", SamplingParams.max_new_tokens)),
-  )
+  sampling.pop("max_prompt_len", None)  # RunConfig.max_prompt_len (parse)
+  try:
+    sampling = SamplingParams(
+        temperature=rl.temperature,
+        top_k=int(sampling.get("top_k", 0)),
+        top_p=float(sampling.get("top_p", 1.0)),
+        max_new_tokens=int(sampling.get("max_new_tokens", SamplingParams.max_new_tokens)),
+    )
+  except ValueError as e:  # "max_new_tokens=0: must be >= 1": name the section
+    raise UserError(f"sampler.{e}") from None
   if sampling.top_k or sampling.top_p < 1.0:
     # The trainer scores pi at temperature only; truncation in the sampler would bias the IS ratio by
     # the log of the kept mass (algorithms.md section 7).
@@ -503,7 +564,17 @@ def _sampler(d: dict, rules: tuple, rl: RLConfig) -> tuple[SamplerConfig, Sampli
 def parse(c: ml_collections.ConfigDict, num_devices: int | None = None) -> RunConfig:
   """Validate everything that can be checked without data or compilation; returns the typed view.
 
-  num_devices: also check that parallel.mesh and parallel.sampler_mesh fit that many devices."""
+  num_devices: also check that parallel.mesh and parallel.sampler_mesh fit that many devices. Every
+  error is a `UserError` (a ValueError) naming the field."""
+  try:
+    return _parse(c, num_devices)
+  except UserError:
+    raise
+  except ValueError as e:  # a lower layer's check (model.*, parallel.*, rl.*): its message names it
+    raise UserError(str(e)) from None
+
+
+def _parse(c: ml_collections.ConfigDict, num_devices: int | None) -> RunConfig:
   d = json.loads(c.to_json_best_effort() if hasattr(c, "to_json_best_effort") else json.dumps(c))
   unknown_keys(d, SECTIONS, "config")
   model = ModelConfig.from_dict(d["model"])
@@ -515,9 +586,15 @@ def parse(c: ml_collections.ConfigDict, num_devices: int | None = None) -> RunCo
   check_rl_fields(rl.mini_batches, rl.replay, rl.temperature, model.num_experts)
   data = from_mapping(DataConfig, d["data"], "data")
   sampler, sampling = _sampler(d["sampler"], parallel.rules, rl)
+  seed = d["seed"]
+  if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    _bad("seed", seed, "must be an integer >= 0")
+  max_prompt_len = d["sampler"].get("max_prompt_len", 256)
+  if isinstance(max_prompt_len, bool) or not isinstance(max_prompt_len, int) or max_prompt_len < 2:
+    _bad("sampler.max_prompt_len", max_prompt_len, "must be an integer >= 2 (BOS and one token)")
   return RunConfig(
       name=str(d.get("name", "run")),
-      seed=int(d["seed"]),
+      seed=seed,
       dry_run=bool(d.get("dry_run", False)),
       model=model,
       init=from_mapping(InitConfig, d.get("init", {}), "init"),
@@ -538,4 +615,5 @@ def parse(c: ml_collections.ConfigDict, num_devices: int | None = None) -> RunCo
       eval=from_mapping(EvalConfig, d["eval"], "eval"),
       checkpoint=from_mapping(CheckpointConfig, d["checkpoint"], "checkpoint"),
       as_dict=d,
+      max_prompt_len=max_prompt_len,
   )

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from fo_rl.common import SignalFlag, json_safe
+from fo_rl.common import SignalFlag, UserError, json_safe
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER_CONFIGS = REPO / "configs" / "paper"
@@ -142,10 +142,10 @@ def parse_variant_arg(arg: str, variants: Sequence[str]) -> tuple[str, bool]:
   tiny = "tiny" in parts
   names = [p for p in parts if p != "tiny"]
   if len(names) > 1 or parts.count("tiny") > 1:
-    raise ValueError(f"config arg {arg!r}: expected '<variant>[:tiny]'")
+    raise UserError(f"config arg {arg!r}: expected '<variant>[:tiny]'")
   variant = names[0] if names else variants[0]
   if variant not in variants:
-    raise ValueError(f"unknown variant {variant!r}; known: {', '.join(variants)}")
+    raise UserError(f"unknown variant {variant!r}; known: {', '.join(variants)}")
   return variant, tiny
 
 

@@ -18,49 +18,215 @@ import jax
 import numpy as np
 
 from fo_rl import config as config_lib
-from fo_rl.checkpoint import Checkpointer, restore_train_bundle, train_bundle
-from fo_rl.common import SignalFlag, flatten
+from fo_rl.checkpoint import (
+    Checkpointer,
+    CheckpointMismatchError,
+    list_steps,
+    move_aside,
+    restore_train_bundle,
+    train_bundle,
+)
+from fo_rl.common import SignalFlag, UserError, flatten
 from fo_rl.data import get_task
 from fo_rl.data.tokenizer import HFTokenizer, Tokenizer
 from fo_rl.metrics_writer import MetricsWriter, read_metrics
 from fo_rl.model import init_model
+from fo_rl.model.init import abstract_model
 from fo_rl.parallel.multihost import host_get
-from fo_rl.parallel.sharding import make_mesh
+from fo_rl.parallel.sharding import make_mesh, state_shardings
 from fo_rl.plots import plot_curves
 from fo_rl.rl.advantages import group_advantages
 from fo_rl.rl.rollouts import Rollouts
 from fo_rl.rl.trainer import Trainer
 from fo_rl.sampler import Sampler, SamplingParams
-from fo_rl.sft import cold_start
+from fo_rl.sft import LENGTH_SAMPLE, check_lengths, cold_start
 
-# Fields a resumed run may change (they do not alter what was already computed).
-RESUMABLE_CHANGES = ("rl.steps", "eval.", "checkpoint.")
+# Fields a resumed run may change (they do not alter what was already computed; parallel.*: the
+# checkpoint is restored into the new meshes).
+RESUMABLE_CHANGES = ("rl.steps", "eval.", "checkpoint.", "parallel.")
 
 
-def _check_config(rc: config_lib.RunConfig, workdir: str) -> dict:
+def _config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+  """(changed fields a resume may not change, changed fields it may: RESUMABLE_CHANGES), as
+  `field: old -> new` for the allowed ones."""
+  a, b = flatten(old, "."), flatten(new, ".")
+  diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+  allowed = [k for k in diff if any(k.startswith(p) for p in RESUMABLE_CHANGES)]
+  refused = [k for k in diff if k not in allowed]
+  return refused, [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in allowed]
+
+
+def _check_config(rc: config_lib.RunConfig, workdir: str, log=None) -> dict:
   """The config as JSON (`rc.as_dict`); resuming with a different config is an error unless only
-  harmless fields changed. Reads only: a rejected run leaves the workdir as it was."""
+  harmless fields changed (those are logged). Checkpoints without config.json are refused too. Reads
+  only: a rejected run leaves the workdir as it was."""
   path = os.path.join(workdir, "config.json")
   new = rc.as_dict
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    a, b = flatten(old, "."), flatten(new, ".")
-    changed = sorted(
-        k
-        for k in set(a) | set(b)
-        if a.get(k) != b.get(k) and not any(k.startswith(p) for p in RESUMABLE_CHANGES)
-    )
-    if changed:
-      raise ValueError(
-          f"{path}: this workdir was started with a different config ({changed[:5]} "
+    refused, allowed = _config_changes(old, new)
+    if refused:
+      raise UserError(
+          f"{path}: this workdir was started with a different config ({refused[:5]} "
           f"differ); use a new --workdir or the same config"
       )
+    if allowed and log is not None:
+      log(f"resuming {workdir} with changed fields (allowed on resume): " + "; ".join(allowed))
+  elif list_steps(os.path.join(workdir, "checkpoints")):
+    raise UserError(
+        f"{workdir}/checkpoints holds checkpoints but {path} is missing: the config they were "
+        f"trained with is unknown; restore config.json or use a new --workdir"
+    )
   return new
 
 
+def _check_checkpoint_config(rc: config_lib.RunConfig, ckpt_dir: str) -> None:
+  """The resume guard that does not depend on config.json: the config saved in the newest readable
+  checkpoint's meta (run() puts it in every one) must match, but for RESUMABLE_CHANGES. Reads only.
+  """
+  for step in reversed(list_steps(ckpt_dir)):
+    ckpt = Checkpointer(ckpt_dir, max_to_keep=None, read_only=True)
+    try:
+      meta = ckpt.read_meta(step)
+    except Exception:  # noqa: BLE001 - unreadable: the restore falls back past it, and says why
+      continue
+    finally:
+      ckpt.close()
+    if "config" not in meta:  # written before checkpoints carried their config
+      return
+    refused, _ = _config_changes(meta["config"], rc.as_dict)
+    if refused:
+      raise UserError(
+          f"{ckpt_dir}/{step}: this checkpoint was trained with a different config ({refused[:5]} "
+          f"differ); use a new --workdir or the same config"
+      )
+    return
+
+
+def _preflight_data(rc: config_lib.RunConfig, tokenizer, task, log):
+  """(train records, test records), checked: data errors (file and line), eval.num_prompts against the
+  test split, prompts longer than sampler.max_prompt_len."""
+  data_dir = rc.data.data_dir or None
+  try:
+    train_records = task.load("train", data_dir)
+  except (ValueError, OSError) as e:
+    raise UserError(str(e)) from None
+  try:
+    test_records = task.load("test", data_dir, num_examples=rc.eval.num_prompts)
+  except (ValueError, OSError) as e:
+    prefix = f"eval.num_prompts={rc.eval.num_prompts}: " if "asked for" in str(e) else ""
+    raise UserError(prefix + str(e)) from None
+  limit = rc.max_prompt_len
+  for split, records, path in (
+      ("train", train_records, rc.data.train_file),
+      ("test", test_records, rc.data.test_file),
+  ):
+    n = len(records) if rc.data.task == "jsonl" else min(len(records), LENGTH_SAMPLE)
+    for i in range(n):
+      rec = records[i]
+      length = len(tokenizer.encode(task.format_prompt(rec), add_bos=True))
+      if length > limit:
+        where = (
+            f"{path}, line {rec['line']}"
+            if "line" in rec
+            else f"{rc.data.task} {split} example {i}"
+        )
+        raise UserError(
+            f"sampler.max_prompt_len={limit}: {where}: the prompt has {length} tokens (BOS and "
+            f"template included); shorten it or raise sampler.max_prompt_len"
+        )
+  return train_records, test_records
+
+
+def _preflight_mesh(rc: config_lib.RunConfig):
+  """(trainer mesh, sampler mesh): both divide every sharded parameter dimension (abstract shapes:
+  nothing is allocated or compiled)."""
+  mesh = make_mesh(rc.parallel.mesh, where="parallel.mesh")
+  sampler_mesh = make_mesh(rc.parallel.sampler_mesh, where="parallel.sampler_mesh")
+  _, abstract = abstract_model(rc.model, None, rc.parallel.rules)
+  for name, m, value in (
+      ("parallel.mesh", mesh, rc.parallel.mesh),
+      ("parallel.sampler_mesh", sampler_mesh, rc.parallel.sampler_mesh),
+  ):
+    try:
+      state_shardings(abstract, m, rc.parallel.rules)
+    except ValueError as e:
+      raise UserError(f"{name}={value}: {e}") from None
+  return mesh, sampler_mesh
+
+
+def _check_hf(directory: str, rc: config_lib.RunConfig) -> None:
+  """init.hf_checkpoint: an existing directory whose config.json describes the architecture in
+  model.* (the fields fo_rl adds: dtype, remat, ... come from model.*)."""
+  from fo_rl.model.hf import load_hf_config
+
+  if not os.path.isdir(directory):
+    raise UserError(f"init.hf_checkpoint={directory!r}: no such directory")
+  try:
+    theirs = load_hf_config(directory)
+  except ValueError as e:
+    raise UserError(f"init.hf_checkpoint={directory!r}: {e}") from None
+  ours = rc.model.RUNTIME_FIELDS
+  differ = [
+      f for f in theirs.to_dict() if f not in ours and getattr(theirs, f) != getattr(rc.model, f)
+  ]
+  if differ:
+    raise UserError(
+        f"init.hf_checkpoint={directory!r}: its config.json differs from model.* in "
+        + ", ".join(f"{f} ({getattr(theirs, f)!r} vs {getattr(rc.model, f)!r})" for f in differ)
+    )
+
+
+def _cause(e: BaseException) -> str:
+  """One line: the exception's type and the first line of its message (at most 200 characters)."""
+  first = (str(e).strip().splitlines() or [""])[0]
+  return f"{type(e).__name__}: {first[:200]}"
+
+
+def _restore_newest_intact(ckpt_dir: str, max_to_keep, target, log):
+  """(Checkpointer, step, state, rng, meta): the newest step of `ckpt_dir` that restores. A step that
+  does not is named with its cause in one line and moved aside (into `<ckpt_dir>.corrupt/`, nothing
+  deleted) once an older one restored, so the run continues from there and saves its steps again.
+  None of them restoring is a UserError naming the newest and its cause."""
+  ckpt = Checkpointer(ckpt_dir, max_to_keep=max_to_keep)
+  bad = []
+  for step in sorted(ckpt.all_steps(), reverse=True):
+    try:
+      state, rng, meta = restore_train_bundle(ckpt, step, target)
+    except CheckpointMismatchError:
+      if not bad:  # the newest step does not match the model: not damage, the config differs
+        ckpt.close()
+        raise
+      bad.append((step, "does not match the model"))
+      continue
+    except Exception as e:  # noqa: BLE001 - a damaged step: say which and why, try the previous one
+      log(f"checkpoint {ckpt_dir}/{step} cannot be restored ({_cause(e)})")
+      bad.append((step, _cause(e)))
+      continue
+    if bad:
+      ckpt.close()
+      moved = [move_aside(os.path.join(ckpt_dir, str(b)), ckpt_dir + ".corrupt") for b, _ in bad]
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("fo_rl.run: corrupt checkpoints moved aside")
+      log(
+          f"falling back to checkpoint step {step}, the newest intact one; moved the unreadable "
+          f"step(s) to {', '.join(moved)}"
+      )
+      ckpt = Checkpointer(ckpt_dir, max_to_keep=max_to_keep)
+    return ckpt, step, state, rng, meta
+  ckpt.close()
+  step, cause = bad[0]
+  raise UserError(
+      f"checkpoint {ckpt_dir}/{step} cannot be restored ({cause}), nor can any older step "
+      f"({[b for b, _ in bad[1:]]}); use a new --workdir or remove {ckpt_dir}"
+  )
+
+
 def _write_config(rc: config_lib.RunConfig, workdir: str) -> None:
-  """config.json (after _check_config)."""
+  """config.json (after _check_config), once the pre-flight and any restore succeeded."""
   path = os.path.join(workdir, "config.json")
   new = _check_config(rc, workdir)
   if jax.process_index() == 0:
@@ -108,19 +274,10 @@ def load_pretrained(directory: str, rc, mesh):
   """(graphdef, params) of the Hugging Face checkpoint `init.hf_checkpoint`, each parameter created in its
   sharding (every host reads the tensors it needs). Its config.json must describe the architecture in
   model.* (the fields fo_rl adds: dtype, remat, ... come from model.*)."""
-  from fo_rl.model.hf import load_hf_checkpoint, load_hf_config
+  from fo_rl.model.hf import load_hf_checkpoint
 
-  ours = rc.model.RUNTIME_FIELDS
-  theirs = load_hf_config(directory)
-  differ = [
-      f for f in theirs.to_dict() if f not in ours and getattr(theirs, f) != getattr(rc.model, f)
-  ]
-  if differ:
-    raise ValueError(
-        f"init.hf_checkpoint={directory!r}: its config.json differs from model.* in "
-        + ", ".join(f"{f} ({getattr(theirs, f)!r} vs {getattr(rc.model, f)!r})" for f in differ)
-    )
-  over = {f: getattr(rc.model, f) for f in ours}
+  _check_hf(directory, rc)
+  over = {f: getattr(rc.model, f) for f in rc.model.RUNTIME_FIELDS}
   _, graphdef, params = load_hf_checkpoint(directory, mesh=mesh, rules=rc.parallel.rules, **over)
   return graphdef, params
 
@@ -140,49 +297,60 @@ def run(c, workdir: str, log=print) -> dict:
   below reads the typed view `rc = config.parse(c)`."""
   t_start = time.time()
   rc = config_lib.parse(c, jax.device_count())
-  _check_config(rc, workdir)
 
-  # ---- data, tokenizer, model (bad data is an error before anything is written) ----------------
+  # ---- pre-flight: every check that needs no compilation; nothing is written -------------------
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  _check_config(rc, workdir, log)
+  _check_checkpoint_config(rc, ckpt_dir)
+  resuming = bool(list_steps(ckpt_dir))
   hf_dir = rc.init.hf_checkpoint
   if hf_dir:  # a pretrained model: its weights and its tokenizer
-    tokenizer = HFTokenizer(hf_dir)
+    _check_hf(hf_dir, rc)
+    try:
+      tokenizer = HFTokenizer(hf_dir)
+    except (ValueError, OSError) as e:
+      raise UserError(f"init.hf_checkpoint={hf_dir!r}: {e}") from None
     if tokenizer.eos_id is None:
-      raise ValueError(
+      raise UserError(
           f"init.hf_checkpoint={hf_dir!r}: no eos_token_id in its config.json or "
           f"generation_config.json (sampling stops at EOS)"
       )
   else:
     tokenizer = Tokenizer(rc.data.tokenizer) if rc.data.tokenizer else Tokenizer.default()
   if rc.model.vocab_size < tokenizer.vocab_size:
-    raise ValueError(
+    raise UserError(
         f"model.vocab_size={rc.model.vocab_size} is smaller than the tokenizer's "
         f"{tokenizer.vocab_size}"
     )
   task = get_task(rc.data.task, **rc.data.task_options())
-  data_dir = rc.data.data_dir or None
-  train_records = task.load("train", data_dir)
-  test_records = task.load("test", data_dir, num_examples=rc.eval.num_prompts)
-  os.makedirs(workdir, exist_ok=True)
-  _write_config(rc, workdir)
+  train_records, test_records = _preflight_data(rc, tokenizer, task, log)
+  if rc.sft.enabled and not resuming:
+    check_lengths(rc, tokenizer, task, train_records, log)
+  mesh, sampler_mesh = _preflight_mesh(rc)
   sampling = SamplingParams(
       temperature=rc.sampling.temperature,
       max_new_tokens=rc.sampling.max_new_tokens,
       eos_ids=(tokenizer.eos_id,),
   )
 
-  mesh = make_mesh(rc.parallel.mesh, where="parallel.mesh")
-  sampler_mesh = make_mesh(rc.parallel.sampler_mesh, where="parallel.sampler_mesh")
   rules = rc.parallel.rules
   graphdef, params = (
       load_pretrained(hf_dir, rc, mesh) if hf_dir else init_model(rc.model, mesh, rules, rc.seed)
   )
   trainer = Trainer(graphdef, rc.model, rc.trainer, mesh, rules)
 
-  # ---- resume or cold start --------------------------------------------------------------------
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=rc.checkpoint.max_to_keep)
-  latest = ckpt.latest_step()
+  # ---- resume (the newest intact checkpoint), then config.json, or a cold start -----------------
   state = trainer.init_state(params)
   rng = jax.random.key(rc.seed)
+  latest = None
+  if resuming:
+    ckpt, latest, state, rng, meta = _restore_newest_intact(
+        ckpt_dir, rc.checkpoint.max_to_keep, train_bundle(state, rng, mesh), log
+    )
+  os.makedirs(workdir, exist_ok=True)
+  _write_config(rc, workdir)
+  if not resuming:
+    ckpt = Checkpointer(ckpt_dir, max_to_keep=rc.checkpoint.max_to_keep)
   # SIGTERM (preemption) from here on: SFT saves its progress, the step-0 eval and the RL loop checkpoint.
   preempt = SignalFlag((signal.SIGTERM,))
   if latest is None:
@@ -217,8 +385,8 @@ def run(c, workdir: str, log=print) -> dict:
         "wall_seconds": 0.0,
     }
   else:
-    state, rng, meta = restore_train_bundle(ckpt, latest, train_bundle(state, rng, mesh))
     log(f"resuming from {workdir}/checkpoints step {latest}")
+  meta["config"] = rc.as_dict  # in every checkpoint: the resume guard (_check_checkpoint_config)
 
   sampler = Sampler(rc.model, rc.sampler, sampler_mesh)
   sampler.update_weights(state.params)

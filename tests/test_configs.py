@@ -221,6 +221,8 @@ def _old_sft_key(c) -> str:
     for f in config_lib.JSONL_OPTIONS:
       parts["data"].pop(f, None)
   parts["sft"].pop("cache_dir", None)
+  for f in ("truncate", "min_kept_fraction"):  # added later, out of the key at their defaults
+    parts["sft"].pop(f, None)
   return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

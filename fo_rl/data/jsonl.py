@@ -123,11 +123,12 @@ def _parse_line(path: str, lineno: int, raw: bytes) -> dict[str, Any] | None:
   solution = answer if isinstance(answer, str) else str(answer)
   if not reference_answer(solution):
     raise _fail(path, lineno, "'answer' has no final answer (empty, or nothing after '####')")
-  return JsonlProblem(prompt, solution).to_record()
+  return dict(JsonlProblem(prompt, solution).to_record(), line=lineno)
 
 
 def load_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """Reads records `{"prompt", "answer" (final answer), "solution" (raw field)}`.
+  """Reads records `{"prompt", "answer" (final answer), "solution" (raw field), "line" (its 1-based
+  line number: errors found later, e.g. a prompt too long, name it)}`.
 
   Raises ValueError naming the file and 1-based line number for a malformed
   line, and for a file with no records (reported at line 1).
