@@ -22,7 +22,7 @@ from fo_rl.data import teachers as teachers_lib
 from fo_rl.data.tasks import ProceduralTask
 from fo_rl.model.config import ModelConfig
 from fo_rl.parallel.sharding import DEFAULT_RULES, mesh_shape, validate_rules
-from fo_rl.rl.advantages import ADVANTAGE_MODES
+from fo_rl.rl.advantages import resolve_advantage
 from fo_rl.rl.losses import LOSSES, LossConfig
 from fo_rl.rl.optim import OptimConfig
 from fo_rl.rl.trainer import TrainerConfig, check_rl_fields
@@ -140,7 +140,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.mini_batches = 4  # N optimizer updates per rollout batch
   c.rl.replay = "r3"  # none | r2 | r3
   c.rl.temperature = 1.0
-  c.rl.advantage = "mean"  # mean | std | rloo
+  # auto (the loss's own: mean for minirl, std for grpo/cispo/gspo/dapo) | mean | std | rloo; a mode
+  # the loss is not defined with is an error unless rl.allow_advantage_mismatch=True.
+  c.rl.advantage = "auto"
+  c.rl.allow_advantage_mismatch = False
   c.rl.loss = ml_collections.ConfigDict(dataclasses.asdict(LossConfig()))
   # Stop with an error after this many consecutive RL steps whose every update was skipped for a
   # non-finite loss or gradient (0: never stop).
@@ -438,7 +441,8 @@ class RLConfig:
   mini_batches: int  # N optimizer updates per rollout batch
   replay: str  # none | r2 | r3
   temperature: float
-  advantage: str  # mean | std | rloo
+  advantage: str  # auto | mean | std | rloo; resolved here ('auto' -> the loss's own)
+  allow_advantage_mismatch: bool  # accept an rl.advantage the loss is not defined with
   loss: LossConfig
   max_skipped_steps: int  # stop after this many consecutive fully skipped RL steps (0: never)
 
@@ -459,8 +463,10 @@ class RLConfig:
           self.mini_batches,
           f"must divide the global batch rl.prompts_per_step * rl.group_size = {self.global_batch}",
       )
-    if self.advantage not in ADVANTAGE_MODES:
-      _bad("rl.advantage", self.advantage, f"must be one of {ADVANTAGE_MODES}")
+    _set(
+        self,
+        advantage=resolve_advantage(self.advantage, self.loss.name, self.allow_advantage_mismatch),
+    )
 
   @property
   def global_batch(self) -> int:

@@ -7,7 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fo_rl.rl.advantages import ADVANTAGE_MODES, group_advantages, group_has_signal
+from fo_rl.rl.advantages import (
+    ADVANTAGE_MODES,
+    LOSS_ADVANTAGES,
+    group_advantages,
+    group_has_signal,
+    resolve_advantage,
+)
 
 
 def ref_advantages(rewards, G, mode, eps=1e-6):
@@ -101,3 +107,66 @@ def test_errors(args, match):
 def test_group_size_one_mean_and_std_are_zero():
   np.testing.assert_array_equal(group_advantages(np.arange(4.0), 1, "mean"), np.zeros(4))
   np.testing.assert_array_equal(group_advantages(np.arange(4.0), 1, "std"), np.zeros(4))
+
+
+# --------------------------------------------------------------------------------------------------------
+# rl.advantage follows the loss.
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "loss,want",
+    [("minirl", "mean"), ("grpo", "std"), ("cispo", "std"), ("gspo", "std"), ("dapo", "std")],
+)
+def test_auto_is_the_losss_own(loss, want):
+  assert resolve_advantage("auto", loss) == want
+  assert resolve_advantage(want, loss) == want
+
+
+def test_every_registered_loss_has_a_default_advantage():
+  from fo_rl.rl.losses import LOSSES
+
+  assert set(LOSS_ADVANTAGES) == set(LOSSES)
+  assert all(set(m) <= set(ADVANTAGE_MODES) for m in LOSS_ADVANTAGES.values())
+
+
+@pytest.mark.parametrize(
+    "loss,mode", [("grpo", "mean"), ("gspo", "rloo"), ("dapo", "mean"), ("minirl", "std")]
+)
+def test_mismatch_is_an_error_unless_allowed(loss, mode):
+  with pytest.raises(ValueError, match=f"rl.advantage='{mode}'.*{loss}.*allow_advantage_mismatch"):
+    resolve_advantage(mode, loss)
+  assert resolve_advantage(mode, loss, allow_mismatch=True) == mode
+
+
+def test_rloo_is_minirls_open_alternative():
+  assert resolve_advantage("rloo", "minirl") == "rloo"
+
+
+def test_bad_values_name_the_field():
+  with pytest.raises(ValueError, match="rl.advantage='median'"):
+    resolve_advantage("median", "minirl")
+  with pytest.raises(ValueError, match="rl.allow_advantage_mismatch"):
+    resolve_advantage("mean", "minirl", allow_mismatch="yes")
+  with pytest.raises(ValueError, match="rl.advantage='auto'.*no default"):
+    resolve_advantage("auto", "my_loss")
+  assert resolve_advantage("std", "my_loss") == "std"  # a loss outside the table: any mode
+
+
+def test_the_run_config_trains_each_loss_on_its_own_advantage():
+  """config.parse: grpo by default gets 'std' (it used to get 'mean' silently); an explicit mismatch is an
+  error naming rl.advantage; the default run (minirl) keeps 'mean'."""
+  from fo_rl import config as C
+
+  c = C.base_config()
+  assert C.parse(c).rl.advantage == "mean"
+  for name in ("grpo", "cispo", "gspo", "dapo"):
+    c = C.base_config()
+    c.rl.loss.name = name
+    rc = C.parse(c)
+    assert rc.rl.advantage == "std", name
+  c.rl.advantage = "mean"
+  with pytest.raises(ValueError, match="rl.advantage='mean'"):
+    C.parse(c)
+  c.rl.allow_advantage_mismatch = True
+  assert C.parse(c).rl.advantage == "mean"

@@ -187,10 +187,13 @@ def ref_grpo(lp, d, cfg):
 
 
 def ref_dapo(lp, d, cfg):
-  """-(1/sum|y_i|) sum_{i,t} min(r A, clip(r, 1-eps_low, 1+dapo_eps_high) A)."""
+  """-(1/sum_{i kept}|y_i|) sum_{i kept,t} min(r A, clip(r, 1-eps_low, 1+dapo_eps_high) A); a response is
+  kept iff A_i != 0 (dynamic sampling: zero-signal groups leave the batch and the divisor)."""
   lo, adv, mask = d["logp_old"], d["advantages"], d["mask"]
   total, n = 0.0, 0
   for i, t in zip(*np.nonzero(mask)):
+    if adv[i] == 0:
+      continue
     total += ref_ppo_term(math.exp(lp[i, t] - lo[i, t]), adv[i], cfg.eps_low, cfg.dapo_eps_high)
     n += 1
   return -total / n if n else 0.0
@@ -235,6 +238,8 @@ def ref_metrics(d, cfg):
   lp, lo, lm, adv, mask = (d[k] for k in ("logp", "logp_old", "logp_mu", "advantages", "mask"))
   ws, highs, lows, truncs, rs = [], [], [], [], []
   for i, t in zip(*np.nonzero(mask)):
+    if cfg.name == "dapo" and adv[i] == 0:
+      continue  # dropped by dynamic sampling
     r = math.exp(lp[i, t] - lo[i, t])
     disc = math.exp(lo[i, t] - lm[i, t])
     trunc = disc > cfg.tis_cap
@@ -287,15 +292,32 @@ KNOBS = list(
 )
 
 
+def moot_knob(
+    train_infer_is=True, length_norm=False, tis_mode="discrepancy", normalizer="responses"
+):
+  """The knob another one makes moot (set to a non-default value, an error), or None."""
+  if length_norm and normalizer != "responses":
+    return "normalizer"
+  if not train_infer_is and tis_mode != "discrepancy":
+    return "tis_mode"
+  return None
+
+
 @pytest.mark.parametrize("clip,tis,length_norm,tis_mode,normalizer", KNOBS)
 def test_minirl_knobs_value_and_grad(clip, tis, length_norm, tis_mode, normalizer):
-  cfg = L.LossConfig(
+  knobs = dict(
       clip=clip,
       train_infer_is=tis,
       length_norm=length_norm,
       tis_mode=tis_mode,
       normalizer=normalizer,
   )
+  moot = moot_knob(tis, length_norm, tis_mode, normalizer)
+  if moot:
+    with pytest.raises(ValueError, match=f"rl.loss.{moot}=.*ignored"):
+      L.LossConfig(**knobs)
+    return
+  cfg = L.LossConfig(**knobs)
   for seed in (0, 1):
     d = make_batch(seed)
     loss, grad, _ = jax_value_and_grad(d, cfg)
@@ -460,12 +482,15 @@ def test_metrics_match_reference(name):
     _, _, metrics = jax_value_and_grad(d, cfg)
     for k, v in ref_metrics(d, cfg).items():
       assert_close(metrics[k], v, rtol=1e-5, atol=1e-6, what=f"{name}.{k}")
-    assert metrics["num_tokens"] == d["mask"].sum()
+    kept = d["mask"] * (d["advantages"] != 0)[:, None] if name == "dapo" else d["mask"]
+    assert metrics["num_tokens"] == kept.sum()
 
 
 @pytest.mark.parametrize("tis_mode", ["discrepancy", "whole"])
 @pytest.mark.parametrize("train_infer_is", [True, False])
 def test_minirl_metrics_every_weight_mode(tis_mode, train_infer_is):
+  if moot_knob(train_infer_is, tis_mode=tis_mode):
+    return
   d = make_batch(3)
   cfg = L.LossConfig(tis_mode=tis_mode, train_infer_is=train_infer_is, clip=False)
   _, _, metrics = jax_value_and_grad(d, cfg)
@@ -651,6 +676,8 @@ def test_on_policy_all_minirl_weightings_coincide():
   d["logp_mu"] = d["logp"].copy()
   grads = []
   for tis, mode, clip in itertools.product([True, False], ["discrepancy", "whole"], [True, False]):
+    if moot_knob(tis, tis_mode=mode):
+      continue
     _, g, m = jax_value_and_grad(d, L.LossConfig(train_infer_is=tis, tis_mode=mode, clip=clip))
     assert m["clip_frac_high"] == 0 and m["clip_frac_low"] == 0 and m["is_weight_max"] == 1.0
     grads.append(g)
@@ -686,10 +713,10 @@ def test_config_defaults_are_the_papers():
 
 def test_from_config():
   cd = ml_collections.ConfigDict(
-      dict(name="gspo", tis_cap=2, clip=False, normalizer="responses_x_len")
+      dict(name="minirl", tis_cap=2, clip=False, normalizer="responses_x_len")
   )
   c = L.LossConfig.from_config(cd)
-  assert (c.name, c.tis_cap, c.clip, c.normalizer) == ("gspo", 2.0, False, "responses_x_len")
+  assert (c.name, c.tis_cap, c.clip, c.normalizer) == ("minirl", 2.0, False, "responses_x_len")
   assert isinstance(c.tis_cap, float)
   assert L.LossConfig.from_config({}) == L.LossConfig()
   with pytest.raises(ValueError, match="'tis_capp'"):
@@ -730,3 +757,92 @@ def test_loss_inputs_shape_checks():
     L.LossInputs(**{**d, "mask": d["mask"][:, :4]})
   leaves = jax.tree.leaves(L.LossInputs(**d))
   assert len(leaves) == 5
+
+
+# --------------------------------------------------------------------------------------------------------
+# Knobs a loss would ignore are errors; DAPO's dynamic sampling.
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["grpo", "dapo", "cispo", "gspo"])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("clip", False),
+        ("train_infer_is", False),
+        ("length_norm", True),
+        ("tis_mode", "whole"),
+        ("normalizer", "responses_x_len"),
+        ("tis_cap", 2.0),
+    ],
+)
+def test_minirl_knobs_on_a_variant_are_errors(name, field, value):
+  """A MiniRL-only knob set on a variant that ignores it: a ValueError naming it, not a no-op."""
+  with pytest.raises(ValueError, match=f"rl.loss.{field}=.*ignored.*{name}"):
+    L.LossConfig.from_config({"name": name, field: value})
+  L.LossConfig(name=name)  # the defaults are fine
+
+
+@pytest.mark.parametrize(
+    "name,field,value",
+    [
+        ("minirl", "gspo_eps_low", 1e-3),
+        ("minirl", "dapo_eps_high", 0.3),
+        ("minirl", "cispo_eps_high", 0.3),
+        ("grpo", "dapo_eps_high", 0.3),
+        ("dapo", "eps_high", 0.3),
+        ("cispo", "eps_low", 0.1),
+        ("gspo", "eps_high", 0.3),
+    ],
+)
+def test_other_losses_bounds_are_errors(name, field, value):
+  with pytest.raises(ValueError, match=f"rl.loss.{field}=.*ignored"):
+    L.LossConfig(name=name, **{field: value})
+
+
+@pytest.mark.parametrize(
+    "knobs,field",
+    [
+        (dict(length_norm=True, normalizer="responses_x_len"), "normalizer"),
+        (dict(train_infer_is=False, tis_mode="whole"), "tis_mode"),
+        (dict(train_infer_is=False, tis_cap=2.0), "tis_cap"),
+        (dict(clip=False, eps_high=0.3), "eps_high"),
+        (dict(clip=False, eps_low=0.1), "eps_low"),
+    ],
+)
+def test_minirl_moot_knobs_are_errors(knobs, field):
+  with pytest.raises(ValueError, match=f"rl.loss.{field}=.*ignored"):
+    L.LossConfig(**knobs)
+
+
+def test_every_variant_reads_its_own_bounds():
+  """Each registered field list is real: changing a listed bound changes that loss's gradient."""
+  for name, field, value in [
+      ("grpo", "eps_high", 0.05),
+      ("dapo", "dapo_eps_high", 0.05),
+      ("cispo", "cispo_eps_high", 0.01),
+      ("gspo", "gspo_eps_high", 0.01),
+  ]:
+    d = gspo_batch(0) if name == "gspo" else make_batch(0)
+    _, g0, _ = jax_value_and_grad(d, L.LossConfig(name=name))
+    _, g1, _ = jax_value_and_grad(d, L.LossConfig(name=name, **{field: value}))
+    assert not np.allclose(g0, g1, rtol=1e-4, atol=1e-9), (name, field)
+
+
+def test_dapo_drops_zero_signal_groups_from_the_divisor():
+  """DAPO's dynamic sampling: responses with A = 0 (all-equal groups) leave the loss and its token
+  divisor, so appending a zero-signal group of long responses changes nothing."""
+  cfg = L.LossConfig(name="dapo")
+  d = make_batch(0)
+  loss, grad, m = jax_value_and_grad(d, cfg)
+  assert m["zero_signal_frac"] == pytest.approx(1 / 6)  # row 1 (A = 0) of the 6 non-empty rows
+  e = make_batch(5)
+  e["advantages"][:] = 0.0
+  e["mask"][:] = 1.0
+  both = {k: np.concatenate([d[k], e[k]], axis=0) for k in d}
+  loss2, grad2, m2 = jax_value_and_grad(both, cfg)
+  assert loss2 == pytest.approx(loss, rel=1e-6)
+  np.testing.assert_allclose(grad2[: len(grad)], grad, rtol=1e-6, atol=1e-9)
+  assert np.all(grad2[len(grad) :] == 0)
+  assert m2["num_tokens"] == m["num_tokens"]
+  assert m2["zero_signal_frac"] == pytest.approx((1 + 7) / (6 + 7))

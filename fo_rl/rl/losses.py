@@ -120,8 +120,11 @@ class LossConfig:
   """Loss hyper-parameters; defaults are the paper's (algorithms.md sections 3-4).
 
   Knobs that only MiniRL reads: clip, train_infer_is, length_norm, tis_mode, normalizer, tis_cap.
-  The variants use their own fixed normalizers and no IS weight vs mu (table of section 4); tis_cap still
-  drives their `is_truncated_frac` diagnostic.
+  The variants use their own fixed normalizers and no IS weight vs mu (table of section 4); each reads
+  only its own clip bounds (`LOSS_FIELDS`). A field set to a non-default value that the chosen loss
+  would ignore is a ValueError naming it (`ignored_fields`), never a silent no-op; so is a MiniRL knob
+  made moot by another (normalizer under length_norm=True; tis_mode, tis_cap under
+  train_infer_is=False; eps_low, eps_high under clip=False).
   """
 
   name: str = "minirl"
@@ -175,6 +178,14 @@ class LossConfig:
       if not v >= 0.0:
         raise ValueError(f"LossConfig.{name} must be >= 0, got {v!r}")
       object.__setattr__(self, name, v)
+    ignored = ignored_fields(self)
+    if ignored:
+      field, why = next(iter(ignored.items()))
+      default = _DEFAULTS[field]
+      raise ValueError(
+          f"rl.loss.{field}={getattr(self, field)!r}: ignored, {why}; leave it at its default "
+          f"{default!r}"
+      )
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any] | Any, where: str = "rl.loss") -> "LossConfig":
@@ -185,24 +196,50 @@ class LossConfig:
     return from_mapping(cls, config, where)
 
 
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LossConfig)}
+
 # --------------------------------------------------------------------------------------------------------
 # Registry.
 # --------------------------------------------------------------------------------------------------------
 
 LossFn = Callable[[LossInputs, LossConfig], tuple[jax.Array, dict[str, jax.Array]]]
 LOSSES: dict[str, LossFn] = {}
+# loss name -> the LossConfig fields it reads (None: all of them, no check).
+LOSS_FIELDS: dict[str, tuple[str, ...] | None] = {}
 
 
-def register(name: str) -> Callable[[LossFn], LossFn]:
-  """Decorator: add a loss to LOSSES under `name` (names are unique)."""
+def register(name: str, fields: tuple[str, ...] | None = None) -> Callable[[LossFn], LossFn]:
+  """Decorator: add a loss to LOSSES under `name` (names are unique). `fields`: the LossConfig fields it
+  reads; a non-default value of any other field is then a config error (None: no check)."""
 
   def deco(fn: LossFn) -> LossFn:
     if name in LOSSES:
       raise ValueError(f"loss {name!r} is already registered")
     LOSSES[name] = fn
+    LOSS_FIELDS[name] = None if fields is None else tuple(fields)
     return fn
 
   return deco
+
+
+def ignored_fields(cfg: LossConfig) -> dict[str, str]:
+  """{field: why} for every field `cfg` sets to a non-default value that its loss would ignore."""
+  why: dict[str, str] = {}
+  reads = LOSS_FIELDS.get(cfg.name)
+  if reads is not None:
+    for f in dataclasses.fields(cfg):
+      if f.name != "name" and f.name not in reads:
+        why[f.name] = f"loss {cfg.name!r} reads only {', '.join(reads) or 'no field'}"
+  if cfg.name == "minirl":
+    if cfg.length_norm:
+      why.setdefault("normalizer", "length_norm=True replaces the normalizer")
+    if not cfg.train_infer_is:
+      for f in ("tis_mode", "tis_cap"):
+        why.setdefault(f, "train_infer_is=False drops the train-infer IS weight")
+    if not cfg.clip:
+      for f in ("eps_low", "eps_high"):
+        why.setdefault(f, "clip=False drops the clip mask")
+  return {f: w for f, w in why.items() if getattr(cfg, f) != _DEFAULTS[f]}
 
 
 def get_loss(name: str) -> LossFn:
@@ -343,7 +380,19 @@ def _minirl_weight(batch: LossInputs, cfg: LossConfig, r: jax.Array) -> tuple[ja
   return sg(jnp.minimum(whole, cfg.tis_cap)), whole > cfg.tis_cap
 
 
-@register("minirl")
+MINIRL_FIELDS = (
+    "tis_cap",
+    "eps_low",
+    "eps_high",
+    "clip",
+    "train_infer_is",
+    "length_norm",
+    "tis_mode",
+    "normalizer",
+)
+
+
+@register("minirl", MINIRL_FIELDS)
 def minirl_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
   """MiniRL (algorithms.md section 3), as a loss to minimize:
 
@@ -375,7 +424,7 @@ def minirl_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str
   return loss, _diagnostics(b, cfg, weight=w, clip_high=high, clip_low=low, truncated=truncated)
 
 
-@register("grpo")
+@register("grpo", ("eps_low", "eps_high"))
 def grpo_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
   """GRPO (no KL term): L = -(1/B) sum_i (1/|y_i|) sum_t min(r_it A_i, clip(r_it, 1-eps_low, 1+eps_high) A_i).
 
@@ -391,23 +440,37 @@ def grpo_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str, 
   return loss, _diagnostics(b, cfg, weight=r, clip_high=high, clip_low=low)
 
 
-@register("dapo")
+@register("dapo", ("eps_low", "dapo_eps_high"))
 def dapo_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """DAPO token-level loss: L = -(1/sum_i |y_i|) sum_{i,t} min(r A, clip(r, 1-eps_low, 1+dapo_eps_high) A).
+  """DAPO token-level loss: L = -(1/sum_{i kept} |y_i|) sum_{i kept, t} min(r A, clip(r, 1-eps_low,
+  1+dapo_eps_high) A).
 
-  No KL term, no IS vs mu. Dynamic sampling (dropping groups whose rewards are all equal) is a data
-  filter outside the loss: see fo_rl.rl.advantages.group_has_signal.
+  No KL term, no IS vs mu. DAPO's dynamic sampling drops the groups whose rewards are all equal (no
+  signal) from the batch, and so from the token divisor. Here it is a mask inside the loss: a response
+  is kept iff A_i != 0. Every advantage mode gives exactly A = 0 to every member of an all-equal group;
+  with {0, 1} rewards (the tasks here) a group with signal has no A = 0 member, so the kept responses are
+  exactly those of the groups with signal. (With graded rewards a response whose reward equals its
+  group's mean is dropped too; it contributes no gradient either way, only divisor tokens.) What is NOT
+  implemented is DAPO's oversample-and-refill: the mini-batch shrinks instead of being refilled with
+  new groups. The diagnostics cover the kept tokens; `zero_signal_frac` is the share of non-empty
+  responses dropped.
   """
   b = _f32(batch)
   adv = b.advantages[:, None]
+  nonempty = _lengths(b.mask) > 0  # [B]
+  signal = b.advantages != 0  # [B]
+  b = dataclasses.replace(b, mask=b.mask * signal[:, None].astype(jnp.float32))
   r = jnp.exp(_log_ratio(b.logp, b.logp_old, b.mask))
   obj = _ppo_objective(r, adv, cfg.eps_low, cfg.dapo_eps_high)
   loss = -jnp.sum(obj * b.mask) / jnp.maximum(jnp.sum(b.mask), 1.0)
   high, low = _clip_sides(sg(r), adv, cfg.eps_low, cfg.dapo_eps_high)
-  return loss, _diagnostics(b, cfg, weight=r, clip_high=high, clip_low=low)
+  metrics = _diagnostics(b, cfg, weight=r, clip_high=high, clip_low=low)
+  dropped = jnp.sum((nonempty & ~signal).astype(jnp.float32))
+  metrics["zero_signal_frac"] = dropped / jnp.maximum(jnp.sum(nonempty.astype(jnp.float32)), 1.0)
+  return loss, metrics
 
 
-@register("cispo")
+@register("cispo", ("cispo_eps_high",))
 def cispo_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
   """CISPO (MiniMax-M1): L = -(1/sum_i |y_i|) sum_{i,t} sg[min(r_it, 1+cispo_eps_high)] A_i log pi_theta.
 
@@ -423,7 +486,7 @@ def cispo_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str,
   return loss, _diagnostics(b, cfg, weight=w, clip_high=high, clip_low=jnp.zeros_like(high))
 
 
-@register("gspo")
+@register("gspo", ("gspo_eps_low", "gspo_eps_high"))
 def gspo_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
   """GSPO: L = -(1/B) sum_i min(s_i A_i, clip(s_i, 1-gspo_eps_low, 1+gspo_eps_high) A_i),
 
