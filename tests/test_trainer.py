@@ -354,6 +354,61 @@ def test_replay_changes_the_computation(env, trainers, runs):
     assert gap[clean][resp[clean]].max() < 1e-5
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("replay", ["r2", "r3"])
+def test_every_update_replays_the_routes_its_mode_says(env, trainers, runs, monkeypatch, replay):
+  """A spy on the compiled update records what each of the N updates of a train step feeds the gating:
+  the sampler's routes under r3, the old pass's recorded live routes under r2, for that update's rows.
+  On this batch the sampler's routes differ from the live ones at ~10% of the MoE decisions, so passing
+  either in the other's place, or None (live routing), to any update fails. Under r3 the first update's
+  staleness ratio pi_theta / pi_old is 1 (to rounding) though live routing would move it by far more:
+  the update replays exactly what the old pass replayed."""
+  tr, ro = trainers[replay], env["noisy"]
+  runs(replay)  # the update is compiled
+  compiled, seen = tr._updates[MB], []
+
+  def spy(state, mb, lo, rp):
+    seen.append(None if rp is None else np.asarray(rp))
+    return compiled(state, mb, lo, rp)
+
+  monkeypatch.setitem(tr._updates, MB, spy)
+  tr.train_step(tr.init_state(_copy(env["params"])), ro)
+  per_mb = tr.last_minibatch_metrics
+  sampler_routes, live = np.asarray(ro.routes), env["routes"]
+  want, other = (sampler_routes, live) if replay == "r3" else (live, sampler_routes)
+  real = np.asarray(ro.token_mask)
+  assert len(seen) == N and len(per_mb) == N
+  for i, rp in enumerate(seen):
+    rows = slice(i * MB, (i + 1) * MB)
+    assert rp is not None, f"update {i + 1} routed live"
+    np.testing.assert_array_equal(rp[real[rows]], want[rows][real[rows]], f"update {i + 1}")
+    assert (other[rows] != want[rows])[real[rows]].any()  # the check can fail on every update
+  if replay == "r3":
+    tol = _ratio_rounding(env)
+    first = per_mb[0]
+    assert abs(first["ratio_max"] - 1) <= tol and abs(first["ratio_mean"] - 1) <= 1e-6
+    # What the first update's ratio would be, had it routed live: pi_live / pi_old(sampler's routes).
+    logp_r3 = np.asarray(tr.old_logprobs(env["params"], ro))
+    resp = np.asarray(ro.response_mask)[:MB] > 0
+    assert np.abs(env["logp_live"][:MB] - logp_r3[:MB])[resp].max() > 1e3 * tol
+  else:
+    # Update 2 scores theta_1 (after update 1) under the recorded routes: its ratio pi_theta_1 / pi_old
+    # against an independent forward that replays them, where live routing at theta_1 has moved away.
+    logp_old, recorded, _ = tr.old_pass(env["params"], ro)
+    s1, _ = compiled(tr.init_state(_copy(env["params"])), *_mb((ro, logp_old, recorded), 0))
+    mb, lo, rec = _mb((ro, np.asarray(logp_old), np.asarray(recorded)), 1)
+    resp = np.asarray(mb.response_mask) > 0
+    ratio = {}
+    for name, rp in (("replayed", rec), ("live", None)):
+      logits, routes = env["apply"](s1.params, mb.tokens, mb.positions, rp, mb.token_mask)
+      ratio[name] = np.exp(_np_logp(logits, mb.tokens)[0] - lo)[resp]
+    second = per_mb[1]
+    np.testing.assert_allclose(second["ratio_mean"], ratio["replayed"].mean(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(second["ratio_max"], ratio["replayed"].max(), rtol=0, atol=1e-5)
+    assert (np.asarray(routes) != rec)[np.asarray(mb.token_mask)].any()  # theta_1 routes elsewhere
+    assert np.abs(ratio["live"] - ratio["replayed"]).max() > 1e-3  # ... which shows in the ratio
+
+
 def test_dense_layer_keeps_its_index_and_shifted_routes_are_rejected(env, trainers, runs):
   tr, params, ro = trainers["r2"], env["params"], env["noisy"]
   runs("r2")  # the update is compiled
