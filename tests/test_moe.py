@@ -62,6 +62,71 @@ def test_route_rejects_out_of_range_replay(bad):
   assert np.isnan(w[1]).all() and np.isfinite(np.delete(w, 1, axis=0)).all()
 
 
+def test_live_and_replayed_gates_are_one_formula():
+  """Replaying the live routes gives bit-identical gate weights (R2's first update is on-policy
+  exactly), with and without renormalization."""
+  logits = jnp.asarray(np.random.default_rng(4).normal(size=(30, 8)) * 3, jnp.float32)
+  for norm in (True, False):
+    ids, w = moe.route(logits, 3, norm)
+    ids_r, w_r = moe.route(logits, 3, norm, ids)
+    np.testing.assert_array_equal(np.asarray(ids_r), np.asarray(ids))
+    np.testing.assert_array_equal(np.asarray(w_r), np.asarray(w))
+
+
+def test_replayed_experts_far_below_the_live_max_keep_finite_gates():
+  """Replayed experts 200 below the live maximum: their full-softmax probabilities underflow to 0 in
+  float32, and renormalizing those was 0/0. The gates are the softmax over the replayed logits (numpy,
+  float64), finite, in and out of jit, and so is the router's gradient."""
+  rng = np.random.default_rng(5)
+  logits = rng.normal(size=(6, 8)).astype(np.float32)
+  routes = np.stack([rng.choice(8, 2, replace=False) for _ in range(6)]).astype(np.int32)
+  for b in range(6):  # every other expert of the token 200 above the replayed ones
+    others = np.setdiff1d(np.arange(8), routes[b])
+    logits[b, others] += 200.0
+  chosen = np.take_along_axis(logits.astype(np.float64), routes, -1)
+  ref = np.exp(chosen - chosen.max(-1, keepdims=True))
+  ref /= ref.sum(-1, keepdims=True)
+  for fn in (moe.route, jax.jit(moe.route, static_argnums=(1, 2))):
+    _, w = fn(jnp.asarray(logits), 2, True, jnp.asarray(routes))
+    np.testing.assert_allclose(np.asarray(w), ref, rtol=1e-6)
+  coef = jnp.asarray(rng.normal(size=(6, 2)), jnp.float32)
+  g = jax.grad(lambda s: jnp.sum(moe.route(s, 2, True, jnp.asarray(routes))[1] * coef))(
+      jnp.asarray(logits)
+  )
+  assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0
+  # Unnormalized gates are the (underflowed) full-softmax probabilities: 0, not NaN.
+  _, w = moe.route(jnp.asarray(logits), 2, False, jnp.asarray(routes))
+  np.testing.assert_array_equal(np.asarray(w), 0.0)
+
+
+def test_route_rejects_duplicate_replay_ids():
+  """An expert twice in one token's replayed routes is rejected like an out-of-range id: a ValueError
+  naming it when concrete, NaN gates for that token inside jit; and by validate_replay_routes (also
+  its multi-process path) before any compute."""
+  from fo_rl.model import DENSE_ROUTE, validate_replay_routes
+  from fo_rl.model.transformer import _validate_global_replay_routes
+  from toy import TOY
+
+  logits = jnp.zeros((4, 6))
+  routes = jnp.asarray([[0, 1], [2, 2], [3, 4], [5, 0]], jnp.int32)
+  with pytest.raises(ValueError, match=r"token \(1,\) lists expert 2 twice"):
+    moe.route(logits, 2, True, routes)
+  for norm in (True, False):
+    _, w = jax.jit(lambda s, r: moe.route(s, 2, norm, r))(logits, routes)
+    w = np.asarray(w)
+    assert np.isnan(w[1]).all() and np.isfinite(np.delete(w, 1, axis=0)).all()
+  # [B=2, T=3, L=3, k=2], layer 1 dense; a duplicate at a real token of MoE layer 2.
+  r = np.tile(np.asarray([[0, 1], [DENSE_ROUTE] * 2, [2, 3]], np.int32), (2, 3, 1, 1))
+  r[1, 2, 2] = [5, 5]
+  mask = np.ones((2, 3), bool)
+  for check in (validate_replay_routes, _validate_global_replay_routes):
+    with pytest.raises(ValueError, match="layer 2 lists expert 5 twice"):
+      check(jnp.asarray(r), TOY, jnp.asarray(mask))
+    mask[1, 2] = False  # at a padding position nothing is checked (the model routes it live)
+    check(jnp.asarray(r), TOY, jnp.asarray(mask))
+    mask[1, 2] = True
+
+
 def _experts(E=8, D=16, F=24, seed=0):
   k = jax.random.split(jax.random.key(seed), 3)
   return moe.Experts(

@@ -5,7 +5,9 @@ routing takes their top-k; replay takes the given expert ids instead. Either way
 live probabilities at the chosen ids, renormalized when `norm_topk_prob`:
     g_i = I_i exp(s_i) / sum_j I_j exp(s_j),
 so the router keeps receiving gradient under replay and, with the live top-k as I, this is exactly
-Qwen3's softmax -> top-k -> renormalize.
+Qwen3's softmax -> top-k -> renormalize. It is computed as a softmax over the k chosen logits, which
+stays finite when the chosen experts' full-softmax probabilities underflow (replayed experts can sit far
+below the live maximum).
 
 Dispatch: `dispatch_reference` is the readable definition (every expert on every token, mixed by a dense
 one-hot combine matrix). `dispatch_fast` is dropless: sort the N*k (token, expert) assignments by expert,
@@ -22,6 +24,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from fo_rl.model.qtensor import QTensor, materialize
@@ -44,15 +47,21 @@ def route(
 ):
   """router_logits [..., E] -> (ids [..., k] int32, gate weights [..., k] float32).
 
-  With `routes` [..., k] (the expert ids to replay) those ids are taken as given (integer data, no
-  gradient) and the weights are the live softmax over them. An id outside [0, E) is an error: raised
-  when the ids are concrete, and when traced (inside jit, where nothing can be raised) the gate weight
-  becomes NaN so the error cannot pass silently.
+  Live: the ids are the top-k logits (the top-k probabilities). With `routes` [..., k] (the expert ids
+  to replay) those ids are taken as given (integer data, no gradient). Either way the weights are
+  g_i = exp(s_i) / sum_{j in ids} exp(s_j) with `norm_topk_prob`, a softmax over the k chosen logits
+  (never the full softmax renormalized, which is 0/0 when the chosen experts' probabilities underflow,
+  as replayed ones can), else the full softmax's probabilities at the ids.
+
+  An id outside [0, E), or an id twice in one token's routes, is an error: raised when the ids are
+  concrete, and when traced (inside jit, where nothing can be raised) that token's gate weights become
+  NaN so the error cannot pass silently.
   """
   num_experts = router_logits.shape[-1]
-  probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+  logits = router_logits.astype(jnp.float32)
   if routes is None:
-    weights, ids = jax.lax.top_k(probs, k)
+    ids = jax.lax.top_k(logits, k)[1]
+    valid = None
   else:
     if routes.shape[-1] != k:
       raise ValueError(
@@ -60,16 +69,27 @@ def route(
       )
     ids = routes.astype(jnp.int32)
     check_replay_ids(ids, num_experts)
-    valid = (ids >= 0) & (ids < num_experts)
-    weights = jnp.take_along_axis(probs, jnp.clip(ids, 0, num_experts - 1), axis=-1)
-    weights = jnp.where(valid, weights, jnp.nan)
+    valid = jnp.all((ids >= 0) & (ids < num_experts), axis=-1, keepdims=True)
+    valid = valid & ~_has_duplicates(ids)
+  safe = ids if valid is None else jnp.clip(ids, 0, num_experts - 1)
   if norm_topk_prob:
-    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    weights = jax.nn.softmax(jnp.take_along_axis(logits, safe, axis=-1), axis=-1)
+  else:
+    weights = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), safe, axis=-1)
+  if valid is not None:
+    weights = jnp.where(valid, weights, jnp.nan)
   return ids.astype(jnp.int32), weights
 
 
+def _has_duplicates(ids) -> jax.Array:
+  """[..., k] ids -> [..., 1] bool: some id appears twice."""
+  s = jnp.sort(ids, axis=-1)
+  return jnp.any(s[..., 1:] == s[..., :-1], axis=-1, keepdims=True)
+
+
 def check_replay_ids(ids, num_experts: int, where: str = "replay routes") -> None:
-  """Raise on ids outside [0, num_experts) when they are concrete (a no-op on tracers)."""
+  """Raise on ids outside [0, num_experts), or on an id twice in one token's k ids, when they are
+  concrete (a no-op on tracers)."""
   if isinstance(ids, jax.core.Tracer):
     return
   ids = jax.device_get(ids)
@@ -80,6 +100,23 @@ def check_replay_ids(ids, num_experts: int, where: str = "replay routes") -> Non
         f"{where}: expert id {int(ids[first])} at index {first} is outside "
         f"[0, {num_experts}) (-1 marks a dense layer and must never reach a MoE layer)"
     )
+  s = np.sort(ids, axis=-1)
+  dup = np.any(s[..., 1:] == s[..., :-1], axis=-1)
+  if dup.any():
+    first = tuple(int(a[0]) for a in dup.nonzero())
+    raise ValueError(
+        f"{where}: token {first} lists expert {_first_duplicate(ids[first])} twice in its "
+        f"{ids.shape[-1]} experts {ids[first].tolist()}; a token's experts must be distinct"
+    )
+
+
+def _first_duplicate(row) -> int:
+  seen = set()
+  for e in row.tolist():
+    if e in seen:
+      return e
+    seen.add(e)
+  raise AssertionError(row)
 
 
 # ------------------------------------------------------------------------------------------------

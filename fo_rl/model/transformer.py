@@ -373,8 +373,9 @@ def _remat_layer(layer, x, positions, key_mask, token_mask, routes):
 
 
 def validate_replay_routes(routes, cfg: ModelConfig, token_mask=None, bt=None) -> None:
-  """Check replay routes before any compute: shape, dense layers hold -1, MoE ids in [0, E) at real
-  tokens. Concrete arrays raise ValueError; traced ones are checked inside the layers (NaN outputs).
+  """Check replay routes before any compute: shape, dense layers hold -1, MoE ids in [0, E) and
+  distinct within each token at real tokens. Concrete arrays raise ValueError; traced ones are checked
+  inside the layers (NaN outputs).
   """
   expected = (*(bt or routes.shape[:2]), cfg.num_layers, cfg.route_slots)
   if tuple(routes.shape) != expected:
@@ -397,6 +398,13 @@ def validate_replay_routes(routes, cfg: ModelConfig, token_mask=None, bt=None) -
             f"{int(ids[bad][0])} outside [0, {cfg.num_experts}) at a real token "
             f"(-1 marks a dense layer)"
         )
+      s = np.sort(ids, axis=-1)
+      dup = s[:, 1:] == s[:, :-1]
+      if dup.any():
+        raise ValueError(
+            f"replay routes: layer {i} lists expert {int(s[:, 1:][dup][0])} twice at a real "
+            f"token; a token's {cfg.route_slots} experts must be distinct"
+        )
     elif (ids != DENSE_ROUTE).any():
       raise ValueError(
           f"replay routes: layer {i} is a dense layer but holds expert id "
@@ -413,7 +421,13 @@ def _route_checker(moe_layers: tuple[bool, ...], num_experts: int):
 
   @jax.jit
   def check(r, m):
-    bad = jnp.where(moe_layer[None, None, :, None], (r < 0) | (r >= num_experts), r != DENSE_ROUTE)
+    r = jnp.sort(
+        r, axis=-1
+    )  # (each token's k ids in order: a repeated id is equal to the one before)
+    dup = jnp.pad(r[..., 1:] == r[..., :-1], ((0, 0),) * 3 + ((1, 0),))
+    bad = jnp.where(
+        moe_layer[None, None, :, None], (r < 0) | (r >= num_experts) | dup, r != DENSE_ROUTE
+    )
     if m is not None:
       bad = bad & m[:, :, None, None]
     return jnp.any(bad, axis=(0, 1, 3)), jnp.max(jnp.where(bad, r, lowest), axis=(0, 1, 3))
@@ -430,6 +444,11 @@ def _validate_global_replay_routes(routes, cfg: ModelConfig, token_mask=None) ->
   moe_layers = tuple(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
   any_bad, example = host_get(_route_checker(moe_layers, cfg.num_experts)(routes, token_mask))
   for i in np.nonzero(any_bad)[0]:
+    if moe_layers[i] and 0 <= int(example[i]) < cfg.num_experts:
+      raise ValueError(
+          f"replay routes: layer {i} lists expert {int(example[i])} twice at a real token; a "
+          f"token's {cfg.route_slots} experts must be distinct"
+      )
     if moe_layers[i]:
       raise ValueError(
           f"replay routes: layer {i} is a MoE layer but holds expert id {int(example[i])} "
