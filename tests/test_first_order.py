@@ -243,3 +243,46 @@ def test_group_baselines_in_expectation(G):
         theta, row_weight * adv, L.LossConfig(), logp_mu=lp, logp_old=lp, seqs=seqs, ctx=ctx
     )
     np.testing.assert_allclose(g, scale * ref, atol=2e-6, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------
+# 4. Sequence-level IS (algorithms.md section 8): what each level estimates.
+# --------------------------------------------------------------------------------------------------------
+
+
+def seq_and_token_errors(seed, sigma):
+  """(||seq - exact||, ||token - exact||, ||exact||) for a sampler perturbed by sigma: untruncated,
+  pi_old = pi_theta (so r = 1 and the clip is inactive), y ~ mu."""
+  theta, theta_mu, reward = problem(seed, sigma)
+  lp, lp_mu = token_logps(theta), token_logps(theta_mu)
+  w = seq_probs(theta_mu) * reward  # expectation over y ~ mu
+  ref = exact_grad(theta, reward)
+  seq = surrogate_grad(
+      theta, w, L.LossConfig(is_level="sequence", seq_tis_cap=float("inf")), lp_mu, lp
+  )
+  tok = surrogate_grad(theta, w, L.LossConfig(tis_cap=float("inf")), lp_mu, lp)
+  return err(seq, ref), err(tok, ref), err(ref, 0.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sequence_is_is_the_exact_gradient_token_is_is_first_order(seed):
+  """mu != pi, no truncation: E_mu[min(prod_t pi_old/mu, inf) * R * grad log pi(y)] is exactly grad
+  J_seq (the sequence IS identity), at every distance of mu from pi; the token-level weight is not:
+  its error is well above float noise and shrinks as mu -> pi (first order in the mismatch)."""
+  errs = {s: seq_and_token_errors(seed, s) for s in (0.4, 0.2, 0.1)}
+  for sigma, (e_seq, e_tok, norm) in errs.items():
+    assert e_seq < 2e-6 * max(norm, 1.0), (sigma, e_seq)
+    assert e_tok > 1e-4, (sigma, e_tok)
+  assert errs[0.4][1] > errs[0.2][1] > errs[0.1][1], errs
+  assert 0.3 < errs[0.1][1] / errs[0.2][1] < 0.7, errs  # ~ halves with sigma
+
+
+def test_sequence_truncation_is_a_bias():
+  """With a cap below the largest sequence ratio, the sequence-level surrogate leaves grad J_seq."""
+  theta, theta_mu, reward = problem(0, 1.0)
+  lp, lp_mu = token_logps(theta), token_logps(theta_mu)
+  assert float(jnp.max(jnp.exp(jnp.sum(lp - lp_mu, axis=1)))) > 2.0
+  w = seq_probs(theta_mu) * reward
+  ref = exact_grad(theta, reward)
+  capped = surrogate_grad(theta, w, L.LossConfig(is_level="sequence", seq_tis_cap=2.0), lp_mu, lp)
+  assert err(capped, ref) > 1e-3

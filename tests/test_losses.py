@@ -113,6 +113,38 @@ def ref_minirl_weight(lp_sg, lo, lm, cfg):
   return min(whole, cfg.tis_cap), whole > cfg.tis_cap
 
 
+def ref_seq_log_ratio(d, i):
+  """log W_i = sum_t log(pi_old / mu) over row i's response tokens (a plain Python sum)."""
+  lo, lm, mask = d["logp_old"], d["logp_mu"], d["mask"]
+  return sum(lo[i, t] - lm[i, t] for t in range(mask.shape[1]) if mask[i, t])
+
+
+def ref_weight(lp_sg, d, cfg, i, t):
+  """(w, truncated) for token t of row i under every is_level (LossConfig docs, algorithms.md sec. 8)."""
+  lo, lm = d["logp_old"][i, t], d["logp_mu"][i, t]
+  if not cfg.train_infer_is or cfg.is_level == "none":
+    return math.exp(lp_sg[i, t] - lo), math.exp(lo - lm) > cfg.tis_cap
+  if cfg.is_level == "sequence":
+    W = math.exp(ref_seq_log_ratio(d, i))
+    return min(W, cfg.seq_tis_cap) * math.exp(lp_sg[i, t] - lo), W > cfg.seq_tis_cap
+  return ref_minirl_weight(lp_sg[i, t], lo, lm, cfg)
+
+
+def ref_accepted(d, cfg, i, t):
+  """K_t: 1 unless cfg.reject masks token t of row i (ratios compared as ratios, not logs)."""
+  lo, lm, mask = d["logp_old"], d["logp_mu"], d["mask"]
+  if cfg.reject == "none":
+    return 1.0
+  if cfg.reject == "token":
+    x = math.exp(lo[i, t] - lm[i, t])
+  elif cfg.reject == "sequence":
+    x = math.exp(ref_seq_log_ratio(d, i))
+  else:  # geometric mean of the per-token ratios
+    ratios = [math.exp(lo[i, u] - lm[i, u]) for u in range(mask.shape[1]) if mask[i, u]]
+    x = math.prod(ratios) ** (1.0 / len(ratios))
+  return 1.0 if cfg.reject_low <= x <= cfg.reject_high else 0.0
+
+
 def ref_minirl_mask(r, a, eps_low, eps_high):
   """M_t: 0 iff (A > 0 and r > 1 + eps_high) or (A < 0 and r < 1 - eps_low)."""
   if (a > 0 and r > 1 + eps_high) or (a < 0 and r < 1 - eps_low):
@@ -132,10 +164,10 @@ def ref_minirl(lp, d, cfg, lp_sg=None):
       if mask[i, t] == 0:
         continue
       n += 1
-      w, _ = ref_minirl_weight(lp_sg[i, t], lo[i, t], lm[i, t], cfg)
+      w, _ = ref_weight(lp_sg, d, cfg, i, t)
       r = math.exp(lp_sg[i, t] - lo[i, t])
       m = ref_minirl_mask(r, adv[i], cfg.eps_low, cfg.eps_high) if cfg.clip else 1.0
-      row += m * w * adv[i] * lp[i, t]
+      row += ref_accepted(d, cfg, i, t) * m * w * adv[i] * lp[i, t]
     if cfg.length_norm:
       row = row / n if n else 0.0
     total += row
@@ -154,9 +186,10 @@ def ref_minirl_grad(d, cfg):
     for t in range(T):
       if mask[i, t] == 0:
         continue
-      w, _ = ref_minirl_weight(lp[i, t], lo[i, t], lm[i, t], cfg)
+      w, _ = ref_weight(lp, d, cfg, i, t)
       r = math.exp(lp[i, t] - lo[i, t])
-      m = ref_minirl_mask(r, adv[i], cfg.eps_low, cfg.eps_high) if cfg.clip else 1.0
+      m = ref_minirl_mask(r, adv[i], cfg.eps_low, cfg.eps_high) * ref_accepted(d, cfg, i, t)
+      m = m if cfg.clip else ref_accepted(d, cfg, i, t)
       if cfg.length_norm:
         norm = B * n
       else:
@@ -244,7 +277,7 @@ def ref_metrics(d, cfg):
     disc = math.exp(lo[i, t] - lm[i, t])
     trunc = disc > cfg.tis_cap
     if cfg.name == "minirl":
-      w, trunc = ref_minirl_weight(lp[i, t], lo[i, t], lm[i, t], cfg)
+      w, trunc = ref_weight(lp, d, cfg, i, t)
       el, eh, ratio, on = cfg.eps_low, cfg.eps_high, r, cfg.clip
     elif cfg.name == "grpo":
       w, el, eh, ratio, on = r, cfg.eps_low, cfg.eps_high, r, True
@@ -846,3 +879,152 @@ def test_dapo_drops_zero_signal_groups_from_the_divisor():
   assert np.all(grad2[len(grad) :] == 0)
   assert m2["num_tokens"] == m["num_tokens"]
   assert m2["zero_signal_frac"] == pytest.approx((1 + 7) / (6 + 7))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Sequence-level corrections: is_level, reject.
+# --------------------------------------------------------------------------------------------------------
+
+SEQ_CFGS = {
+    "seq": dict(is_level="sequence"),
+    "seq-uncapped": dict(is_level="sequence", seq_tis_cap=float("inf")),
+    "seq-lennorm": dict(is_level="sequence", seq_tis_cap=2.0, length_norm=True),
+    "seq-noclip-x_len": dict(is_level="sequence", clip=False, normalizer="responses_x_len"),
+    "none": dict(is_level="none"),
+    "tok-reject-token": dict(reject="token"),
+    "tok-reject-seq": dict(reject="sequence", reject_low=0.2, reject_high=5.0),
+    "tok-reject-geo": dict(reject="geometric", reject_low=0.8, reject_high=1.25),
+    "seq-reject-geo": dict(
+        is_level="sequence", reject="geometric", reject_low=0.8, reject_high=1.2
+    ),
+    "none-reject-geo-lennorm": dict(is_level="none", reject="geometric", length_norm=True),
+    "whole-reject-token": dict(tis_mode="whole", reject="token", reject_low=0.0, reject_high=1.5),
+    "noclip-reject-seq": dict(clip=False, reject="sequence", reject_low=0.1, reject_high=3.0),
+}
+
+
+@pytest.mark.parametrize("knobs", list(SEQ_CFGS.values()), ids=list(SEQ_CFGS))
+def test_sequence_corrections_value_and_grad(knobs):
+  """Every is_level x reject combination against the float64 loop reference: value, gradient (finite
+  differences and hand-derived), padding rows and varied lengths (make_batch), the clip mask."""
+  cfg = L.LossConfig(**knobs)
+  for seed in (0, 1, 2):
+    d = make_batch(seed)
+    loss, grad, metrics = jax_value_and_grad(d, cfg)
+    lp0 = d["logp"].copy()
+    assert_close(loss, ref_minirl(lp0, d, cfg), what="value")
+    fd = finite_diff(lambda lp: ref_minirl(lp, d, cfg, lp_sg=lp0), lp0, d["mask"])
+    assert_close(grad, fd, rtol=1e-4, atol=1e-6, what="grad vs finite differences")
+    assert_close(grad, ref_minirl_grad(d, cfg), rtol=1e-5, atol=1e-7, what="grad vs hand")
+    for k, v in ref_metrics(d, cfg).items():
+      assert_close(metrics[k], v, rtol=1e-5, atol=1e-6, what=k)
+    if cfg.reject != "none":
+      acc = np.array(
+          [
+              [ref_accepted(d, cfg, i, t) if d["mask"][i, t] else 1.0 for t in range(9)]
+              for i in range(7)
+          ]
+      )
+      rej = (1 - acc) * d["mask"]
+      nonempty = d["mask"].sum(1) > 0
+      whole = nonempty & (rej.sum(1) == d["mask"].sum(1))
+      assert_close(metrics["reject_token_frac"], rej.sum() / d["mask"].sum(), what="tokens")
+      assert_close(metrics["reject_response_frac"], whole.sum() / nonempty.sum(), what="responses")
+    else:
+      assert "reject_token_frac" not in metrics
+
+
+def test_sequence_fixture_exercises_the_branches():
+  """On these batches the sequence cap truncates some rows and not others, and every rejection mode
+  rejects some but not all responses or tokens (guards against a vacuous reference comparison)."""
+  fracs = {}
+  for name in ("seq", "tok-reject-token", "tok-reject-seq", "tok-reject-geo", "seq-reject-geo"):
+    cfg = L.LossConfig(**SEQ_CFGS[name])
+    vals = [jax_value_and_grad(make_batch(s), cfg)[2] for s in (0, 1, 2)]
+    key = "is_truncated_frac" if cfg.reject == "none" else "reject_token_frac"
+    fracs[name] = [m[key] for m in vals]
+    assert any(0 < f < 1 for f in fracs[name]), (name, fracs[name])
+  assert all(
+      f["reject_response_frac"] > 0
+      for f in [jax_value_and_grad(make_batch(0), L.LossConfig(**SEQ_CFGS["tok-reject-geo"]))[2]]
+  )
+
+
+def test_sequence_level_differs_from_token_level():
+  d = make_batch(0)
+  _, g_tok, _ = jax_value_and_grad(d, L.LossConfig(tis_cap=float("inf")))
+  _, g_seq, _ = jax_value_and_grad(d, L.LossConfig(is_level="sequence", seq_tis_cap=float("inf")))
+  _, g_none, _ = jax_value_and_grad(d, L.LossConfig(is_level="none"))
+  _, g_off, _ = jax_value_and_grad(d, L.LossConfig(train_infer_is=False))
+  assert not np.allclose(g_tok, g_seq, rtol=1e-3)
+  np.testing.assert_array_equal(g_none, g_off)  # is_level='none' is train_infer_is=False
+
+
+def test_rejection_band_containing_everything_changes_nothing():
+  d = make_batch(1)
+  base = jax_value_and_grad(d, L.LossConfig())
+  for mode in ("token", "sequence", "geometric"):
+    cfg = L.LossConfig(reject=mode, reject_low=0.0, reject_high=float("inf"))
+    loss, grad, m = jax_value_and_grad(d, cfg)
+    assert loss == pytest.approx(base[0], rel=1e-6) and np.array_equal(grad, base[1]), mode
+    assert m["reject_token_frac"] == 0 and m["reject_response_frac"] == 0
+
+
+def test_sequence_ratio_extremes_are_finite():
+  """A long response whose summed log(pi_old/mu) is +-150 (W overflows float32): the sequence weight is
+  clamped to e^20 (reported), an uncapped one too, and the loss and gradient stay finite; rejection
+  compares the unclamped logs, so the response is rejected."""
+  d = make_batch(0)
+  d["logp_mu"] = np.where(
+      d["mask"] > 0, d["logp_old"] - 30.0 * np.sign(d["advantages"][:, None] + 0.5), 0.0
+  )
+  for cfg in (
+      L.LossConfig(is_level="sequence", seq_tis_cap=float("inf")),
+      L.LossConfig(is_level="sequence"),
+      L.LossConfig(is_level="sequence", reject="sequence", reject_high=1e30),
+  ):
+    loss, grad, m = jax_value_and_grad(d, cfg)
+    assert np.isfinite(loss) and np.all(np.isfinite(grad)), cfg
+    assert all(np.isfinite(v) for v in m.values())
+    assert m["log_ratio_clamped_frac"] > 0
+  assert m["reject_response_frac"] > 0  # log W = 30 |y| > log 1e30 ~ 69 for |y| >= 3
+
+
+@pytest.mark.parametrize(
+    "knobs,field",
+    [
+        (dict(is_level="sequence", tis_cap=2.0), "tis_cap"),
+        (dict(is_level="sequence", tis_mode="whole"), "tis_mode"),
+        (dict(is_level="none", tis_cap=2.0), "tis_cap"),
+        (dict(is_level="token", seq_tis_cap=2.0), "seq_tis_cap"),
+        (dict(train_infer_is=False, is_level="sequence"), "is_level"),
+        (dict(reject_low=0.1), "reject_low"),
+        (dict(reject_high=3.0), "reject_high"),
+        (dict(name="grpo", is_level="sequence"), "is_level"),
+        (dict(name="gspo", reject="geometric"), "reject"),
+        (dict(name="dapo", reject="token"), "reject"),
+    ],
+)
+def test_sequence_knobs_that_would_be_ignored_are_errors(knobs, field):
+  with pytest.raises(ValueError, match=f"rl.loss.{field}=.*ignored"):
+    L.LossConfig(**knobs)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("is_level", "x"),
+        ("reject", "mask"),
+        ("seq_tis_cap", 0.5),
+        ("reject_low", 1.5),
+        ("reject_low", -0.1),
+        ("reject_high", 0.9),
+        ("seq_tis_cap", float("nan")),
+    ],
+)
+def test_bad_sequence_knobs_name_the_field(field, value):
+  knobs = {field: value}
+  if field.startswith("reject_"):
+    knobs["reject"] = "token"
+  with pytest.raises(ValueError, match=f"{field}"):
+    L.LossConfig.from_config(knobs)

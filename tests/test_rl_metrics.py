@@ -192,3 +192,36 @@ def test_masked_helpers_empty_and_garbage():
   assert float(M.masked_max(x, mask)) == 5.0
   assert float(M.masked_mean(x, np.zeros_like(mask))) == 0.0
   assert float(M.masked_max(x, np.zeros_like(mask))) == 0.0
+
+
+def ref_quantile(xs, q):
+  """Linear-interpolation quantile of a Python list (numpy's default method), by hand."""
+  xs = sorted(xs)
+  pos = q * (len(xs) - 1)
+  lo = math.floor(pos)
+  hi = min(lo + 1, len(xs) - 1)
+  return xs[lo] + (pos - lo) * (xs[hi] - xs[lo])
+
+
+def test_train_infer_seq_quantiles():
+  """Sequence log ratio sum_t log(pi_old/mu) and geometric mean ratio, quantiles over the non-empty rows
+  (row 1 is empty and must not count); an all-empty mask gives zeros."""
+  for seed in range(3):
+    lm, lo, mask = make_logps(seed, B=9)
+    rows = [i for i in range(mask.shape[0]) if mask[i].sum() > 0]
+    log_w = [sum(lo[i, t] - lm[i, t] for t in range(mask.shape[1]) if mask[i, t]) for i in rows]
+    geo = [math.exp(lw / mask[i].sum()) for lw, i in zip(log_w, rows)]
+    got = M.train_infer_seq_quantiles(jnp.asarray(lm), jnp.asarray(lo), jnp.asarray(mask))
+    assert set(got) == {
+        f"train_infer_{n}_p{p}" for n in ("seq_log_ratio", "geo_ratio") for p in ("10", "50", "90")
+    }
+    for q in (0.1, 0.5, 0.9):
+      p = f"{round(100 * q):02d}"
+      np.testing.assert_allclose(
+          got[f"train_infer_seq_log_ratio_p{p}"], ref_quantile(log_w, q), rtol=1e-5, atol=1e-5
+      )
+      np.testing.assert_allclose(
+          got[f"train_infer_geo_ratio_p{p}"], ref_quantile(geo, q), rtol=1e-5
+      )
+  empty = M.train_infer_seq_quantiles(jnp.zeros((2, 3)), jnp.ones((2, 3)), jnp.zeros((2, 3)))
+  assert all(float(v) == 0.0 for v in empty.values())

@@ -28,6 +28,9 @@ Choices the paper leaves **open** (each is a LossConfig field, documented at the
     section 3); 'whole' caps pi_theta/mu. Both coincide on-policy (r = 1).
   * normalizer: the constant MiniRL divides the token sum by: 'responses' (B) or 'responses_x_len'
     (B * T, T the response length budget: see `response_budget`).
+  * is_level / reject (beyond the paper, algorithms.md section 8): the level of the train-infer IS weight
+    (token: the paper's; sequence; none) and the rejection of samples whose pi_old/mu drifted (none: the
+    paper's; token; sequence; geometric). See `minirl_loss`.
   * cispo_eps_high: MiniMax-M1 tuned it without publishing a value; 0.28 here (the DAPO clip-higher value,
     also Trinity-RFT's CISPO default). The CISPO lower bound is absent (eps_low ~ inf, as in MiniMax-M1).
 """
@@ -54,6 +57,8 @@ __all__ = [
     "get_loss",
     "policy_loss",
     "TIS_MODES",
+    "IS_LEVELS",
+    "REJECT_MODES",
     "NORMALIZERS",
     "response_budget",
     "LOG_RATIO_BOUND",
@@ -62,6 +67,8 @@ __all__ = [
 sg = jax.lax.stop_gradient
 
 TIS_MODES = ("discrepancy", "whole")
+IS_LEVELS = ("token", "sequence", "none")
+REJECT_MODES = ("none", "token", "sequence", "geometric")
 LOG_RATIO_BOUND = 20.0  # |log ratio| clamp before exp (verl's bound): see the module docstring
 NORMALIZERS = ("responses", "responses_x_len")
 
@@ -146,6 +153,22 @@ class LossConfig:
   # the first response column to the end), so the divisor depends on the layout only, never on the
   # sampled lengths, and not on the prompt bucket.
   normalizer: str = "responses"
+  # MiniRL (beyond the paper, algorithms.md section 8), with w_t = pi_old/mu and W = prod_t w_t over a
+  # response: the level of the train-infer IS weight. 'token' (the paper): min(w_t, tis_cap) on token t;
+  # 'sequence': min(W, seq_tis_cap) on every token of the response (untruncated, its gradient is the
+  # exact gradient of J_seq, tests/test_first_order.py); 'none': no weight (= train_infer_is=False).
+  is_level: str = "token"
+  # Cap C_seq of the sequence-level weight (is_level='sequence'); >= 1, inf: untruncated. verl's
+  # rollout correction suggests 2-10 for sequence weights.
+  seq_tis_cap: float = 5.0
+  # MiniRL: reject (mask out of the loss, no reweighting) what drifted: 'none' (the paper); 'token': a
+  # token whose w_t is outside [reject_low, reject_high]; 'sequence': a whole response whose W is
+  # outside; 'geometric': a whole response whose geometric mean exp(mean_t log w_t) is outside
+  # (SkyRL's default; verl suggests a band like [0.999, 1.001] there). The normalizer is unchanged:
+  # a rejected token adds 0 to MiniRL's sum, the constant it is divided by stays the same.
+  reject: str = "none"
+  reject_low: float = 0.5
+  reject_high: float = 2.0
   gspo_eps_low: float = 3e-4  # GSPO sequence-ratio clip (GSPO paper).
   gspo_eps_high: float = 4e-4
   dapo_eps_high: float = 0.28  # DAPO clip-higher; DAPO's low side uses eps_low.
@@ -164,6 +187,25 @@ class LossConfig:
       raise ValueError(
           f"LossConfig.normalizer must be one of {NORMALIZERS}, got {self.normalizer!r}"
       )
+    if self.is_level not in IS_LEVELS:
+      raise ValueError(f"rl.loss.is_level={self.is_level!r}: must be one of {IS_LEVELS}")
+    if self.reject not in REJECT_MODES:
+      raise ValueError(f"rl.loss.reject={self.reject!r}: must be one of {REJECT_MODES}")
+    seq_cap = _check_real("seq_tis_cap", self.seq_tis_cap)
+    if not seq_cap >= 1.0:
+      raise ValueError(f"rl.loss.seq_tis_cap={seq_cap!r}: must be >= 1 (inf: no truncation)")
+    object.__setattr__(self, "seq_tis_cap", seq_cap)
+    lo, hi = _check_real("reject_low", self.reject_low), _check_real(
+        "reject_high", self.reject_high
+    )
+    if not 0.0 <= lo <= 1.0:
+      raise ValueError(f"rl.loss.reject_low={lo!r}: must lie in [0, 1] (ratio 1 is never rejected)")
+    if not (hi >= 1.0 and hi > lo):
+      raise ValueError(
+          f"rl.loss.reject_high={hi!r}: must be >= 1 (ratio 1 is never rejected) and > reject_low"
+      )
+    object.__setattr__(self, "reject_low", lo)
+    object.__setattr__(self, "reject_high", hi)
     cap = _check_real("tis_cap", self.tis_cap)
     if not cap >= 1.0:
       raise ValueError(f"LossConfig.tis_cap must be >= 1 (inf disables truncation), got {cap!r}")
@@ -234,8 +276,19 @@ def ignored_fields(cfg: LossConfig) -> dict[str, str]:
     if cfg.length_norm:
       why.setdefault("normalizer", "length_norm=True replaces the normalizer")
     if not cfg.train_infer_is:
-      for f in ("tis_mode", "tis_cap"):
+      for f in ("tis_mode", "tis_cap", "is_level", "seq_tis_cap"):
         why.setdefault(f, "train_infer_is=False drops the train-infer IS weight")
+    if cfg.is_level == "none":
+      for f in ("tis_mode", "tis_cap", "seq_tis_cap"):
+        why.setdefault(f, "is_level='none' drops the train-infer IS weight")
+    if cfg.is_level == "sequence":
+      for f in ("tis_mode", "tis_cap"):
+        why.setdefault(f, "is_level='sequence' uses seq_tis_cap on the sequence ratio")
+    if cfg.is_level == "token":
+      why.setdefault("seq_tis_cap", "is_level='token' truncates each token by tis_cap")
+    if cfg.reject == "none":
+      for f in ("reject_low", "reject_high"):
+        why.setdefault(f, "reject='none' rejects nothing")
     if not cfg.clip:
       for f in ("eps_low", "eps_high"):
         why.setdefault(f, "clip=False drops the clip mask")
@@ -326,12 +379,14 @@ def _diagnostics(
     clip_high: jax.Array,
     clip_low: jax.Array,
     truncated: jax.Array | None = None,
+    extra_clamped: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
   """Metrics common to all losses, over masked tokens (float32, all stop-gradient).
 
   weight:    [B, T] the per-token weight the loss puts on A * grad log pi_theta before the clip mask.
   clip_*:    [B, T] bool, tokens whose gradient the clip removes (or, for CISPO, whose weight it caps).
   truncated: [B, T] bool, tokens whose train-infer ratio exceeded tis_cap; default pi_old/mu > C.
+  extra_clamped: [B, T] bool, more tokens whose log ratio was clamped (beyond log r, log pi_old/mu).
   """
   m = batch.mask
   log_r = sg(_log_ratio(batch.logp, batch.logp_old, m))
@@ -343,6 +398,8 @@ def _diagnostics(
   clamped = _clamped(sg(batch.logp), batch.logp_old, m) | _clamped(batch.logp_old, batch.logp_mu, m)
   if cfg.name == "minirl" and cfg.tis_mode == "whole":
     clamped = clamped | _clamped(sg(batch.logp), batch.logp_mu, m)
+  if extra_clamped is not None:
+    clamped = clamped | extra_clamped
   return {
       "log_ratio_clamped_frac": masked_mean(clamped.astype(jnp.float32), m),
       "is_weight_mean": masked_mean(weight, m),
@@ -363,21 +420,54 @@ def _diagnostics(
 # --------------------------------------------------------------------------------------------------------
 
 
-def _minirl_weight(batch: LossInputs, cfg: LossConfig, r: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """([B, T] w_t under sg, [B, T] bool truncated) for MiniRL, given r = sg[pi_theta / pi_old] [B, T].
+def _seq_log_ratio(logp_a: jax.Array, logp_b: jax.Array, mask: jax.Array) -> jax.Array:
+  """[B] log prod_t (p_a / p_b)(y_t) over each response's tokens (unclamped; 0 for an empty row)."""
+  return jnp.sum(masked_log_ratio(logp_a, logp_b, mask), axis=1)
 
-  train_infer_is and tis_mode='discrepancy':  w = min(pi_old/mu, C) * r   (algorithms.md section 3)
-  train_infer_is and tis_mode='whole':        w = min(pi_theta/mu, C)
-  not train_infer_is:                         w = r  (the pi_old/mu factor is dropped, staleness kept)
+
+def _minirl_weight(
+    batch: LossInputs, cfg: LossConfig, r: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """([B, T] w_t under sg, [B, T] bool truncated, [B, T] bool clamped or None) for MiniRL, given
+  r = sg[pi_theta / pi_old] [B, T]. With d_t = pi_old/mu and W = prod_t d_t over the response:
+
+  is_level='token', tis_mode='discrepancy':  w = min(d_t, C) * r   (algorithms.md section 3)
+  is_level='token', tis_mode='whole':        w = min(pi_theta/mu, C)
+  is_level='sequence':                       w = min(W, C_seq) * r  (W clamped to e^+-20, in log space)
+  is_level='none' or not train_infer_is:     w = r  (the pi_old/mu factor is dropped, staleness kept)
+  `clamped` marks the tokens of responses whose |log W| exceeded the bound (sequence level only).
   """
   m = batch.mask
   d = jnp.exp(_log_ratio(batch.logp_old, batch.logp_mu, m))
-  if not cfg.train_infer_is:
-    return sg(r), d > cfg.tis_cap
+  if not cfg.train_infer_is or cfg.is_level == "none":
+    return sg(r), d > cfg.tis_cap, None
+  if cfg.is_level == "sequence":
+    log_w = _seq_log_ratio(batch.logp_old, batch.logp_mu, m)  # [B]
+    w_seq = jnp.exp(jnp.clip(log_w, -LOG_RATIO_BOUND, LOG_RATIO_BOUND))
+    tok = lambda x: jnp.broadcast_to(x[:, None], m.shape) & (m > 0)  # noqa: E731  [B] -> [B, T]
+    w = sg(jnp.minimum(w_seq, cfg.seq_tis_cap)[:, None] * r)
+    return w, tok(w_seq > cfg.seq_tis_cap), tok(jnp.abs(log_w) > LOG_RATIO_BOUND)
   if cfg.tis_mode == "discrepancy":
-    return sg(jnp.minimum(d, cfg.tis_cap) * r), d > cfg.tis_cap
+    return sg(jnp.minimum(d, cfg.tis_cap) * r), d > cfg.tis_cap, None
   whole = jnp.exp(sg(_log_ratio(batch.logp, batch.logp_mu, m)))
-  return sg(jnp.minimum(whole, cfg.tis_cap)), whole > cfg.tis_cap
+  return sg(jnp.minimum(whole, cfg.tis_cap)), whole > cfg.tis_cap, None
+
+
+def _reject_keep(batch: LossInputs, cfg: LossConfig) -> jax.Array:
+  """[B, T] float: 0 on the tokens `cfg.reject` masks out, 1 elsewhere. Compared in log space, on the
+  unclamped log ratios: log(pi_old/mu) per token ('token'), its sum over the response ('sequence') or
+  its mean over the response ('geometric') must lie in [log reject_low, log reject_high]."""
+  m = batch.mask
+  log_d = masked_log_ratio(batch.logp_old, batch.logp_mu, m)  # [B, T]
+  if cfg.reject == "token":
+    x = log_d
+  elif cfg.reject == "sequence":
+    x = jnp.sum(log_d, axis=1, keepdims=True)
+  else:  # geometric
+    x = jnp.sum(log_d, axis=1, keepdims=True) / jnp.maximum(_lengths(m), 1.0)[:, None]
+  lo = math.log(cfg.reject_low) if cfg.reject_low > 0 else -math.inf
+  hi = math.log(cfg.reject_high)
+  return jnp.broadcast_to((x >= lo) & (x <= hi), m.shape).astype(jnp.float32)
 
 
 MINIRL_FIELDS = (
@@ -389,6 +479,11 @@ MINIRL_FIELDS = (
     "length_norm",
     "tis_mode",
     "normalizer",
+    "is_level",
+    "seq_tis_cap",
+    "reject",
+    "reject_low",
+    "reject_high",
 )
 
 
@@ -396,9 +491,11 @@ MINIRL_FIELDS = (
 def minirl_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
   """MiniRL (algorithms.md section 3), as a loss to minimize:
 
-      L = -(1/N) sum_{i,t} mask_it * M_it * sg[w_it] * A_i * log pi_theta(y_it)
+      L = -(1/N) sum_{i,t} mask_it * K_it * M_it * sg[w_it] * A_i * log pi_theta(y_it)
 
   M_it = 0 iff (A_i > 0 and r_it > 1+eps_high) or (A_i < 0 and r_it < 1-eps_low)   [clip=True]
+  w_it: the IS weight of `is_level` (`_minirl_weight`); K_it = 0 on the tokens `reject` masks out
+  (`_reject_keep`; 1 everywhere under reject='none').
   N = B ('responses') or B*T ('responses_x_len', T = `response_budget(mask)`); length_norm=True replaces
   1/N by (1/B) * 1/|y_i|.
   Its gradient equals that of -sg[min(pi_old/mu, C)] * min(r A, clip(r) A) (the PPO-shaped form); the
@@ -407,12 +504,15 @@ def minirl_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str
   b = _f32(batch)
   adv = b.advantages[:, None]  # [B, 1]
   r = jnp.exp(sg(_log_ratio(b.logp, b.logp_old, b.mask)))  # [B, T] staleness ratio
-  w, truncated = _minirl_weight(b, cfg, r)  # [B, T]
+  w, truncated, seq_clamped = _minirl_weight(b, cfg, r)  # [B, T]
   if cfg.clip:
     high, low = _clip_sides(r, adv, cfg.eps_low, cfg.eps_high)
   else:
     high = low = jnp.zeros(r.shape, bool)
   keep = jnp.where(high | low, 0.0, 1.0)  # M_t
+  if cfg.reject != "none":
+    accepted = _reject_keep(b, cfg)  # K_t
+    keep = keep * accepted
   per_token = sg(keep * w) * adv * _safe_logp(b) * b.mask  # [B, T]
   B = b.mask.shape[0]
   if cfg.length_norm:
@@ -421,7 +521,25 @@ def minirl_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str
     loss = -jnp.sum(per_token) / B
   else:
     loss = -jnp.sum(per_token) / (B * response_budget(b.mask))
-  return loss, _diagnostics(b, cfg, weight=w, clip_high=high, clip_low=low, truncated=truncated)
+  metrics = _diagnostics(
+      b, cfg, weight=w, clip_high=high, clip_low=low, truncated=truncated, extra_clamped=seq_clamped
+  )
+  if cfg.reject != "none":
+    metrics.update(_reject_metrics(accepted, b.mask))
+  return loss, metrics
+
+
+def _reject_metrics(accepted: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+  """reject_token_frac: the share of response tokens rejected; reject_response_frac: the share of
+  non-empty responses all of whose tokens were rejected."""
+  rejected = (1.0 - accepted) * mask  # [B, T]
+  nonempty = _lengths(mask) > 0
+  whole = nonempty & (jnp.sum(rejected, axis=1) == _lengths(mask))
+  return {
+      "reject_token_frac": jnp.sum(rejected) / jnp.maximum(jnp.sum(mask), 1.0),
+      "reject_response_frac": jnp.sum(whole.astype(jnp.float32))
+      / jnp.maximum(jnp.sum(nonempty.astype(jnp.float32)), 1.0),
+  }
 
 
 @register("grpo", ("eps_low", "eps_high"))

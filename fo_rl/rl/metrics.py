@@ -21,6 +21,9 @@ __all__ = [
     "train_infer_kl",
     "k3_kl",
     "frac_ratio_beyond",
+    "sequence_log_ratio",
+    "masked_quantiles",
+    "train_infer_seq_quantiles",
     "token_entropy",
     "router_disagreement",
 ]
@@ -90,6 +93,43 @@ def frac_ratio_beyond(
   log_rho = masked_log_ratio(logp_a, logp_b, mask)  # [B, T]
   beyond = (jnp.abs(log_rho) > jnp.log(jnp.float32(tau))).astype(jnp.float32)
   return masked_mean(beyond, mask)
+
+
+def sequence_log_ratio(logp_a: jax.Array, logp_b: jax.Array, mask: jax.Array) -> jax.Array:
+  """[B] log prod_t (p_a / p_b)(y_t) = sum_t over each row's masked tokens (0 for an empty row)."""
+  return jnp.sum(masked_log_ratio(logp_a, logp_b, mask), axis=1)
+
+
+def masked_quantiles(x: jax.Array, valid: jax.Array, qs: tuple[float, ...]) -> jax.Array:
+  """[len(qs)] quantiles (linear interpolation) of x [B] over the entries where valid [B] is True;
+  zeros when none is."""
+  x = jnp.where(valid, x.astype(jnp.float32), jnp.nan)
+  q = jnp.nanquantile(x, jnp.asarray(qs, jnp.float32))
+  return jnp.where(jnp.any(valid), q, 0.0)
+
+
+SEQ_QUANTILES = (0.1, 0.5, 0.9)
+
+
+def train_infer_seq_quantiles(
+    logp_mu: jax.Array, logp_old: jax.Array, mask: jax.Array, qs: tuple[float, ...] = SEQ_QUANTILES
+) -> dict[str, jax.Array]:
+  """Quantiles over the non-empty responses of the sequence-level train-infer ratios (algorithms.md
+  section 8), with w_t = pi_old/mu:
+
+    train_infer_seq_log_ratio_pXX: log W = sum_t log w_t (in log space: W spans orders of magnitude and
+      would overflow float32 on long responses);
+    train_infer_geo_ratio_pXX: the geometric mean exp(mean_t log w_t), what reject='geometric' bands.
+  """
+  log_w = sequence_log_ratio(logp_old, logp_mu, mask)  # [B]
+  n = jnp.sum(mask.astype(jnp.float32), axis=1)
+  valid = n > 0
+  geo = jnp.exp(log_w / jnp.maximum(n, 1.0))
+  out = {}
+  for name, x in (("seq_log_ratio", log_w), ("geo_ratio", geo)):
+    for q, v in zip(qs, masked_quantiles(x, valid, qs)):
+      out[f"train_infer_{name}_p{round(100 * q):02d}"] = v
+  return out
 
 
 # --------------------------------------------------------------------------------------------------------

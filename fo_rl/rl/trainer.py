@@ -218,6 +218,7 @@ class Trainer:
     out["train_infer_kl"] = rl_metrics.train_infer_kl(ro.logp_mu, logp_old, mask)
     out["train_infer_k3"] = rl_metrics.k3_kl(ro.logp_mu, logp_old, mask)
     out["train_infer_frac_tau2"] = rl_metrics.frac_ratio_beyond(ro.logp_mu, logp_old, mask, 2.0)
+    out.update(rl_metrics.train_infer_seq_quantiles(ro.logp_mu, logp_old, mask))
     return logp_old, live_routes, out
 
   # ---- one update -----------------------------------------------------------------------------
