@@ -9,6 +9,7 @@ curves.png; re-running with the same workdir resumes from the latest checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -248,9 +249,11 @@ class Rollout:
   def sample(self, records, sampling: SamplingParams, samples: int, seed):
     prompt_ids = [p for p in self.prompts(records) for _ in range(samples)]  # prompt-major
     out = self.sampler.generate(prompt_ids, sampling, seed)
-    tokens, lengths, eos = host_get(
-        (out.tokens, out.lengths, out.finished_eos)
+    tokens, lengths, eos, nonfinite = host_get(
+        (out.tokens, out.lengths, out.finished_eos, out.logp_nonfinite)
     )  # all rows, every host
+    # The non-finite-logp flag on the host: Rollouts.from_sample checks it without a device read.
+    out = dataclasses.replace(out, logp_nonfinite=nonfinite)
     rewards = np.zeros(len(prompt_ids), np.float32)
     for i in range(len(prompt_ids)):
       n = int(lengths[i]) - int(eos[i])  # drop the EOS token itself

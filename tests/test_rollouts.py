@@ -231,3 +231,30 @@ def test_float32_sampler_to_trainer_boundary():
     shifted = np.roll(resp, 1, axis=1)
     assert np.abs(mu - logp_old)[shifted].max() > 0.1, mode
 
+
+def test_from_sample_rejects_nonfinite_logp_mu():
+  """A NaN or inf logp_mu at a response token (NaN / inf sampler logits) is a ValueError naming the
+  rows, from `logp_mu` itself or from the sampler's host-side flag `logp_nonfinite`; a non-finite value
+  at a padding column is not a sampled token and passes."""
+  routes = np.zeros((3, 5, 3, 2), np.int32)
+  routes[:, :, 1] = DENSE_ROUTE
+  out = _sample(
+      prompts=[[11, 12], [21], [31, 32]],
+      responses=[[15, 16, 17], [23], [32, 33]],
+      logps=[[-0.1, -0.2, -0.3], [-0.4], [-0.5, -0.6]],
+      routes=routes,
+  )
+  adv = np.zeros(3, np.float32)
+  Rollouts.from_sample(out, adv)
+  for value in (np.nan, np.inf, -np.inf):
+    lp = np.asarray(out.logp_mu).copy()
+    lp[1, 0] = value
+    with pytest.raises(ValueError, match=r"logp_mu is not finite .* 1 of 3 rows \(rows 1\)"):
+      Rollouts.from_sample(dataclasses.replace(out, logp_mu=jnp.asarray(lp)), adv)
+  lp = np.asarray(out.logp_mu).copy()
+  lp[1, 2] = np.nan  # past row 1's single response token
+  ro = Rollouts.from_sample(dataclasses.replace(out, logp_mu=jnp.asarray(lp)), adv)
+  assert np.isnan(np.asarray(ro.logp_mu)).sum() == 1
+  flagged = dataclasses.replace(out, logp_nonfinite=np.asarray([True, False, True]))
+  with pytest.raises(ValueError, match=r"2 of 3 rows \(rows 0, 2\)"):
+    Rollouts.from_sample(flagged, adv)

@@ -325,6 +325,41 @@ def test_greedy_logp_is_untruncated_temperature_one():
   np.testing.assert_allclose(np.asarray(lp), np.log([0.40, 0.33]), atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (1.0, 3, 0.9), (0.0, 0, 1.0)])
+def test_nonfinite_logits_give_a_nan_logp(temperature, top_k, top_p):
+  """All-NaN, one NaN or one +inf logit in a row: the token drawn is meaningless, and its logp is NaN
+  (never a finite number that would pass for a real draw); the other rows are untouched."""
+  x = np.tile(np.linspace(-1.0, 1.0, 10, dtype=np.float32), (4, 1))
+  x[0] = np.nan
+  x[1, 3] = np.nan
+  x[2, 3] = np.inf
+  tok, lp = sample_logits(jax.random.key(0), jnp.asarray(x), temperature, top_k, top_p)
+  lp = np.asarray(lp)
+  assert np.isnan(lp[:3]).all() and np.isfinite(lp[3])
+  assert ((np.asarray(tok) >= 0) & (np.asarray(tok) < 10)).all()
+
+
+@pytest.mark.slow
+def test_nonfinite_sampler_rows_are_flagged_and_rejected_by_the_trainer(trainer):
+  """A NaN in the sampler's forward (the embedding of token 5, in one prompt only): that row's logp_mu
+  is NaN, `SampleOutput.logp_nonfinite` flags exactly that row, and `Rollouts.from_sample` (the
+  sampler -> trainer boundary) raises naming it, from the device flag and from a host copy alike."""
+  _, state, _ = trainer
+  poisoned = jax.tree_util.tree_map(
+      lambda x: x.at[5].set(jnp.nan) if x.shape == (CFG.vocab_size, CFG.hidden_size) else x, state
+  )
+  s = Sampler(CFG, SamplerConfig(weight_dtype="float32"), trainer_state=poisoned)
+  prompts = [[12, 13, 14], [20, 21], [30, 5, 31], [40]]
+  out = s.generate(prompts, dataclasses.replace(SAMPLING, max_new_tokens=4), seed=0)
+  np.testing.assert_array_equal(np.asarray(out.logp_nonfinite), [False, False, True, False])
+  lp, mask = np.asarray(out.logp_mu), np.asarray(out.response_mask)
+  assert np.isnan(lp[2, 0]) and np.isfinite(lp[[0, 1, 3]][mask[[0, 1, 3]]]).all()
+  adv = np.zeros(4, np.float32)
+  for o in (out, dataclasses.replace(out, logp_nonfinite=np.asarray(out.logp_nonfinite))):
+    with pytest.raises(ValueError, match=r"logp_mu is not finite .* 1 of 4 rows \(rows 2\)"):
+      Rollouts.from_sample(o, adv)
+
+
 # ------------------------------------------------------------------------------------------------
 # Weight sync across meshes.
 # ------------------------------------------------------------------------------------------------

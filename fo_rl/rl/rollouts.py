@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fo_rl.model import positions_from_mask
+from fo_rl.parallel.multihost import host_get
 
 if TYPE_CHECKING:
   from fo_rl.sampler import SampleOutput
@@ -105,6 +106,7 @@ class Rollouts:
       raise ValueError(
           f"advantages have shape {np.shape(advantages)}: expected one per row, [{tokens.shape[0]}]"
       )
+    check_logp_mu(out)
     pad = lambda x: jnp.pad(x.astype(jnp.float32), ((0, 0), (P, 0)))  # noqa: E731
     return cls(
         tokens=tokens,
@@ -114,4 +116,28 @@ class Rollouts:
         logp_mu=pad(out.logp_mu),
         routes=out.routes,
         advantages=jnp.asarray(advantages, jnp.float32),
+    )
+
+
+def check_logp_mu(out: SampleOutput) -> None:
+  """ValueError naming the rows whose response holds a non-finite `logp_mu` (NaN or inf in the sampler's
+  logits: the token drawn there is meaningless, and the IS weights and KL metrics would be NaN). Reads
+  `out.logp_nonfinite` ([B] bool) when the sampler gave it, else derives it from `logp_mu` and
+  `response_mask`; a host (numpy) flag costs no device read (fo_rl/run.py fetches it with the tokens).
+  Traced outputs (inside jit) are not checked."""
+  bad = out.logp_nonfinite
+  if bad is None:
+    bad = jnp.any(jnp.asarray(out.response_mask, bool) & ~jnp.isfinite(out.logp_mu), axis=1)
+  if isinstance(bad, jax.core.Tracer):
+    return
+  if isinstance(bad, jax.Array):
+    bad = host_get(bad)
+  rows = np.flatnonzero(np.asarray(bad))
+  if rows.size:
+    shown = ", ".join(map(str, rows[:10])) + (", ..." if rows.size > 10 else "")
+    raise ValueError(
+        f"SampleOutput.logp_mu is not finite at response tokens of {rows.size} of "
+        f"{np.shape(bad)[0]} rows (rows {shown}): the sampler's logits held NaN or inf there, so "
+        f"those tokens were not drawn from a distribution (check the sampler's weights, "
+        f"sampler.weight_dtype and the model's numerics)"
     )

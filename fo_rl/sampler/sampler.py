@@ -102,6 +102,10 @@ class SampleOutput:
   lengths [B]: response lengths (EOS included). finished_eos [B]: ended with EOS (else max_new_tokens).
   routes [B, P + T, L, k]: experts the sampler used when feeding each column (the model's replay layout;
     -1 in dense layers, a valid id in MoE layers everywhere).
+  logp_nonfinite [B] bool: rows with a non-finite logp_mu at some response token: the sampler's logits
+    held a NaN or inf there, so the token drawn is meaningless. Computed on device by `generate` (None
+    when the output is built by hand); `Rollouts.from_sample` rejects such rows. A caller that fetches
+    it to the host with the tokens (fo_rl/run.py) spares `from_sample` a device read.
   """
 
   prompt_tokens: jax.Array
@@ -112,6 +116,7 @@ class SampleOutput:
   lengths: jax.Array
   finished_eos: jax.Array
   routes: jax.Array
+  logp_nonfinite: jax.Array | np.ndarray | None = None
 
   @property
   def finish_reason(self) -> list[str]:
@@ -390,6 +395,7 @@ class Sampler:
         lengths=state.lengths,
         finished_eos=state.eos,
         routes=state.routes,
+        logp_nonfinite=jnp.any(response_mask & ~jnp.isfinite(state.logp), axis=1),
     )
 
   def pad_prompts(self, prompts: Sequence[Sequence[int]]):

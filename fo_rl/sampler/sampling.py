@@ -14,6 +14,10 @@ The draws are made by an exponential race (`_categorical`) on Exp(1) noise from 
 indexed by the global row (`row_offset`), so a shard of the batch draws what the whole batch would. The
 counter of each draw is its 64-bit flat index in the whole batch, as JAX's (two uint32 words): it does not
 wrap when rows x vocabulary passes 2^32.
+
+Non-finite logits (NaN, +inf) are not sampled from silently: the draw is then meaningless (often token
+V - 1) and its `logp` is NaN, which the sampler reports (`SampleOutput.logp_nonfinite`) and the trainer
+rejects (`fo_rl.rl.rollouts.Rollouts.from_sample`).
 """
 
 from __future__ import annotations
@@ -99,8 +103,9 @@ def exponential(key, shape: tuple[int, ...], row_offset=None) -> jax.Array:
 
   row_offset (traced int, optional): `shape` is rows [row_offset, row_offset + shape[0]) of a larger
   array; the draws are that slice of the larger array's (the sampler's per-shard decode uses it, so the
-  samples do not depend on the mesh), with 64-bit counters (`_counters`). A non-threefry key (jax_default_prng_impl=rbg) falls back to JAX's
-  own sampler, with the offset folded into the key: reproducible, but mesh-dependent."""
+  samples do not depend on the mesh), with 64-bit counters (`_counters`). A non-threefry key
+  (jax_default_prng_impl=rbg) falls back to JAX's own sampler, with the offset folded into the key:
+  reproducible, but mesh-dependent."""
   data = jax.random.key_data(key)
   if data.shape != (2,):
     if row_offset is not None:
