@@ -304,3 +304,24 @@ def test_expert_parallel_rejects_tokens_and_expert_mlp_on_one_axis():
       ("data", "expert"),
       (),
   )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
+def test_expert_parallel_quantized_experts_match_numpy(dtype):
+  """Quantized expert weights (QTensor: values + per-channel scales, the scales unsharded on their
+  size-1 axes) through the expert-parallel path, experts over `expert` and their hidden dimension over
+  `tensor`: the numpy definition on the dequantized weights, up to float rounding."""
+  mesh = make_mesh({"expert": 4, "tensor": 2})
+  x, ids, w = _inputs(N=60)
+  ex = _experts()
+  q = moe.Experts(*(quantize_array(a, dtype, (a.ndim - 2,)) for a in ex))
+  deq = moe.Experts(*(dequantize_np(a) for a in q))
+  ref = _np_moe(x, ids, w, deq)
+  ep = jax.jit(
+      lambda x, w, q: moe.dispatch_fast(
+          x, ids, w, q, mesh=mesh, token_axes=("data", "fsdp", "expert"), backend="blocked", block=8
+      )
+  )(x, w, q)
+  np.testing.assert_allclose(np.asarray(ep), ref, atol=1e-4)
+  assert np.abs(_np_moe(x, ids, w, ex) - ref).max() > 1e-3  # quantization does change the output
