@@ -443,7 +443,6 @@ def run(c, workdir: str, log=print) -> dict:
       n_tokens = float(np.asarray(host_get(out.lengths)).sum())
       m.update(
           reward_mean=float(rewards.mean()),
-          accuracy=float(rewards.mean()),
           tokens_per_second=n_tokens / (time.time() - t0),
           step_seconds=time.time() - t0,
       )

@@ -295,7 +295,7 @@ def ref_metrics(d, cfg):
       high = on and adv[i] > 0 and ratio > 1 + eh
       low = on and adv[i] < 0 and ratio < 1 - el
     ws.append(w), highs.append(high), lows.append(low), truncs.append(trunc), rs.append(r)
-  return {
+  out = {
       "is_weight_mean": np.mean(ws),
       "is_weight_max": np.max(ws),
       "is_truncated_frac": np.mean(truncs),
@@ -304,6 +304,16 @@ def ref_metrics(d, cfg):
       "ratio_mean": np.mean(rs),
       "ratio_max": np.max(rs),
   }
+  if not ref_truncates(cfg):
+    del out["is_truncated_frac"]
+  return out
+
+
+def ref_truncates(cfg):
+  """Whether the loss truncates an IS weight at all (is_truncated_frac is reported only then)."""
+  if cfg.name != "minirl" or not cfg.train_infer_is or cfg.is_level == "none":
+    return False
+  return math.isfinite(cfg.seq_tis_cap if cfg.is_level == "sequence" else cfg.tis_cap)
 
 
 def assert_close(got, want, rtol=2e-5, atol=2e-6, what=""):
@@ -1028,3 +1038,24 @@ def test_bad_sequence_knobs_name_the_field(field, value):
     knobs["reject"] = "token"
   with pytest.raises(ValueError, match=f"{field}"):
     L.LossConfig.from_config(knobs)
+
+
+@pytest.mark.parametrize(
+    "knobs,reported",
+    [
+        (dict(), True),
+        (dict(tis_mode="whole"), True),
+        (dict(is_level="sequence"), True),
+        (dict(tis_cap=float("inf")), False),
+        (dict(is_level="sequence", seq_tis_cap=float("inf")), False),
+        (dict(is_level="none"), False),
+        (dict(train_infer_is=False), False),
+        (dict(name="grpo"), False),
+        (dict(name="dapo"), False),
+        (dict(name="cispo"), False),
+        (dict(name="gspo"), False),
+    ],
+)
+def test_is_truncated_frac_only_where_something_is_truncated(knobs, reported):
+  _, _, m = jax_value_and_grad(make_batch(0), L.LossConfig(**knobs))
+  assert ("is_truncated_frac" in m) == reported

@@ -293,7 +293,9 @@ def test_r2_first_minibatch_is_exactly_the_no_replay_update(env, trainers, runs)
   assert (
       abs(first["ratio_max"] - 1) <= _ratio_rounding(env) and abs(first["ratio_mean"] - 1) <= 1e-6
   )
-  assert m["staleness_ratio_first_minibatch_max"] == first["ratio_max"]
+  # (the step metrics carry no separate "first mini-batch staleness": it is 1 by construction, checked
+  # here on the per-update metrics instead)
+  assert "staleness_ratio_first_minibatch_max" not in m
   # Loss and gradient of the first update (replaying the recorded routes) vs live routing, no replay.
   tr, params, ro = trainers["r2"], env["params"], env["noisy"]
   logp_old, recorded, _ = tr.old_pass(params, ro)

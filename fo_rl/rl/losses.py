@@ -126,7 +126,8 @@ def _check_real(name: str, value: Any) -> float:
 class LossConfig:
   """Loss hyper-parameters; defaults are the paper's (algorithms.md sections 3-4).
 
-  Knobs that only MiniRL reads: clip, train_infer_is, length_norm, tis_mode, normalizer, tis_cap.
+  Knobs that only MiniRL reads: clip, train_infer_is, length_norm, tis_mode, normalizer, tis_cap,
+  is_level, seq_tis_cap, reject, reject_low, reject_high.
   The variants use their own fixed normalizers and no IS weight vs mu (table of section 4); each reads
   only its own clip bounds (`LOSS_FIELDS`). A field set to a non-default value that the chosen loss
   would ignore is a ValueError naming it (`ignored_fields`), never a silent no-op; so is a MiniRL knob
@@ -385,26 +386,24 @@ def _diagnostics(
 
   weight:    [B, T] the per-token weight the loss puts on A * grad log pi_theta before the clip mask.
   clip_*:    [B, T] bool, tokens whose gradient the clip removes (or, for CISPO, whose weight it caps).
-  truncated: [B, T] bool, tokens whose train-infer ratio exceeded tis_cap; default pi_old/mu > C.
+  truncated: [B, T] bool, tokens whose IS weight the cap truncated; None where nothing is truncated (no
+             weight vs mu, or an infinite cap): then `is_truncated_frac` is not reported.
   extra_clamped: [B, T] bool, more tokens whose log ratio was clamped (beyond log r, log pi_old/mu).
   """
   m = batch.mask
   log_r = sg(_log_ratio(batch.logp, batch.logp_old, m))
   r = jnp.exp(log_r)  # staleness ratio pi_theta / pi_old
   d = jnp.exp(_log_ratio(batch.logp_old, batch.logp_mu, m))  # discrepancy pi_old / mu
-  if truncated is None:
-    truncated = d > cfg.tis_cap
   weight = sg(weight)
   clamped = _clamped(sg(batch.logp), batch.logp_old, m) | _clamped(batch.logp_old, batch.logp_mu, m)
   if cfg.name == "minirl" and cfg.tis_mode == "whole":
     clamped = clamped | _clamped(sg(batch.logp), batch.logp_mu, m)
   if extra_clamped is not None:
     clamped = clamped | extra_clamped
-  return {
+  out = {
       "log_ratio_clamped_frac": masked_mean(clamped.astype(jnp.float32), m),
       "is_weight_mean": masked_mean(weight, m),
       "is_weight_max": masked_max(weight, m),
-      "is_truncated_frac": masked_mean(truncated.astype(jnp.float32), m),
       "clip_frac_high": masked_mean(clip_high.astype(jnp.float32), m),
       "clip_frac_low": masked_mean(clip_low.astype(jnp.float32), m),
       "ratio_mean": masked_mean(r, m),
@@ -413,6 +412,9 @@ def _diagnostics(
       "train_infer_ratio_max": masked_max(d, m),
       "num_tokens": jnp.sum(m),
   }
+  if truncated is not None:
+    out["is_truncated_frac"] = masked_mean(truncated.astype(jnp.float32), m)
+  return out
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -428,29 +430,32 @@ def _seq_log_ratio(logp_a: jax.Array, logp_b: jax.Array, mask: jax.Array) -> jax
 def _minirl_weight(
     batch: LossInputs, cfg: LossConfig, r: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-  """([B, T] w_t under sg, [B, T] bool truncated, [B, T] bool clamped or None) for MiniRL, given
+  """([B, T] w_t under sg, [B, T] bool truncated or None, [B, T] bool clamped or None) for MiniRL, given
   r = sg[pi_theta / pi_old] [B, T]. With d_t = pi_old/mu and W = prod_t d_t over the response:
 
   is_level='token', tis_mode='discrepancy':  w = min(d_t, C) * r   (algorithms.md section 3)
   is_level='token', tis_mode='whole':        w = min(pi_theta/mu, C)
   is_level='sequence':                       w = min(W, C_seq) * r  (W clamped to e^+-20, in log space)
   is_level='none' or not train_infer_is:     w = r  (the pi_old/mu factor is dropped, staleness kept)
-  `clamped` marks the tokens of responses whose |log W| exceeded the bound (sequence level only).
+  `truncated` is None where nothing can be truncated (no weight vs mu, or an infinite cap); `clamped`
+  marks the tokens of responses whose |log W| exceeded the bound (sequence level only).
   """
   m = batch.mask
   d = jnp.exp(_log_ratio(batch.logp_old, batch.logp_mu, m))
   if not cfg.train_infer_is or cfg.is_level == "none":
-    return sg(r), d > cfg.tis_cap, None
+    return sg(r), None, None
   if cfg.is_level == "sequence":
     log_w = _seq_log_ratio(batch.logp_old, batch.logp_mu, m)  # [B]
     w_seq = jnp.exp(jnp.clip(log_w, -LOG_RATIO_BOUND, LOG_RATIO_BOUND))
     tok = lambda x: jnp.broadcast_to(x[:, None], m.shape) & (m > 0)  # noqa: E731  [B] -> [B, T]
     w = sg(jnp.minimum(w_seq, cfg.seq_tis_cap)[:, None] * r)
-    return w, tok(w_seq > cfg.seq_tis_cap), tok(jnp.abs(log_w) > LOG_RATIO_BOUND)
+    truncated = tok(w_seq > cfg.seq_tis_cap) if math.isfinite(cfg.seq_tis_cap) else None
+    return w, truncated, tok(jnp.abs(log_w) > LOG_RATIO_BOUND)
+  finite = math.isfinite(cfg.tis_cap)
   if cfg.tis_mode == "discrepancy":
-    return sg(jnp.minimum(d, cfg.tis_cap) * r), d > cfg.tis_cap, None
+    return sg(jnp.minimum(d, cfg.tis_cap) * r), (d > cfg.tis_cap) if finite else None, None
   whole = jnp.exp(sg(_log_ratio(batch.logp, batch.logp_mu, m)))
-  return sg(jnp.minimum(whole, cfg.tis_cap)), whole > cfg.tis_cap, None
+  return sg(jnp.minimum(whole, cfg.tis_cap)), (whole > cfg.tis_cap) if finite else None, None
 
 
 def _reject_keep(batch: LossInputs, cfg: LossConfig) -> jax.Array:

@@ -296,7 +296,6 @@ class Trainer:
       out[k] = (
           float(vals.max() if k.endswith("_max") else vals.mean()) if vals.size else float("nan")
       )
-    out["staleness_ratio_first_minibatch_max"] = float(per_mb[0].get("ratio_max", np.nan))
     out["skipped_steps"] = int(sum(int(m["skipped"]) for m in per_mb))  # in this train_step
     out["skipped_steps_total"] = int(state.skipped)  # since init_state
     out["response_length"] = float(np.asarray(host_get(ro.response_mask)).sum(-1).mean())
