@@ -4,7 +4,11 @@ Each RL step:  sample G responses per prompt with the quantized sampler -> score
 group advantages -> Trainer.train_step (old-logprob pass + N mini-batch updates, replay per config) ->
 sync weights to the sampler. Every `eval.every` steps: held-out greedy accuracy and mean accuracy over
 `eval.samples` samples. The workdir holds config.json, metrics.jsonl, tb/, checkpoints/, summary.json and
-curves.png; re-running with the same workdir resumes from the latest checkpoint.
+curves.png; re-running with the same workdir resumes from the newest checkpoint that restores.
+
+Pre-flight: everything that needs no compilation (config, workdir and checkpoint configs, data and
+lengths, the HF checkpoint, both meshes against the parameter shapes) is checked before anything is
+written; config.json is written once that and any restore succeeded.
 """
 
 from __future__ import annotations

@@ -52,6 +52,8 @@ def test_quick_suite_prints_its_rows(suite):
   assert names == ROWS[suite], proc.stdout
   for r in rows:
     assert {"name", "fo_rl", "peer", "ratio", "unit"} <= set(r)
+    assert r["cpus"] == os.cpu_count() and r["threads"] == 2
+    assert r["load_before"] >= 0 and r["load_after"] >= 0
     assert r["fo_rl"] > 0 and r["peer"] > 0
     assert r["ratio"] == pytest.approx(r["fo_rl"] / r["peer"], rel=1e-3)
   if suite == "sampler":
@@ -62,7 +64,8 @@ def test_quick_suite_prints_its_rows(suite):
 
 def test_timing_helpers_interleave_their_callables():
   """The sampler and train suites' timers (fast tier: the suites themselves are e2e) call each callable
-  in turn, round after round, so that a burst of load from other processes hits every contender alike."""
+  in turn, round after round, so that a burst of load from other processes hits every contender alike.
+  """
   from fo_rl.benchmarks import sampler, train
 
   calls = []
@@ -74,3 +77,20 @@ def test_timing_helpers_interleave_their_callables():
   per = train._rounds(list(fns.values()), rounds=2, iters=3, pause=0)
   assert calls == [k for k in "abc" for _ in range(3)] * 2
   assert len(per) == 3 and all(0 <= lo <= med < 1 for lo, med in per)
+
+
+@pytest.mark.parametrize(
+    "before, during, cpus, threads, says",
+    [
+        (0.1, None, 2, 2, None),  # idle before the suite
+        (1.5, None, 2, 2, "before the benchmark started"),  # another job on 2 cores
+        (None, 2.0, 2, 2, None),  # the benchmark's own 2 threads
+        (None, 3.2, 2, 2, "during the benchmark"),  # 2 threads + 1.2 of other work
+        (None, 4.0, 8, 2, None),  # on 8 cores: 2 own + 2 others is < 0.5 per core
+    ],
+)
+def test_load_warning(before, during, cpus, threads, says):
+  from fo_rl.benchmarks.__main__ import load_warning
+
+  msg = load_warning(before, during, cpus, threads)
+  assert (msg is None) if says is None else (says in msg), msg

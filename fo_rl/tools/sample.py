@@ -11,7 +11,9 @@
   print as ids. EOS: --eos_id, else generation_config.json's eos_token_id, else config.json's.
 --checkpoint: an fo_rl training run directory (fo_rl.main --workdir): its config.json gives the model,
   checkpoints/<step> the parameters (the latest step unless --step), and data.tokenizer (default: the
-  committed SentencePiece model) the tokenizer.
+  committed SentencePiece model) the tokenizer. The prompt is formatted as training formats it: BOS, and
+  for data.task=jsonl the template `Question: <prompt>\nAnswer:` (the procedural tasks' prompts are
+  typed as they are, e.g. `12+34=`); --prompt_ids sends the ids as given.
 
 The printed logprob of each token is logp_mu: its log-probability under the distribution it was sampled
 from (after temperature / top-k / top-p); greedy (--temperature=0) prints log softmax(logits) at the argmax.
@@ -25,7 +27,7 @@ import os
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from fo_rl.sampler.quantize import WEIGHT_DTYPES
 
@@ -90,8 +92,17 @@ def load_hf(directory: str):
   return cfg, params, tok, eos
 
 
-def load_workdir(workdir: str, step: int | None):
-  """(ModelConfig, params, tokenizer, eos id) of an fo_rl training run directory.
+def training_prompt(rc, text: str) -> str:
+  """`text` as fo_rl.run's Rollout formats a prompt of the run's task (before BOS): the JSONL template
+  for data.task=jsonl; a procedural task's prompt is the text itself."""
+  from fo_rl.data import jsonl
+
+  return jsonl.PROMPT_TEMPLATE.format(prompt=text) if rc.data.task == "jsonl" else text
+
+
+def load_workdir(workdir: str, step: int | None, with_config: bool = False):
+  """(ModelConfig, params, tokenizer, eos id) of an fo_rl training run directory (and its RunConfig
+  last, `with_config`).
 
   The checkpoint holds fo_rl.run's `train_bundle` (fo_rl/checkpoint.py); Checkpointer checks the full
   structure, so the whole bundle is described (shapes only, nothing is initialized or compiled) and
@@ -131,10 +142,23 @@ def load_workdir(workdir: str, step: int | None):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
         train_bundle(state, jax.random.key(0)),
     )
-    state, _, _ = restore_train_bundle(ckpt, step, target)
+    try:
+      state, _, _ = restore_train_bundle(ckpt, step, target)
+    except ValueError:
+      raise
+    except Exception as e:  # noqa: BLE001 - a damaged step: one line naming it
+      first = (str(e).strip().splitlines() or [""])[0][:200]
+      older = [s for s in sorted(steps) if s < step]
+      raise ValueError(
+          f"--checkpoint={workdir!r}: {ckpt_dir}/{step} cannot be restored "
+          f"({type(e).__name__}: {first})"
+          + (f"; --step={older[-1]} reads the previous one" if older else "")
+      ) from None
   finally:
     ckpt.close()
   tok = Tokenizer(rc.data.tokenizer) if rc.data.tokenizer else Tokenizer.default()
+  if with_config:
+    return rc.model, state.params, tok, tok.eos_id, rc
   return rc.model, state.params, tok, tok.eos_id
 
 
@@ -165,14 +189,17 @@ def sample(
   sampling = SamplingParams(
       temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens
   )  # validates the sampling flags
+  rc = None
   if hf_checkpoint is not None:
     cfg, params, tok, eos = load_hf(hf_checkpoint)
   else:
-    cfg, params, tok, eos = load_workdir(checkpoint, step)
+    cfg, params, tok, eos, rc = load_workdir(checkpoint, step, with_config=True)
   if eos_id is not None:
     eos = None if eos_id < 0 else eos_id
   if tok is None or prompt_ids:
     ids = parse_ids(prompt, cfg.vocab_size)
+  elif rc is not None:  # as training formats its prompts (fo_rl.run.Rollout.prompts)
+    ids = tok.encode(training_prompt(rc, prompt), add_bos=True)
   else:
     ids = tok.encode(prompt)
   if not ids:
@@ -188,7 +215,10 @@ def sample(
   res = sampler.generate([ids] * num_samples, sampling, seed=seed)
   tokens, logp = np.asarray(res.tokens), np.asarray(res.logp_mu)
   lengths, reasons = np.asarray(res.lengths), res.finish_reason
-  print(f"prompt ({len(ids)} tokens): {ids if tok is None else repr(prompt)}", file=out)
+  shown = ids if tok is None else repr(prompt)
+  if rc is not None and tok is not None and not prompt_ids:
+    shown = f"{training_prompt(rc, prompt)!r} after BOS (as in training)"
+  print(f"prompt ({len(ids)} tokens): {shown}", file=out)
   print(
       f"sampler: weight_dtype={weight_dtype} temperature={temperature} top_k={top_k} top_p={top_p} "
       f"max_new_tokens={max_new_tokens} eos={eos}",
@@ -212,6 +242,8 @@ def sample(
 
 
 def main(argv) -> int:
+  if not FLAGS["verbosity"].present:  # orbax logs at INFO; errors are one line
+    logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.prompt is None:
