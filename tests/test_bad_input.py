@@ -448,3 +448,51 @@ def test_damaged_sft_cache_is_recomputed(finished_run, tmp_path):
   ), text
   assert "SFT step 10/10" in text
   assert any(p.name.startswith(key.name + ".corrupt-") for p in cache.iterdir())
+
+
+# ---- fo_rl.tools.sample --checkpoint -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sample_tool_names_a_damaged_step_and_formats_prompts_as_training(tmp_path):
+  """A truncated data file in the latest step: one ValueError line naming the step directory and the
+  previous step; the prompt gets BOS and, for data.task=jsonl, the training template."""
+  import io
+
+  import jax
+  import numpy as np
+
+  from fo_rl.checkpoint import Checkpointer
+  from fo_rl.data import jsonl
+  from fo_rl.model import init_model
+  from fo_rl.rl.trainer import Trainer
+  from fo_rl.tools import sample as tool
+
+  c = tiny_config(**write_jsonl(tmp_path, None))
+  rc = config_lib.parse(c)
+  (tmp_path / "config.json").write_text(c.to_json_best_effort())
+  graphdef, params = init_model(rc.model, None, rc.parallel.rules, seed=0)
+  state = Trainer(graphdef, rc.model, rc.trainer).init_state(params)
+  bundle = {"train": state, "rng": jax.random.key_data(jax.random.key(0))}
+  with Checkpointer(tmp_path / "checkpoints") as ck:
+    for step in (1, 2):
+      ck.save(step, bundle, {"step": step}, force=True)
+  buf = io.StringIO()
+  out = tool.sample(
+      checkpoint=str(tmp_path), prompt="2+2?", temperature=0.0, max_new_tokens=2, out=buf
+  )
+  _, _, tok, _ = tool.load_workdir(str(tmp_path), None)
+  ids = tok.encode(jsonl.PROMPT_TEMPLATE.format(prompt="2+2?"), add_bos=True)
+  assert ids[0] == tok.bos_id and f"prompt ({len(ids)} tokens)" in buf.getvalue()
+  assert "'Question: 2+2?\\nAnswer:' after BOS" in buf.getvalue()
+  assert np.asarray(out.lengths)[0] >= 1
+  step2 = tmp_path / "checkpoints" / "2"
+  data = max((p for p in step2.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  with open(data, "r+b") as f:
+    f.truncate(10)
+  with pytest.raises(ValueError) as e:
+    tool.load_workdir(str(tmp_path), None)
+  msg = str(e.value)
+  assert re.search(rf"{re.escape(str(step2))} cannot be restored \(.+\); --step=1 reads", msg), msg
+  assert "\n" not in msg
+  tool.load_workdir(str(tmp_path), 1)  # the previous step still reads
