@@ -20,6 +20,7 @@ import ml_collections
 from fo_rl.common import UserError, from_mapping, unknown_keys
 from fo_rl.data import teachers as teachers_lib
 from fo_rl.data.tasks import ProceduralTask
+from fo_rl.model.attention import check_impl as check_attention_impl
 from fo_rl.model.config import ModelConfig
 from fo_rl.parallel.sharding import DEFAULT_RULES, mesh_shape, validate_rules
 from fo_rl.rl.advantages import resolve_advantage
@@ -584,6 +585,8 @@ def _parse(c: ml_collections.ConfigDict, num_devices: int | None) -> RunConfig:
   d = json.loads(c.to_json_best_effort() if hasattr(c, "to_json_best_effort") else json.dumps(c))
   unknown_keys(d, SECTIONS, "config")
   model = ModelConfig.from_dict(d["model"])
+  # A dry run compiles for a TPU topology (on a CPU host): check the choice against the target.
+  check_attention_impl(model.attention_impl, "tpu" if d.get("dry_run") else None)
   parallel = from_mapping(ParallelConfig, d["parallel"], "parallel")
   if num_devices is not None:
     parallel.check_devices(num_devices)

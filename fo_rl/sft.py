@@ -56,6 +56,9 @@ def sft_key(rc: config_lib.RunConfig) -> str:
   parts["sft"].pop("min_kept_fraction", None)
   if parts["sft"].get("truncate") == "left":
     parts["sft"].pop("truncate", None)
+  # model.attention_impl=auto runs `reference` at cold-start lengths, as before the field existed.
+  if parts["model"].get("attention_impl") == "auto":
+    parts["model"].pop("attention_impl")
   return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

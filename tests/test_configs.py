@@ -223,6 +223,7 @@ def _old_sft_key(c) -> str:
   parts["sft"].pop("cache_dir", None)
   for f in ("truncate", "min_kept_fraction"):  # added later, out of the key at their defaults
     parts["sft"].pop(f, None)
+  parts["model"].pop("attention_impl", None)  # added later, out of the key at its default (auto)
   return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

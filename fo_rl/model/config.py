@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from fo_rl.common import from_mapping
+from fo_rl.model.attention import ATTENTION_IMPLS
 
 DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("fast", "reference", "dense")
@@ -53,6 +54,10 @@ class ModelConfig:
   # inside the step: one compiled layer whatever the depth (fast compiles for 48-94 layers), and under
   # remat one layer's recomputation live at a time. Needs identical layers (else the loop is used).
   scan_layers: bool = False
+  # Training-forward attention (fo_rl/model/attention.py): "reference" (the whole [T, T] score tensor),
+  # "blocked" (flash-style, memory linear in T, every backend), "cudnn" (GPU), or "auto" (cudnn on GPU,
+  # else blocked from attention.AUTO_BLOCKED_FROM positions on, reference below).
+  attention_impl: str = "auto"
 
   # How fo_rl computes, not what the architecture is: never read from / written to a HF config.json.
   RUNTIME_FIELDS = (
@@ -63,6 +68,7 @@ class ModelConfig:
       "moe_block_size",
       "remat",
       "scan_layers",
+      "attention_impl",
   )
 
   def __post_init__(self):
@@ -128,6 +134,8 @@ class ModelConfig:
       bad("moe_impl", f"must be one of {MOE_IMPLS}")
     if self.gmm_backend not in GMM_BACKENDS:
       bad("gmm_backend", f"must be one of {GMM_BACKENDS}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      bad("attention_impl", f"must be one of {ATTENTION_IMPLS}")
     if self.rope_theta <= 0:
       bad("rope_theta", "must be positive")
 

@@ -16,13 +16,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from fo_rl.model import moe
+from fo_rl.model import attention, moe
 from fo_rl.model.config import ModelConfig
 from fo_rl.model.qtensor import materialize
 from fo_rl.parallel.sharding import DEFAULT_RULES, Rules, batch_spec, validate_rules
 
 DENSE_ROUTE = -1  # the routes sentinel of a dense (non-MoE) layer
-_MASKED = -1e30  # finite, so a fully masked (padding) query row gives no NaN
+_MASKED = attention.MASKED  # finite, so a fully masked (padding) query row gives no NaN
 _FEW_ROWS = 8  # cached attention: up to this many query rows per kv head, one matvec per row
 
 
@@ -89,18 +89,10 @@ class Attention(nnx.Module):
     return self._attend_cached(q, k, v, key_mask, cache, cache_index)
 
   def _attend(self, q, k, v, key_mask):
-    """Causal attention of q [B, T, N, H] over k, v [B, T, K, H] (key_mask [B, T]) -> [B, T, D]."""
-    dt = q.dtype
-    B, T, N, H = q.shape
-    K = k.shape[2]
-    q_slot = jnp.arange(T)
-    q = q.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * H**-0.5
-    allowed = (jnp.arange(T)[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :]  # [B, T, T]
-    scores = jnp.where(allowed[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
-    return jnp.einsum("btnh,nhd->btd", out, materialize(self.o_proj.get_value(), dt))
+    """Causal attention of q [B, T, N, H] over k, v [B, T, K, H] (key_mask [B, T]) -> [B, T, D], by
+    model.attention_impl (fo_rl/model/attention.py)."""
+    out = attention.attend(q, k, v, key_mask, impl=self.cfg.attention_impl)
+    return jnp.einsum("btnh,nhd->btd", out, materialize(self.o_proj.get_value(), q.dtype))
 
   def _attend_cached(self, q, k, v, key_mask, cache, cache_index):
     """Attention over a KV cache {'k','v': [B, K, H, S]}, writing the new keys/values at slots
