@@ -751,6 +751,7 @@ def test_config_defaults_are_the_papers():
   assert (c.clip, c.train_infer_is, c.length_norm) == (True, True, False)
   assert (c.tis_mode, c.normalizer) == ("discrepancy", "responses")
   assert (c.gspo_eps_low, c.gspo_eps_high, c.dapo_eps_high) == (3e-4, 4e-4, 0.28)
+  assert (c.is_level, c.reject) == ("token", "none")  # the paper's token-level TIS, no rejection
   assert hash(c) == hash(L.LossConfig())
 
 

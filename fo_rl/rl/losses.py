@@ -131,8 +131,9 @@ class LossConfig:
   The variants use their own fixed normalizers and no IS weight vs mu (table of section 4); each reads
   only its own clip bounds (`LOSS_FIELDS`). A field set to a non-default value that the chosen loss
   would ignore is a ValueError naming it (`ignored_fields`), never a silent no-op; so is a MiniRL knob
-  made moot by another (normalizer under length_norm=True; tis_mode, tis_cap under
-  train_infer_is=False; eps_low, eps_high under clip=False).
+  made moot by another (normalizer under length_norm=True; tis_mode, tis_cap, is_level, seq_tis_cap
+  under train_infer_is=False; eps_low, eps_high under clip=False; tis_mode, tis_cap under
+  is_level='sequence' or 'none'; seq_tis_cap under is_level='token'; the band under reject='none').
   """
 
   name: str = "minirl"
