@@ -322,8 +322,12 @@ def run(c, workdir: str, log=print) -> dict:
           f"init.hf_checkpoint={hf_dir!r}: no eos_token_id in its config.json or "
           f"generation_config.json (sampling stops at EOS)"
       )
+  elif rc.data.tokenizer:
+    if not os.path.isfile(rc.data.tokenizer):
+      raise UserError(f"data.tokenizer={rc.data.tokenizer!r}: no such file (a SentencePiece model)")
+    tokenizer = Tokenizer(rc.data.tokenizer)
   else:
-    tokenizer = Tokenizer(rc.data.tokenizer) if rc.data.tokenizer else Tokenizer.default()
+    tokenizer = Tokenizer.default()
   if rc.model.vocab_size < tokenizer.vocab_size:
     raise UserError(
         f"model.vocab_size={rc.model.vocab_size} is smaller than the tokenizer's "

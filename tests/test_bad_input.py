@@ -165,7 +165,17 @@ CASES = [
         lambda t: {**write_jsonl(t, None, [SHORT]), "eval.num_prompts": 4},
         r"^eval\.num_prompts=4: .*asked for 4 examples, only 1",
     ),
+    (
+        "tokenizer_missing",
+        {"data.tokenizer": "/nonexistent/sp.model"},
+        r"^data\.tokenizer=.*no such file",
+    ),
     # already named before issue 20
+    (
+        "vocab_size",
+        {"model.vocab_size": 100},
+        r"^model\.vocab_size=100 is smaller than the tokenizer",
+    ),
     ("mini_batches", {"rl.mini_batches": 3}, r"^rl\.mini_batches=3"),
     ("replay_dense", {"model.num_experts": 0, "rl.replay": "r3"}, r"rl\.replay='r3'"),
     ("loss_name", {"rl.loss.name": "nope"}, r"^rl\.loss\.name='nope'"),
