@@ -116,16 +116,18 @@ def test_impl_choice_is_checked_and_resolved():
     A.check_impl("cudnn", backend="cpu")
   assert A.resolve("auto", 128, "cpu") == "reference"
   assert A.resolve("auto", A.AUTO_BLOCKED_FROM, "cpu") == "blocked"
-  assert A.resolve("auto", 128, "tpu") == "reference"
+  assert A.resolve("auto", 128, "tpu") == "splash"
+  assert A.resolve("splash", 8, "cpu") == "splash"  # interpret mode off TPU
   assert A.resolve("auto", 128, "gpu") == "cudnn"
   assert A.resolve("blocked", 8, "cpu") == "blocked"
 
 
 @pytest.mark.slow
-def test_model_with_blocked_attention_matches_reference(toy_model):
+@pytest.mark.parametrize("impl", ["blocked", "splash"])
+def test_model_attention_impl_matches_reference(toy_model, impl):
   """The whole toy MoE forward and its parameter gradients, left-padded rows, R3-style replayed routes
-  held fixed: model.attention_impl only changes how attention is computed. Blocks of 4 over T = 13.
-  """
+  held fixed: model.attention_impl only changes how attention is computed (blocked: blocks of 4 over
+  T = 13; splash: the Pallas kernel in interpret mode)."""
   from toy import TOY
 
   from fo_rl.model.init import abstract_model, make_apply, positions_from_mask
@@ -145,17 +147,17 @@ def test_model_with_blocked_attention_matches_reference(toy_model):
     logits, _ = make_apply(g)(p, tokens, pos, routes, mask)
     return jnp.sum(jnp.where(mask[..., None], jax.nn.log_softmax(logits), 0.0)[..., :7]), logits
 
-  orig, calls = A.blocked, []
+  orig, calls = getattr(A, impl), []
 
-  def small_blocks(*a, **kw):
+  def counted(*a, **kw):
     calls.append(1)
-    return orig(*a, **dict(kw, block_q=4, block_k=4))
+    return orig(*a, **(dict(kw, block_q=4, block_k=4) if impl == "blocked" else kw))
 
-  A.blocked = small_blocks
+  setattr(A, impl, counted)
   try:
-    (l_b, logits_b), g_b = jax.value_and_grad(lambda p: loss("blocked", p), has_aux=True)(params)
+    (l_b, logits_b), g_b = jax.value_and_grad(lambda p: loss(impl, p), has_aux=True)(params)
   finally:
-    A.blocked = orig
+    setattr(A, impl, orig)
   assert len(calls) == cfg.num_layers  # the knob reached every layer's attention
   (l_r, logits_r), g_r = jax.value_and_grad(lambda p: loss("reference", p), has_aux=True)(params)
   m = np.asarray(mask)
@@ -180,3 +182,48 @@ def test_config_names_an_impl_the_backend_cannot_run():
     config_lib.parse(c)
   c.model.attention_impl = "blocked"
   assert config_lib.parse(c).model.attention_impl == "blocked"
+
+
+def _real_rows(key_mask, seg, T):
+  """[B, T] query rows that may attend to some key (the others are padding, which callers mask out)."""
+  return np.asarray(A._allowed(jnp.arange(T), jnp.arange(T), key_mask, seg, seg).any(-1))
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_splash_matches_reference_values_and_gradients(segments):
+  """JAX's Pallas TPU splash kernel in interpret mode (this CPU), T = 11 padded to its 128 alignment,
+  GQA (one MQA kernel per KV head), left and right padding, segments."""
+  q, k, v, key_mask, seg = _inputs(segments=segments)
+  real = _real_rows(key_mask, seg, q.shape[1])
+  spl = lambda q, k, v: A.splash(q, k, v, key_mask, seg)
+  ref = lambda q, k, v: A.reference(q, k, v, key_mask, seg)
+  out = np.asarray(spl(q, k, v))
+  assert np.isfinite(out).all()  # padding rows too
+  np.testing.assert_allclose(out[real], np.asarray(ref(q, k, v))[real], rtol=1e-5, atol=1e-5)
+  cot = np.random.default_rng(1).normal(size=q.shape) * real[..., None, None]  # padding rows: 0
+  cot = jnp.asarray(cot, jnp.float32)
+  g_ref = jax.grad(_loss(ref, cot), argnums=(0, 1, 2))(q, k, v)
+  g_spl = jax.grad(_loss(spl, cot), argnums=(0, 1, 2))(q, k, v)
+  for name, a, b in zip("qkv", g_spl, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"d{name}")
+
+
+def test_splash_under_a_mesh_is_sharded_and_matches_reference():
+  """attend(impl=splash) on {data: 2, expert: 2, tensor: 2}: shard_map over the batch axes and the
+  heads axis (a Pallas call is not partitioned by XLA); same values as reference."""
+  from fo_rl.parallel.sharding import make_mesh
+
+  mesh = make_mesh({"data": 2, "fsdp": 1, "expert": 2, "tensor": 2})
+  q, k, v, key_mask, seg = _inputs(B=4, T=9, N=4, K=2, segments=False)
+  f = jax.jit(
+      lambda q, k, v, m: A.attend(
+          q, k, v, m, impl="splash", mesh=mesh, batch_axes=("data", "expert"), head_axes=("tensor",)
+      )
+  )
+  hlo = f.lower(q, k, v, key_mask).as_text()
+  assert "sdy.manual_computation" in hlo  # the shard_map around the kernel
+  out = np.asarray(f(q, k, v, key_mask))
+  real = _real_rows(key_mask, None, 9)
+  np.testing.assert_allclose(out[real], np.asarray(A.reference(q, k, v, key_mask))[real], atol=1e-5)
+  with pytest.raises(ValueError, match=r"model.attention_impl=splash: the heads axis"):
+    A.attend(q, k[:, :, :1], v[:, :, :1], key_mask, impl="splash", mesh=mesh, head_axes=("tensor",))

@@ -23,11 +23,14 @@ S = T then). Query t may attend to key s <= t (slot order: the training forward 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-ATTENTION_IMPLS = ("auto", "reference", "blocked", "cudnn")
+ATTENTION_IMPLS = ("auto", "reference", "blocked", "splash", "cudnn")
 AUTO_BLOCKED_FROM = (
     2048  # `auto` off GPU: reference below this many positions, blocked from here on
 )
@@ -35,7 +38,8 @@ MASKED = -1e30  # finite, so a fully masked (padding) query row gives no NaN
 
 
 def check_impl(impl: str, backend: str | None = None) -> None:
-  """A choice the backend cannot run is an error naming model.attention_impl (before any compile)."""
+  """A choice the backend cannot run is an error naming model.attention_impl (before any compile).
+  `splash` runs anywhere (off TPU in Pallas interpret mode: slow, for tests)."""
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"model.attention_impl={impl!r}: must be one of {ATTENTION_IMPLS}")
   if impl == "cudnn" and (backend or jax.default_backend()) != "gpu":
@@ -52,6 +56,8 @@ def resolve(impl: str, length: int, backend: str | None = None) -> str:
   if impl != "auto":
     return impl
   backend = backend or jax.default_backend()
+  if backend == "tpu":
+    return "splash"
   if backend == "gpu":
     return "cudnn"
   return "blocked" if length >= AUTO_BLOCKED_FROM else "reference"
@@ -65,15 +71,27 @@ def attend(
     segment_ids=None,
     *,
     impl: str = "reference",
+    mesh: Mesh | None = None,
+    batch_axes: tuple = (),
+    head_axes: tuple = (),
     block_q: int = 512,
     block_k: int = 512,
 ):
-  """Causal attention of q [B, T, N, H] over k, v [B, S, K, H] -> [B, T, N, H] in q's dtype."""
-  impl = resolve(impl, q.shape[1])
+  """Causal attention of q [B, T, N, H] over k, v [B, S, K, H] -> [B, T, N, H] in q's dtype.
+
+  mesh / batch_axes / head_axes (the `batch` and `heads` rules' mesh axes): where the activations live;
+  `auto` resolves by the mesh's platform (a dry run traces on a CPU host for TPU devices), and the splash
+  kernel runs under shard_map over them (a Pallas call is not partitioned by XLA)."""
+  backend = mesh.devices.flat[0].platform if mesh is not None else None
+  impl = resolve(impl, q.shape[1], backend)
   if impl == "reference":
     return reference(q, k, v, key_mask, segment_ids)
   if impl == "blocked":
     return blocked(q, k, v, key_mask, segment_ids, block_q=block_q, block_k=block_k)
+  if impl == "splash":
+    return splash(
+        q, k, v, key_mask, segment_ids, mesh=mesh, batch_axes=batch_axes, head_axes=head_axes
+    )
   return dot_product_attention(q, k, v, key_mask, segment_ids, implementation="cudnn")
 
 
@@ -238,3 +256,111 @@ def _flash_bwd(bq, bk, S, use_seg, res, do):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ------------------------------------------------------------------------------------------------------
+# splash: JAX's Pallas TPU splash-attention kernel
+# ------------------------------------------------------------------------------------------------------
+SPLASH_ALIGN = 128  # the kernel's sequence blocks are multiples of this; T is padded up to one
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(T: int, G: int, block: int, interpret: bool):
+  """The causal multi-query splash kernel for G query heads sharing one KV head, sequence T."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+  mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(G)])
+  b = block
+  sizes = sk.BlockSizes(
+      block_q=b,
+      block_kv=b,
+      block_kv_compute=b,
+      block_q_dkv=b,
+      block_kv_dkv=b,
+      block_kv_dkv_compute=b,
+      block_q_dq=b,
+      block_kv_dq=b,
+  )
+  return (
+      sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret),
+      sk.SegmentIds,
+  )
+
+
+def _splash_local(q, k, v, key_mask, seg, interpret: bool):
+  """Splash on local arrays: q [B, T, N, H], k, v [B, T, K, H], key_mask / seg [B, T]."""
+  B, T, N, H = q.shape
+  K = k.shape[2]
+  G = N // K
+  Tp = -(-T // SPLASH_ALIGN) * SPLASH_ALIGN
+  block = next(b for b in (512, 256, 128) if Tp % b == 0)
+  kernel, SegmentIds = _splash_kernel(Tp, G, block, interpret)
+  # Key padding and segments as segment ids: a key is seen by the queries of its segment only; padded
+  # keys (key_mask False, or beyond T) get -1, which no query has; queries beyond T get -2.
+  kv_seg = _pad_to(jnp.where(key_mask, seg, -1), 1, Tp, -1)
+  q_seg = _pad_to(seg, 1, Tp, -2)
+  qh = (
+      _pad_to(q * H**-0.5, 1, Tp).reshape(B, Tp, K, G, H).transpose(0, 2, 3, 1, 4)
+  )  # [B, K, G, T, H]
+  kh = _pad_to(k, 1, Tp).transpose(0, 2, 1, 3)  # [B, K, T, H]
+  vh = _pad_to(v, 1, Tp).transpose(0, 2, 1, 3)
+  per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # over the K kv heads
+  per_row = jax.vmap(per_head, in_axes=(0, 0, 0, 0))  # over the batch (segment ids per row)
+  out = per_row(qh, kh, vh, SegmentIds(q=q_seg, kv=kv_seg))  # [B, K, G, Tp, H]
+  return out.transpose(0, 3, 1, 2, 4)[:, :T].reshape(B, T, N, H).astype(q.dtype)
+
+
+def splash(
+    q,
+    k,
+    v,
+    key_mask,
+    segment_ids=None,
+    *,
+    mesh: Mesh | None = None,
+    batch_axes: tuple = (),
+    head_axes: tuple = (),
+    interpret: bool | None = None,
+):
+  """The Pallas TPU splash-attention kernel (causal, segment ids), per batch row and KV head; under
+  shard_map over the batch and head axes when a mesh is given. Off TPU it runs in interpret mode.
+
+  Query rows that may attend to nothing (padding) average the keys the kernel visits instead of all keys
+  (unlike `reference`): finite, and masked out by the caller like every padding row."""
+  if k.shape[1] != q.shape[1]:
+    raise ValueError(
+        f"splash attention needs S == T (training forward), got {k.shape[1]} vs {q.shape[1]}"
+    )
+  B, T, N, H = q.shape
+  K = k.shape[2]
+  seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  if interpret is None:
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    interpret = platform != "tpu"
+  local = functools.partial(_splash_local, interpret=interpret)
+  if mesh is None or jax.sharding.get_abstract_mesh().manual_axes:
+    return local(q, k, v, key_mask.astype(bool), seg)
+  # Batch over the `batch` axes that divide B (as the activations are sharded), heads over `heads`.
+  keep, n = [], 1
+  for a in batch_axes:
+    if B % (n * mesh.shape[a]) == 0:
+      keep.append(a)
+      n *= mesh.shape[a]
+  heads = tuple(a for a in head_axes if mesh.shape[a] > 1)
+  t = math.prod(mesh.shape[a] for a in heads)
+  if N % t or K % t:
+    raise ValueError(
+        f"model.attention_impl=splash: the heads axis {heads} (size {t}) must divide model.num_heads={N}"
+        f" and model.num_kv_heads={K} (parallel.rules 'heads')"
+    )
+  b = tuple(keep) or None
+  h = heads or None
+  x_spec, row_spec = P(b, None, h, None), P(b, None)
+  return jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(x_spec, x_spec, x_spec, row_spec, row_spec),
+      out_specs=x_spec,
+      check_vma=False,
+  )(q, k, v, key_mask.astype(bool), seg)

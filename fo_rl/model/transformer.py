@@ -58,7 +58,14 @@ def rope(x, positions, theta: float):
 class Attention(nnx.Module):
   """Grouped-query attention with per-head q/k RMSNorm and RoPE (Qwen3)."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      cfg: ModelConfig,
+      rngs: nnx.Rngs,
+      mesh=None,
+      token_axes: tuple = (),
+      head_axes: tuple = (),
+  ):
     D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pd = jnp.dtype(cfg.param_dtype)
     self.q_proj = _init(rngs, (D, N, H), ("embed", "heads", "head_dim"), pd)
@@ -67,7 +74,7 @@ class Attention(nnx.Module):
     self.o_proj = _init(rngs, (N, H, D), ("heads", "head_dim", "embed"), pd)
     self.q_norm = RMSNorm(H, cfg.rms_norm_eps, pd)
     self.k_norm = RMSNorm(H, cfg.rms_norm_eps, pd)
-    self.cfg = cfg
+    self.cfg, self.mesh, self.token_axes, self.head_axes = cfg, mesh, token_axes, head_axes
 
   def __call__(self, x, positions, key_mask, cache=None, cache_index=None):
     """x [B, T, D]; key_mask [B, S] (S = T, or the cache length); cache {'k','v': [B, K, H, S]}."""
@@ -91,7 +98,16 @@ class Attention(nnx.Module):
   def _attend(self, q, k, v, key_mask):
     """Causal attention of q [B, T, N, H] over k, v [B, T, K, H] (key_mask [B, T]) -> [B, T, D], by
     model.attention_impl (fo_rl/model/attention.py)."""
-    out = attention.attend(q, k, v, key_mask, impl=self.cfg.attention_impl)
+    out = attention.attend(
+        q,
+        k,
+        v,
+        key_mask,
+        impl=self.cfg.attention_impl,
+        mesh=self.mesh,
+        batch_axes=self.token_axes,
+        head_axes=self.head_axes,
+    )
     return jnp.einsum("btnh,nhd->btd", out, materialize(self.o_proj.get_value(), q.dtype))
 
   def _attend_cached(self, q, k, v, key_mask, cache, cache_index):
@@ -203,10 +219,12 @@ class MoEBlock(nnx.Module):
 
 class DecoderLayer(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, index: int, rngs: nnx.Rngs, mesh, token_axes, mlp_axes):
+  def __init__(
+      self, cfg: ModelConfig, index: int, rngs: nnx.Rngs, mesh, token_axes, mlp_axes, head_axes=()
+  ):
     pd = jnp.dtype(cfg.param_dtype)
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
-    self.self_attn = Attention(cfg, rngs)
+    self.self_attn = Attention(cfg, rngs, mesh, token_axes, head_axes)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
     self.is_moe = cfg.is_moe_layer(index)
     self.mlp = MoEBlock(cfg, rngs, mesh, token_axes, mlp_axes) if self.is_moe else MLP(cfg, rngs)
@@ -247,10 +265,14 @@ class Transformer(nnx.Module):
     rules = tuple((name, axes) for name, axes in rules)
     table = validate_rules(rules)
     token_axes, mlp_axes = table.get("batch", ()), table.get("expert_mlp", ())
+    head_axes = table.get("heads", ())
     pd = jnp.dtype(cfg.param_dtype)
     self.embed_tokens = _init(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
     self.layers = nnx.List(
-        [DecoderLayer(cfg, i, rngs, mesh, token_axes, mlp_axes) for i in range(cfg.num_layers)]
+        [
+            DecoderLayer(cfg, i, rngs, mesh, token_axes, mlp_axes, head_axes)
+            for i in range(cfg.num_layers)
+        ]
     )
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
     if not cfg.tie_word_embeddings:
