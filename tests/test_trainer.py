@@ -451,7 +451,8 @@ def test_left_padded_prompts_keep_routes_aligned(env, trainers):
   lp_u, _ = _np_logp(logits_u, seq)
   routes_u = np.asarray(routes_u)
   aligned = np.full((B, T, L, K), -7, np.int32)  # junk at padding: never checked, never used
-  unshifted = np.zeros((B, T, L, K), np.int32)  # valid ids everywhere, but at the wrong positions
+  # valid ids (distinct within a token) everywhere, but at the wrong positions
+  unshifted = np.broadcast_to(np.arange(K, dtype=np.int32), (B, T, L, K)).copy()
   unshifted[:, :, 1] = -1
   logp_ref = np.full((B, T), np.nan)
   for b in range(B):
