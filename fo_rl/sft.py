@@ -237,7 +237,8 @@ def cold_start(
     first, losses, seconds = int(meta["step"]), list(meta["losses"]), float(meta["seconds"])
     for _ in range(first):  # the batches it already trained on (host-side only)
       next(it)
-    log(f"cold start: resuming SFT at step {first}/{steps} from {partial.directory}")
+    if first:
+      log(f"cold start: resuming SFT at step {first}/{steps} from {partial.directory}")
   t0 = time.time()
   for i in range(first, steps):
     toks, mask = next(it)

@@ -506,3 +506,40 @@ def test_sample_tool_names_a_damaged_step_and_formats_prompts_as_training(tmp_pa
   assert re.search(rf"{re.escape(str(step2))} cannot be restored \(.+\); --step=1 reads", msg), msg
   assert "\n" not in msg
   tool.load_workdir(str(tmp_path), 1)  # the previous step still reads
+
+
+@pytest.mark.slow
+def test_damaged_partial_cold_start_is_restarted(tmp_path):
+  """A preempted SFT's `.partial` that cannot be read: named, moved aside, SFT starts over, and gives
+  the cold start an uninterrupted SFT gives (same losses)."""
+  from fo_rl.data import get_task
+  from fo_rl.data.tokenizer import Tokenizer
+  from fo_rl.model import init_model
+  from fo_rl.sft import cold_start
+
+  rc = config_lib.parse(tiny_config(**{"sft.steps": 3, "sft.warmup_steps": 1}))
+  tok, task = Tokenizer.default(), get_task("arithmetic", **rc.data.task_options())
+  records = task.generate("train", 64)
+  graphdef, params = init_model(rc.model, None, rc.parallel.rules, rc.seed)
+
+  def go(workdir, stop=lambda: False):
+    logged = []
+    p, info = cold_start(
+        rc, graphdef, params, tok, task, records, str(workdir), log=logged.append, stop=stop
+    )
+    return info, "\n".join(logged)
+
+  ref, _ = go(tmp_path / "ref")
+  info, _ = go(tmp_path / "w", stop=lambda: True)  # preempted after SFT step 1
+  assert info["preempted"] and info["steps"] == 1
+  partial = tmp_path / "w" / "sft.partial"
+  data = max((p for p in partial.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  with open(data, "r+b") as f:
+    f.truncate(10)
+  info, text = go(tmp_path / "w")
+  assert re.search(
+      r"preempted SFT in .*sft\.partial cannot be read \(.+\); moved to .*corrupt", text
+  ), text
+  assert info["final_loss"] == ref["final_loss"] and not info["preempted"]
+  assert "resuming SFT" not in text
+  assert any(p.name.startswith("sft.partial.corrupt-") for p in (tmp_path / "w").iterdir())
