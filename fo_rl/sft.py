@@ -56,9 +56,12 @@ def sft_key(rc: config_lib.RunConfig) -> str:
   parts["sft"].pop("min_kept_fraction", None)
   if parts["sft"].get("truncate") == "left":
     parts["sft"].pop("truncate", None)
-  # model.attention_impl=auto runs `reference` at cold-start lengths, as before the field existed.
+  # model.attention_impl=auto runs `reference` at cold-start lengths, as before the field existed, and
+  # model.logits_chunk=0 is the whole-logits path of before.
   if parts["model"].get("attention_impl") == "auto":
     parts["model"].pop("attention_impl")
+  if parts["model"].get("logits_chunk") == 0:
+    parts["model"].pop("logits_chunk")
   return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -223,7 +223,8 @@ def _old_sft_key(c) -> str:
   parts["sft"].pop("cache_dir", None)
   for f in ("truncate", "min_kept_fraction"):  # added later, out of the key at their defaults
     parts["sft"].pop(f, None)
-  parts["model"].pop("attention_impl", None)  # added later, out of the key at its default (auto)
+  for f in ("attention_impl", "logits_chunk"):  # added later, out of the key at their defaults
+    parts["model"].pop(f, None)
   return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -536,3 +536,19 @@ def test_config_errors_name_the_field(env):
     tr.train_step(None, env["noisy"])  # rejected before any compute
   with pytest.raises(ValueError, match=r"optim\.learning_rate"):
     OptimConfig(learning_rate=0.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("replay", ["r2", "r3"])
+def test_chunked_logprobs_train_step_matches_whole_logits(env, runs, replay):
+  """model.logits_chunk = 5 (never the [B, T, V] logits): the same train step as the whole-logits path,
+  every metric (entropy and train-infer KL from the old pass, losses of each update) and the parameters.
+  """
+  graphdef, _ = abstract_model(CFG.replace(logits_chunk=5))
+  tr = Trainer(graphdef, CFG.replace(logits_chunk=5), TrainerConfig(N, replay=replay, optim=OPTIM))
+  state, m = tr.train_step(tr.init_state(_copy(env["params"])), env["noisy"])
+  state0, m0, _ = runs(replay)
+  for k in ("entropy", "train_infer_kl", "loss", "grad_norm"):
+    assert float(m[k]) == pytest.approx(float(m0[k]), rel=1e-4, abs=1e-6), k
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(state0.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -58,6 +58,9 @@ class ModelConfig:
   # "blocked" (flash-style, memory linear in T, every backend), "cudnn" (GPU), or "auto" (cudnn on GPU,
   # else blocked from attention.AUTO_BLOCKED_FROM positions on, reference below).
   attention_impl: str = "auto"
+  # The trainer's log-probs and entropies (fo_rl/model/logprobs.py): 0 from the whole float32 logits
+  # [B, T, V]; c > 0 from the hidden states c positions at a time, never holding more than [B, c, V].
+  logits_chunk: int = 0
 
   # How fo_rl computes, not what the architecture is: never read from / written to a HF config.json.
   RUNTIME_FIELDS = (
@@ -69,6 +72,7 @@ class ModelConfig:
       "remat",
       "scan_layers",
       "attention_impl",
+      "logits_chunk",
   )
 
   def __post_init__(self):
@@ -134,6 +138,8 @@ class ModelConfig:
       bad("moe_impl", f"must be one of {MOE_IMPLS}")
     if self.gmm_backend not in GMM_BACKENDS:
       bad("gmm_backend", f"must be one of {GMM_BACKENDS}")
+    if int(self.logits_chunk) < 0:
+      bad("logits_chunk", "must be >= 0 (0: the whole logits at once)")
     if self.attention_impl not in ATTENTION_IMPLS:
       bad("attention_impl", f"must be one of {ATTENTION_IMPLS}")
     if self.rope_theta <= 0:

@@ -289,9 +289,11 @@ class Transformer(nnx.Module):
       key_mask=None,
       cache=None,
       cache_index=None,
+      return_hidden: bool = False,
   ):
     """tokens, positions [B, T] int32 -> (logits [B, T, V] float32, the routes chosen live
-    [B, T, L, k] int32, cache).
+    [B, T, L, k] int32, cache); with return_hidden, the final hidden states [B, T, D] (after the final
+    norm) instead of the logits (`head_matrix()` projects them: fo_rl/model/logprobs.py).
 
     token_mask [B, T]: real (non-padding) input positions; padding is never attended to and is not
       checked under replay. Default: all real.
@@ -345,12 +347,17 @@ class Transformer(nnx.Module):
     if scanned is None:
       live_routes = jnp.stack(all_ids, axis=2)
     x = self.norm(x)
-    if cfg.tie_word_embeddings:
-      head = materialize(self.embed_tokens.get_value(), jnp.float32).T
-    else:
-      head = materialize(self.lm_head.get_value(), jnp.float32)
-    logits = x.astype(jnp.float32) @ head
-    return logits, live_routes, (None if cache is None else new_cache)
+    new_cache = None if cache is None else new_cache
+    if return_hidden:
+      return x, live_routes, new_cache
+    logits = x.astype(jnp.float32) @ self.head_matrix()
+    return logits, live_routes, new_cache
+
+  def head_matrix(self):
+    """The output projection [D, V] in float32 (the tied embedding, transposed, when tied)."""
+    if self.cfg.tie_word_embeddings:
+      return materialize(self.embed_tokens.get_value(), jnp.float32).T
+    return materialize(self.lm_head.get_value(), jnp.float32)
 
 
 def _scan_layers(layers, x, positions, key_mask, token_mask, routes, remat: bool):

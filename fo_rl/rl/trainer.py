@@ -30,6 +30,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from fo_rl.model import ModelConfig, make_apply, validate_replay_routes
+from fo_rl.model.init import make_scorer
+from fo_rl.model.logprobs import token_logprobs  # noqa: F401  (the trainer's log-probs; sft uses it)
 from fo_rl.parallel.multihost import host_get  # device_get that also works across processes
 from fo_rl.parallel.sharding import DEFAULT_RULES, Rules, batch_spec
 from fo_rl.rl import metrics as rl_metrics
@@ -77,13 +79,6 @@ class TrainState:
   skipped: jax.Array  # updates skipped for a non-finite gradient
 
 
-def token_logprobs(logits, tokens, temperature: float = 1.0):
-  """[B, T, V] logits (position t predicts token t+1) -> [B, T] log pi(token_t | <t); position 0 gets 0."""
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32) / temperature, axis=-1)
-  lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-  return jnp.pad(lp, ((0, 0), (1, 0)))
-
-
 def _where_finite(ok, new, old):
   return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
@@ -102,6 +97,7 @@ class Trainer:
     check_rl_fields(cfg.mini_batches, cfg.replay, cfg.temperature, model_cfg.num_experts)
     self.cfg, self.model_cfg, self.mesh, self.rules = cfg, model_cfg, mesh, rules
     self.apply = make_apply(graphdef)
+    self.score = make_scorer(graphdef, model_cfg.logits_chunk)
     self.tx = make_optimizer(cfg.optim)
     self._old_pass = jax.jit(self._old_pass_fn)
     self._update = None  # the last update used; compiled on first use, once the shardings are known
@@ -196,21 +192,23 @@ class Trainer:
 
   def _old_pass_fn(self, params, ro: Rollouts):
     temp = self.cfg.temperature
-    logits, live_routes = self.apply(params, ro.tokens, ro.positions, None, ro.token_mask)
-    logp_live = token_logprobs(logits, ro.tokens, temp)
+    r3 = replays_sampler(self.cfg.replay)
+    (logp_live, entropy), live_routes = self.score(
+        params, ro.tokens, ro.positions, None, ro.token_mask, temp, entropy=not r3
+    )
     mask = ro.response_mask
     out = {}
     routes = pass_routes(self.cfg.replay, "old", sampler=ro.routes, live=live_routes)
     if routes is not None:  # r3
-      logits, _ = self.apply(params, ro.tokens, ro.positions, routes, ro.token_mask)
-      logp_old = token_logprobs(logits, ro.tokens, temp)
+      (logp_old, entropy), _ = self.score(
+          params, ro.tokens, ro.positions, routes, ro.token_mask, temp, entropy=True
+      )
       out["r3_vs_live_logp_gap"] = rl_metrics.masked_mean(jnp.abs(logp_old - logp_live), mask)
     else:
       logp_old = logp_live
     # Entropy of pi_old (the policy logp_old comes from: replayed under r3) at each response token's
     # predicting position (logits t-1 predict token t).
-    ent_logits = jnp.pad(logits[:, :-1], ((0, 0), (1, 0), (0, 0))) / temp
-    out["entropy"] = rl_metrics.token_entropy(ent_logits, mask)
+    out["entropy"] = rl_metrics.masked_mean(entropy, mask)
     if self.model_cfg.num_experts > 0:
       dis = rl_metrics.router_disagreement(ro.routes, live_routes, ro.token_mask)
       out["router_disagreement_per_decision"] = dis["per_decision"]
@@ -225,8 +223,9 @@ class Trainer:
   def loss_fn(self, params, ro: Rollouts, logp_old, routes):
     """(policy loss, loss metrics) of one mini-batch; `routes` None (live routing) or the [B, T, L, k]
     routes to replay (`pass_routes(..., "update", ...)`)."""
-    logits, _ = self.apply(params, ro.tokens, ro.positions, routes, ro.token_mask)
-    logp = token_logprobs(logits, ro.tokens, self.cfg.temperature)
+    (logp, _), _ = self.score(
+        params, ro.tokens, ro.positions, routes, ro.token_mask, self.cfg.temperature
+    )
     return policy_loss(
         LossInputs(logp, logp_old, ro.logp_mu, ro.advantages, ro.response_mask), self.cfg.loss
     )
