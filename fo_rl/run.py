@@ -40,7 +40,7 @@ from fo_rl.model.init import abstract_model
 from fo_rl.parallel.multihost import host_get
 from fo_rl.parallel.sharding import make_mesh, state_shardings
 from fo_rl.plots import plot_curves
-from fo_rl.rl.advantages import group_advantages
+from fo_rl.rl.advantages import group_advantages, resolve_advantage
 from fo_rl.rl.rollouts import Rollouts
 from fo_rl.rl.trainer import Trainer
 from fo_rl.sampler import Sampler, SamplingParams
@@ -51,11 +51,30 @@ from fo_rl.sft import LENGTH_SAMPLE, check_lengths, cold_start
 RESUMABLE_CHANGES = ("rl.steps", "eval.", "checkpoint.", "parallel.")
 
 
+def _comparable(d: dict) -> dict:
+  """A config's fields as a resume compares them: flat, and `rl.advantage=auto` as the mode it stands
+  for (a workdir started with 'mean' before 'auto' existed ran what 'auto' runs for minirl)."""
+  flat = flatten(d, ".")
+  if flat.get("rl.advantage") == "auto":
+    try:
+      flat["rl.advantage"] = resolve_advantage("auto", flat.get("rl.loss.name", "minirl"))
+    except ValueError:
+      pass
+  return flat
+
+
 def _config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
   """(changed fields a resume may not change, changed fields it may: RESUMABLE_CHANGES), as
-  `field: old -> new` for the allowed ones."""
-  a, b = flatten(old, "."), flatten(new, ".")
-  diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+  `field: old -> new` for the allowed ones. A field the old config lacks (added to fo_rl since the
+  workdir was started) counts as unchanged at its default: a new field's default is the behaviour of
+  before it existed."""
+  a, b = _comparable(old), _comparable(new)
+  defaults = flatten(config_lib.base_config().to_dict(), ".")
+  diff = sorted(
+      k
+      for k in set(a) | set(b)
+      if a.get(k) != b.get(k) and not (k not in a and k in defaults and b.get(k) == defaults[k])
+  )
   allowed = [k for k in diff if any(k.startswith(p) for p in RESUMABLE_CHANGES)]
   refused = [k for k in diff if k not in allowed]
   return refused, [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in allowed]

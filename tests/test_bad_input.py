@@ -543,3 +543,22 @@ def test_damaged_partial_cold_start_is_restarted(tmp_path):
   assert info["final_loss"] == ref["final_loss"] and not info["preempted"]
   assert "resuming SFT" not in text
   assert any(p.name.startswith("sft.partial.corrupt-") for p in (tmp_path / "w").iterdir())
+
+
+def test_resume_compares_fields_added_since_at_their_defaults():
+  """A workdir started before a field existed (its config.json lacks it) resumes when the field is at
+  its default, and `rl.advantage: mean` (before `auto`) equals `auto` under minirl; a real change, or a
+  new field away from its default, is refused."""
+  from fo_rl import config as config_lib
+  from fo_rl.run import _config_changes
+
+  new = config_lib.parse(config_lib.tiny(config_lib.base_config())).as_dict
+  old = json.loads(json.dumps(new))
+  del old["model"]["logits_chunk"], old["model"]["attention_impl"], old["rl"]["max_skipped_steps"]
+  old["rl"]["advantage"] = "mean"
+  assert _config_changes(old, new) == ([], [])
+  changed = json.loads(json.dumps(new))
+  changed["model"]["logits_chunk"] = 64
+  assert _config_changes(old, changed)[0] == ["model.logits_chunk"]
+  old["rl"]["advantage"] = "rloo"
+  assert _config_changes(old, new)[0] == ["rl.advantage"]
