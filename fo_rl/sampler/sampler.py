@@ -50,7 +50,9 @@ Ahead of time. `Sampler.lower` lowers the weight sync, the prefill and the decod
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -308,13 +310,19 @@ class Sampler:
     )
     self.params = None
     # Weight sync: reshard (trainer layout -> out_shardings) and quantize in one compiled call.
-    self._sync = jax.jit(self._quantize, out_shardings=self.param_shardings)
-    self._prefill = jax.jit(self._prefill_impl, static_argnames=("sampling", "gen_len"))
+    # Each jitted function counts its own traces (`num_compiles`): a trace is a compile.
+    self._traces = collections.Counter()
+    self._sync = jax.jit(
+        self._counted("update_weights", self._quantize), out_shardings=self.param_shardings
+    )
+    self._prefill = jax.jit(
+        self._counted("prefill", self._prefill_impl), static_argnames=("sampling", "gen_len")
+    )
     # The decode state is DONATED: the KV cache (and the other buffers) is updated in place, so a decode
     # call allocates no second cache and copies nothing; inside the while_loop every token's cache write
     # is an in-place dynamic_update_slice of the loop-carried buffer (no copy per token).
     self._decode = jax.jit(
-        decode_loop,
+        self._counted("decode", decode_loop),
         static_argnames=("graphdef", "sampling", "ends", "mesh", "loop_axes"),
         donate_argnames=("state",),
     )
@@ -629,9 +637,18 @@ class Sampler:
     )
 
   def num_compiles(self) -> dict[str, int]:
-    """Compiled variants per jitted function (tests use it to check that nothing recompiles)."""
-    return {
-        "prefill": self._prefill._cache_size(),
-        "decode": self._decode._cache_size(),
-        "update_weights": self._sync._cache_size(),
-    }
+    """Compiled variants per jitted function of this sampler (tests use it to check that nothing
+    recompiles): its traces, counted as they happen. Not JAX's `_cache_size()`: that reads a cache
+    shared by the whole process (decode_loop's jit is one function for every sampler), whose entries
+    come and go with what else the process has compiled."""
+    return {k: self._traces[k] for k in ("prefill", "decode", "update_weights")}
+
+  def _counted(self, name: str, fn):
+    """fn, counting its traces under `name` (same signature, so jit's static_argnames still apply)."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+      self._traces[name] += 1
+      return fn(*args, **kwargs)
+
+    return traced
