@@ -65,7 +65,13 @@ def _loss(fn, cot):
 
 @pytest.mark.parametrize(
     "block_q, block_k, segments",
-    [(4, 4, False), (4, 4, True), (3, 5, True), (16, 16, False), (11, 2, True)],
+    [
+        pytest.param(4, 4, False, marks=pytest.mark.slow),
+        (4, 4, True),
+        (3, 5, True),
+        pytest.param(16, 16, False, marks=pytest.mark.slow),
+        pytest.param(11, 2, True, marks=pytest.mark.slow),
+    ],
 )
 def test_blocked_matches_reference_values_and_gradients(block_q, block_k, segments):
   """Blocks that do and do not divide T = 11 (padded queries and keys), GQA (G = 2), causal masking,
@@ -189,7 +195,7 @@ def _real_rows(key_mask, seg, T):
   return np.asarray(A._allowed(jnp.arange(T), jnp.arange(T), key_mask, seg, seg).any(-1))
 
 
-@pytest.mark.parametrize("segments", [False, True])
+@pytest.mark.parametrize("segments", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_splash_matches_reference_values_and_gradients(segments):
   """JAX's Pallas TPU splash kernel in interpret mode (this CPU), T = 11 padded to its 128 alignment,
   GQA (one MQA kernel per KV head), left and right padding, segments."""

@@ -31,7 +31,7 @@ def _numpy(hidden, head, tokens, temperature):
   return logp, ent
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 4, 9, 64])
+@pytest.mark.parametrize("chunk", [pytest.param(1, marks=pytest.mark.slow), 3, 4, 9, 64])
 def test_chunked_matches_full_and_numpy(chunk):
   """Chunks that do and do not divide T - 1 = 9, and one larger than it; temperature 0.7."""
   hidden, head, tokens = _case()
@@ -45,7 +45,7 @@ def test_chunked_matches_full_and_numpy(chunk):
   assert LP.chunked(hidden, head, tokens, 0.7, chunk)[1] is None
 
 
-@pytest.mark.parametrize("chunk", [2, 4])
+@pytest.mark.parametrize("chunk", [pytest.param(2, marks=pytest.mark.slow), 4])
 def test_chunked_gradients_match_full(chunk):
   hidden, head, tokens = _case(seed=1)
   w = jnp.asarray(np.random.default_rng(2).normal(size=tokens.shape), jnp.float32)
