@@ -30,6 +30,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from fo_rl.parallel.sharding import dividing_axes
+
 ATTENTION_IMPLS = ("auto", "reference", "blocked", "splash", "cudnn")
 AUTO_BLOCKED_FROM = (
     2048  # `auto` off GPU: reference below this many positions, blocked from here on
@@ -342,11 +344,7 @@ def splash(
   if mesh is None or jax.sharding.get_abstract_mesh().manual_axes:
     return local(q, k, v, key_mask.astype(bool), seg)
   # Batch over the `batch` axes that divide B (as the activations are sharded), heads over `heads`.
-  keep, n = [], 1
-  for a in batch_axes:
-    if B % (n * mesh.shape[a]) == 0:
-      keep.append(a)
-      n *= mesh.shape[a]
+  keep = dividing_axes(batch_axes, mesh, B)
   heads = tuple(a for a in head_axes if mesh.shape[a] > 1)
   t = math.prod(mesh.shape[a] for a in heads)
   if N % t or K % t:
@@ -354,7 +352,7 @@ def splash(
         f"model.attention_impl=splash: the heads axis {heads} (size {t}) must divide model.num_heads={N}"
         f" and model.num_kv_heads={K} (parallel.rules 'heads')"
     )
-  b = tuple(keep) or None
+  b = keep or None
   h = heads or None
   x_spec, row_spec = P(b, None, h, None), P(b, None)
   return jax.shard_map(

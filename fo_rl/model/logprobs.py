@@ -20,9 +20,12 @@ import jax.numpy as jnp
 
 def token_logprobs(logits, tokens, temperature: float = 1.0):
   """[B, T, V] logits (position t predicts token t+1) -> [B, T] log pi(token_t | <t); position 0 gets 0."""
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32) / temperature, axis=-1)
-  lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-  return jnp.pad(lp, ((0, 0), (1, 0)))
+  return full(logits, tokens, temperature)[0]
+
+
+def _shift0(x):
+  """[B, T - 1] values of the predicting positions -> [B, T], position 0 getting 0."""
+  return jnp.pad(x, ((0, 0), (1, 0)))
 
 
 def _entropy(logq):
@@ -33,11 +36,9 @@ def _entropy(logq):
 
 def full(logits, tokens, temperature: float = 1.0, entropy: bool = False):
   """(logp [B, T], entropy [B, T] or None) from the whole logits [B, T, V]."""
-  logp = token_logprobs(logits, tokens, temperature)
-  if not entropy:
-    return logp, None
   logq = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32) / temperature, axis=-1)
-  return logp, jnp.pad(_entropy(logq), ((0, 0), (1, 0)))
+  lp = jnp.take_along_axis(logq, tokens[:, 1:, None], axis=-1)[..., 0]
+  return _shift0(lp), (_shift0(_entropy(logq)) if entropy else None)
 
 
 def chunked(
@@ -68,5 +69,5 @@ def chunked(
     return lp, (_entropy(logq) if entropy else jnp.zeros_like(lp))
 
   lp, ent = jax.lax.map(lambda a: one(*a), (hs, ts))
-  unchunk = lambda x: jnp.pad(jnp.moveaxis(x, 0, 1).reshape(B, n * c)[:, :T1], ((0, 0), (1, 0)))
+  unchunk = lambda x: _shift0(jnp.moveaxis(x, 0, 1).reshape(B, n * c)[:, :T1])
   return unchunk(lp), (unchunk(ent) if entropy else None)

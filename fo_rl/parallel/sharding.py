@@ -156,17 +156,23 @@ def state_shardings(abstract_state, mesh: Mesh, rules: Rules):
   )
 
 
+def dividing_axes(axes, mesh: Mesh, size: int) -> tuple[str, ...]:
+  """The mesh axes of `axes`, in order, that split a dimension of `size` evenly (each one kept only if
+  the product so far still divides it)."""
+  keep, n = [], 1
+  for a in axes:
+    if size % (n * mesh.shape[a]) == 0:
+      keep.append(a)
+      n *= mesh.shape[a]
+  return tuple(keep)
+
+
 def batch_spec(
     rules: Rules, ndim: int, mesh: Mesh | None = None, batch_size: int | None = None
 ) -> P:
   """Spec of an activation [B, ...]: B over the mesh axes the `batch` rule names (those that divide B)."""
   axes = validate_rules(rules).get("batch", ())
   if mesh is not None and batch_size is not None:
-    keep, n = [], 1
-    for a in axes:
-      if batch_size % (n * mesh.shape[a]) == 0:
-        keep.append(a)
-        n *= mesh.shape[a]
-    axes = tuple(keep)
+    axes = dividing_axes(axes, mesh, batch_size)
   lead = axes[0] if len(axes) == 1 else (tuple(axes) or None)
   return P(lead, *([None] * (ndim - 1)))

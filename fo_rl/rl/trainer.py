@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from fo_rl.model import ModelConfig, make_apply, validate_replay_routes
+from fo_rl.model import ModelConfig, validate_replay_routes
 from fo_rl.model.init import make_scorer
 from fo_rl.model.logprobs import token_logprobs  # noqa: F401  (the trainer's log-probs; sft uses it)
 from fo_rl.parallel.multihost import host_get  # device_get that also works across processes
@@ -96,7 +96,6 @@ class Trainer:
   ):
     check_rl_fields(cfg.mini_batches, cfg.replay, cfg.temperature, model_cfg.num_experts)
     self.cfg, self.model_cfg, self.mesh, self.rules = cfg, model_cfg, mesh, rules
-    self.apply = make_apply(graphdef)
     self.score = make_scorer(graphdef, model_cfg.logits_chunk)
     self.tx = make_optimizer(cfg.optim)
     self._old_pass = jax.jit(self._old_pass_fn)
