@@ -223,8 +223,9 @@ def _old_sft_key(c) -> str:
   parts["sft"].pop("cache_dir", None)
   for f in ("truncate", "min_kept_fraction"):  # added later, out of the key at their defaults
     parts["sft"].pop(f, None)
-  for f in ("attention_impl", "logits_chunk"):  # added later, out of the key at their defaults
-    parts["model"].pop(f, None)
+  for f, default in (("attention_impl", "auto"), ("logits_chunk", 0)):  # added later: out of the
+    if parts["model"].get(f) == default:  # key at their defaults (a recipe may set them, e.g. 30B)
+      parts["model"].pop(f)
   return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
