@@ -110,7 +110,7 @@ class SignalFlag:
   step boundary, checkpoints and exits). `restore()` puts the previous handlers back.
 
   message: printed (flushed) on each signal, formatted with `signum`, e.g.
-  `"experiments: signal {signum}: stopping ..."`; None prints nothing. Must be created on the main
+  `"paper: signal {signum}: stopping ..."`; None prints nothing. Must be created on the main
   thread (Python delivers signals there)."""
 
   def __init__(self, signals=(signal.SIGTERM,), message: str | None = None):

@@ -18,7 +18,7 @@ LAYERS = (
     ("sampler", "data"),
     ("rl",),
     ("config", "checkpoint", "metrics_writer", "plots"),
-    ("run", "sft", "dry_run", "experiments", "tools", "benchmarks", "bench", "main"),
+    ("run", "sft", "dry_run", "paper", "tools", "benchmarks", "bench", "main"),
 )
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

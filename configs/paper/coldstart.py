@@ -7,7 +7,7 @@ sft.cache_dir and shared with the other suites run in the same directory):
 
 The whole suite, 3 seeds, with report.md / results.json / coldstart.png:
 
-  python -m fo_rl.experiments --suite=coldstart --seeds=3 --workdir=workdirs/paper
+  python -m fo_rl.paper --suite=coldstart --seeds=3 --workdir=workdirs/paper
 
 Arg grammar (after the first ':' of --config): "<teacher>" | "<teacher>:tiny" | "tiny" | "" with
 teacher one of (fo_rl/data/teachers.py)
@@ -25,7 +25,7 @@ Expected (the paper, section 4.5): once training is stable, different cold start
 accuracy. Measured: see the suite's report.md.
 """
 
-from fo_rl.experiments import suite_config
+from fo_rl.paper.suites import suite_config
 
 COMMON = {
     "rl.mini_batches": 4,

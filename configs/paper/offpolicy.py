@@ -6,7 +6,7 @@ One run (variant n4_r2, seed 0; every variant shares the seed's cold start throu
 
 The whole suite, 3 seeds, with report.md / results.json / offpolicy.png:
 
-  python -m fo_rl.experiments --suite=offpolicy --seeds=3 --workdir=workdirs/paper
+  python -m fo_rl.paper --suite=offpolicy --seeds=3 --workdir=workdirs/paper
 
 Arg grammar (after the first ':' of --config): "<variant>" | "<variant>:tiny" | "tiny" | "" where
 variant = n<N>_<recipe> (n2_noclip, ..., n8_minirl: 15 variants), N in {2, 4, 8} and recipe one of
@@ -27,7 +27,7 @@ Expected (the paper, section 4.4): dropping clipping or replay collapses; R2 bea
 at N=4 and 8. Measured: see the suite's report.md.
 """
 
-from fo_rl.experiments import suite_config
+from fo_rl.paper.suites import suite_config
 
 COMMON = {
     "rl.replay": "none",

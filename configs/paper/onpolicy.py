@@ -6,7 +6,7 @@ One run (variant minirl, seed 0; every variant shares the seed's cold start thro
 
 The whole suite, 3 seeds, with report.md / results.json / onpolicy.png:
 
-  python -m fo_rl.experiments --suite=onpolicy --seeds=3 --workdir=workdirs/paper
+  python -m fo_rl.paper --suite=onpolicy --seeds=3 --workdir=workdirs/paper
 
 Arg grammar (after the first ':' of --config): "<variant>" | "<variant>:tiny" | "tiny" | "" where
 "tiny" alone is the tiny version of the first variant (minirl) and "" is minirl at full size.
@@ -28,7 +28,7 @@ Expected (the paper, section 4.3): MiniRL best; length normalization stable but 
 R3 lowers the train-infer KL but gives no gain. Measured: see the suite's report.md.
 """
 
-from fo_rl.experiments import suite_config
+from fo_rl.paper.suites import suite_config
 
 COMMON = {
     "rl.mini_batches": 1,

@@ -1,4 +1,4 @@
-"""fo_rl.experiments: the paper suites' configs, the run plan, the verdict rules on synthetic curves and
+"""fo_rl.paper: the paper suites' configs, the run plan, the verdict rules on synthetic curves and
 results, the report / figure, and the runner end to end (2 tiny variants x 1 seed, resumed once)."""
 
 from __future__ import annotations
@@ -15,7 +15,11 @@ import numpy as np
 import pytest
 
 from fo_rl import config as config_lib
-from fo_rl import experiments as X
+from fo_rl.paper import report as Rp
+from fo_rl.paper import results as Rs
+from fo_rl.paper import suites as S
+from fo_rl.paper import sweep as W
+from fo_rl.paper import verdicts as V
 from fo_rl.common import json_safe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,11 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _knob(c, field):
-  return X.get_field(c, field)
+  return S.get_field(c, field)
 
 
 def test_suite_variants_and_knobs():
-  on, off, cold = (X.load_suite(s) for s in X.SUITES)
+  on, off, cold = (S.load_suite(s) for s in S.SUITES)
   assert list(on.VARIANTS) == [
       "minirl",
       "minirl_length_norm",
@@ -84,13 +88,13 @@ def test_suite_variants_and_knobs():
     assert mod.get_config().to_json() == mod.get_config(first).to_json()
     suite = mod.__name__.removeprefix("fo_rl_paper_")
     assert f"python -m fo_rl.main --config=configs/paper/{suite}.py:" in mod.__doc__
-    assert f"python -m fo_rl.experiments --suite={suite}" in mod.__doc__
+    assert f"python -m fo_rl.paper --suite={suite}" in mod.__doc__
     with pytest.raises(ValueError, match="unknown variant"):
       mod.get_config("nope")
 
 
 def test_plan_commands_and_shared_cold_starts(tmp_path):
-  runs = X.build_plan(
+  runs = W.build_plan(
       "offpolicy",
       [0, 1],
       tmp_path,
@@ -113,13 +117,13 @@ def test_plan_commands_and_shared_cold_starts(tmp_path):
   assert r.target_steps == 7
   # one cold start per seed, shared by all variants of the seed
   assert runs[0].sft_key == runs[2].sft_key != runs[1].sft_key == runs[3].sft_key
-  cold = X.build_plan("coldstart", [0], tmp_path, tiny=True)
+  cold = W.build_plan("coldstart", [0], tmp_path, tiny=True)
   assert len({r.sft_key for r in cold}) == 3  # one per teacher
   assert all(r.config_arg.endswith(":tiny") for r in cold)
   with pytest.raises(ValueError, match="not in suite"):
-    X.build_plan("onpolicy", [0], tmp_path, variants=["n2_r2"])
+    W.build_plan("onpolicy", [0], tmp_path, variants=["n2_r2"])
   with pytest.raises(ValueError, match="mini_batches"):  # a bad override fails before anything runs
-    X.build_plan(
+    W.build_plan(
         "onpolicy", [0], tmp_path, variants=["minirl"], overrides=[("rl.mini_batches", "7")]
     )
 
@@ -127,16 +131,16 @@ def test_plan_commands_and_shared_cold_starts(tmp_path):
 def test_finished_and_sft_ready(tmp_path):
   wd = tmp_path / "v" / "seed0"
   wd.mkdir(parents=True)
-  assert not X.is_finished(wd, 5)
+  assert not W.is_finished(wd, 5)
   (wd / "summary.json").write_text(json.dumps({"steps": 3}))
-  assert X.is_finished(wd) and not X.is_finished(wd, 5) and X.is_finished(wd, 3)
+  assert W.is_finished(wd) and not W.is_finished(wd, 5) and W.is_finished(wd, 3)
   key = tmp_path / "sft_cache" / "abc"
   key.mkdir(parents=True)
-  assert not X.sft_ready(tmp_path / "sft_cache", "abc")
+  assert not W.sft_ready(tmp_path / "sft_cache", "abc")
   (key / "800.orbax-checkpoint-tmp-123").mkdir()  # orbax's in-progress directory
-  assert not X.sft_ready(tmp_path / "sft_cache", "abc")
+  assert not W.sft_ready(tmp_path / "sft_cache", "abc")
   (key / "800").mkdir()
-  assert X.sft_ready(tmp_path / "sft_cache", "abc")
+  assert W.sft_ready(tmp_path / "sft_cache", "abc")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -169,44 +173,44 @@ def test_collapse_rule_on_synthetic_curves():
   rng = np.random.default_rng(0)
   # stable and improving
   assert (
-      X.collapse_reasons(curves([0.3, 0.4, 0.5, 0.55, 0.6, 0.6, 0.62], np.linspace(0.5, 0.35, 60)))
+      V.collapse_reasons(curves([0.3, 0.4, 0.5, 0.55, 0.6, 0.6, 0.62], np.linspace(0.5, 0.35, 60)))
       == []
   )
   # noisy but stable: accuracy jitters by +-0.07 (never 0.15 below its peak twice), entropy by +-0.1
   noisy_acc = 0.5 + rng.uniform(-0.07, 0.07, 7)
   noisy_ent = 0.5 + rng.uniform(-0.1, 0.1, 60)
-  assert X.collapse_reasons(curves(noisy_acc, noisy_ent)) == []
+  assert V.collapse_reasons(curves(noisy_acc, noisy_ent)) == []
   # a dip that recovers by the end, and a single bad last evaluation, are not collapses
-  assert X.collapse_reasons(curves([0.4, 0.6, 0.2, 0.1, 0.5, 0.55, 0.6])) == []
-  assert X.collapse_reasons(curves([0.4, 0.6, 0.6, 0.6, 0.6, 0.6, 0.3])) == []
+  assert V.collapse_reasons(curves([0.4, 0.6, 0.2, 0.1, 0.5, 0.55, 0.6])) == []
+  assert V.collapse_reasons(curves([0.4, 0.6, 0.6, 0.6, 0.6, 0.6, 0.3])) == []
   # planted: accuracy falls from its peak and stays down
-  r = X.collapse_reasons(curves([0.4, 0.55, 0.6, 0.5, 0.3, 0.1, 0.05]))
-  assert len(r) == 1 and X.reason_kind(r[0]) == "accuracy drop"
+  r = V.collapse_reasons(curves([0.4, 0.55, 0.6, 0.5, 0.3, 0.1, 0.05]))
+  assert len(r) == 1 and V.reason_kind(r[0]) == "accuracy drop"
   # exactly the threshold counts (at least 0.15 below the peak)
-  assert X.collapse_reasons(curves([0.5, 0.65, 0.6, 0.6, 0.6, 0.5, 0.5]))
-  assert not X.collapse_reasons(curves([0.5, 0.65, 0.6, 0.6, 0.6, 0.51, 0.5]))
+  assert V.collapse_reasons(curves([0.5, 0.65, 0.6, 0.6, 0.6, 0.5, 0.5]))
+  assert not V.collapse_reasons(curves([0.5, 0.65, 0.6, 0.6, 0.6, 0.51, 0.5]))
   # planted: entropy crash (accuracy still fine), entropy surge, non-finite entropy
   crash = np.concatenate([np.full(40, 0.5), np.linspace(0.5, 0.02, 20)])
-  assert [X.reason_kind(x) for x in X.collapse_reasons(curves([0.5] * 7, crash))] == [
+  assert [V.reason_kind(x) for x in V.collapse_reasons(curves([0.5] * 7, crash))] == [
       "entropy crash"
   ]
   surge = np.concatenate([np.full(40, 0.5), np.linspace(0.5, 3.0, 20)])
-  assert [X.reason_kind(x) for x in X.collapse_reasons(curves([0.5] * 7, surge))] == [
+  assert [V.reason_kind(x) for x in V.collapse_reasons(curves([0.5] * 7, surge))] == [
       "entropy surge"
   ]
   nan_end = np.concatenate([np.full(58, 0.5), [np.nan, np.nan]])
-  assert [X.reason_kind(x) for x in X.collapse_reasons(curves([0.5] * 7, nan_end))] == [
+  assert [V.reason_kind(x) for x in V.collapse_reasons(curves([0.5] * 7, nan_end))] == [
       "non-finite entropy"
   ]
   # a gradual entropy decline that stays above the crash fraction is not a collapse
-  assert X.collapse_reasons(curves([0.5] * 7, np.linspace(0.5, 0.15, 60))) == []
+  assert V.collapse_reasons(curves([0.5] * 7, np.linspace(0.5, 0.15, 60))) == []
   # both rules at once
-  both = X.collapse_reasons(curves([0.5, 0.6, 0.6, 0.4, 0.2, 0.1, 0.1], crash))
-  assert sorted(X.reason_kind(x) for x in both) == ["accuracy drop", "entropy crash"]
+  both = V.collapse_reasons(curves([0.5, 0.6, 0.6, 0.4, 0.2, 0.1, 0.1], crash))
+  assert sorted(V.reason_kind(x) for x in both) == ["accuracy drop", "entropy crash"]
 
 
 def test_run_stats():
-  s = X.run_stats(curves([0.3, 0.4, 0.5, 0.6, 0.5, 0.55, 0.65], kl=2e-3))
+  s = Rs.run_stats(curves([0.3, 0.4, 0.5, 0.6, 0.5, 0.55, 0.65], kl=2e-3))
   assert s["cold_start_accuracy"] == 0.3
   assert s["final_accuracy"] == pytest.approx(0.6)  # mean of the last two evaluations
   assert s["peak_accuracy"] == 0.65 and s["mean_train_infer_kl"] == pytest.approx(2e-3)
@@ -214,35 +218,35 @@ def test_run_stats():
 
 
 def stat(values):
-  return X._stat(values)
+  return Rs._stat(values)
 
 
 def test_better_respects_the_seed_spread():
   a, b = stat([0.60, 0.62, 0.58]), stat([0.50, 0.52, 0.48])  # std 0.02 each, difference 0.10
-  assert X.compare(a, b) == "better" and X.compare(b, a) == "worse"
+  assert V.compare(a, b) == "better" and V.compare(b, a) == "worse"
   wide = stat([0.75, 0.50, 0.45])  # mean 0.567, std 0.16: the difference to a is inside the spread
-  assert X.compare(a, wide) == "tie" and X.compare(wide, a) == "tie"
+  assert V.compare(a, wide) == "tie" and V.compare(wide, a) == "tie"
   # the margin is max(std_a, std_b), not the smaller one
   c, d = stat([0.60, 0.60, 0.60]), stat([0.40, 0.60, 0.80])  # diff 0 -> tie; std_d = 0.2
-  assert X.compare(c, d) == "tie"
+  assert V.compare(c, d) == "tie"
   e, f = stat([0.70, 0.70, 0.70]), stat([0.35, 0.55, 0.75])  # diff 0.15 < std_f 0.2 -> tie
-  assert X.compare(e, f) == "tie"
+  assert V.compare(e, f) == "tie"
   g = stat([0.80, 0.80, 0.80])  # diff 0.25 > 0.2 -> better
-  assert X.compare(g, f) == "better"
+  assert V.compare(g, f) == "better"
   # a single seed cannot say anything
-  assert X.compare(stat([0.9]), stat([0.1, 0.1])) == "n/a"
+  assert V.compare(stat([0.9]), stat([0.1, 0.1])) == "n/a"
   # the accuracy floor: identical seeds 0.005 apart are a tie
-  assert X.compare(stat([0.5, 0.5]), stat([0.495, 0.495]), floor=X.ACC_MIN_DIFF) == "tie"
+  assert V.compare(stat([0.5, 0.5]), stat([0.495, 0.495]), floor=V.ACC_MIN_DIFF) == "tie"
   # lower is better for the KL
-  assert X.compare(stat([1e-4, 1.1e-4]), stat([1e-3, 1.2e-3]), higher_is_better=False) == "better"
+  assert V.compare(stat([1e-4, 1.1e-4]), stat([1e-3, 1.2e-3]), higher_is_better=False) == "better"
 
 
 def test_combine():
-  R, N, I = X.REPRODUCED, X.NOT_REPRODUCED, X.INCONCLUSIVE
-  assert X.combine([R, R, R]) == R
-  assert X.combine([N, N]) == N and X.combine([N, I]) == N
-  assert X.combine([R, N]) == I and X.combine([R, I]) == I and X.combine([I, I]) == I
-  assert X.combine([]) == I
+  R, N, I = V.REPRODUCED, V.NOT_REPRODUCED, V.INCONCLUSIVE
+  assert V.combine([R, R, R]) == R
+  assert V.combine([N, N]) == N and V.combine([N, I]) == N
+  assert V.combine([R, N]) == I and V.combine([R, I]) == I and V.combine([I, I]) == I
+  assert V.combine([]) == I
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -256,7 +260,7 @@ JITTER = (-0.01, 0.0, 0.01)
 def good(final, kl=1e-3, start=0.3):
   """A stable run per seed that rises from `start` to a plateau at `final` (+ a small seed jitter)."""
   return {
-      s: X.run_record(curves(list(np.linspace(start, final + j, 5)) + [final + j] * 2, kl=kl))
+      s: Rs.run_record(curves(list(np.linspace(start, final + j, 5)) + [final + j] * 2, kl=kl))
       for s, j in zip(SEEDS, JITTER)
   }
 
@@ -264,7 +268,7 @@ def good(final, kl=1e-3, start=0.3):
 def collapsing(start=0.3):
   crash = np.concatenate([np.full(30, 0.5), np.linspace(0.5, 0.02, 30)])
   return {
-      s: X.run_record(curves([start, 0.45, 0.5 + j, 0.4, 0.2, 0.05, 0.02], crash))
+      s: Rs.run_record(curves([start, 0.45, 0.5 + j, 0.4, 0.2, 0.05, 0.02], crash))
       for s, j in zip(SEEDS, JITTER)
   }
 
@@ -279,7 +283,7 @@ def verdicts(found):
   return {f["id"]: f["verdict"] for f in found}
 
 
-R, N, I = X.REPRODUCED, X.NOT_REPRODUCED, X.INCONCLUSIVE
+R, N, I = V.REPRODUCED, V.NOT_REPRODUCED, V.INCONCLUSIVE
 
 
 def onpolicy(**changes):
@@ -293,7 +297,7 @@ def onpolicy(**changes):
   }
   v.update(changes)
   v = {k: r for k, r in v.items() if r is not None}
-  return X.onpolicy_findings(X.suite_record(v))
+  return V.onpolicy_findings(Rs.suite_record(v))
 
 
 def test_onpolicy_findings():
@@ -342,7 +346,7 @@ def offpolicy(overrides=None, ns=(2, 4, 8)):
     v[f"n{n}_r3"] = good(0.55 if n == 2 else 0.65)
   v.update(overrides or {})
   v = {k: r for k, r in v.items() if r is not None}
-  return X.offpolicy_findings(X.suite_record(v))
+  return V.offpolicy_findings(Rs.suite_record(v))
 
 
 def test_offpolicy_findings():
@@ -371,7 +375,7 @@ def test_offpolicy_findings():
 def coldstart(finals=(0.6, 0.6, 0.6), starts=(0.5, 0.35, 0.2), **changes):
   v = {t: good(f, start=s) for t, f, s in zip(("careful", "terse", "noisy"), finals, starts)}
   v.update(changes)
-  return X.coldstart_findings(X.suite_record(v))
+  return V.coldstart_findings(Rs.suite_record(v))
 
 
 def test_coldstart_findings():
@@ -397,22 +401,22 @@ def test_report_and_figure_from_synthetic_results(tmp_path):
         (f"n{n}_r3", good(0.5)),
     ):
       v[name], groups[name] = runs, f"N={n}"
-  suite = X.suite_record(v, groups, {"model": "tiny"})
+  suite = Rs.suite_record(v, groups, {"model": "tiny"})
   results = {
       "workdir": str(tmp_path),
       "generated": "now",
-      "rules": X.RULES_TEXT,
+      "rules": V.RULES_TEXT,
       "suites": {"offpolicy": suite},
   }
-  results["findings"] = X.findings(results)
-  png = X.plot_suite("offpolicy", suite, tmp_path / "offpolicy.png")
+  results["findings"] = V.findings(results)
+  png = Rp.plot_suite("offpolicy", suite, tmp_path / "offpolicy.png")
   assert os.path.getsize(png) > 10_000
-  report = Path(X.write_report(results, tmp_path)).read_text()
-  assert "## Verdict rules" in report and X.RULES_TEXT.splitlines()[0] in report
+  report = Path(Rp.write_report(results, tmp_path)).read_text()
+  assert "## Verdict rules" in report and V.RULES_TEXT.splitlines()[0] in report
   assert "| 2a |" in report and "offpolicy.png" in report and "- model: tiny" in report
   json.dumps(
       json_safe(results), allow_nan=False
-  )  # results.json (experiments.write_outputs) is strict JSON
+  )  # results.json (report.write_outputs) is strict JSON
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -442,7 +446,7 @@ json.dump({"steps": 2}, open(os.path.join(wd, "summary.json"), "w"))
 
 def _fake_runs(root, spec):
   return [
-      X.Run(
+      W.Run(
           suite="onpolicy",
           variant=v,
           seed=0,
@@ -474,7 +478,7 @@ def test_scheduler_shares_cold_starts_and_resumes(tmp_path, monkeypatch):
       root, [("a", "k0", False), ("b", "k0", False), ("c", "k1", False), ("d", "k0", False)]
   )
   lines = []
-  codes = X.execute(runs, 2, log=lines.append, poll_seconds=0.05)
+  codes = W.execute(runs, 2, log=lines.append, poll_seconds=0.05)
   assert codes == {"a/seed0": 0, "b/seed0": 0, "c/seed0": 0, "d/seed0": 0}
   ev = _events(log)
   starts = {e["run"]: e for e in ev if e["event"] == "start"}
@@ -490,12 +494,12 @@ def test_scheduler_shares_cold_starts_and_resumes(tmp_path, monkeypatch):
   )
   # resume: everything is finished, nothing starts
   n = len(ev)
-  assert X.execute(runs, 2, log=lines.append, poll_seconds=0.05) == {}
+  assert W.execute(runs, 2, log=lines.append, poll_seconds=0.05) == {}
   assert len(_events(log)) == n and "4 already finished, 0 to run" in lines[-1]
 
   # a leader that fails before its cold start hands the job to the next run of that cold start
   runs = _fake_runs(root, [("e", "k2", True), ("f", "k2", False)])
-  codes = X.execute(runs, 2, log=lines.append, poll_seconds=0.05)
+  codes = W.execute(runs, 2, log=lines.append, poll_seconds=0.05)
   assert codes == {"e/seed0": 3, "f/seed0": 0}
   ev = [e for e in _events(log)[n:] if e["event"] == "start"]
   assert [e["run"] for e in ev] == ["e", "f"] and not ev[1]["ready"]
@@ -503,7 +507,7 @@ def test_scheduler_shares_cold_starts_and_resumes(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# End to end: 2 tiny variants x 1 seed through `python -m fo_rl.experiments`, then a resume that runs nothing.
+# End to end: 2 tiny variants x 1 seed through `python -m fo_rl.paper`, then a resume that runs nothing.
 # One at a time: the second run reuses the first's cold start and compiled programs (about 70 s of CPU in
 # all; parallel scheduling is tested above with a fake main).
 # ---------------------------------------------------------------------------------------------------------
@@ -512,7 +516,7 @@ def test_scheduler_shares_cold_starts_and_resumes(tmp_path, monkeypatch):
 def _cli(args, env):
   t0 = time.time()
   p = subprocess.run(
-      [sys.executable, "-m", "fo_rl.experiments", *args],
+      [sys.executable, "-m", "fo_rl.paper", *args],
       cwd=REPO,
       env=env,
       capture_output=True,
