@@ -30,7 +30,19 @@ from fo_rl.rl.trainer import TrainerConfig, check_rl_fields
 from fo_rl.sampler import quantize as Q
 from fo_rl.sampler.config import SamplerConfig, SamplingParams
 
-TASKS = ("arithmetic", "countdown", "sorting", "jsonl")
+TASKS = ("arithmetic", "countdown", "sorting", "jsonl", "reasoning_gym")
+VERIFIERS = ("auto", "numeric", "math", "exact")
+# data.* fields added with issue 17, at their defaults (what every run did before they existed): the SFT
+# cache key leaves them out there, so earlier cold starts stay valid.
+DATA_DEFAULTS_ADDED = {
+    "prompt_field": "prompt",
+    "answer_field": "answer",
+    "verifier": "auto",
+    "verifier_timeout": 5.0,
+    "chat_template": "auto",
+    "system_prompt": "",
+    "chat_template_kwargs": "",
+}
 JSONL_OPTIONS = ("train_file", "test_file")
 RL_OPTIM_FIELDS = ("learning_rate", "warmup_steps", "b1", "b2", "eps", "weight_decay", "grad_clip")
 SAMPLING_FIELDS = (
@@ -94,7 +106,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.task = "arithmetic"
   c.data.options = ml_collections.ConfigDict({"num_digits": 3, "ops": "+-"})  # passed to get_task
   c.data.train_file = ""  # data.task=jsonl: JSON Lines, one {"prompt": ..., "answer": ...} per line
-  c.data.test_file = ""
+  c.data.test_file = ""  # (or Parquet: a .parquet file with those columns)
+  c.data.prompt_field = "prompt"  # the fields of data files (data.task=jsonl and eval.files)
+  c.data.answer_field = "answer"
+  # Answer checking of data files: numeric | math (math-verify) | exact | auto (numeric when every
+  # answer of the file is a plain number, else math); math gives each answer at most verifier_timeout s.
+  c.data.verifier = "auto"
+  c.data.verifier_timeout = 5.0
+  # Chat template: auto (the HF checkpoint's, if it has one) | none | a .jinja file; its system prompt
+  # ('' = none) and extra template variables as a JSON object, e.g. '{"enable_thinking": false}'.
+  c.data.chat_template = "auto"
+  c.data.system_prompt = ""
+  c.data.chat_template_kwargs = ""
   c.data.data_dir = ""  # tfds data dir ('' = $FO_RL_DATA_DIR or ~/.cache/fo_rl/tfds)
   c.data.tokenizer = (
       ""  # SentencePiece model ('' = the committed fo_rl/data/assets/tokenizer.model)
@@ -158,7 +181,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 10  # RL steps
   c.eval.num_prompts = 128
-  c.eval.samples = 4  # G for the held-out mean accuracy
+  c.eval.samples = 4  # G for the held-out mean accuracy; k of avg@k / pass@k on eval.files
+  # Held-out sets from files (JSON Lines or Parquet, data.prompt_field / answer_field / verifier):
+  # NAME=PATH[,NAME=PATH...] ('' = none); every problem of each set is sampled eval.samples times.
+  c.eval.files = ""
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 10
@@ -320,14 +346,22 @@ class ParallelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """data.*: the task, its options, and the tokenizer."""
+  """data.*: the task, its options, the data files' fields and verifier, the chat template, and the
+  tokenizer."""
 
   task: str
   options: dict  # get_task's options (data.task != jsonl)
-  train_file: str = ""  # data.task=jsonl: the JSON Lines file of each split
+  train_file: str = ""  # data.task=jsonl: the JSON Lines (or Parquet) file of each split
   test_file: str = ""
   data_dir: str = ""  # tfds data dir ('' = the default)
   tokenizer: str = ""  # SentencePiece model ('' = the committed one)
+  prompt_field: str = "prompt"
+  answer_field: str = "answer"
+  verifier: str = "auto"  # auto | numeric | math | exact
+  verifier_timeout: float = 5.0  # seconds per answer (math)
+  chat_template: str = "auto"  # auto | none | a .jinja file
+  system_prompt: str = ""
+  chat_template_kwargs: str = ""  # a JSON object: extra template variables ('' = none)
 
   def __post_init__(self):
     _set(self, options=dict(self.options))
@@ -341,14 +375,67 @@ class DataConfig:
         _bad(f"data.{f}", path, "no such file")
       if self.task != "jsonl" and path:
         _bad(f"data.{f}", path, f"only used with data.task=jsonl, not {self.task!r}")
-    if self.task != "jsonl":
+    for f in ("prompt_field", "answer_field"):
+      if not isinstance(getattr(self, f), str) or not getattr(self, f):
+        _bad(f"data.{f}", getattr(self, f), "must be a non-empty field name")
+    if self.verifier not in VERIFIERS:
+      _bad("data.verifier", self.verifier, f"must be one of {VERIFIERS}")
+    t = self.verifier_timeout
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0 or t == float("inf"):
+      _bad("data.verifier_timeout", t, "must be a finite number of seconds > 0")
+    _set(self, verifier_timeout=float(t))
+    ct = str(self.chat_template or "")
+    if ct not in ("auto", "none") and not os.path.isfile(os.path.expanduser(ct)):
+      _bad("data.chat_template", ct, "must be auto, none or an existing template file (.jinja)")
+    _set(self, chat_template=ct if ct in ("auto", "none") else os.path.expanduser(ct))
+    if not isinstance(self.system_prompt, str):
+      _bad("data.system_prompt", self.system_prompt, "must be a string ('' = no system message)")
+    self.template_kwargs()  # validates data.chat_template_kwargs
+    if self.task == "reasoning_gym":
+      _check_reasoning_gym(self.options)
+    elif self.task != "jsonl":
       _check_task_options(self.task, self.options)
 
+  def template_kwargs(self) -> dict:
+    """data.chat_template_kwargs as a dict (the template's extra variables)."""
+    raw = self.chat_template_kwargs
+    if isinstance(raw, dict):
+      return dict(raw)
+    if not str(raw or "").strip():
+      return {}
+    try:
+      value = json.loads(raw)
+    except json.JSONDecodeError as e:
+      _bad(
+          "data.chat_template_kwargs",
+          raw,
+          f"not JSON ({e.msg}); e.g. '{{\"enable_thinking\": false}}'",
+      )
+    if not isinstance(value, dict):
+      _bad("data.chat_template_kwargs", raw, "must be a JSON object")
+    return value
+
   def task_options(self) -> dict:
-    """get_task's options: data.train_file/test_file for data.task=jsonl, else data.options."""
+    """get_task's options: the files, fields and verifier for data.task=jsonl, else data.options."""
     if self.task == "jsonl":
-      return {f: getattr(self, f) for f in JSONL_OPTIONS}
+      return dict(
+          {f: getattr(self, f) for f in JSONL_OPTIONS},
+          prompt_field=self.prompt_field,
+          answer_field=self.answer_field,
+          verifier=self.verifier,
+          verifier_timeout=self.verifier_timeout,
+      )
     return dict(self.options)
+
+
+def _check_reasoning_gym(options: dict) -> None:
+  """data.options for data.task=reasoning_gym: a known dataset, the generator's own config."""
+  from fo_rl.data import reasoning_gym_task as rg
+
+  try:
+    rg.ReasoningGymTask(**options).check()
+  except rg.OptionError as e:
+    raise UserError(f"data.options.{e.field}={e.value!r}: {e.why}") from None
 
 
 def _check_task_options(task: str, options: dict) -> None:
@@ -491,10 +578,23 @@ class EvalConfig:
 
   every: int  # RL steps
   num_prompts: int
-  samples: int  # G for the held-out mean accuracy
+  samples: int  # G for the held-out mean accuracy; k of avg@k / pass@k on the eval files
+  files: str = ""  # NAME=PATH[,NAME=PATH...]: held-out sets from files (fo_rl/data/eval_sets.py)
 
   def __post_init__(self):
     _at_least("eval", self, ("every", "num_prompts", "samples"))
+    if not isinstance(self.files, str):
+      _bad("eval.files", self.files, "must be a string NAME=PATH[,NAME=PATH...]")
+    self.file_sets()
+
+  def file_sets(self) -> list:
+    """[(name, path)] of eval.files (checked: each file exists, names are distinct)."""
+    from fo_rl.data.eval_sets import parse_spec
+
+    try:
+      return parse_spec(self.files, "eval.files")
+    except ValueError as e:
+      raise UserError(str(e)) from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,10 @@ from fo_rl.checkpoint import (
     train_bundle,
 )
 from fo_rl.common import SignalFlag, UserError, flatten
-from fo_rl.data import get_task
+from fo_rl.data import chat_template as chat_lib
+from fo_rl.data import eval_sets as eval_sets_lib
+from fo_rl.data import get_task, verifiers
+from fo_rl.data.tasks import JsonlTask
 from fo_rl.data.tokenizer import HFTokenizer, Tokenizer
 from fo_rl.metrics_writer import MetricsWriter, read_metrics
 from fo_rl.model import init_model
@@ -141,26 +144,89 @@ def _preflight_data(rc: config_lib.RunConfig, tokenizer, task, log):
   except (ValueError, OSError) as e:
     prefix = f"eval.num_prompts={rc.eval.num_prompts}: " if "asked for" in str(e) else ""
     raise UserError(prefix + str(e)) from None
-  limit = rc.max_prompt_len
   for split, records, path in (
       ("train", train_records, rc.data.train_file),
       ("test", test_records, rc.data.test_file),
   ):
     n = len(records) if rc.data.task == "jsonl" else min(len(records), LENGTH_SAMPLE)
-    for i in range(n):
-      rec = records[i]
-      length = len(tokenizer.encode(task.format_prompt(rec), add_bos=True))
-      if length > limit:
-        where = (
-            f"{path}, line {rec['line']}"
-            if "line" in rec
-            else f"{rc.data.task} {split} example {i}"
-        )
-        raise UserError(
-            f"sampler.max_prompt_len={limit}: {where}: the prompt has {length} tokens (BOS and "
-            f"template included); shorten it or raise sampler.max_prompt_len"
-        )
+    _check_prompt_lengths(rc, tokenizer, task, records, n, split, path)
   return train_records, test_records
+
+
+def _check_prompt_lengths(rc, tokenizer, task, records, n, split, path) -> None:
+  """The first `n` prompts of `records` fit sampler.max_prompt_len (a chat template's error: a UserError
+  naming the template file)."""
+  limit = rc.max_prompt_len
+  for i in range(n):
+    rec = records[i]
+    try:
+      text = task.format_prompt(rec)
+    except ValueError as e:  # the chat template's error names its file
+      raise UserError(f"data.chat_template: {e}") from None
+    length = len(tokenizer.encode(text, add_bos=True))
+    if length > limit:
+      where = (
+          f"{path}, line {rec['line']}" if "line" in rec else f"{rc.data.task} {split} example {i}"
+      )
+      raise UserError(
+          f"sampler.max_prompt_len={limit}: {where}: the prompt has {length} tokens (BOS and "
+          f"template included); shorten it or raise sampler.max_prompt_len"
+      )
+
+
+def _chat_task(rc: config_lib.RunConfig, task, hf_dir: str, log):
+  """(task, template): the task with its prompts rendered through the chat template data.chat_template
+  asks for (auto: the HF checkpoint's, when it has one), or the task itself and None."""
+  try:
+    template = chat_lib.resolve(rc.data.chat_template, hf_dir or None)
+  except ValueError as e:
+    raise UserError(f"data.chat_template={rc.data.chat_template!r}: {e}") from None
+  if template is None:
+    return task, None
+  log(f"prompts go through the chat template of {template.source}")
+  return (
+      chat_lib.ChatTask(task, template, rc.data.system_prompt, rc.data.template_kwargs()),
+      template,
+  )
+
+
+def load_eval_sets(rc: config_lib.RunConfig, tokenizer, template) -> list:
+  """[(name, task, records)] of eval.files: each file read with data.prompt_field / answer_field /
+  verifier, its prompts rendered as training renders them and checked against sampler.max_prompt_len.
+  """
+  sets = []
+  for name, path in rc.eval.file_sets():
+    task = JsonlTask(
+        prompt_field=rc.data.prompt_field,
+        answer_field=rc.data.answer_field,
+        verifier=rc.data.verifier,
+        verifier_timeout=rc.data.verifier_timeout,
+        name=name,
+    )
+    try:
+      records = task.load_file(path)
+    except (ValueError, OSError) as e:
+      raise UserError(f"eval.files: {e}") from None
+    if template is not None:
+      task = chat_lib.ChatTask(task, template, rc.data.system_prompt, rc.data.template_kwargs())
+    _check_prompt_lengths(rc, tokenizer, task, records, len(records), f"eval set {name}", path)
+    sets.append((name, task, records))
+  return sets
+
+
+def evaluate_sets(sampler, tokenizer, sets, sampling: SamplingParams, samples: int, seed) -> dict:
+  """Per eval set: avg@k, pass@j and the mean response length (fo_rl/data/eval_sets.py) from
+  k = `samples` samples of every problem, and the verifier's timeouts."""
+  out = {}
+  for i, (name, task, records) in enumerate(sets):
+    rollout = Rollout(sampler, tokenizer, task, samples)
+    res, rewards = rollout.sample(records, sampling, samples, jax.random.fold_in(seed, i + 1))
+    lengths, eos = host_get((res.lengths, res.finished_eos))
+    generated = np.asarray(lengths, np.int64) - np.asarray(eos, np.int64)
+    shape = (len(records), samples)
+    out.update(eval_sets_lib.summarize(name, rewards.reshape(shape), generated.reshape(shape)))
+    out[f"eval/{name}/verifier_timeouts"] = rollout.last_timeouts
+  return out
 
 
 def _preflight_mesh(rc: config_lib.RunConfig):
@@ -265,6 +331,7 @@ class Rollout:
 
   def __init__(self, sampler: Sampler, tokenizer, task, group_size: int):
     self.sampler, self.tok, self.task, self.G = sampler, tokenizer, task, group_size
+    self.last_timeouts = 0  # answers of the last sample() that ran out of the verifier's time
 
   def prompts(self, records):
     return [self.tok.encode(self.task.format_prompt(r), add_bos=True) for r in records]
@@ -278,10 +345,12 @@ class Rollout:
     # The non-finite-logp flag on the host: Rollouts.from_sample checks it without a device read.
     out = dataclasses.replace(out, logp_nonfinite=nonfinite)
     rewards = np.zeros(len(prompt_ids), np.float32)
+    timeouts_before = verifiers.verifier_timeouts()
     for i in range(len(prompt_ids)):
       n = int(lengths[i]) - int(eos[i])  # drop the EOS token itself
       text = self.tok.decode([int(t) for t in tokens[i, :n]])
       rewards[i] = self.task.verify(text, records[i // samples])
+    self.last_timeouts = verifiers.verifier_timeouts() - timeouts_before
     return out, rewards
 
   def evaluate(self, records, sampling: SamplingParams, samples: int, seed) -> dict[str, float]:
@@ -353,7 +422,9 @@ def run(c, workdir: str, log=print) -> dict:
         f"{tokenizer.vocab_size}"
     )
   task = get_task(rc.data.task, **rc.data.task_options())
+  task, template = _chat_task(rc, task, hf_dir, log)
   train_records, test_records = _preflight_data(rc, tokenizer, task, log)
+  eval_sets = load_eval_sets(rc, tokenizer, template)
   if rc.sft.enabled and not resuming:
     check_lengths(rc, tokenizer, task, train_records, log)
   mesh, sampler_mesh = _preflight_mesh(rc)
@@ -429,6 +500,10 @@ def run(c, workdir: str, log=print) -> dict:
         jax.random.fold_in(rng, 2**31 - 1), step
     )  # disjoint from training's
     m = rollout.evaluate(test_records, sampling, rc.eval.samples, eval_rng)
+    if eval_sets:
+      sets = evaluate_sets(sampler, tokenizer, eval_sets, sampling, rc.eval.samples, eval_rng)
+      meta["eval_sets"] = dict(sets, step=step)
+      m.update(sets)
     acc = m["eval/mean_accuracy"]
     if meta["best_accuracy"] is None or acc > meta["best_accuracy"]:
       meta["best_accuracy"] = acc
@@ -472,6 +547,7 @@ def run(c, workdir: str, log=print) -> dict:
           reward_mean=float(rewards.mean()),
           tokens_per_second=n_tokens / (time.time() - t0),
           step_seconds=time.time() - t0,
+          verifier_timeouts=rollout.last_timeouts,
       )
       if (step + 1) % rc.eval.every == 0 or step + 1 == steps:
         last_eval = evaluate(step + 1)
@@ -529,6 +605,8 @@ def _finish(workdir: str, meta: dict, wall_before: float, t_start: float, preemp
       "wall_seconds": wall_before + time.time() - t_start,  # summed over resumed sessions
       "preempted": bool(preempted),
   }
+  if meta.get("eval_sets"):  # eval.files: the last evaluation of each set (its step included)
+    summary["eval_sets"] = meta["eval_sets"]
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)

@@ -221,6 +221,9 @@ def _old_sft_key(c) -> str:
     for f in config_lib.JSONL_OPTIONS:
       parts["data"].pop(f, None)
   parts["sft"].pop("cache_dir", None)
+  for f, default in config_lib.DATA_DEFAULTS_ADDED.items():  # issue 17's data fields, at defaults
+    if parts["data"].get(f) == default:
+      parts["data"].pop(f)
   for f in ("truncate", "min_kept_fraction"):  # added later, out of the key at their defaults
     parts["sft"].pop(f, None)
   for f, default in (("attention_impl", "auto"), ("logits_chunk", 0)):  # added later: out of the

@@ -99,7 +99,9 @@ def _fail(path: str, line: int, message: str) -> ValueError:
   return ValueError(f"{path}, line {line}: {message}")
 
 
-def _parse_line(path: str, lineno: int, raw: bytes) -> dict[str, Any] | None:
+def _parse_line(
+    path: str, lineno: int, raw: bytes, prompt_field: str = "prompt", answer_field: str = "answer"
+) -> dict[str, Any] | None:
   try:
     line = raw.decode("utf-8")
   except UnicodeDecodeError as e:
@@ -112,24 +114,35 @@ def _parse_line(path: str, lineno: int, raw: bytes) -> dict[str, Any] | None:
     raise _fail(path, lineno, f"invalid JSON: {e.msg} (column {e.colno})") from None
   if not isinstance(obj, dict):
     raise _fail(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
-  for key in ("prompt", "answer"):
+  return make_record(obj, prompt_field, answer_field, lambda m: _fail(path, lineno, m), lineno)
+
+
+def make_record(
+    obj: Mapping[str, Any], prompt_field: str, answer_field: str, fail, lineno: int
+) -> dict[str, Any]:
+  """The record of one row `obj` (a JSON object or a Parquet row); `fail(message)` makes the error
+  naming where the row is."""
+  for key in (prompt_field, answer_field):
     if key not in obj:
-      raise _fail(path, lineno, f"missing key {key!r}")
-  prompt, answer = obj["prompt"], obj["answer"]
+      raise fail(f"missing key {key!r}")
+  prompt, answer = obj[prompt_field], obj[answer_field]
   if not isinstance(prompt, str) or not prompt.strip():
-    raise _fail(path, lineno, f"'prompt' must be a non-empty string, got {prompt!r:.60}")
+    raise fail(f"{prompt_field!r} must be a non-empty string, got {prompt!r:.60}")
   if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-    raise _fail(path, lineno, f"'answer' must be a string or a number, got {type(answer).__name__}")
+    raise fail(f"{answer_field!r} must be a string or a number, got {type(answer).__name__}")
   solution = answer if isinstance(answer, str) else str(answer)
   if not reference_answer(solution):
-    raise _fail(path, lineno, "'answer' has no final answer (empty, or nothing after '####')")
+    raise fail(f"{answer_field!r} has no final answer (empty, or nothing after '####')")
   return dict(JsonlProblem(prompt, solution).to_record(), line=lineno)
 
 
-def load_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+def load_jsonl(
+    path: str | os.PathLike, prompt_field: str = "prompt", answer_field: str = "answer"
+) -> list[dict[str, Any]]:
   """Reads records `{"prompt", "answer" (final answer), "solution" (raw field), "line" (its 1-based
   line number: errors found later, e.g. a prompt too long, name it)}`.
 
+  `prompt_field` / `answer_field` name the keys read (`data.prompt_field`, `data.answer_field`).
   Raises ValueError naming the file and 1-based line number for a malformed
   line, and for a file with no records (reported at line 1).
   """
@@ -137,7 +150,7 @@ def load_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
   records = []
   with open(path, "rb") as f:
     for lineno, raw in enumerate(f, start=1):
-      record = _parse_line(path, lineno, raw)
+      record = _parse_line(path, lineno, raw, prompt_field, answer_field)
       if record is not None:
         records.append(record)
   if not records:

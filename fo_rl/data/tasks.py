@@ -19,7 +19,7 @@ import os
 from types import ModuleType
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, overload
 
-from fo_rl.data import arithmetic, common, countdown, jsonl, sorting, teachers
+from fo_rl.data import arithmetic, common, countdown, files, jsonl, sorting, teachers, verifiers
 
 Record = Mapping[str, Any]
 PathLike = str | os.PathLike
@@ -151,17 +151,29 @@ class ProceduralTask(_FamilyTask):
 
 
 class JsonlTask(_FamilyTask):
-  """User data from JSON Lines files, one per split (see `fo_rl.data.jsonl`)."""
+  """User data from JSON Lines or Parquet files, one per split (see `fo_rl.data.files`).
+
+  `prompt_field` / `answer_field` name the fields read. `verifier` checks the answers: `numeric`,
+  `math`, `exact` (see `fo_rl.data.verifiers`) or `auto`: per file, `numeric` when every answer is a
+  plain number, else `math` (each loaded record carries the name in `record["verifier"]`).
+  `verifier_timeout`: the `math` verifier's bound per answer, in seconds."""
 
   def __init__(
       self,
       train_file: PathLike | None = None,
       test_file: PathLike | None = None,
       name: str = "jsonl",
+      prompt_field: str = "prompt",
+      answer_field: str = "answer",
+      verifier: str = "auto",
+      verifier_timeout: float = verifiers.DEFAULT_TIMEOUT_S,
   ):
     self.name = name
     self._family, self._problem_cls = jsonl, jsonl.JsonlProblem
     self.files = {"train": train_file, "test": test_file}
+    self.prompt_field, self.answer_field = prompt_field, answer_field
+    verifiers.resolve_verifier(verifier, ())  # an unknown name fails here, before any data
+    self.verifier, self.verifier_timeout = verifier, float(verifier_timeout)
 
   def load(
       self, split: str, data_dir: PathLike | None = None, num_examples: int | None = None
@@ -171,10 +183,23 @@ class JsonlTask(_FamilyTask):
     path = self.files[split]
     if path is None:
       raise ValueError(f"{self.name}: no file given for split {split!r}")
-    return _take(jsonl.load_jsonl(path), num_examples, os.fspath(path))
+    return _take(self.load_file(path), num_examples, os.fspath(path))
+
+  def load_file(self, path: PathLike) -> list[dict[str, Any]]:
+    """The records of any data file (a split's, an eval set's), each with its resolved verifier."""
+    records = files.load_records(path, self.prompt_field, self.answer_field)
+    name = verifiers.resolve_verifier(self.verifier, (r["answer"] for r in records))
+    for r in records:
+      r["verifier"] = name
+    return records
+
+  def verify(self, response: str, record: Record) -> float:
+    name = record.get("verifier") or verifiers.resolve_verifier(self.verifier, (record["answer"],))
+    check = verifiers.get_verifier(name, self.verifier_timeout)
+    return check(response, common.text(record["answer"]))
 
 
-TASK_NAMES = ("arithmetic", "countdown", "sorting", "jsonl")
+TASK_NAMES = ("arithmetic", "countdown", "sorting", "jsonl", "reasoning_gym")
 
 
 def get_task(name: str, **options: Any) -> Task:
@@ -183,10 +208,16 @@ def get_task(name: str, **options: Any) -> Task:
   * `arithmetic` / `countdown` / `sorting`: `options` are difficulty
     knobs (see each family's `*Difficulty`) and `num_train`,
     `num_test`, `seed` for the prepared dataset.
-  * `jsonl`: `train_file=` and/or `test_file=`.
+  * `jsonl`: `train_file=` and/or `test_file=` (JSON Lines or Parquet), `prompt_field`,
+    `answer_field`, `verifier`, `verifier_timeout` (see `JsonlTask`).
+  * `reasoning_gym`: `dataset=` and its options (see `fo_rl.data.reasoning_gym_task`).
   """
   if name == "jsonl":
     return JsonlTask(**options)
+  if name == "reasoning_gym":
+    from fo_rl.data.reasoning_gym_task import ReasoningGymTask  # imports reasoning_gym: only here
+
+    return ReasoningGymTask(**options)
   if name in ProceduralTask._PROBLEMS:
     return ProceduralTask(name, **options)
   raise ValueError(f"unknown task {name!r}; known: {TASK_NAMES}")
