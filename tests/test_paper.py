@@ -144,13 +144,85 @@ def test_finished_and_sft_ready(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Synthetic curves.
+# Statistics: the t critical values, the AUC and the paired interval against independent references.
 # ---------------------------------------------------------------------------------------------------------
 
 STEPS, EVERY = 60, 10
 
 
-def curves(acc, entropy=None, kl=None, reward=None):
+def test_t95_against_scipy_and_the_table():
+  # hand values from a printed t table
+  assert V.t95(1) == pytest.approx(6.314, abs=1e-3) and V.t95(3) == pytest.approx(2.353, abs=1e-3)
+  assert V.t95(10) == pytest.approx(1.812, abs=1e-3)
+  with pytest.raises(ValueError):
+    V.t95(0)
+  stats = pytest.importorskip("scipy.stats")
+  for df in range(1, 200):
+    assert V.t95(df) == pytest.approx(stats.t.ppf(0.95, df), abs=2e-4), df
+
+
+def test_auc_is_the_normalized_trapezoid():
+  x, y = [0, 24, 48, 72, 96], [0.4, 0.5, 0.45, 0.6, 0.62]
+  ref = np.trapezoid(y, x) / 96
+  assert V.auc(x, y) == pytest.approx(ref, rel=1e-12)
+  # by hand: (0.45 + 0.475 + 0.525 + 0.61) / 4
+  assert V.auc(x, y) == pytest.approx(0.515, abs=1e-12)
+  # invariant to the x unit (RL steps x N = updates), NaN points skipped, < 2 points -> NaN
+  assert V.auc([v * 8 for v in x], y) == pytest.approx(ref)
+  assert V.auc(x + [120], y + [math.nan]) == pytest.approx(ref)
+  assert math.isnan(V.auc([0], [0.5]))
+
+
+def test_paired_interval_by_hand_and_against_numpy():
+  a = {0: 0.52, 1: 0.63, 2: 0.41, 3: 0.58}
+  b = {0: 0.50, 1: 0.60, 2: 0.40, 3: 0.54, 9: 0.9}  # seed 9 unpaired: ignored
+  c = V.paired(a, b)
+  # by hand: d = .02 .03 .01 .04, mean .025, sd sqrt(5e-4/3) = .0129099, half = 2.353363 * sd / 2
+  assert c["seeds"] == [0, 1, 2, 3] and c["n"] == 4
+  assert c["mean"] == pytest.approx(0.025) and c["sd"] == pytest.approx(0.0129099, abs=1e-7)
+  assert c["lo"] == pytest.approx(0.025 - 0.0151908, abs=1e-6)
+  assert c["hi"] == pytest.approx(0.025 + 0.0151908, abs=1e-6)
+  assert c["label"] == "better" and c["better"] and not c["worse"]
+  assert not c["equivalent"]  # hi 0.040 > the 0.03 margin
+  assert V.paired(b, a)["label"] == "worse"
+  # numpy reference on random data, n = 4..8
+  rng = np.random.default_rng(1)
+  for n in range(4, 9):
+    d = rng.normal(0.01, 0.02, n)
+    c = V.paired({i: float(x) for i, x in enumerate(d)}, {i: 0.0 for i in range(n)})
+    half = V.t95(n - 1) * d.std(ddof=1) / np.sqrt(n)
+    assert (c["lo"], c["hi"]) == pytest.approx((d.mean() - half, d.mean() + half), abs=1e-12)
+  # equivalence: a tight interval inside +-0.03, and the margin is strict
+  eq = V.paired(
+      {i: 0.5 + e for i, e in enumerate([0.004, -0.003, 0.001, 0.0])}, {i: 0.5 for i in range(4)}
+  )
+  assert eq["label"] == "equivalent" and eq["equivalent"] and -0.03 < eq["lo"] < eq["hi"] < 0.03
+  # too few seeds: n/a, never a decision
+  c = V.paired({0: 0.9, 1: 0.9, 2: 0.9}, {0: 0.1, 1: 0.1, 2: 0.1})
+  assert c["label"] == "n/a" and not (c["better"] or c["worse"] or c["equivalent"])
+
+
+def test_paired_interval_coverage_by_simulation():
+  """The 90% interval covers the true mean difference 90% of the time, and under a null each one-sided
+  call ('better', 'worse') happens about 5% of the time (4 seeds, normal differences)."""
+  rng = np.random.default_rng(0)
+  trials, covered, better, worse = 4000, 0, 0, 0
+  for _ in range(trials):
+    d = rng.normal(0.0, 0.02, 4)
+    c = V.paired({i: float(x) for i, x in enumerate(d)}, {i: 0.0 for i in range(4)})
+    covered += c["lo"] <= 0.0 <= c["hi"]
+    better += c["better"]
+    worse += c["worse"]
+  assert abs(covered / trials - 0.90) < 0.015
+  assert abs(better / trials - 0.05) < 0.012 and abs(worse / trials - 0.05) < 0.012
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Synthetic curves: the collapse rule.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def curves(acc, entropy=None, kl=None, reward=None, k3=None, loss=None):
   """Evaluations `acc` at steps 0, 10, ..., per-step entropy / kl / reward (constant or array)."""
   acc = list(acc)
   n = (len(acc) - 1) * EVERY
@@ -163,82 +235,75 @@ def curves(acc, entropy=None, kl=None, reward=None):
       "entropy": per(entropy, 0.5),
       "kl": per(kl, 1e-3),
       "reward": per(reward, 0.5),
-      "k3": per(None, 0.0),
+      "k3": per(k3, 1e-3),
       "clip_high": per(None, 0.0),
       "clip_low": per(None, 0.0),
+      "loss": per(loss, -0.1),
   }
 
 
 def test_collapse_rule_on_synthetic_curves():
   rng = np.random.default_rng(0)
-  # stable and improving
-  assert (
-      V.collapse_reasons(curves([0.3, 0.4, 0.5, 0.55, 0.6, 0.6, 0.62], np.linspace(0.5, 0.35, 60)))
-      == []
-  )
-  # noisy but stable: accuracy jitters by +-0.07 (never 0.15 below its peak twice), entropy by +-0.1
-  noisy_acc = 0.5 + rng.uniform(-0.07, 0.07, 7)
-  noisy_ent = 0.5 + rng.uniform(-0.1, 0.1, 60)
-  assert V.collapse_reasons(curves(noisy_acc, noisy_ent)) == []
-  # a dip that recovers by the end, and a single bad last evaluation, are not collapses
-  assert V.collapse_reasons(curves([0.4, 0.6, 0.2, 0.1, 0.5, 0.55, 0.6])) == []
-  assert V.collapse_reasons(curves([0.4, 0.6, 0.6, 0.6, 0.6, 0.6, 0.3])) == []
-  # planted: accuracy falls from its peak and stays down
+  kinds = lambda c: sorted(V.reason_kind(x) for x in V.collapse_reasons(c))
+  # stable and improving; noisy but stable (+-0.04 around the cold start, entropy +-0.1)
+  assert kinds(curves([0.3, 0.4, 0.5, 0.55, 0.6, 0.6, 0.62], np.linspace(0.5, 0.35, 60))) == []
+  assert kinds(curves(0.5 + rng.uniform(-0.04, 0.04, 7), 0.5 + rng.uniform(-0.1, 0.1, 60))) == []
+  # a dip below the start that recovers, and a single bad last evaluation: not collapses
+  assert kinds(curves([0.4, 0.6, 0.2, 0.1, 0.5, 0.55, 0.6])) == []
+  assert kinds(curves([0.4, 0.6, 0.6, 0.6, 0.6, 0.6, 0.2])) == []
+  # planted non-collapse: a large drop from the peak that keeps part of... and ends above the start
+  # minus the margin (start 0.4, peak 0.7, end 0.35: lost 0.35 of peak, but only 0.05 < 0.1 below start)
+  assert kinds(curves([0.4, 0.55, 0.7, 0.6, 0.5, 0.35, 0.35])) == []
+  # planted collapse: the run loses its whole gain and falls below its cold start, to the end
   r = V.collapse_reasons(curves([0.4, 0.55, 0.6, 0.5, 0.3, 0.1, 0.05]))
-  assert len(r) == 1 and V.reason_kind(r[0]) == "accuracy drop"
-  # exactly the threshold counts (at least 0.15 below the peak)
-  assert V.collapse_reasons(curves([0.5, 0.65, 0.6, 0.6, 0.6, 0.5, 0.5]))
-  assert not V.collapse_reasons(curves([0.5, 0.65, 0.6, 0.6, 0.6, 0.51, 0.5]))
-  # planted: entropy crash (accuracy still fine), entropy surge, non-finite entropy
+  assert len(r) == 1 and V.reason_kind(r[0]) == "accuracy drop" and "gain +0.200 lost" in r[0]
+  # a low-accuracy cold start that loses most of it (the old absolute 0.15 rule missed this)
+  assert kinds(curves([0.137, 0.12, 0.09, 0.07, 0.05, 0.04, 0.039])) == ["accuracy drop"]
+  # the threshold: max(0.05, 0.25 x start) below the start, at each of the last two evaluations
+  assert kinds(curves([0.4, 0.5, 0.4, 0.4, 0.4, 0.3, 0.3])) == ["accuracy drop"]  # exactly 0.1
+  assert kinds(curves([0.4, 0.5, 0.4, 0.4, 0.4, 0.3, 0.31])) == []
+  assert kinds(curves([0.1, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05])) == ["accuracy drop"]  # floor 0.05
+  assert kinds(curves([0.1, 0.1, 0.1, 0.1, 0.1, 0.05, 0.051])) == []
+  # planted: entropy crash (accuracy still fine), surge, non-finite entropy or loss
   crash = np.concatenate([np.full(40, 0.5), np.linspace(0.5, 0.02, 20)])
-  assert [V.reason_kind(x) for x in V.collapse_reasons(curves([0.5] * 7, crash))] == [
-      "entropy crash"
-  ]
+  assert kinds(curves([0.5] * 7, crash)) == ["entropy crash"]
   surge = np.concatenate([np.full(40, 0.5), np.linspace(0.5, 3.0, 20)])
-  assert [V.reason_kind(x) for x in V.collapse_reasons(curves([0.5] * 7, surge))] == [
-      "entropy surge"
-  ]
+  assert kinds(curves([0.5] * 7, surge)) == ["entropy surge"]
   nan_end = np.concatenate([np.full(58, 0.5), [np.nan, np.nan]])
-  assert [V.reason_kind(x) for x in V.collapse_reasons(curves([0.5] * 7, nan_end))] == [
+  assert kinds(curves([0.5] * 7, nan_end)) == ["non-finite entropy"]
+  assert kinds(curves([0.5] * 7, loss=np.concatenate([np.full(59, 0.1), [np.inf]]))) == [
       "non-finite entropy"
   ]
   # a gradual entropy decline that stays above the crash fraction is not a collapse
-  assert V.collapse_reasons(curves([0.5] * 7, np.linspace(0.5, 0.15, 60))) == []
+  assert kinds(curves([0.5] * 7, np.linspace(0.5, 0.15, 60))) == []
   # both rules at once
-  both = V.collapse_reasons(curves([0.5, 0.6, 0.6, 0.4, 0.2, 0.1, 0.1], crash))
-  assert sorted(V.reason_kind(x) for x in both) == ["accuracy drop", "entropy crash"]
+  assert kinds(curves([0.5, 0.6, 0.6, 0.4, 0.2, 0.1, 0.1], crash)) == [
+      "accuracy drop",
+      "entropy crash",
+  ]
+  assert [V.collapse_label(*x) for x in ((3, 4), (2, 4), (0, 4), (1, 4), (0, 0))] == [
+      "collapses",
+      "mixed",
+      "stable",
+      "mixed",
+      "no data",
+  ]
 
 
 def test_run_stats():
-  s = Rs.run_stats(curves([0.3, 0.4, 0.5, 0.6, 0.5, 0.55, 0.65], kl=2e-3))
+  c = curves([0.3, 0.4, 0.5, 0.6, 0.5, 0.55, 0.65], kl=2e-3, k3=3e-3)
+  s = Rs.run_stats(c)
   assert s["cold_start_accuracy"] == 0.3
   assert s["final_accuracy"] == pytest.approx(0.6)  # mean of the last two evaluations
-  assert s["peak_accuracy"] == 0.65 and s["mean_train_infer_kl"] == pytest.approx(2e-3)
-  assert s["collapsed"] is False
-
-
-def stat(values):
-  return Rs._stat(values)
-
-
-def test_better_respects_the_seed_spread():
-  a, b = stat([0.60, 0.62, 0.58]), stat([0.50, 0.52, 0.48])  # std 0.02 each, difference 0.10
-  assert V.compare(a, b) == "better" and V.compare(b, a) == "worse"
-  wide = stat([0.75, 0.50, 0.45])  # mean 0.567, std 0.16: the difference to a is inside the spread
-  assert V.compare(a, wide) == "tie" and V.compare(wide, a) == "tie"
-  # the margin is max(std_a, std_b), not the smaller one
-  c, d = stat([0.60, 0.60, 0.60]), stat([0.40, 0.60, 0.80])  # diff 0 -> tie; std_d = 0.2
-  assert V.compare(c, d) == "tie"
-  e, f = stat([0.70, 0.70, 0.70]), stat([0.35, 0.55, 0.75])  # diff 0.15 < std_f 0.2 -> tie
-  assert V.compare(e, f) == "tie"
-  g = stat([0.80, 0.80, 0.80])  # diff 0.25 > 0.2 -> better
-  assert V.compare(g, f) == "better"
-  # a single seed cannot say anything
-  assert V.compare(stat([0.9]), stat([0.1, 0.1])) == "n/a"
-  # the accuracy floor: identical seeds 0.005 apart are a tie
-  assert V.compare(stat([0.5, 0.5]), stat([0.495, 0.495]), floor=V.ACC_MIN_DIFF) == "tie"
-  # lower is better for the KL
-  assert V.compare(stat([1e-4, 1.1e-4]), stat([1e-3, 1.2e-3]), higher_is_better=False) == "better"
+  assert s["peak_accuracy"] == 0.65 and s["best_accuracy"] == 0.65
+  assert s["mean_train_infer_kl"] == pytest.approx(2e-3) and s["mean_k3"] == pytest.approx(3e-3)
+  assert s["auc"] == pytest.approx(np.trapezoid(c["eval_acc"], c["eval_step"]) / 60)
+  assert s["collapsed"] is False and s["updates"] == 60
+  # N = 4 updates per step: the AUC is the same curve, the horizon 4x the steps
+  s4 = Rs.run_stats(c, 4)
+  assert s4["auc"] == pytest.approx(s["auc"]) and s4["updates"] == 240
+  # best excludes the cold start
+  assert Rs.run_stats(curves([0.9, 0.4, 0.5]))["best_accuracy"] == 0.5
 
 
 def test_combine():
@@ -250,32 +315,56 @@ def test_combine():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Findings on synthetic results.
+# Findings on synthetic paired results: 4 seeds whose cold starts differ by far more (+-0.08) than the
+# variants of a seed (paired noise 0.005), as in the measured data; a planted effect must be found by
+# the paired rule although the unpaired spreads overlap.
 # ---------------------------------------------------------------------------------------------------------
 
-SEEDS = (0, 1, 2)
-JITTER = (-0.01, 0.0, 0.01)
+SEEDS = (0, 1, 2, 3)
+SEED_OFFSET = (-0.08, 0.05, -0.02, 0.06)
+SHAPE = np.array([0.0, 0.35, 0.6, 0.8, 0.9, 1.0, 1.0])
 
 
-def good(final, kl=1e-3, start=0.3):
-  """A stable run per seed that rises from `start` to a plateau at `final` (+ a small seed jitter)."""
-  return {
-      s: Rs.run_record(curves(list(np.linspace(start, final + j, 5)) + [final + j] * 2, kl=kl))
-      for s, j in zip(SEEDS, JITTER)
-  }
+def good(gain=0.15, kl=1e-3, start=0.4, noise=0.005, tag=0, seeds=SEEDS):
+  """A stable run per seed: the seed's cold start, rising by `gain`, plus a little per-run noise."""
+  rng = np.random.default_rng(1000 + tag)
+  out = {}
+  for s in seeds:
+    acc = start + SEED_OFFSET[s] + gain * SHAPE + np.r_[0.0, rng.normal(0, noise, len(SHAPE) - 1)]
+    k3 = kl * (1 + 0.05 * rng.normal())
+    out[s] = Rs.run_record(curves(list(acc), kl=kl, k3=k3))
+  return out
 
 
-def collapsing(start=0.3):
+def collapsing(start=0.4):
   crash = np.concatenate([np.full(30, 0.5), np.linspace(0.5, 0.02, 30)])
-  return {
-      s: Rs.run_record(curves([start, 0.45, 0.5 + j, 0.4, 0.2, 0.05, 0.02], crash))
-      for s, j in zip(SEEDS, JITTER)
-  }
+  out = {}
+  for s in SEEDS:
+    a0 = start + SEED_OFFSET[s]
+    out[s] = Rs.run_record(
+        curves([a0, a0 + 0.1, a0 + 0.12, a0, a0 - 0.2, a0 - 0.3, a0 - 0.3], crash)
+    )
+  return out
+
+
+def shifted(runs, offsets):
+  """The same runs with every evaluation after step 0 moved by offsets[seed] (a planted paired d)."""
+  out = {}
+  for s, r in runs.items():
+    c = dict(r["curves"])
+    c["eval_acc"] = [
+        a + (offsets[s] if st > 0 else 0.0) for st, a in zip(c["eval_step"], c["eval_acc"])
+    ]
+    out[s] = Rs.run_record(c)
+  return out
+
+
+NULL_WIDE = (0.05, -0.05, 0.04, -0.035)  # mean +0.001, a wide CI across 0: a tie
 
 
 def mixed():
-  runs = good(0.6)
-  runs[2] = collapsing()[2]
+  runs = good(0.15)
+  runs[3] = collapsing()[3]
   return runs
 
 
@@ -288,62 +377,82 @@ R, N, I = V.REPRODUCED, V.NOT_REPRODUCED, V.INCONCLUSIVE
 
 def onpolicy(**changes):
   v = {
-      "minirl": good(0.6),
-      "minirl_length_norm": good(0.5),
+      "minirl": good(0.15, tag=1),
+      "minirl_length_norm": good(0.09, tag=2),
       "minirl_no_is": collapsing(),
-      "minirl_r3": good(0.6, kl=2e-4),
-      "minirl_length_norm_r3": good(0.5),
-      "minirl_no_is_r3": collapsing(),
+      "minirl_r3": good(0.15, kl=4e-4, tag=3),
   }
   v.update(changes)
   v = {k: r for k, r in v.items() if r is not None}
   return V.onpolicy_findings(Rs.suite_record(v))
 
 
+def test_planted_effect_is_found_paired_although_the_unpaired_spreads_overlap():
+  m, ln = good(0.15, tag=1), good(0.10, tag=2)
+  sm, sl = (Rs.suite_record({"a": x})["variants"]["a"]["stats"]["auc"] for x in (m, ln))
+  assert sm["mean"] - sl["mean"] < max(sm["std"], sl["std"])  # the old unpaired rule: a tie
+  c = V.cmp(Rs.suite_record({"a": m})["variants"]["a"], Rs.suite_record({"b": ln})["variants"]["b"])
+  assert c["label"] == "better" and 0.02 < c["mean"] < 0.05
+
+
 def test_onpolicy_findings():
   assert verdicts(onpolicy()) == {"1a": R, "1b": R, "1c": R, "1d": R, "1e": R}
+  # a planted null (length_norm identical to minirl up to noise): equivalent -> 1b not reproduced,
+  # 1a inconclusive (nothing beats minirl, minirl beats nothing except the collapsing no-IS ... )
+  v = verdicts(onpolicy(minirl_length_norm=good(0.15, tag=4)))
+  assert v["1b"] == N
+  # the same null with large per-run noise: undecided -> inconclusive, never "reproduced"
+  v = verdicts(onpolicy(minirl_length_norm=shifted(good(0.15, tag=1), NULL_WIDE)))
+  assert v["1b"] == I
   # length normalization better than MiniRL: 1a and 1b not reproduced
-  v = verdicts(onpolicy(minirl_length_norm=good(0.7)))
+  v = verdicts(onpolicy(minirl_length_norm=good(0.22, tag=6)))
   assert v["1a"] == N and v["1b"] == N
   # length normalization collapses: "stable but worse" is not reproduced
   assert verdicts(onpolicy(minirl_length_norm=collapsing()))["1b"] == N
-  # within the seed spread: inconclusive
-  assert verdicts(onpolicy(minirl_length_norm=good(0.595)))["1b"] == I
-  # no IS stays stable: not reproduced; collapses in 1 of 3 seeds: inconclusive
-  assert verdicts(onpolicy(minirl_no_is=good(0.4)))["1c"] == N
+  # no IS stays stable and equivalent: not reproduced; collapses in 1 of 4 seeds: inconclusive
+  assert verdicts(onpolicy(minirl_no_is=good(0.15, tag=7)))["1c"] == N
   assert verdicts(onpolicy(minirl_no_is=mixed()))["1c"] == I
+  # no IS stable but worse: not a collapse, not equivalent: inconclusive
+  assert verdicts(onpolicy(minirl_no_is=good(0.05, tag=8)))["1c"] == I
   # MiniRL itself collapsing in a seed makes 1c inconclusive
   assert verdicts(onpolicy(minirl=mixed()))["1c"] == I
-  # R3 with a higher KL / an accuracy gain
-  assert verdicts(onpolicy(minirl_r3=good(0.6, kl=5e-3)))["1d"] == N
-  assert verdicts(onpolicy(minirl_r3=good(0.6, kl=1e-3)))["1d"] == I
-  v = verdicts(onpolicy(minirl_r3=good(0.7, kl=2e-4)))
+  # R3 with a higher KL / the same KL
+  assert verdicts(onpolicy(minirl_r3=good(0.15, kl=3e-3, tag=3)))["1d"] == N
+  assert verdicts(onpolicy(minirl_r3=good(0.15, kl=1e-3, tag=3)))["1d"] in (I, N)
+  # R3 with a real gain: 1e not reproduced (and 1a: a variant beats minirl)
+  v = verdicts(onpolicy(minirl_r3=good(0.25, kl=4e-4, tag=3)))
   assert v["1e"] == N and v["1a"] == N and v["1d"] == R
-  assert verdicts(onpolicy(minirl_r3=good(0.5, kl=2e-4)))["1e"] == R  # worse is "no gain" too
-  # one seed only: no comparison can be made
-  one = lambda runs: {0: runs[0]}
+  # R3 worse is "no gain" too; R3 tied with a wide CI is NOT "no gain" (a tie is never reproduced)
+  assert verdicts(onpolicy(minirl_r3=good(0.08, kl=4e-4, tag=3)))["1e"] == R
+  assert verdicts(onpolicy(minirl_r3=shifted(good(0.15, kl=4e-4, tag=1), NULL_WIDE)))["1e"] == I
+  # three seeds only: no comparison can be made
+  three = lambda runs: {s: runs[s] for s in (0, 1, 2)}
   v = verdicts(
-      onpolicy(minirl=one(good(0.6)), minirl_length_norm=one(good(0.4)), minirl_r3=one(good(0.6)))
+      onpolicy(
+          minirl=three(good(0.15)),
+          minirl_length_norm=three(good(0.05)),
+          minirl_r3=three(good(0.15)),
+      )
   )
-  assert v["1a"] == I and v["1b"] == I and v["1e"] == I
+  assert v["1a"] == I and v["1b"] == I and v["1e"] == I and v["1d"] == I
   # missing variants
   v = verdicts(onpolicy(minirl_r3=None))
   assert v["1d"] == I and v["1e"] == I
   f = {x["id"]: x for x in onpolicy(minirl_r3=None)}
   assert "minirl_r3" in f["1d"]["evidence"] and "minirl," not in f["1d"]["evidence"]
-  # the evidence carries the numbers
+  # the evidence carries the paired numbers
   f = {x["id"]: x for x in onpolicy()}
-  assert "0.600" in f["1a"]["evidence"] and "entropy crash" in f["1c"]["evidence"]
+  assert "AUC +0.0" in f["1b"]["evidence"] and "(n=4, better)" in f["1b"]["evidence"]
+  assert "entropy crash" in f["1c"]["evidence"]
 
 
-def offpolicy(overrides=None, ns=(2, 4, 8)):
+def offpolicy(overrides=None, ns=(2, 8)):
   v = {}
   for n in ns:
-    v[f"n{n}_noclip"] = collapsing()
     v[f"n{n}_r2_noclip"] = collapsing()
-    v[f"n{n}_minirl"] = collapsing()
-    v[f"n{n}_r2"] = good(0.65 if n == 2 else 0.55)
-    v[f"n{n}_r3"] = good(0.55 if n == 2 else 0.65)
+    v[f"n{n}_minirl"] = good(0.05, tag=10 + n)
+    v[f"n{n}_r2"] = good(0.15 if n == 2 else 0.10, tag=20 + n)
+    v[f"n{n}_r3"] = good(0.10 if n == 2 else 0.15, tag=30 + n)
   v.update(overrides or {})
   v = {k: r for k, r in v.items() if r is not None}
   return V.offpolicy_findings(Rs.suite_record(v))
@@ -351,39 +460,42 @@ def offpolicy(overrides=None, ns=(2, 4, 8)):
 
 def test_offpolicy_findings():
   assert verdicts(offpolicy()) == {"2a": R, "2b": R, "3a": R, "3b": R}
-  # clipping unnecessary everywhere -> not reproduced; only at N=8 -> mixed evidence, inconclusive
-  v = verdicts(offpolicy({f"n{n}_r2_noclip": good(0.6) for n in (2, 4, 8)}))
+  # clipping unnecessary everywhere (equivalent) -> not reproduced
+  v = verdicts(offpolicy({"n2_r2_noclip": good(0.15, tag=40), "n8_r2_noclip": good(0.10, tag=41)}))
   assert v["2a"] == N
-  assert verdicts(offpolicy({"n8_r2_noclip": good(0.6)}))["2a"] == I
-  # replay unnecessary at N=2, undecided elsewhere -> not reproduced
-  v = verdicts(offpolicy({"n2_minirl": good(0.6), "n4_minirl": mixed(), "n8_minirl": mixed()}))
+  # replay unnecessary at both N (no-replay equivalent to the best replay) -> not reproduced
+  v = verdicts(offpolicy({"n2_minirl": good(0.15, tag=42), "n8_minirl": good(0.15, tag=43)}))
   assert v["2b"] == N
-  # R2 with clipping collapsing too: 2a cannot credit clipping
-  assert verdicts(offpolicy({"n4_r2": collapsing()}))["2a"] == I
-  # R3 beats R2 at N=2: 3a not reproduced; R2 beats R3 at N=8 only: 3b inconclusive; at both: not
-  assert verdicts(offpolicy({"n2_r3": good(0.75)}))["3a"] == N
-  assert verdicts(offpolicy({"n8_r2": good(0.75)}))["3b"] == I
-  assert verdicts(offpolicy({"n4_r2": good(0.75), "n8_r2": good(0.75)}))["3b"] == N
-  assert verdicts(offpolicy({"n2_r3": good(0.65)}))["3a"] == I  # a tie
-  # only N=2 was run: 3b has no data
+  # R2 with clipping collapsing: 2a cannot credit clipping
+  assert verdicts(offpolicy({"n8_r2": collapsing()}))["2a"] in (I, N)
+  # R3 beats R2 at N=2: 3a not reproduced; a null with large noise: inconclusive
+  assert verdicts(offpolicy({"n2_r3": good(0.22, tag=44)}))["3a"] == N
+  assert verdicts(offpolicy({"n8_r3": shifted(good(0.10, tag=28), NULL_WIDE)}))["3b"] == I
+  # only N=2 was run: 3b has no sub-check
   found = {f["id"]: f for f in offpolicy(ns=(2,))}
   assert found["3a"]["verdict"] == R and found["3b"]["verdict"] == I
-  # N=4, 8 missing -> inconclusive sub-checks -> 2a inconclusive although N=2 reproduces
-  assert [c["verdict"] for c in found["2a"]["checks"]] == [R, I, I] and found["2a"]["verdict"] == I
+  # N=8 missing its no-replay run: that sub-check is inconclusive
+  found = {f["id"]: f for f in offpolicy({"n8_minirl": None})}
+  assert [c["verdict"] for c in found["2b"]["checks"]] == [R, I] and found["2b"]["verdict"] == I
 
 
-def coldstart(finals=(0.6, 0.6, 0.6), starts=(0.5, 0.35, 0.2), **changes):
-  v = {t: good(f, start=s) for t, f, s in zip(("careful", "terse", "noisy"), finals, starts)}
+def coldstart(gains=(0.15, 0.25, 0.35), starts=(0.5, 0.4, 0.3), **changes):
+  v = {
+      t: good(g, start=s, tag=50 + i)
+      for i, (t, g, s) in enumerate(zip(("err15", "err30", "err45"), gains, starts))
+  }
   v.update(changes)
   return V.coldstart_findings(Rs.suite_record(v))
 
 
 def test_coldstart_findings():
-  assert verdicts(coldstart()) == {"4": R}
-  assert verdicts(coldstart(finals=(0.7, 0.6, 0.5))) == {"4": N}
-  assert verdicts(coldstart(starts=(0.3, 0.3, 0.3))) == {"4": I}  # nothing to converge from
-  assert verdicts(coldstart(noisy=mixed())) == {"4": I}  # not all stable
-  assert verdicts(coldstart(noisy={})) == {"4": I}  # no data
+  assert verdicts(coldstart()) == {"4": R}  # separated at step 0, equivalent at the end
+  assert verdicts(coldstart(gains=(0.15, 0.15, 0.15))) == {"4": N}  # the gaps persist
+  f = coldstart(gains=(0.15, 0.20, 0.25))[0]  # the gaps halve: shrinking, not closed
+  assert f["verdict"] == I and "gap shrinks" in f["evidence"]
+  assert verdicts(coldstart(starts=(0.4, 0.4, 0.4), gains=(0.1, 0.1, 0.1))) == {"4": I}
+  assert verdicts(coldstart(err45=mixed())) == {"4": I}  # not all stable
+  assert verdicts(coldstart(err45={})) == {"4": I}  # no data
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -394,11 +506,11 @@ def test_coldstart_findings():
 def test_report_and_figure_from_synthetic_results(tmp_path):
   v = {}
   groups = {}
-  for n in (2, 4):
+  for n in (2, 8):
     for name, runs in (
-        (f"n{n}_r2", good(0.6)),
+        (f"n{n}_r2", good(0.15, tag=60 + n)),
         (f"n{n}_r2_noclip", collapsing()),
-        (f"n{n}_r3", good(0.5)),
+        (f"n{n}_r3", good(0.10, tag=70 + n)),
     ):
       v[name], groups[name] = runs, f"N={n}"
   suite = Rs.suite_record(v, groups, {"model": "tiny"})

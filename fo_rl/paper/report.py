@@ -38,10 +38,13 @@ def _smooth(y: np.ndarray, w: int) -> np.ndarray:
 
 
 def band(runs: Sequence[Mapping[str, Any]], xkey: str, ykey: str, smooth: bool):
-  """(steps, mean, min, max) over seeds; each seed contributes at the steps it has."""
+  """(updates, mean, min, max) over seeds; each seed contributes at the updates it has."""
   per = {}
   for r in runs:
-    xs, ys = r["curves"].get(xkey, []), np.asarray(r["curves"].get(ykey, []), float)
+    n = int((r.get("knobs") or {}).get("N") or 1)  # x-axis: gradient updates = RL step x N
+    xs, ys = [x * n for x in r["curves"].get(xkey, [])], np.asarray(
+        r["curves"].get(ykey, []), float
+    )
     if smooth:
       ys = _smooth(ys, SMOOTH)
     for x, y in zip(xs, ys):
@@ -73,7 +76,7 @@ def plot_suite(suite: str, suite_res: Mapping[str, Any], path: str | Path) -> st
     for pi, (title, xkey, ykey, smooth) in enumerate(PANELS):
       ax = axes[gi, pi]
       ax.set_title(f"{title} ({group})" if group else title, fontsize=10)
-      ax.set_xlabel("RL step")
+      ax.set_xlabel("gradient updates (RL step x N)")
       ax.grid(True, alpha=0.3)
       drawn = 0
       for name in names:
@@ -209,34 +212,37 @@ def write_report(results: Mapping[str, Any], root: str | Path) -> str:
         "",
         f"![{suite}]({suite}.png)",
         "",
-        "| variant | knobs | seeds done | final acc (mean +- std [min, max]) | peak acc | cold start "
-        "acc | collapse | mean train-infer KL | late entropy |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Unpaired summaries over seeds (mean +- sd [min, max]); the verdicts use the paired "
+        "differences of the findings table, not these spreads.",
+        "",
+        "| variant | knobs | seeds done | AUC | final acc | best acc | cold start acc | collapse "
+        "| mean k3 | late entropy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    spread = lambda x: f"{_f(x['mean'])} +- {_f(x['std'])} [{_f(x['min'])}, {_f(x['max'])}]"
     for name, v in sres["variants"].items():
       s = v["stats"]
-      fa = s["final_accuracy"]
       L.append(
           f"| {name} | {_knob_text(v['knobs'])} | {s['n_done']} ({', '.join(map(str, s['seeds_done']))}) "
-          f"| {_f(fa['mean'])} +- {_f(fa['std'])} [{_f(fa['min'])}, {_f(fa['max'])}] "
-          f"| {_f(s['peak_accuracy']['mean'])} | {_f(s['cold_start_accuracy']['mean'])} "
+          f"| {spread(s['auc'])} | {spread(s['final_accuracy'])} "
+          f"| {_f(s['best_accuracy']['mean'])} | {_f(s['cold_start_accuracy']['mean'])} "
           f"| {s['collapse']} ({s['n_collapsed']}/{s['n_done']}) "
-          f"| {_f(s['mean_train_infer_kl']['mean'], 5)} | {_f(s['entropy_late']['mean'])} |"
+          f"| {_f(s['mean_k3']['mean'], 5)} | {_f(s['entropy_late']['mean'])} |"
       )
     L += [
         "",
         "Runs (each reproduced by its command, run from the repository root):",
         "",
-        "| run | status | final acc | peak acc | collapsed | wall | command |",
-        "|---|---|---|---|---|---|---|",
+        "| run | status | AUC | final acc | best acc | collapsed | wall | command |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, v in sres["variants"].items():
       for seed, r in v["runs"].items():
         col = "; ".join(r["collapse_reasons"]) if r["collapsed"] else "no"
         wall = f"{r['wall_seconds'] / 60:.1f} min" if r.get("wall_seconds") else "-"
         L.append(
-            f"| {name}/seed{seed} | {r['status']} | {_f(r['final_accuracy'])} "
-            f"| {_f(r['peak_accuracy'])} | {col} | {wall} | `{r['command'] or '-'}` |"
+            f"| {name}/seed{seed} | {r['status']} | {_f(r['auc'])} | {_f(r['final_accuracy'])} "
+            f"| {_f(r['best_accuracy'])} | {col} | {wall} | `{r['command'] or '-'}` |"
         )
     L.append("")
   path = root / "report.md"

@@ -16,6 +16,8 @@ from fo_rl.paper.verdicts import (
     FINAL_EVALS,
     RULES_TEXT,
     _window,
+    auc,
+    collapse_label,
     collapse_reasons,
     findings,
 )
@@ -27,6 +29,7 @@ _STEP_KEYS = {
     "k3": "train_infer_k3",
     "clip_high": "clip_frac_high",
     "clip_low": "clip_frac_low",
+    "loss": "loss",
 }
 
 
@@ -54,10 +57,12 @@ def curves_from_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, list]:
   return out
 
 
-def run_stats(curves: Mapping[str, Sequence[float]]) -> dict[str, Any]:
-  """Per-run scalars that the findings use, from curves_from_rows()."""
+def run_stats(curves: Mapping[str, Sequence[float]], updates_per_step: int = 1) -> dict[str, Any]:
+  """Per-run scalars that the findings use, from curves_from_rows(); `updates_per_step` (N) turns RL
+  steps into gradient updates, the x-axis of the AUC."""
   steps, acc = list(curves.get("eval_step", [])), list(curves.get("eval_acc", []))
   after = [a for s, a in zip(steps, acc) if s > 0] or acc
+  k3 = [k for k in curves.get("k3", []) if math.isfinite(k)]
   ent = list(curves.get("entropy", []))
   w = _window(len(ent)) if ent else 0
   kl = [k for k in curves.get("kl", []) if math.isfinite(k)]
@@ -67,12 +72,16 @@ def run_stats(curves: Mapping[str, Sequence[float]]) -> dict[str, Any]:
       "cold_start_accuracy": acc[steps.index(0)] if 0 in steps else math.nan,
       "final_accuracy": mean(after[-FINAL_EVALS:]),
       "peak_accuracy": max(acc) if acc else math.nan,
+      "best_accuracy": max([a for s, a in zip(steps, acc) if s > 0], default=math.nan),
+      "auc": auc([s * updates_per_step for s in steps], acc),
+      "updates": (max(curves.get("step", []) or steps or [0])) * updates_per_step,
       "final_greedy_accuracy": mean(
           [g for s, g in zip(steps, curves.get("eval_greedy", [])) if s > 0][-FINAL_EVALS:]
       ),
       "entropy_early": mean(ent[:w]),
       "entropy_late": mean(ent[-w:]) if w else math.nan,
       "mean_train_infer_kl": mean(kl),
+      "mean_k3": mean(k3),
       "final_reward": mean([r for r in curves.get("reward", []) if math.isfinite(r)][-max(w, 1) :]),
       "collapsed": bool(reasons),
       "collapse_reasons": reasons,
@@ -138,7 +147,7 @@ def run_record(
   rec = {"workdir": None, "status": status, "command": None, "wall_seconds": None, "knobs": {}}
   rec.update(extra)
   rec["curves"] = {k: list(v) for k, v in curves.items()}
-  rec.update(run_stats(curves))
+  rec.update(run_stats(curves, int(rec["knobs"].get("N") or 1)))
   return rec
 
 
@@ -159,7 +168,8 @@ def suite_record(
         "runs": runs,
         "stats": variant_stats(runs),
     }
-  return {"variants": out, "setup": dict(setup or {})}
+  updates = [r.get("updates") or 0 for v in out.values() for r in v["runs"].values()]
+  return {"variants": out, "setup": dict(setup or {}), "updates": max(updates, default=0)}
 
 
 def _stat(values: Sequence[float]) -> dict[str, Any]:
@@ -177,15 +187,7 @@ def _stat(values: Sequence[float]) -> dict[str, Any]:
 def variant_stats(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
   done = {s: r for s, r in runs.items() if r["status"] == "done"}
   n_col = sum(bool(r["collapsed"]) for r in done.values())
-  label = (
-      "no data"
-      if not done
-      else "collapses"
-      if n_col * 2 > len(done)
-      else "stable"
-      if n_col == 0
-      else "mixed"
-  )
+  label = collapse_label(n_col, len(done))
   return {
       "seeds_done": sorted(int(s) for s in done),
       "n_done": len(done),
@@ -194,11 +196,14 @@ def variant_stats(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
       **{
           k: _stat([r[k] for r in done.values()])
           for k in (
+              "auc",
               "final_accuracy",
+              "best_accuracy",
               "peak_accuracy",
               "cold_start_accuracy",
               "final_greedy_accuracy",
               "mean_train_infer_kl",
+              "mean_k3",
               "entropy_late",
               "final_reward",
           )
