@@ -692,3 +692,45 @@ def test_runner_end_to_end_and_resume(tmp_path):
 
   p, _ = _cli(args + ["--dry_run", "--steps=3"], env)  # more steps: the runs are planned again
   assert p.returncode == 0 and p.stdout.count("[to run]") == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The variable-length task of the regime (data.options.min_digits, opt-in; the default is unchanged).
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_arithmetic_min_digits_varies_lengths_and_leaves_the_default_unchanged():
+  import random
+
+  from fo_rl.data import arithmetic, teachers
+  from fo_rl.data.tokenizer import Tokenizer
+
+  def old_generate(rng, num_digits=3, ops="+-"):  # the generator before min_digits, verbatim
+    op = rng.choice(ops)
+    a, b = rng.randrange(10**num_digits), rng.randrange(10**num_digits)
+    if op == "-" and a < b:
+      a, b = b, a
+    return arithmetic.ArithmeticProblem(a, b, op)
+
+  r1, r2 = random.Random(7), random.Random(7)
+  d = arithmetic.ArithmeticDifficulty()
+  assert d.min_digits == 0
+  assert [arithmetic.generate(r1, d) for _ in range(200)] == [old_generate(r2) for _ in range(200)]
+  # 1-5 digits: every digit count drawn, responses 12-54 tokens with CV >= 0.3 (the regime's target)
+  probs = arithmetic.generate_split("train", 1000, 0, num_digits=5, min_digits=1)
+  widths = {max(len(str(p.a)), len(str(p.b))) for p in probs}
+  assert widths == {1, 2, 3, 4, 5}
+  tok = Tokenizer.default()
+  lengths = np.array(
+      [
+          len(tok.encode(teachers.teacher(p, "careful", i), add_eos=True))
+          for i, p in enumerate(probs)
+      ]
+  )
+  assert lengths.std() / lengths.mean() >= 0.3 and lengths.max() <= 64  # sampler.max_new_tokens
+  with pytest.raises(ValueError, match="min_digits"):
+    arithmetic.ArithmeticDifficulty(num_digits=3, min_digits=4)
+  from fo_rl.data import tfds_arithmetic, tfds_common
+
+  name = tfds_common.make_config(tfds_arithmetic.ArithmeticConfig, num_digits=5, min_digits=1).name
+  assert "min_digits_1" in name  # a prepared dataset is keyed on it

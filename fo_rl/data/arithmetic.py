@@ -15,7 +15,11 @@ The 'terse' style writes only each column's raw value (sum or difference,
 before taking the digit), e.g. `12 13 6 #### 632` and `-3 -5 4 #### 457`.
 
 Difficulty knobs (`ArithmeticDifficulty`): `num_digits` (operands are
-uniform in [0, 10**num_digits)) and `ops` (any of '+', '-').
+uniform in [0, 10**num_digits)), `ops` (any of '+', '-') and `min_digits`
+(opt-in variable length: when > 0, each problem first draws its digit count
+d uniformly from [min_digits, num_digits], then operands in [0, 10**d), so
+the worked-step responses vary in length; 0, the default, keeps every
+problem at num_digits and draws exactly what it always drew).
 """
 
 from __future__ import annotations
@@ -44,10 +48,15 @@ class ArithmeticDifficulty:
 
   num_digits: int = 3
   ops: str = "+-"
+  min_digits: int = 0  # > 0: digit count per problem uniform in [min_digits, num_digits]
 
   def __post_init__(self) -> None:
     if not 1 <= self.num_digits <= 12:
       raise ValueError(f"num_digits must be in [1, 12], got {self.num_digits}")
+    if not 0 <= self.min_digits <= self.num_digits:
+      raise ValueError(
+          f"min_digits must be in [0, num_digits={self.num_digits}], got {self.min_digits}"
+      )
     if not self.ops or any(op not in OPS for op in self.ops):
       raise ValueError(f"ops must be a non-empty string over {OPS}, got {self.ops!r}")
 
@@ -98,8 +107,11 @@ def generate(
 ) -> ArithmeticProblem:
   """Draws one problem."""
   op = rng.choice(difficulty.ops)
-  a = rng.randrange(10**difficulty.num_digits)
-  b = rng.randrange(10**difficulty.num_digits)
+  digits = difficulty.num_digits
+  if difficulty.min_digits:
+    digits = rng.randint(difficulty.min_digits, difficulty.num_digits)
+  a = rng.randrange(10**digits)
+  b = rng.randrange(10**digits)
   if op == "-" and a < b:
     a, b = b, a
   return ArithmeticProblem(a, b, op)

@@ -15,10 +15,11 @@ from fo_rl.data import arithmetic, tfds_common
 
 @dataclasses.dataclass(eq=False)
 class ArithmeticConfig(tfds_common.ProceduralConfig):
-  """Difficulty: `num_digits` per operand and the allowed `ops`."""
+  """Difficulty: `num_digits` per operand, the allowed `ops`, and `min_digits` (variable length)."""
 
   num_digits: int = arithmetic.ArithmeticDifficulty.num_digits
   ops: str = arithmetic.ArithmeticDifficulty.ops
+  min_digits: int = arithmetic.ArithmeticDifficulty.min_digits
 
 
 class FoRlArithmetic(tfds_common.ProceduralBuilder):
