@@ -290,6 +290,53 @@ def test_collapse_rule_on_synthetic_curves():
   ]
 
 
+def test_curves_keep_the_mechanism_metrics_compactly():
+  # step 1 of the default run's metrics.jsonl (keys as fo_rl.run writes them)
+  row = {
+      "step": 1,
+      "entropy": 0.09613490104675293,
+      "r3_vs_live_logp_gap": 0.0011958371615037322,
+      "router_disagreement_per_decision": 0.014270510524511337,
+      "router_disagreement_per_token": 0.05050309747457504,
+      "train_infer_frac_tau2": 0.000250752258580178,
+      "train_infer_k3": 0.00022476537560578436,
+      "train_infer_kl": 8.99112710612826e-05,
+      "clip_frac_high": 0.0,
+      "grad_norm": 16.922353267669678,
+      "is_truncated_frac": 0.0,
+      "is_weight_max": 1.3621551990509033,
+      "is_weight_mean": 1.0001247823238373,
+      "loss": -0.9517003744840622,
+      "ratio_max": 1.1005231142044067,
+      "staleness_ratio_first_minibatch_max": 1.0000090599060059,
+      "update_norm": 0.0038290414959192276,
+      "response_length": 31.4375,
+      "reward_mean": 0.5859375,
+  }
+  c = Rs.curves_from_rows([{"step": 0, "eval/mean_accuracy": 0.5}, row])
+  assert c["step"] == [1] and c["eval_step"] == [0]
+  expect = {
+      "f_tau2": 0.0002508,
+      "is_max": 1.362,
+      "is_mean": 1.0,
+      "is_trunc": 0.0,
+      "ratio_max": 1.101,
+      "stale_first_max": 1.0,
+      "router_dis": 0.01427,
+      "router_dis_tok": 0.0505,
+      "r3_gap": 0.001196,
+      "length": 31.44,
+      "grad_norm": 16.92,
+      "update_norm": 0.003829,
+      "k3": 0.0002248,
+      "kl": 8.991e-05,
+      "reward": 0.5859,
+  }
+  for k, v in expect.items():
+    assert c[k] == [v], k  # 4 significant digits
+  assert math.isnan(c["clip_low"][0]) and math.isnan(c["ti_ratio_max"][0])  # absent: NaN (null)
+
+
 def test_run_stats():
   c = curves([0.3, 0.4, 0.5, 0.6, 0.5, 0.55, 0.65], kl=2e-3, k3=3e-3)
   s = Rs.run_stats(c)
@@ -675,6 +722,8 @@ def test_runner_end_to_end_and_resume(tmp_path):
       and run["curves"]["step"] == [1, 2]
       and run["curves"]["eval_step"] == [0, 1, 2]
   )
+  for k in ("length", "grad_norm", "is_max", "is_mean", "f_tau2", "k3"):  # mechanism metrics kept
+    assert all(math.isfinite(x) for x in run["curves"][k]), (k, run["curves"][k])
   assert {f["id"] for f in results["findings"]} == {"1a", "1b", "1c", "1d", "1e"}
   assert all(f["verdict"] in (R, N, I) for f in results["findings"])
   report = (root / "report.md").read_text()

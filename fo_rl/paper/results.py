@@ -22,6 +22,9 @@ from fo_rl.paper.verdicts import (
     findings,
 )
 
+# Per-step curves kept in results.json: {curve name: metrics.jsonl key}. Besides reward, entropy and
+# the train-infer KL, the mechanism metrics the findings are about (issue 15 item 5), each rounded to
+# STEP_DIGITS significant digits to keep results.json compact.
 _STEP_KEYS = {
     "reward": "reward_mean",
     "entropy": "entropy",
@@ -30,7 +33,21 @@ _STEP_KEYS = {
     "clip_high": "clip_frac_high",
     "clip_low": "clip_frac_low",
     "loss": "loss",
+    "f_tau2": "train_infer_frac_tau2",  # F(2): tokens with max(rho, 1/rho) > 2, rho = pi_old / mu
+    "is_mean": "is_weight_mean",  # the TIS weight min(pi_old / mu, C)
+    "is_max": "is_weight_max",
+    "is_trunc": "is_truncated_frac",  # tokens whose pi_old / mu exceeded the cap C
+    "ti_ratio_max": "train_infer_ratio_max",
+    "ratio_max": "ratio_max",  # staleness pi_theta / pi_old, max over the step's updates
+    "stale_first_max": "staleness_ratio_first_minibatch_max",
+    "router_dis": "router_disagreement_per_decision",  # sampler vs trainer top-k sets
+    "router_dis_tok": "router_disagreement_per_token",
+    "r3_gap": "r3_vs_live_logp_gap",
+    "length": "response_length",
+    "grad_norm": "grad_norm",  # before clipping (mean over the step's updates)
+    "update_norm": "update_norm",
 }
+STEP_DIGITS = 4
 
 
 def _num(v) -> float:
@@ -38,6 +55,10 @@ def _num(v) -> float:
     return float(v)
   except (TypeError, ValueError):
     return math.nan
+
+
+def _round(x: float) -> float:
+  return float(f"{x:.{STEP_DIGITS}g}") if math.isfinite(x) else x
 
 
 def curves_from_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, list]:
@@ -53,7 +74,7 @@ def curves_from_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, list]:
     if "entropy" in row or "reward_mean" in row:
       out["step"].append(step)
       for k, key in _STEP_KEYS.items():
-        out[k].append(_num(row.get(key)))
+        out[k].append(_round(_num(row.get(key))))
   return out
 
 
