@@ -126,7 +126,8 @@ def test_process_counter_and_get_verifier():
 def test_numeric_and_exact():
   numeric = get_verifier("numeric")
   assert numeric("x #### 1,000", "1000") == 1.0 and numeric("#### 999", "1000") == 0.0
-  assert numeric("\\boxed{1000}", "1000") == 0.0  # numeric reads only after ####
+  assert numeric("\\boxed{1,000}", "1000") == 1.0  # no ####: the last \\boxed{}
+  assert numeric("\\boxed{7} #### 999", "1000") == 0.0  # the marker wins
   assert verify_exact("#### \\frac{3}{4}", "\\frac{3}{4}") == 1.0
   assert verify_exact("so \\boxed{\\frac{3}{4}}", "$\\frac{3}{4}$") == 1.0
   assert verify_exact("so \\boxed{\\frac{6}{8}}", "\\frac{3}{4}") == 0.0  # text, not value

@@ -7,8 +7,9 @@ and the 1-based line number.
 
 The model sees `Question: <prompt>\\nAnswer:` (`PROMPT_TEMPLATE`) and
 must end its response with `#### <number>`. `verify_numeric` takes the
-last number after the marker, ignoring thousands separators, so `1,000`,
-`1000.0` and `$1000` all match `1000`.
+last number after the marker (without a marker: in the last `\\boxed{}`, as
+chat models answer), ignoring thousands separators, so `1,000`,
+`1000.0` and `$1000` all match `1000`. Other verifiers: `fo_rl.data.verifiers`.
 """
 
 from __future__ import annotations
@@ -45,13 +46,29 @@ def parse_number(text: str) -> decimal.Decimal | None:
   return decimal.Decimal(match.group(1).replace(",", ""))
 
 
+def last_boxed(text: str) -> str | None:
+  """The content of the last `\\boxed{...}` in `text` (balanced braces), or None."""
+  start = text.rfind("\\boxed{")
+  if start < 0:
+    return None
+  i, depth = start + len("\\boxed{"), 1
+  for j in range(i, len(text)):
+    depth += {"{": 1, "}": -1}.get(text[j], 0)
+    if depth == 0:
+      return text[i:j]
+  return None
+
+
 def verify_numeric(response: object, reference: str) -> float:
-  """1.0 iff the last number after the `####` marker equals `reference`.
+  """1.0 iff the last number after the `####` marker (a response without one: in its last
+  `\\boxed{}`) equals `reference`.
 
   Numbers compare by value (`72.0 == 72`, commas ignored). A non-numeric
   reference must match the whole text after the marker (whitespace-normalised).
   """
   answer = common.final_answer_text(response)
+  if answer is None and isinstance(response, str):
+    answer = last_boxed(response)
   if answer is None:
     return 0.0
   expected = parse_number(reference)

@@ -3,9 +3,9 @@
     check = get_verifier("math")            # or "numeric", "exact"
     reward = check(response_text, "\\frac{3}{4}")   # 1.0 or 0.0
 
-* `numeric`: the last number after the response's `####` equals the reference by value (`72.0`,
-  `1,000`, `$1000`); a non-numeric reference must equal the text after the marker
-  (`fo_rl.data.jsonl.verify_numeric`).
+* `numeric`: the last number after the response's `####` (without one: in its last `\\boxed{}`)
+  equals the reference by value (`72.0`, `1,000`, `$1000`); a non-numeric reference must equal the
+  text after the marker (`fo_rl.data.jsonl.verify_numeric`).
 * `math`: math-verify's equivalence of LaTeX or plain answers, by value and by expression, with
   `\\boxed{}` extraction (`fo_rl.data.math_worker.score` says exactly what is compared). It runs in a
   worker process: every answer gets at most `timeout_s` seconds (a pathological answer such as
@@ -32,7 +32,7 @@ import time
 from typing import Callable, Iterable
 
 from fo_rl.data import common
-from fo_rl.data.jsonl import parse_number, verify_numeric
+from fo_rl.data.jsonl import last_boxed, parse_number, verify_numeric
 
 VERIFIERS = ("numeric", "math", "exact")
 DEFAULT_TIMEOUT_S = 5.0
@@ -48,19 +48,6 @@ def resolve_verifier(name: str, answers: Iterable[str]) -> str:
   return name
 
 
-def _last_boxed(text: str) -> str | None:
-  """The content of the last `\\boxed{...}` (balanced braces), or None."""
-  start = text.rfind("\\boxed{")
-  if start < 0:
-    return None
-  i, depth = start + len("\\boxed{"), 1
-  for j in range(i, len(text)):
-    depth += {"{": 1, "}": -1}.get(text[j], 0)
-    if depth == 0:
-      return text[i:j]
-  return None
-
-
 def _normal(text: str) -> str:
   return " ".join(text.strip().strip("$").split())
 
@@ -71,10 +58,10 @@ def verify_exact(response: object, reference: str) -> float:
   if not isinstance(response, str):
     return 0.0
   _, sep, tail = response.rpartition(common.ANSWER_MARKER)
-  answer = tail if sep else _last_boxed(response)
+  answer = tail if sep else last_boxed(response)
   if answer is None:
     return 0.0
-  ref = _last_boxed(reference) or reference
+  ref = last_boxed(reference) or reference
   return float(_normal(answer) == _normal(ref))
 
 
