@@ -18,6 +18,7 @@ expert with an all-to-all, computes its local experts, and sends the results bac
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -27,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from fo_rl.model.qtensor import QTensor, materialize
+from fo_rl.model.qdot import qeinsum, qragged_dot
+from fo_rl.model.qtensor import QTensor
 
 
 class Experts(NamedTuple):
@@ -122,10 +124,6 @@ def _first_duplicate(row) -> int:
 # ------------------------------------------------------------------------------------------------
 # Expert FFN.
 # ------------------------------------------------------------------------------------------------
-def _swiglu(x, gate, up, dtype):
-  return jax.nn.silu(x @ materialize(gate, dtype)) * (x @ materialize(up, dtype))
-
-
 def dispatch_reference(
     x: jax.Array, ids: jax.Array, weights: jax.Array, experts: Experts
 ) -> jax.Array:
@@ -135,10 +133,8 @@ def dispatch_reference(
   combine = jnp.sum(
       jax.nn.one_hot(ids, E, dtype=jnp.float32) * weights[..., None], axis=-2
   )  # [N, E]
-  h = jax.nn.silu(jnp.einsum("nd,edf->nef", x, materialize(experts.gate, dt))) * jnp.einsum(
-      "nd,edf->nef", x, materialize(experts.up, dt)
-  )
-  y = jnp.einsum("nef,efd->ned", h, materialize(experts.down, dt))
+  h = jax.nn.silu(_ex("nd,edf->nef", x, experts.gate, dt)) * _ex("nd,edf->nef", x, experts.up, dt)
+  y = _ex("nef,efd->ned", h, experts.down, dt)
   return jnp.einsum("ned,ne->nd", y.astype(jnp.float32), combine).astype(dt)
 
 
@@ -154,12 +150,27 @@ def dispatch_dense(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: Ex
   combine = jnp.sum(
       jax.nn.one_hot(ids, E, dtype=jnp.float32) * weights[..., None], axis=-2
   )  # [N, E]
-  gate, up = (
-      materialize(w, dt).transpose(1, 0, 2).reshape(D, E * F) for w in (experts.gate, experts.up)
-  )
-  h = jax.nn.silu(x @ gate) * (x @ up)  # [N, E*F]
-  h = (h.reshape(-1, E, F) * combine[..., None].astype(dt)).reshape(-1, E * F)
-  return h @ materialize(experts.down, dt).reshape(E * F, D)
+  gate, up = (_as_2d(w) for w in (experts.gate, experts.up))
+  mm = lambda w: _ex("nd,df->nf", x, w, dt) if isinstance(w, QTensor) else x @ w.astype(dt)
+  h = jax.nn.silu(mm(gate)) * mm(up)  # [N, E*F]
+  h = h.reshape(-1, E, F) * combine[..., None].astype(dt)
+  if isinstance(experts.down, QTensor):
+    # The down projection's scale [E, 1, D] varies with the expert, which this matmul sums over: run
+    # it per expert (each (token, expert) row quantized on its own, as a grouped matmul does) and
+    # sum the experts after scaling.
+    return jnp.sum(_ex("nef,efd->ned", h, experts.down, dt).astype(jnp.float32), axis=1).astype(dt)
+  return h.reshape(-1, E * F) @ experts.down.astype(dt).reshape(E * F, D)
+
+
+def _ex(spec, x, w, dtype):
+  """An expert matmul: quantized weights are consumed as (q, scale), never dequantized (qdot.py)."""
+  return qeinsum(spec, x, w, dtype, defer_scale=True)
+
+
+def _as_2d(w):
+  """[E, D, F] -> [D, E*F] (a QTensor's scale [E, 1, F] -> [1, E*F]: still per output column)."""
+  fn = lambda a: a.transpose(1, 0, 2).reshape(a.shape[1], -1)
+  return w.map(fn) if isinstance(w, QTensor) else fn(w)
 
 
 def _expert_ffn_blocked(xs, group_sizes, experts: Experts, block: int):
@@ -188,20 +199,19 @@ def _expert_ffn_blocked(xs, group_sizes, experts: Experts, block: int):
   block_group = jnp.minimum(
       jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block, side="right"), G - 1
   )  # [num_blocks]
-  gate, up, down = (materialize(w[block_group], dt) for w in experts)  # [nb, D, F], [nb, F, D]
-  h = jax.nn.silu(jnp.einsum("nbd,ndf->nbf", xp, gate)) * jnp.einsum("nbd,ndf->nbf", xp, up)
-  yp = jnp.einsum("nbf,nfd->nbd", h, down).reshape(num_blocks * block, D)
+  # each block's expert, gathered as stored (a QTensor stays low precision: q and its scale rows)
+  gate, up, down = (w[block_group] for w in experts)  # [nb, D, F], [nb, F, D]
+  h = jax.nn.silu(_ex("nbd,ndf->nbf", xp, gate, dt)) * _ex("nbd,ndf->nbf", xp, up, dt)
+  yp = _ex("nbf,nfd->nbd", h, down, dt).reshape(num_blocks * block, D)
   return jnp.take(yp, dest, axis=0, mode="fill", fill_value=0)
 
 
 def _expert_ffn_ragged(xs, group_sizes, experts: Experts):
   """Grouped SwiGLU FFN with jax.lax.ragged_dot (native grouped matmul on TPU/GPU)."""
   dt = xs.dtype
-  gate, up, down = (materialize(w, dt) for w in experts)
-  h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, group_sizes)) * jax.lax.ragged_dot(
-      xs, up, group_sizes
-  )
-  y = jax.lax.ragged_dot(h, down, group_sizes)
+  gate, up, down = experts
+  h = jax.nn.silu(qragged_dot(xs, gate, group_sizes, dt)) * qragged_dot(xs, up, group_sizes, dt)
+  y = qragged_dot(h, down, group_sizes, dt)
   total = jnp.sum(group_sizes)
   return jnp.where((jnp.arange(xs.shape[0]) < total)[:, None], y, 0)
 
@@ -282,7 +292,7 @@ def _weight_spec(w, spec: P) -> P | QTensor:
   """In-spec for a weight; a QTensor's scale leaves its size-1 (contracted) axes unsharded."""
   if isinstance(w, QTensor):
     sspec = P(*(s if w.scale.shape[d] != 1 else None for d, s in enumerate(spec)))
-    return QTensor(spec, sspec)
+    return dataclasses.replace(w, q=spec, scale=sspec)
   return spec
 
 

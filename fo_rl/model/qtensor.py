@@ -1,7 +1,8 @@
 """QTensor: a quantized weight (low-precision values + per-output-channel scales) the model can consume.
 
 The trainer's parameters are plain arrays; the sampler's copy replaces some of them with QTensors inside the
-same nnx.Param slots, so both run the one model code. `materialize` is the only place a weight is read.
+same nnx.Param slots, so both run the one model code. A weight is read through `materialize` (dequantize)
+or, at the matmul sites, through fo_rl/model/qdot.py (quantized matmuls, `act_dtype`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,15 @@ import jax.numpy as jnp
 @dataclasses.dataclass(frozen=True)
 class QTensor:
   """w ~= q * scale. `scale` has q's rank with size 1 on the contracted (input) axes, so slicing or
-  gathering q along an output axis (an expert, a vocab row) slices scale the same way."""
+  gathering q along an output axis (an expert, a vocab row) slices scale the same way.
+
+  `act_dtype` (static: part of the tree structure, not a leaf): None for weight-only quantization, or
+  the dtype the matmuls quantize their activations to ("float8_e4m3fn" / "int8", fo_rl/model/qdot.py).
+  """
 
   q: jax.Array  # int8 or float8_e4m3fn
   scale: jax.Array  # float32, broadcastable to q
+  act_dtype: str | None = dataclasses.field(default=None, metadata=dict(static=True))
 
   @property
   def shape(self):
@@ -36,7 +42,11 @@ class QTensor:
         i if self.scale.shape[d] == self.q.shape[d] else slice(None) for d, i in enumerate(idx)
     )
     scale = self.scale[sidx]
-    return QTensor(self.q[idx], scale)
+    return QTensor(self.q[idx], scale, self.act_dtype)
+
+  def map(self, fn) -> "QTensor":
+    """The same layout change (transpose, reshape) applied to q and scale."""
+    return QTensor(fn(self.q), fn(self.scale), self.act_dtype)
 
 
 def materialize(w, dtype) -> jax.Array:

@@ -22,6 +22,13 @@ vLLM / SGLang FP8 checkpoints of Qwen3-MoE do: the router's top-k decision and t
 the most precision-sensitive, and they are a tiny share of the FLOPs; attention, dense MLP and expert
 weights (the bulk of the parameters) are quantized. "High precision" means the sampler's float dtype:
 float32, or bfloat16 when weight_dtype is bfloat16 (kept parts are then bfloat16 too).
+
+Activations (`activation_dtype`, sampler.activation_dtype): "none" is weight-only quantization (the
+quantized weights are dequantized at each matmul, the experts' scales applied after the grouped matmul).
+"float8_e4m3fn" / "int8" (it must equal weight_dtype) quantizes the input of every matmul with a
+quantized weight per token, dynamically, and runs fp8 x fp8 / int8 x int8 matmuls (W8A8,
+fo_rl/model/qdot.py), as vLLM / SGLang FP8 engines do. The parts kept in high precision (router,
+lm_head by default) keep float activations too. The trainer never sees any of this: it holds plain arrays.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fo_rl.model.qdot import ACT_DTYPES, qmax
 from fo_rl.model.qtensor import QTensor
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "float8_e4m3fn", "int8")
@@ -44,19 +52,20 @@ _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _FFN = ("gate_proj", "up_proj", "down_proj")
 
 
-def qmax(dtype) -> float:
-  """Largest finite magnitude used by the symmetric scale (int8: 127, so the range stays symmetric)."""
-  dtype = jnp.dtype(dtype)
-  if dtype == jnp.int8:
-    return 127.0
-  if dtype == jnp.float8_e4m3fn:
-    return float(jnp.finfo(dtype).max)  # 448
-  raise ValueError(f"not a quantized dtype: {dtype}; expected one of {QUANTIZED_DTYPES}")
-
-
-def validate(weight_dtype: str, keep_high_precision: Sequence[str]) -> None:
+def validate(
+    weight_dtype: str, keep_high_precision: Sequence[str], activation_dtype: str = "none"
+) -> None:
   if weight_dtype not in WEIGHT_DTYPES:
     raise ValueError(f"sampler.weight_dtype={weight_dtype!r}: must be one of {WEIGHT_DTYPES}")
+  if activation_dtype not in ACT_DTYPES:
+    raise ValueError(f"sampler.activation_dtype={activation_dtype!r}: must be one of {ACT_DTYPES}")
+  if activation_dtype != "none" and activation_dtype != weight_dtype:
+    raise ValueError(
+        f"sampler.activation_dtype={activation_dtype!r}: quantized activations run "
+        f"{activation_dtype} x {activation_dtype} matmuls against weights stored in the same dtype; "
+        f"set sampler.weight_dtype={activation_dtype!r} (it is {weight_dtype!r}), or "
+        f"activation_dtype='none' for weight-only quantization"
+    )
   unknown = sorted(set(keep_high_precision) - set(PARTS))
   if unknown:
     raise ValueError(f"sampler.keep_high_precision: unknown part(s) {unknown}; parts are {PARTS}")
@@ -103,8 +112,11 @@ def contracted_axes(path, ndim: int) -> tuple[int, ...]:
   return (0,)  # [D, ...] (q/k/v, dense MLP, router, lm_head)
 
 
-def quantize_array(w: jax.Array, dtype, axes: Sequence[int]) -> QTensor:
-  """Symmetric quantization with one scale per output channel (reduced over `axes`)."""
+def quantize_array(
+    w: jax.Array, dtype, axes: Sequence[int], act_dtype: str | None = None
+) -> QTensor:
+  """Symmetric quantization with one scale per output channel (reduced over `axes`). `act_dtype`: the
+  dtype the matmuls quantize this weight's activations to (None: weight-only)."""
   dtype = jnp.dtype(dtype)
   w = w.astype(jnp.float32)
   m = qmax(dtype)
@@ -113,17 +125,22 @@ def quantize_array(w: jax.Array, dtype, axes: Sequence[int]) -> QTensor:
   x = jnp.clip(w / scale, -m, m)
   if dtype == jnp.int8:
     x = jnp.round(x)
-  return QTensor(x.astype(dtype), scale)
+  return QTensor(x.astype(dtype), scale, act_dtype)
 
 
 def quantize_state(
-    state, weight_dtype: str = "float32", keep_high_precision: Sequence[str] = DEFAULT_KEEP
+    state,
+    weight_dtype: str = "float32",
+    keep_high_precision: Sequence[str] = DEFAULT_KEEP,
+    activation_dtype: str = "none",
 ):
   """The sampler's copy of an nnx.State of Params: QTensors for quantized parts, arrays for the rest.
+  With `activation_dtype` != "none" every QTensor's matmuls also quantize their activations.
 
   Pure and traceable (the weight sync jits it with the sampler's out_shardings).
   """
-  validate(weight_dtype, keep_high_precision)
+  validate(weight_dtype, keep_high_precision, activation_dtype)
+  act = None if activation_dtype == "none" else activation_dtype
   high = jnp.bfloat16 if weight_dtype == "bfloat16" else jnp.float32
   keep = set(keep_high_precision)
 
@@ -134,7 +151,7 @@ def quantize_state(
           "quantize_state: the input already holds QTensors (pass the trainer's state)"
       )
     if weight_dtype in QUANTIZED_DTYPES and part_of(path, w.ndim) not in keep:
-      return var.replace(quantize_array(w, weight_dtype, contracted_axes(path, w.ndim)))
+      return var.replace(quantize_array(w, weight_dtype, contracted_axes(path, w.ndim), act))
     return var.replace(jnp.asarray(w).astype(high))
 
   return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -1,0 +1,272 @@
+"""fo_rl.model.qdot: W8A8 matmuls (per-token dynamic activation scales, per-channel weight scales) against
+numpy, int8 integer accumulation, the experts' grouped matmuls on quantized weights (no dequantized
+expert stack in the program), and the sampler with quantized activations."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from fo_rl.model import moe
+from fo_rl.model.qdot import qdot, qeinsum, qragged_dot
+from fo_rl.model.qtensor import QTensor, materialize
+from fo_rl.sampler import quantize as Q
+
+QMAX = {"int8": 127.0, "float8_e4m3fn": 448.0}
+NP_DTYPE = {"int8": np.int8, "float8_e4m3fn": ml_dtypes.float8_e4m3fn}
+DTYPES = ["float8_e4m3fn", "int8"]
+
+
+def np_quant(a, dtype, axes):
+  """Reference symmetric quantization: scale = absmax over `axes` / qmax (1 for an all-zero slice),
+  values round-to-nearest(a / scale) in the low dtype, returned as float64 (q, scale)."""
+  a = np.asarray(a, np.float32)
+  amax = np.abs(a).max(axis=tuple(axes), keepdims=True)
+  scale = np.where(amax > 0, amax / np.float32(QMAX[dtype]), 1).astype(np.float32)
+  v = np.clip(a / scale, -QMAX[dtype], QMAX[dtype])
+  q = np.round(v) if dtype == "int8" else v.astype(NP_DTYPE[dtype]).astype(np.float32)
+  return q.astype(np.float64), scale.astype(np.float64)
+
+
+def np_qeinsum(spec, x, w_q: QTensor, dtype):
+  """float64: x quantized per token over its contracted axes, times the stored weight values."""
+  lhs, rest = spec.split(",")
+  rhs, out = rest.split("->")
+  xq, xs = np_quant(x, dtype, [d for d, c in enumerate(lhs) if c not in out])
+  wq = np.asarray(w_q.q.astype(jnp.float32), np.float64)
+  ws = np.asarray(w_q.scale, np.float64)
+  return np.einsum(spec, xq * xs, wq * ws)
+
+
+def _rand(shape, seed, spread=True):
+  rng = np.random.default_rng(seed)
+  a = rng.standard_normal(shape)
+  if (
+      spread
+  ):  # rows (tokens) of very different magnitudes: a per-tensor scale would lose the small ones
+    a = a * np.exp(rng.uniform(-3, 3, shape[:1] + (1,) * (len(shape) - 1)))
+  return jnp.asarray(a, jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "spec,xshape,wshape,waxes",
+    [
+        ("btd,dnh->btnh", (3, 5, 32), (32, 4, 8), (0,)),  # q/k/v projections
+        ("btnh,nhd->btd", (3, 5, 4, 8), (4, 8, 32), (0, 1)),  # o_proj
+        ("nbd,ndf->nbf", (6, 4, 16), (6, 16, 24), (1,)),  # an expert matmul per block
+        ("nd,edf->nef", (7, 16), (3, 16, 24), (1,)),  # every expert on every token
+    ],
+)
+def test_qeinsum_matches_numpy(dtype, spec, xshape, wshape, waxes):
+  x = _rand(xshape, 0)
+  wq = Q.quantize_array(_rand(wshape, 1, spread=False), dtype, waxes, dtype)
+  got = jax.jit(lambda x, w: qeinsum(spec, x, w, jnp.float32))(x, wq)
+  ref = np_qeinsum(spec, x, wq, dtype)
+  np.testing.assert_allclose(np.asarray(got), ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+  # the matmul really runs on low-precision operands (the lowered program's dot_general)
+  hlo = jax.jit(lambda x, w: qeinsum(spec, x, w, jnp.float32)).lower(x, wq).as_text()
+  low = "i8" if dtype == "int8" else "f8E4M3FN"
+  dots = [l for l in hlo.splitlines() if "dot_general" in l]
+  assert dots and all(l.count(f"x{low}>") == 2 for l in dots), dots
+  # and activations are quantized: not the weight-only result
+  wo = np.einsum(spec, np.asarray(x, np.float64), Q.dequantize_np(wq).astype(np.float64))
+  assert np.abs(np.asarray(got) - wo).max() > 1e-4 * np.abs(wo).max()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qdot_and_router_shape(dtype):
+  x = _rand((2, 3, 16), 2)
+  wq = Q.quantize_array(_rand((16, 12), 3, spread=False), dtype, (0,), dtype)
+  got = jax.jit(lambda x, w: qdot(x, w, jnp.float32))(x, wq)
+  np.testing.assert_allclose(
+      np.asarray(got), np_qeinsum("btd,df->btf", x, wq, dtype), rtol=2e-5, atol=1e-5
+  )
+
+
+def test_int8_accumulates_exactly_in_int32():
+  """int8 x int8 products summed in int32: exact. Rows and columns reaching 127 give scales of 1, so the
+  output is float32(exact integer sum); with sums past 2^24 of odd products a float32 accumulation
+  drops low bits (it differs for these inputs)."""
+  rng = np.random.default_rng(0)
+  D = 4096
+  x = np.full((4, D), 127, np.float32)  # rows of 127: activation scale 1
+  x[1, ::2] = -127
+  w = (rng.integers(0, 64, (D, 16)) * 2 + 1).astype(np.float32)  # odd: odd products
+  w[0] = 127  # each column reaches 127: weight scale 1
+  wq = Q.quantize_array(jnp.asarray(w), "int8", (0,), "int8")
+  np.testing.assert_array_equal(np.asarray(wq.scale), 1.0)
+  got = np.asarray(jax.jit(lambda x, w: qdot(x, w, jnp.float32))(jnp.asarray(x), wq))
+  exact = x.astype(np.int64) @ w.astype(np.int64)
+  assert exact.max() > 2**24
+  np.testing.assert_array_equal(got, exact.astype(np.float32))
+  f32 = np.zeros(exact.shape, np.float32)
+  for d in range(D):  # sequential float32 accumulation: what int32 accumulation must not be
+    f32 += np.float32(x[:, d : d + 1]) * np.float32(w[d][None])
+  assert (f32 != exact.astype(np.float32)).any()
+  hlo = jax.jit(lambda x, w: qdot(x, w, jnp.float32)).lower(jnp.asarray(x), wq).as_text()
+  assert re.search(r"dot_general.*xi8>.*xi8>\) -> tensor<[0-9x]*xi32>", hlo), hlo
+
+
+def test_weight_only_dense_sites_are_the_dequantized_matmul():
+  """activation_dtype none: a dense site is exactly `x @ (q * scale)` (bit-identical to the
+  weight-only sampler before W8A8 existed)."""
+  x = _rand((3, 5, 32), 4)
+  for dtype in DTYPES:
+    wq = Q.quantize_array(_rand((32, 4, 8), 5, spread=False), dtype, (0,))
+    f = jax.jit(lambda x, w: qeinsum("btd,dnh->btnh", x, w, jnp.float32))
+    g = jax.jit(lambda x, w: jnp.einsum("btd,dnh->btnh", x, materialize(w, jnp.float32)))
+    np.testing.assert_array_equal(np.asarray(f(x, wq)), np.asarray(g(x, wq)))
+
+
+def test_qeinsum_rejects_a_scale_over_the_contraction():
+  w = QTensor(jnp.ones((4, 6), jnp.int8), jnp.ones((4, 1)), "int8")  # scale per input row: wrong
+  with pytest.raises(ValueError, match="varies along contracted axis"):
+    qeinsum("nd,df->nf", jnp.ones((2, 4)), w, jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Experts.
+# ------------------------------------------------------------------------------------------------
+E, D, F = 6, 24, 40  # distinct sizes, so an [E, D, F] / [*, D, F] tensor is recognizable in the HLO
+
+
+def _experts(seed=0):
+  k = jax.random.split(jax.random.key(seed), 3)
+  return moe.Experts(
+      0.3 * jax.random.normal(k[0], (E, D, F)),
+      0.3 * jax.random.normal(k[1], (E, D, F)),
+      0.3 * jax.random.normal(k[2], (E, F, D)),
+  )
+
+
+def _inputs(N=13, k=2, seed=0):  # N*k and the padded block rows differ from D, F
+  rng = np.random.default_rng(seed)
+  x = _rand((N, D), seed)
+  ids, w = moe.route(jnp.asarray(rng.normal(size=(N, E)) * 2, jnp.float32), k)
+  return x, ids, w
+
+
+def _quantized(ex, dtype, act):
+  return moe.Experts(*(Q.quantize_array(a, dtype, (1,), act) for a in ex))
+
+
+def np_moe_w8a8(x, ids, w, q: moe.Experts, act):
+  """numpy: y_n = sum_j w_nj FFN_e(x_n) with every expert matmul's input quantized per (token, expert)
+  row (act: the activation dtype, None for weight-only) and the expert weights dequantized."""
+  deq = [Q.dequantize_np(a).astype(np.float64) for a in q]
+  x, ids, w = np.asarray(x, np.float32), np.asarray(ids), np.asarray(w, np.float64)
+
+  def inp(v):
+    if act is None:
+      return v.astype(np.float64)
+    vq, vs = np_quant(v[None], act, (1,))
+    return (vq * vs)[0]
+
+  y = np.zeros(x.shape, np.float64)
+  for n in range(x.shape[0]):
+    xn = inp(x[n])
+    for j in range(ids.shape[1]):
+      e = ids[n, j]
+      a = xn @ deq[0][e]
+      h = (a / (1 + np.exp(-a)) * (xn @ deq[1][e])).astype(np.float32)
+      y[n] += w[n, j] * (inp(h) @ deq[2][e])
+  return y
+
+
+DISPATCHES = {
+    "blocked": lambda x, i, w, ex: moe.dispatch_fast(x, i, w, ex, backend="blocked", block=8),
+    "ragged_dot": lambda x, i, w, ex: moe.dispatch_fast(x, i, w, ex, backend="ragged_dot"),
+    "dense": moe.dispatch_dense,
+    "reference": moe.dispatch_reference,
+}
+
+
+@pytest.mark.parametrize("dispatch", list(DISPATCHES))
+@pytest.mark.parametrize("dtype,act", [("float8_e4m3fn", "float8_e4m3fn"), ("int8", "int8")])
+def test_quantized_experts_match_numpy(dispatch, dtype, act):
+  x, ids, w = _inputs()
+  q = _quantized(_experts(), dtype, act)
+  got = np.asarray(jax.jit(DISPATCHES[dispatch])(x, ids, w, q))
+  ref = np_moe_w8a8(x, ids, w, q, act)
+  np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+  wo = np_moe_w8a8(x, ids, w, q, None)  # weight-only: quantizing activations does change the output
+  assert np.abs(got - wo).max() > 1e-3 * np.abs(wo).max()
+
+
+@pytest.mark.parametrize("dispatch", list(DISPATCHES))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_only_experts_scale_after_the_matmul(dispatch, dtype):
+  """Weight-only experts apply the scale after the grouped matmul: the same as the dispatch on the
+  dequantized float weights up to float32 rounding."""
+  x, ids, w = _inputs()
+  q = _quantized(_experts(), dtype, None)
+  deq = moe.Experts(*(jnp.asarray(Q.dequantize_np(a)) for a in q))
+  got = np.asarray(jax.jit(DISPATCHES[dispatch])(x, ids, w, q))
+  ref = np.asarray(jax.jit(DISPATCHES[dispatch])(x, ids, w, deq))
+  np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+  np.testing.assert_allclose(got, np_moe_w8a8(x, ids, w, q, None), atol=1e-5 * np.abs(ref).max())
+
+
+_FLOAT = r"(f32|bf16|f16|f64)"
+
+
+def _float_weight_stacks(text: str) -> list[str]:
+  """Float tensor types in a program text whose two minor dims are an expert matrix's (D, F) or (F, D),
+  or the dense dispatch's flattened (D, E*F) / (E*F, D): a dequantized (possibly gathered) expert stack.
+  """
+  pats = [f"{D}x{F}", f"{F}x{D}", f"{D}x{E * F}", f"{E * F}x{D}"]
+  found = re.findall(r"tensor<([0-9x]+)x" + _FLOAT + ">", text)
+  return [f"{s}x{t}" for s, t in found if any(s == p or s.endswith("x" + p) for p in pats)]
+
+
+def _jaxpr_float_stacks(jaxpr) -> list[str]:
+  """The same check on a jaxpr's printed types (f32[6,24,40])."""
+  out = []
+  for m in re.finditer(r"(f32|bf16|f16|f64)\[([0-9,]+)\]", str(jaxpr)):
+    dims = m.group(2).split(",")
+    if len(dims) >= 2 and tuple(dims[-2:]) in {
+        (str(D), str(F)),
+        (str(F), str(D)),
+        (str(D), str(E * F)),
+        (str(E * F), str(D)),
+    }:
+      out.append(m.group(0))
+  return out
+
+
+@pytest.mark.parametrize("dispatch", list(DISPATCHES))
+def test_no_dequantized_expert_stack(dispatch):
+  """The quantized experts never become a float [E, D, F] stack (nor a per-block gathered one): with
+  activations quantized, none in the lowered program at all; weight-only, none in the jaxpr (the
+  backend may upcast the stored values inside the matmul). Reintroducing `materialize` (q * scale)
+  in any dispatch makes this fail; the float experts' own program is the positive control."""
+  x, ids, w = _inputs()
+  ex = _experts()
+  fn = jax.jit(DISPATCHES[dispatch])
+  assert _float_weight_stacks(fn.lower(x, ids, w, ex).as_text())  # the check sees float stacks
+  hlo = fn.lower(x, ids, w, _quantized(ex, "float8_e4m3fn", "float8_e4m3fn")).as_text()
+  assert not _float_weight_stacks(hlo), _float_weight_stacks(hlo)
+  jaxpr = jax.make_jaxpr(DISPATCHES[dispatch])(x, ids, w, _quantized(ex, "int8", None))
+  assert not _jaxpr_float_stacks(jaxpr), _jaxpr_float_stacks(jaxpr)
+
+
+def test_qragged_dot_per_expert_scales():
+  """qragged_dot against numpy, groups of uneven sizes including an empty one."""
+  x = _rand((10, D), 7)
+  gs = jnp.asarray([3, 0, 4, 1, 2, 0], jnp.int32)
+  for act in (None, "float8_e4m3fn"):
+    wq = Q.quantize_array(_experts()[0], "float8_e4m3fn", (1,), act)
+    got = np.asarray(jax.jit(lambda x, w: qragged_dot(x, w, gs, jnp.float32))(x, wq))
+    deq = Q.dequantize_np(wq).astype(np.float64)
+    if act is None:
+      xs = np.asarray(x, np.float64)
+    else:
+      xq, s = np_quant(x, act, (1,))
+      xs = xq * s
+    groups = np.repeat(np.arange(E), np.asarray(gs))
+    ref = np.stack([xs[i] @ deq[g] for i, g in enumerate(groups)])
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
