@@ -35,7 +35,7 @@ def _knob(c, field):
 
 
 def test_suite_variants_and_knobs():
-  on, off, cold = (S.load_suite(s) for s in S.SUITES)
+  on, off, cold, cal = (S.load_suite(s) for s in S.SUITES)
   assert list(on.VARIANTS) == [
       "minirl",
       "minirl_length_norm",
@@ -44,8 +44,8 @@ def test_suite_variants_and_knobs():
       "minirl_length_norm_r3",
       "minirl_no_is_r3",
   ]
-  assert len(off.VARIANTS) == 15 and list(cold.VARIANTS) == ["careful", "terse", "noisy"]
-  names = [v for m in (on, off, cold) for v in m.VARIANTS]
+  assert len(off.VARIANTS) == 15 and list(cold.VARIANTS) == ["err15", "err30", "err45"]
+  names = [v for m in (on, off, cold, cal) for v in m.VARIANTS]
   assert len(names) == len(set(names)), "variant names share DIR/<variant>: they must be unique"
 
   expect = {
@@ -68,18 +68,32 @@ def test_suite_variants_and_knobs():
       (off, "n8_r2"): {"rl.mini_batches": 8, "rl.replay": "r2", "rl.loss.clip": True},
       (off, "n4_r3"): {"rl.mini_batches": 4, "rl.replay": "r3", "rl.loss.clip": True},
       (off, "n8_minirl"): {"rl.mini_batches": 8, "rl.replay": "none", "rl.loss.clip": True},
-      (cold, "terse"): {"sft.teacher": "terse", "rl.mini_batches": 4, "rl.replay": "r3"},
+      # the paper's cold-start recipe: MiniRL + R2 at N=2; arms differ in the teacher's error rate
+      (cold, "err15"): {"sft.teacher": "careful", "sft.error_rate": 0.15, "rl.replay": "r2"},
+      (cold, "err45"): {"sft.error_rate": 0.45, "rl.mini_batches": 2, "rl.loss.clip": True},
   }
   for (mod, v), knobs in expect.items():
     c = mod.get_config(v)
     for field, value in knobs.items():
       assert _knob(c, field) == value, (v, field)
+  # the design: a fixed mini-batch of 64 responses, global batch N x it, equal gradient updates
   for mod in (on, off, cold):
+    for v in mod.VARIANTS:
+      rc = config_lib.parse(mod.get_config(v))
+      n = rc.rl.mini_batches
+      assert rc.rl.prompts_per_step * rc.rl.group_size == 64 * n, v
+      assert rc.rl.steps * n == (S.COLDSTART_UPDATES if mod is cold else S.UPDATES), v
+      assert rc.eval.every * n == S.EVAL_EVERY_UPDATES, v
+      assert rc.optim.warmup_steps == 10 and rc.optim.learning_rate == 1.5e-4
+      assert rc.data.options["min_digits"] == 1 and rc.data.options["num_digits"] == 5
+  with pytest.raises(ValueError, match="N=5"):
+    S.design(5)
+  for mod in (on, off, cold, cal):
     first = list(mod.VARIANTS)[0]
     for v in mod.VARIANTS:
       c = mod.get_config(v)
       config_lib.parse(c)
-      assert c.sampler.weight_dtype == "float8_e4m3fn"  # the discrepancy is real in every variant
+      assert c.sampler.weight_dtype in ("float8_e4m3fn", "int8")  # the discrepancy is real
       t = mod.get_config(f"{v}:tiny")
       assert t.rl.steps < c.rl.steps and t.name.endswith("_tiny")
       assert _knob(t, "rl.mini_batches") == _knob(c, "rl.mini_batches")
@@ -91,6 +105,22 @@ def test_suite_variants_and_knobs():
     assert f"python -m fo_rl.paper --suite={suite}" in mod.__doc__
     with pytest.raises(ValueError, match="unknown variant"):
       mod.get_config("nope")
+
+
+def test_recipes_import_only_the_suites_module():
+  import ast
+
+  for path in sorted((REPO / "configs" / "paper").glob("*.py")):
+    mods = {
+        n.module for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom)
+    }
+    mods |= {
+        a.name
+        for n in ast.walk(ast.parse(path.read_text()))
+        if isinstance(n, ast.Import)
+        for a in n.names
+    }
+    assert mods <= {"fo_rl.paper.suites"}, (path.name, mods)
 
 
 def test_plan_commands_and_shared_cold_starts(tmp_path):
@@ -118,7 +148,7 @@ def test_plan_commands_and_shared_cold_starts(tmp_path):
   # one cold start per seed, shared by all variants of the seed
   assert runs[0].sft_key == runs[2].sft_key != runs[1].sft_key == runs[3].sft_key
   cold = W.build_plan("coldstart", [0], tmp_path, tiny=True)
-  assert len({r.sft_key for r in cold}) == 3  # one per teacher
+  assert len({r.sft_key for r in cold}) == 3  # one per error rate
   assert all(r.config_arg.endswith(":tiny") for r in cold)
   with pytest.raises(ValueError, match="not in suite"):
     W.build_plan("onpolicy", [0], tmp_path, variants=["n2_r2"])

@@ -1,12 +1,14 @@
 """Paper suites 2-3, off-policy (N = 2, 4, 8 mini-batch updates per rollout): clipping x routing replay.
 
-One run (variant n4_r2, seed 0; every variant shares the seed's cold start through sft.cache_dir):
+One run (variant n8_r2, seed 0; every variant shares the seed's cold start through sft.cache_dir):
 
-  python -m fo_rl.main --config=configs/paper/offpolicy.py:n4_r2 --workdir=workdirs/paper/n4_r2/seed0 --config.seed=0 --config.sft.cache_dir=workdirs/paper/sft_cache
+  python -m fo_rl.main --config=configs/paper/offpolicy.py:n8_r2 --workdir=workdirs/paper/n8_r2/seed0 --config.seed=0 --config.sft.cache_dir=workdirs/paper/sft_cache
 
-The whole suite, 3 seeds, with report.md / results.json / offpolicy.png:
+The suite (tier 1: N=8 with the paper's three variants and clip-without-replay; tier 2: N=2 R2 / R3 for
+finding 3a), 4 seeds, paired:
 
-  python -m fo_rl.paper --suite=offpolicy --seeds=3 --workdir=workdirs/paper
+  python -m fo_rl.paper --suite=offpolicy --seeds=4 --workdir=workdirs/paper --variants=n8_r2_noclip,n8_minirl,n8_r2,n8_r3
+  python -m fo_rl.paper --suite=offpolicy --seeds=4 --workdir=workdirs/paper --variants=n2_r2,n2_r3
 
 Arg grammar (after the first ':' of --config): "<variant>" | "<variant>:tiny" | "tiny" | "" where
 variant = n<N>_<recipe> (n2_noclip, ..., n8_minirl: 15 variants), N in {2, 4, 8} and recipe one of
@@ -16,24 +18,18 @@ variant = n<N>_<recipe> (n2_noclip, ..., n8_minirl: 15 variants), N in {2, 4, 8}
   r3          MiniRL + R3 (the sampler's experts replayed)
   minirl      MiniRL with the clip mask, no routing replay (isolates "replay is necessary")
 "tiny" alone is the tiny version of the first variant (n2_noclip); "" is n2_noclip at full size.
-Shared recipe: fo_rl.config.base_config() (4-layer 8-expert top-2 MoE, cold start on the 'careful'
-teacher, FP8 e4m3 sampler weights) with rl.mini_batches=N: the global batch of
-rl.prompts_per_step x rl.group_size responses is split into N updates, so updates 2..N are off-policy.
-Hardware: a 2-core CPU. Measured (docs/results/paper/report.md): the suite in miniature (--steps=40
---override=rl.prompts_per_step=8 --override=optim.learning_rate=1.5e-4 --override=eval.num_prompts=64,
-as in the README) took 28.4 min for 45 runs, about 0.6 min per run after the shared cold start; the full
-recipe (200 RL steps of 16 prompts) takes about 4 min of RL per run.
+Shared recipe: fo_rl.paper.suites.REGIME with design(N), the paper's design: the mini-batch is fixed
+(8 prompts x 8 samples = 64 responses per update) and the global batch is N x it
+(rl.prompts_per_step = 8 N), so updates 2..N of each RL step are off-policy; every run makes 144
+gradient updates (144 / N RL steps, the same 9,216 samples at every N), compared at equal updates.
+Do not pass --steps or --override=rl.prompts_per_step to the runner: they would break the design.
 Expected (the paper, section 4.4): dropping clipping or replay collapses; R2 beats R3 at N=2, R3 beats R2
 at N=4 and 8. Measured: see the suite's report.md.
 """
 
-from fo_rl.paper.suites import suite_config
+from fo_rl.paper.suites import design, suite_config
 
-COMMON = {
-    "rl.replay": "none",
-    "rl.loss.clip": True,
-    "sampler.weight_dtype": "float8_e4m3fn",
-}
+COMMON = {"rl.replay": "none", "rl.loss.clip": True}
 
 _RECIPES = {
     "noclip": {"rl.loss.clip": False, "rl.replay": "none"},
@@ -44,9 +40,7 @@ _RECIPES = {
 }
 
 VARIANTS = {
-    f"n{n}_{name}": dict(knobs, **{"rl.mini_batches": n})
-    for n in (2, 4, 8)
-    for name, knobs in _RECIPES.items()
+    f"n{n}_{name}": dict(knobs, **design(n)) for n in (2, 4, 8) for name, knobs in _RECIPES.items()
 }
 
 GROUP_BY = "rl.mini_batches"  # one figure row per N
