@@ -80,13 +80,19 @@ def test_sft_view_gives_the_cold_starts_optimizer():
 def test_constant_schedule_is_linear_warmup_then_constant():
   lr = 1e-3
   ours = make_optimizer(OptimConfig(learning_rate=lr, warmup_steps=4, eps=1e-4))
-  sched = optax.join_schedules(
-      [optax.linear_schedule(0.0, lr, 4), optax.constant_schedule(lr)], [4]
-  )
+  # update k uses lr * (k + 1) / 4: 0.25, 0.5, 0.75, 1, 1, ... x lr (the first update moves)
+  rates = [lr * 0.25, lr * 0.5, lr * 0.75] + [lr] * 4
+  sched = lambda count: jnp.asarray(rates)[count]
   theirs = optax.chain(
       optax.clip_by_global_norm(1.0), optax.adamw(sched, eps=1e-4, weight_decay=0.0)
   )
   _assert_same(ours, theirs, 7)
+  # the first update is not a no-op: parameters change at update 0
+  (after,), _ = _updates(ours, 1)
+  assert all(
+      np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-5
+      for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(_params()))
+  )
   # no warmup: a constant learning rate (no schedule state), no clipping when grad_clip <= 0
   ours = make_optimizer(OptimConfig(learning_rate=lr, grad_clip=0.0))
   _assert_same(ours, optax.chain(optax.adamw(lr, weight_decay=0.0)), 3)

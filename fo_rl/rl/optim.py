@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -23,7 +24,8 @@ class OptimConfig:
   """AdamW with global grad-norm clipping and a learning-rate schedule. The paper does not state these
   (algorithms.md section 6: open); the defaults suit the tiny CPU models.
 
-  schedule: "constant": linear warmup from 0 over `warmup_steps`, then `learning_rate` (RL's `optim.*`);
+  schedule: "constant": linear warmup over `warmup_steps` updates, lr x (k + 1) / warmup_steps at update
+    k (so the first update moves), then `learning_rate` (RL's `optim.*`);
     "cosine": linear warmup, then cosine decay to `final_fraction * learning_rate` at `decay_steps`
     (warmup included), i.e. optax.warmup_cosine_decay_schedule (the SFT cold start's, from `sft.*`).
   """
@@ -65,10 +67,10 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
         0.0, lr, cfg.warmup_steps, cfg.decay_steps, lr * cfg.final_fraction
     )
   elif cfg.warmup_steps:
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, cfg.warmup_steps), optax.constant_schedule(lr)],
-        [cfg.warmup_steps],
-    )
+    # Update k (0-based) uses lr * min(1, (k + 1) / warmup_steps): the first update is not a no-op
+    # (a warmup from 0 gave update 0 a learning rate of 0), and update warmup_steps - 1 reaches lr.
+    warmup = cfg.warmup_steps
+    schedule = lambda count: lr * jnp.minimum(1.0, (count + 1) / warmup)
   else:
     schedule = lr
   parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
