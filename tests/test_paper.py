@@ -813,3 +813,30 @@ def test_arithmetic_min_digits_varies_lengths_and_leaves_the_default_unchanged()
 
   name = tfds_common.make_config(tfds_arithmetic.ArithmeticConfig, num_digits=5, min_digits=1).name
   assert "min_digits_1" in name  # a prepared dataset is keyed on it
+
+
+def test_calibration_table_from_synthetic_runs(tmp_path):
+  c = curves([0.5, 0.55], kl=2e-3, k3=3e-3)
+  c["kl"][0], c["k3"][0] = 1e-3, 4e-3  # step 1: the cold start's discrepancy
+  n = len(c["step"])
+  c["f_tau2"] = [0.01] * n
+  c["router_dis"] = [0.06] * (n - 1) + [math.nan]  # a missing value is skipped
+  c["router_dis_tok"] = [0.2] * n
+  c["is_max"] = [1.5] * (n - 1) + [3.0]
+  c["is_trunc"] = [0.0] * n
+  c["length"] = [30.0, 34.0] * (n // 2)
+  c["grad_norm"] = [0.5] * (n - 2) + [2.0, 150.0]
+  suite = Rs.suite_record(
+      {"e4m3_router": {0: Rs.run_record(c, knobs={"sampler": "float8_e4m3fn"})}}
+  )
+  (row,) = Rp.calibration_rows(suite)
+  assert row["k1_step1"] == 1e-3 and row["k3_step1"] == 4e-3
+  assert row["k3_mean"] == pytest.approx((4e-3 + 3e-3 * (n - 1)) / n)
+  assert row["router_dis"] == pytest.approx(0.06) and row["is_max"] == 3.0
+  assert row["length"] == 32.0 and row["grad_norm_median"] == 0.5 and row["grad_norm_max"] == 150.0
+  assert row["clip_binds_1"] == pytest.approx(2 / n) and row["clip_binds_100"] == pytest.approx(
+      1 / n
+  )
+  assert row["acc_step0"] == 0.5
+  text = Path(Rp.write_calibration(suite, tmp_path, S.REGIME)).read_text()
+  assert "| e4m3_router | 1.00e-03 | 4.00e-03 |" in text and "CV 0.4" in text
