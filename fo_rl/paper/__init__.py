@@ -1,6 +1,6 @@
 """The paper's findings in miniature: run a suite of variants x seeds, then judge each finding by code.
 
-  python -m fo_rl.paper --suite=onpolicy|offpolicy|coldstart --seeds=3 --workdir=DIR
+  python -m fo_rl.paper --suite=onpolicy|offpolicy|coldstart|calibrate --seeds=4 --workdir=DIR
       [--parallel=K] [--steps=S] [--variants=a,b] [--tiny] [--override=field=value ...]
       [--dry_run] [--report_only]
 
@@ -20,6 +20,10 @@ command again (an unfinished run resumes from its own checkpoint).
 Then everything under DIR (every suite that has runs there) is read back into DIR/results.json (curves
 and per-run statistics), the verdict rules of `verdicts.py` are applied to it, and DIR/report.md and one figure per
 suite (DIR/<suite>.png) are written. `--report_only` does only that.
+
+The design (`suites.py`, issue 15): a fixed mini-batch of 64 responses, global batch N x it, every run
+the same number of gradient updates, 4 seeds paired by seed; the regime (task, sampler, learning rate,
+grad clip) chosen by the calibration suite, whose table `--suite=calibrate` writes to DIR/calibration.md.
 
 Modules (one concern each): `suites` (the configs' helpers and loader, import-light: the recipes in
 configs/paper/ import only it), `sweep` (the plan and its execution), `results` (runs read back into
