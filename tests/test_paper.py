@@ -834,7 +834,7 @@ def test_calibration_table_from_synthetic_runs(tmp_path):
   assert row["k3_mean"] == pytest.approx((4e-3 + 3e-3 * (n - 1)) / n)
   assert row["router_dis"] == pytest.approx(0.06) and row["is_max"] == 3.0
   assert row["length"] == 32.0 and row["grad_norm_median"] == 0.5 and row["grad_norm_max"] == 150.0
-  assert row["clip_binds_1"] == pytest.approx(2 / n) and row["clip_binds_100"] == pytest.approx(
+  assert row["clip_binds_1"] == pytest.approx(2 / n) and row["clip_binds_30"] == pytest.approx(
       1 / n
   )
   assert row["acc_step0"] == 0.5
