@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,20 +53,20 @@ def test_summarize():
   lengths = np.array([[3, 5, 7, 9], [1, 1, 1, 1], [2, 2, 2, 2]])
   m = eval_sets.summarize("aime", rewards, lengths)
   assert set(m) == {
-      "eval/aime/avg@4",
-      "eval/aime/pass@1",
-      "eval/aime/pass@2",
-      "eval/aime/pass@4",
+      "eval/aime/avg_at_4",
+      "eval/aime/pass_at_1",
+      "eval/aime/pass_at_2",
+      "eval/aime/pass_at_4",
       "eval/aime/response_length",
   }
-  assert m["eval/aime/avg@4"] == pytest.approx(5 / 12)
-  assert m["eval/aime/pass@1"] == pytest.approx(5 / 12)  # pass@1 = avg for 0/1 rewards
+  assert m["eval/aime/avg_at_4"] == pytest.approx(5 / 12)
+  assert m["eval/aime/pass_at_1"] == pytest.approx(5 / 12)  # pass@1 = avg for 0/1 rewards
   per_problem = [_brute_pass_at_k(list(r.astype(bool)), 2) for r in rewards]
-  assert m["eval/aime/pass@2"] == pytest.approx(np.mean(per_problem))
-  assert m["eval/aime/pass@4"] == pytest.approx(2 / 3)
+  assert m["eval/aime/pass_at_2"] == pytest.approx(np.mean(per_problem))
+  assert m["eval/aime/pass_at_4"] == pytest.approx(2 / 3)
   assert m["eval/aime/response_length"] == pytest.approx(lengths.mean())
   partial = eval_sets.summarize("p", [[0.5, 1.0]], [[1, 1]])  # partial credit is not "correct"
-  assert partial["eval/p/pass@1"] == pytest.approx(0.5) and partial["eval/p/avg@2"] == 0.75
+  assert partial["eval/p/pass_at_1"] == pytest.approx(0.5) and partial["eval/p/avg_at_2"] == 0.75
   assert eval_sets.pass_ks(6) == [1, 2, 4, 6] and eval_sets.pass_ks(1) == [1]
 
 
@@ -190,3 +191,162 @@ def test_evaluate_tool_errors(tmp_path):
     )
     assert proc.returncode == 1, proc.stderr
     assert "fo_rl.tools.evaluate: error:" in proc.stderr and match in proc.stderr, proc.stderr
+
+
+# ---- end to end ------------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_main_job_on_the_examples(tmp_path):
+  """README "Bring your own model and data" on CPU: the smoke script's tiny Qwen3-MoE checkpoint and
+  tokenizer with the Qwen3-style chat template, examples/math_latex.jsonl with the math verifier, the
+  AIME-style file as eval.files; then fo_rl.tools.evaluate on the run's checkpoint."""
+  from fo_rl.tools import smoke
+
+  hf = tmp_path / "hf"
+  smoke.write_hf_checkpoint(str(hf))
+  (hf / "chat_template.jinja").write_text(
+      (EXAMPLES / "qwen3_style_chat_template.jinja").read_text()
+  )
+  run = tmp_path / "run"
+  env = dict(
+      os.environ,
+      PYTHONPATH=str(REPO),
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  )
+  cmd = [
+      sys.executable,
+      "-m",
+      "fo_rl.main",
+      f"--config={REPO / 'configs' / 'qwen3_30b_a3b.py'}:tiny",
+      f"--workdir={run}",
+      f"--config.init.hf_checkpoint={hf}",
+      "--config.data.task=jsonl",
+      f"--config.data.train_file={EXAMPLES / 'math_latex.jsonl'}",
+      f"--config.data.test_file={EXAMPLES / 'aime_style.jsonl'}",
+      "--config.data.verifier=math",
+      "--config.data.system_prompt=Put the final answer in \\boxed{}.",
+      '--config.data.chat_template_kwargs={"enable_thinking": false}',
+      f"--config.eval.files=aime={EXAMPLES / 'aime_style.jsonl'}",
+      "--config.sft.max_len=256",
+      "--config.rl.steps=2",
+      "--config.eval.every=2",
+      "--config.checkpoint.every=2",
+  ]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"prompts go through the chat template of {hf / 'chat_template.jinja'}" in proc.stdout
+  rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+  evals = [r for r in rows if "eval/aime/avg_at_2" in r]
+  assert [r["step"] for r in evals] == [0, 2]
+  for r in evals:
+    for key in ("avg_at_2", "pass_at_1", "pass_at_2", "response_length", "verifier_timeouts"):
+      assert f"eval/aime/{key}" in r, (key, r)
+    assert 0 <= r["eval/aime/pass_at_1"] <= r["eval/aime/pass_at_2"] <= 1
+    assert r["eval/aime/response_length"] > 0
+  assert all("verifier_timeouts" in r for r in rows if "loss" in r)
+  summary = json.loads((run / "summary.json").read_text())
+  assert summary["eval_sets"]["step"] == 2 and "eval/aime/avg_at_2" in summary["eval_sets"]
+  config = json.loads((run / "config.json").read_text())
+  assert config["data"]["verifier"] == "math" and config["eval"]["files"].startswith("aime=")
+  # TensorBoard holds the same scalars.
+  from test_metrics_writer import _tb_scalars
+
+  scalars, _ = _tb_scalars(str(run / "tb"))
+  assert [step for step, _ in scalars["eval/aime/pass_at_2"]] == [0, 2]
+
+  out = tmp_path / "eval.json"
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "fo_rl.tools.evaluate",
+          f"--checkpoint={run}",
+          f"--eval_file=math={EXAMPLES / 'math_latex.jsonl'}",
+          "--samples=3",
+          "--max_new_tokens=8",
+          f"--output={out}",
+      ],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["sets"]["math"]["problems"] == 42 and result["samples"] == 3
+  assert result["chat_template"] == str(hf / "chat_template.jinja")  # rendered as the run rendered
+  assert set(k for k in result if k.startswith("eval/math/")) == {
+      "eval/math/avg_at_3",
+      "eval/math/pass_at_1",
+      "eval/math/pass_at_2",
+      "eval/math/pass_at_3",
+      "eval/math/response_length",
+      "eval/math/verifier_timeouts",
+  }
+
+
+# ---- bad data through the main job: named before anything is compiled or written ---------------------
+
+
+def _bad_template(t: Path) -> dict:
+  (t / "bad.jinja").write_text("{{ raise_exception('roles must alternate') }}")
+  return {"data.chat_template": str(t / "bad.jinja")}
+
+
+def _bad_parquet(t: Path) -> dict:
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  pq.write_table(pa.table({"prompt": ["1+1?", "2+2?"], "answer": ["2", None]}), t / "train.parquet")
+  (t / "test.jsonl").write_text('{"prompt": "3+3?", "answer": "6"}\n' * 4)
+  return {
+      "data.task": "jsonl",
+      "data.train_file": str(t / "train.parquet"),
+      "data.test_file": str(t / "test.jsonl"),
+  }
+
+
+def _bad_eval_file(t: Path) -> dict:
+  (t / "aime.jsonl").write_text(
+      '{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?", "answer": 4\n'
+  )
+  return {"eval.files": f"aime={t / 'aime.jsonl'}"}
+
+
+def _bad_eval_field(t: Path) -> dict:
+  (t / "held.jsonl").write_text('{"problem": "1+1?", "answer": "2"}\n')
+  return {"eval.files": f"held={t / 'held.jsonl'}"}
+
+
+@pytest.mark.parametrize(
+    "spec, pattern",
+    [
+        (
+            _bad_template,
+            r"^data\.chat_template: .*bad\.jinja: the chat template failed to render: ",
+        ),
+        (_bad_parquet, r"train\.parquet, row 2: missing key 'answer'"),
+        (_bad_eval_file, r"^eval\.files: .*aime\.jsonl, line 2: invalid JSON"),
+        (_bad_eval_field, r"^eval\.files: .*held\.jsonl, line 1: missing key 'prompt'"),
+    ],
+    ids=[
+        "template_error",
+        "parquet_missing_field",
+        "eval_file_bad_line",
+        "eval_file_missing_field",
+    ],
+)
+def test_bad_data_is_named_before_anything_is_written(tmp_path, spec, pattern):
+  from test_bad_input import tiny_config
+
+  from fo_rl.run import run
+
+  c = tiny_config(**spec(tmp_path))
+  workdir = tmp_path / "workdir"
+  with pytest.raises(UserError) as e:
+    run(c, str(workdir), log=lambda *_: None)
+  assert re.search(pattern, str(e.value)), str(e.value)
+  assert not workdir.exists()

@@ -5,10 +5,11 @@
 
 `eval.files` is `NAME=PATH[,NAME=PATH...]`; a bare `PATH` is named after its file (`aime_style`). For a
 set of P problems with k samples each (`eval.samples`), `summarize` gives
-* `eval/NAME/avg@k`: the mean reward over all P * k samples (mean accuracy for 0/1 rewards);
-* `eval/NAME/pass@j` for j = 1, 2, 4, ... and k: the unbiased estimator of the chance that at least one of
+* `eval/NAME/avg_at_k` (avg@k): the mean reward over all P * k samples (mean accuracy for 0/1 rewards);
+* `eval/NAME/pass_at_j` (pass@j) for j = 1, 2, 4, ... and k: the unbiased estimator of the chance that at least one of
   j samples is correct, `1 - C(n - c, j) / C(n, j)` averaged over problems, from its n = k samples of
   which c are correct (reward 1); pass@1 equals avg@k for 0/1 rewards;
+  (`_at_`, not `@`: TensorBoard tags cannot hold `@`, and the names are the same in every output)
 * `eval/NAME/response_length`: the mean number of generated tokens (EOS excluded).
 """
 
@@ -73,9 +74,9 @@ def summarize(name: str, rewards, lengths) -> dict[str, float]:
     )
   n = rewards.shape[1]
   correct = (rewards >= 1.0).sum(axis=1)
-  out = {f"eval/{name}/avg@{n}": float(rewards.mean())}
+  out = {f"eval/{name}/avg_at_{n}": float(rewards.mean())}
   for j in pass_ks(n):
-    out[f"eval/{name}/pass@{j}"] = float(np.mean([pass_at_k(n, int(c), j) for c in correct]))
+    out[f"eval/{name}/pass_at_{j}"] = float(np.mean([pass_at_k(n, int(c), j) for c in correct]))
   out[f"eval/{name}/response_length"] = float(lengths.mean())
   return out
 

@@ -9,7 +9,7 @@
 
 Each file (JSON Lines or Parquet; `NAME=PATH`, or `PATH` named after the file) is read as `eval.files` of
 the main job reads it, every problem is sampled `--samples` = k times, and each set reports
-`eval/NAME/avg@k`, `eval/NAME/pass@j` (j = 1, 2, 4, ..., k: the unbiased estimator), `response_length`
+`eval/NAME/avg_at_k`, `eval/NAME/pass_at_j` (j = 1, 2, 4, ..., k: the unbiased estimator), `response_length`
 and `verifier_timeouts` (fo_rl/data/eval_sets.py). The results print as one JSON object (and go to
 `--output`).
 
