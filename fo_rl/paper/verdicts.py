@@ -119,14 +119,16 @@ RULES_TEXT = f"""\
   1a MiniRL best on-policy: not reproduced if any variant is better than minirl; reproduced if minirl is
      better than minirl_length_norm or minirl_no_is and no variant is better than minirl.
   1b length normalization stable but worse: reproduced if minirl - minirl_length_norm is better and
-     length_norm does not collapse; not reproduced if it is worse or equivalent, or length_norm collapses.
+     length_norm is stable (no seed collapsed); not reproduced if it is worse or equivalent, or
+     length_norm collapses; inconclusive otherwise (also: better, but length_norm mixed).
   1c no train-infer IS collapses: reproduced if minirl_no_is collapses and minirl is stable; not reproduced
-     if minirl_no_is is stable and equivalent to minirl (within the horizon); else inconclusive.
+     if minirl_no_is is stable and equivalent to minirl and minirl is not better (within the horizon);
+     else inconclusive.
   1d R3 lowers the train-infer KL: d = log k3(minirl_r3) - log k3(minirl) (k3 = the run's mean per-step
      k3 estimate); hi < 0 reproduces, lo > 0 does not.
   1e R3 gives no on-policy gain (non-superiority): reproduced if hi < +{EQUIV_MARGIN} for
      minirl_r3 - minirl; not reproduced if lo > 0 and hi >= +{EQUIV_MARGIN}; else inconclusive.
-  2a clipping necessary off-policy: per N, n<N>_r2 - n<N>_r2_noclip better and n<N>_r2 not collapsing
+  2a clipping necessary off-policy: per N, n<N>_r2 - n<N>_r2_noclip better and n<N>_r2 stable
      reproduces; worse or equivalent does not.
   2b routing replay necessary off-policy: per N, n<N>_r2 or n<N>_r3 better than n<N>_minirl (clip, no
      replay) reproduces; both worse or equivalent does not.
