@@ -19,11 +19,26 @@ from fo_rl.data.chat_template import ChatTask, ChatTemplate, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "examples" / "qwen3_style_chat_template.jinja"
+# Plain `{% %}` blocks on indented lines (trim_blocks / lstrip_blocks decide the whitespace), loop
+# controls, and `tojson` (transformers' own: no HTML escaping of `<`, `&`).
+WHITESPACE_TEMPLATE = """{% for message in messages %}
+  {% if message.role == 'system' %}
+<<SYS>>{{ message.content }}<</SYS>>
+    {% continue %}
+  {% endif %}
+[{{ message.role }}] {{ message.content | trim }}
+{% endfor %}
+{{ messages[-1] | tojson }}
+{% if add_generation_prompt %}
+[assistant]{% if enable_thinking is defined and not enable_thinking %} /no_think{% endif %}
+
+{% endif %}"""
+TEMPLATES = {"qwen3_style": FIXTURE.read_text(), "whitespace": WHITESPACE_TEMPLATE}
 CONVERSATIONS = [
     [{"role": "user", "content": "What is $\\frac{1}{2} + \\frac{1}{4}$?"}],
     [
         {"role": "system", "content": "Put the final answer in \\boxed{}."},
-        {"role": "user", "content": "Solve x^2 = 4 for x > 0."},
+        {"role": "user", "content": "Solve x^2 = 4 for x > 0 & x < 3."},
     ],
     [
         {"role": "user", "content": "1+1?"},
@@ -49,7 +64,7 @@ def _write_tokenizer(directory: Path) -> None:
   tok.save(str(directory / "tokenizer.json"))
 
 
-def _checkpoint(tmp_path: Path, where: str) -> Path:
+def _checkpoint(tmp_path: Path, where: str, template: str = "qwen3_style") -> Path:
   d = tmp_path / where
   d.mkdir()
   _write_tokenizer(d)
@@ -60,32 +75,34 @@ def _checkpoint(tmp_path: Path, where: str) -> Path:
       "unk_token": "<unk>",
   }
   if where == "config":
-    config["chat_template"] = FIXTURE.read_text()
+    config["chat_template"] = TEMPLATES[template]
   else:
-    (d / "chat_template.jinja").write_text(FIXTURE.read_text())
+    (d / "chat_template.jinja").write_text(TEMPLATES[template])
   (d / "tokenizer_config.json").write_text(json.dumps(config))
   return d
 
 
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
 @pytest.mark.parametrize("where", ["config", "jinja"])
 @pytest.mark.parametrize("thinking", [None, True, False])
 @pytest.mark.parametrize("conversation", range(len(CONVERSATIONS)))
-def test_renders_as_transformers(tmp_path, where, thinking, conversation):
+def test_renders_as_transformers(tmp_path, template, where, thinking, conversation):
   transformers = pytest.importorskip("transformers")
-  d = _checkpoint(tmp_path, where)
+  d = _checkpoint(tmp_path, where, template)
   ref_tok = transformers.AutoTokenizer.from_pretrained(str(d))
   kwargs = {} if thinking is None else {"enable_thinking": thinking}
   messages = CONVERSATIONS[conversation]
   expected = ref_tok.apply_chat_template(
       messages, tokenize=False, add_generation_prompt=True, **kwargs
   )
-  template = ChatTemplate.from_checkpoint(d)
-  assert template is not None and template.source.endswith(
+  ours = ChatTemplate.from_checkpoint(d)
+  assert ours is not None and ours.source.endswith(
       "tokenizer_config.json" if where == "config" else "chat_template.jinja"
   )
-  assert template.render_messages(messages, **kwargs) == expected
-  # The thinking switch is visible (the fixture's empty think block), so the comparison could fail.
-  assert expected.endswith("<think>\n\n</think>\n\n") == (thinking is False)
+  assert ours.render_messages(messages, **kwargs) == expected
+  # The thinking switch is visible, so the comparison could fail.
+  marker = "<think>\n\n</think>\n\n" if template == "qwen3_style" else " /no_think\n"
+  assert expected.endswith(marker) == (thinking is False)
 
 
 def test_render_builds_system_and_user_messages():
