@@ -18,7 +18,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from fo_rl.model import attention, moe
 from fo_rl.model.config import ModelConfig
-from fo_rl.model.qtensor import materialize
+from fo_rl.model.qdot import qdot, qeinsum
+from fo_rl.model.qtensor import QTensor, materialize
 from fo_rl.parallel.sharding import DEFAULT_RULES, Rules, batch_spec, validate_rules
 
 DENSE_ROUTE = -1  # the routes sentinel of a dense (non-MoE) layer
@@ -79,9 +80,9 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, key_mask, cache=None, cache_index=None):
     """x [B, T, D]; key_mask [B, S] (S = T, or the cache length); cache {'k','v': [B, K, H, S]}."""
     cfg, dt = self.cfg, x.dtype
-    q = jnp.einsum("btd,dnh->btnh", x, materialize(self.q_proj.get_value(), dt))
-    k = jnp.einsum("btd,dkh->btkh", x, materialize(self.k_proj.get_value(), dt))
-    v = jnp.einsum("btd,dkh->btkh", x, materialize(self.v_proj.get_value(), dt))
+    q = qeinsum("btd,dnh->btnh", x, self.q_proj.get_value(), dt)
+    k = qeinsum("btd,dkh->btkh", x, self.k_proj.get_value(), dt)
+    v = qeinsum("btd,dkh->btkh", x, self.v_proj.get_value(), dt)
     q = rope(self.q_norm(q), positions, cfg.rope_theta)
     k = rope(self.k_norm(k), positions, cfg.rope_theta)
     if cache is None:
@@ -108,7 +109,7 @@ class Attention(nnx.Module):
         batch_axes=self.token_axes,
         head_axes=self.head_axes,
     )
-    return jnp.einsum("btnh,nhd->btd", out, materialize(self.o_proj.get_value(), q.dtype))
+    return qeinsum("btnh,nhd->btd", out, self.o_proj.get_value(), q.dtype)
 
   def _attend_cached(self, q, k, v, key_mask, cache, cache_index):
     """Attention over a KV cache {'k','v': [B, K, H, S]}, writing the new keys/values at slots
@@ -147,7 +148,7 @@ class Attention(nnx.Module):
     else:
       out = jnp.einsum("bkms,bkhs->bkmh", probs, vals)
     out = out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
-    out = jnp.einsum("btnh,nhd->btd", out, materialize(self.o_proj.get_value(), dt))
+    out = qeinsum("btnh,nhd->btd", out, self.o_proj.get_value(), dt)
     return out, {"k": ck, "v": cv}
 
 
@@ -162,10 +163,8 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     dt = x.dtype
-    h = jax.nn.silu(x @ materialize(self.gate_proj.get_value(), dt)) * (
-        x @ materialize(self.up_proj.get_value(), dt)
-    )
-    return h @ materialize(self.down_proj.get_value(), dt)
+    h = jax.nn.silu(qdot(x, self.gate_proj.get_value(), dt)) * qdot(x, self.up_proj.get_value(), dt)
+    return qdot(h, self.down_proj.get_value(), dt)
 
 
 class MoEBlock(nnx.Module):
@@ -188,7 +187,7 @@ class MoEBlock(nnx.Module):
     B, T, D = x.shape
     xf = x.reshape(B * T, D)
     # The router runs in float32 whatever the compute dtype: top-k decisions are brittle.
-    logits = xf.astype(jnp.float32) @ materialize(self.router.get_value(), jnp.float32)  # [BT, E]
+    logits = qdot(xf.astype(jnp.float32), self.router.get_value(), jnp.float32)  # [BT, E]
     if routes is not None:
       routes = routes.reshape(B * T, -1)
       if token_mask is not None:  # padding positions are never checked: they route live
@@ -350,14 +349,20 @@ class Transformer(nnx.Module):
     new_cache = None if cache is None else new_cache
     if return_hidden:
       return x, live_routes, new_cache
-    logits = x.astype(jnp.float32) @ self.head_matrix()
+    logits = qdot(x.astype(jnp.float32), self.head_weight(), jnp.float32)
     return logits, live_routes, new_cache
 
   def head_matrix(self):
     """The output projection [D, V] in float32 (the tied embedding, transposed, when tied)."""
+    return materialize(self.head_weight(), jnp.float32)
+
+  def head_weight(self):
+    """The output projection [D, V] as stored (a QTensor stays one: the tied embedding's q and
+    per-row scale [V, 1] transposed to a per-column [1, V])."""
     if self.cfg.tie_word_embeddings:
-      return materialize(self.embed_tokens.get_value(), jnp.float32).T
-    return materialize(self.lm_head.get_value(), jnp.float32)
+      w = self.embed_tokens.get_value()
+      return w.map(lambda a: a.T) if isinstance(w, QTensor) else jnp.asarray(w).T
+    return self.lm_head.get_value()
 
 
 def _scan_layers(layers, x, positions, key_mask, token_mask, routes, remat: bool):

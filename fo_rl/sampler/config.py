@@ -18,6 +18,10 @@ class SamplerConfig:
 
   weight_dtype: float32 | bfloat16 | float8_e4m3fn | int8. FP8 / int8 use per-output-channel scales
     (absmax / dtype max, see fo_rl/sampler/quantize.py).
+  activation_dtype: none | float8_e4m3fn | int8. "none": weight-only quantization. Otherwise (it must
+    equal weight_dtype) the input of every matmul with a quantized weight is quantized per token with
+    a dynamic scale and the matmul runs fp8 x fp8 (float32 accumulation) or int8 x int8 (int32), as a
+    W8A8 inference engine does (fo_rl/model/qdot.py); the trainer keeps its own precision.
   keep_high_precision: parts left in high precision when weight_dtype is FP8 / int8; parts are
     "embed", "norm", "router", "lm_head", "attn", "mlp", "experts". Default: embeddings, norms, router,
     lm_head (as vLLM / SGLang FP8 Qwen3-MoE checkpoints); attention, dense-MLP and expert weights are
@@ -46,6 +50,7 @@ class SamplerConfig:
   """
 
   weight_dtype: str = "float32"
+  activation_dtype: str = "none"
   keep_high_precision: tuple[str, ...] = Q.DEFAULT_KEEP
   dtype: str | None = None
   cache_dtype: str | None = None
@@ -67,7 +72,7 @@ class SamplerConfig:
         "rules",
         tuple((n, a if a is None or isinstance(a, str) else tuple(a)) for n, a in self.rules),
     )
-    Q.validate(self.weight_dtype, self.keep_high_precision)
+    Q.validate(self.weight_dtype, self.keep_high_precision, self.activation_dtype)
     validate_rules(self.rules, "sampler.rules")
     if self.moe_impl is not None and self.moe_impl not in ("auto",) + MOE_IMPLS:
       raise ValueError(

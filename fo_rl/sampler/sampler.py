@@ -343,7 +343,8 @@ class Sampler:
 
   # ---- weights ----------------------------------------------------------------------------------
   def _quantize(self, state):
-    return Q.quantize_state(state, self.config.weight_dtype, self.config.keep_high_precision)
+    c = self.config
+    return Q.quantize_state(state, c.weight_dtype, c.keep_high_precision, c.activation_dtype)
 
   @staticmethod
   def _leaf_sharding(hp_var, q_var):
@@ -356,7 +357,7 @@ class Sampler:
               for d, s in enumerate(tuple(sh.spec) + (None,) * (len(value.shape) - len(sh.spec)))
           )
       )
-      return hp_var.replace(QTensor(sh, NamedSharding(sh.mesh, sspec)))
+      return hp_var.replace(dataclasses.replace(value, q=sh, scale=NamedSharding(sh.mesh, sspec)))
     return hp_var
 
   def update_weights(self, trainer_state) -> None:
