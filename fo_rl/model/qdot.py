@@ -23,6 +23,13 @@ Sites: attention q/k/v/o projections, dense MLP, router and lm_head when quantiz
 `qragged_dot` for the `ragged_dot` backend, which applies the per-expert scale to each row after the
 grouped matmul).
 
+Sharded matmuls: the activation scale is computed over the contracted axes as the program sees them.
+Under GSPMD (attention, dense MLP) that is the whole row (XLA reduces the absmax across shards). Inside
+the expert-parallel shard_map with the experts' hidden dimension F split over `expert_mlp` axes, each
+shard quantizes its own slice of the down projection's input, as a tensor-parallel engine's
+row-parallel layer does; the result then depends on that split (2.8% relative on a toy layer with F
+over 2 shards, against the whole-row reference; exact without the split).
+
 Why not Google's `qwix` (PyPI 0.1.8, checked against this repo's jax 0.10.2 / flax 0.12.8: its core
 installs and runs on CPU, `qwix.quantize` + `qwix.einsum` emit a native fp8 x fp8 -> f32 / int8 x int8 ->
 i32 dot_general, and `qwix.ragged_dot` handles per-expert scales with an extra ragged_dot of ones):
