@@ -350,3 +350,80 @@ def test_bad_data_is_named_before_anything_is_written(tmp_path, spec, pattern):
     run(c, str(workdir), log=lambda *_: None)
   assert re.search(pattern, str(e.value)), str(e.value)
   assert not workdir.exists()
+
+
+# ---- evaluate_sets: the wiring from samples to metrics -----------------------------------------------
+
+
+def test_evaluate_sets_scores_samples_prompt_major(tmp_path):
+  """run.evaluate_sets with a stub sampler: the math verifier's rewards land on the right problem
+  (samples are prompt-major), lengths drop the EOS token, pass@j and avg@k match brute force, the
+  chat template renders the prompts the sampler receives."""
+  import dataclasses
+
+  import jax
+
+  from fo_rl.data.chat_template import ChatTask, ChatTemplate
+  from fo_rl.data.tasks import JsonlTask
+  from fo_rl.run import evaluate_sets
+  from fo_rl.sampler import SamplingParams
+
+  k, eos = 4, 3
+  task = JsonlTask(name="aime", verifier="math")
+  records = task.load_file(EXAMPLES / "aime_style.jsonl")[:3]
+  # correct[p][s]: whether sample s of problem p answers right (problem 2: never)
+  correct = [[True, False, False, True], [True, True, True, True], [False] * k]
+  responses = [
+      f"so \\boxed{{{r['answer'] if ok else int(r['answer']) + 1}}}"
+      for r, row in zip(records, correct)
+      for ok in row
+  ]
+  n_tokens = [1 + (i % 3) for i in range(len(responses))]  # generated tokens before EOS
+
+  @dataclasses.dataclass
+  class Out:
+    tokens: np.ndarray
+    lengths: np.ndarray
+    finished_eos: np.ndarray
+    logp_nonfinite: np.ndarray
+
+  class StubSampler:
+    prompts = None
+
+    def generate(self, prompt_ids, sampling, seed):
+      StubSampler.prompts = prompt_ids
+      tokens = np.full((len(prompt_ids), 8), eos)
+      for i, n in enumerate(n_tokens):
+        tokens[i, :n] = 100 + i  # row i's text (the stub tokenizer decodes it)
+      return Out(tokens, np.array(n_tokens) + 1, np.ones(len(prompt_ids), bool), np.zeros(12, bool))
+
+  class StubTokenizer:
+    rendered = []
+
+    def encode(self, text, add_bos=False):
+      StubTokenizer.rendered.append(text)
+      return [len(StubTokenizer.rendered)]
+
+    def decode(self, ids):
+      return responses[int(ids[0]) - 100]
+
+  template = ChatTemplate.from_file(EXAMPLES / "qwen3_style_chat_template.jinja")
+  chat = ChatTask(task, template, "S.", {"enable_thinking": False})
+  m = evaluate_sets(
+      StubSampler(),
+      StubTokenizer(),
+      [("aime", chat, records)],
+      SamplingParams(temperature=1.0, max_new_tokens=8, eos_ids=(eos,)),
+      k,
+      jax.random.key(0),
+  )
+  assert StubTokenizer.rendered == [
+      template.render(r["prompt"], "S.", enable_thinking=False) for r in records
+  ]
+  assert [p[0] for p in StubSampler.prompts] == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]  # prompt-major
+  assert m["eval/aime/avg_at_4"] == pytest.approx(np.mean(correct))
+  for j in (1, 2, 4):
+    brute = np.mean([_brute_pass_at_k(row, j) for row in correct])
+    assert m[f"eval/aime/pass_at_{j}"] == pytest.approx(brute)
+  assert m["eval/aime/response_length"] == pytest.approx(np.mean(n_tokens))
+  assert m["eval/aime/verifier_timeouts"] == 0
