@@ -174,3 +174,18 @@ def test_chat_task_renders_the_question(tmp_path):
   )  # the task itself is unchanged
   assert task.verify("#### 4", rec) == 1.0 and task.name == "jsonl"
   assert os.fspath(FIXTURE) in ChatTemplate.from_file(FIXTURE).source
+
+
+def test_rendered_markers_are_single_tokens(tmp_path):
+  """The template's markers (<|im_start|>, <|im_end|>) are the tokenizer's special tokens, not their
+  characters: fo_rl encodes the rendered text as transformers' tokenizer does."""
+  transformers = pytest.importorskip("transformers")
+  from fo_rl.data.tokenizer import HFTokenizer
+
+  d = _checkpoint(tmp_path, "jinja")
+  (d / "config.json").write_text(json.dumps({"eos_token_id": 2}))
+  text = ChatTemplate.from_checkpoint(d).render("1+1?", "S.", enable_thinking=False)
+  ours = HFTokenizer(d).encode(text)
+  ref = transformers.AutoTokenizer.from_pretrained(str(d))
+  assert ours == ref.encode(text, add_special_tokens=False)
+  assert ours.count(1) == 3 and ours.count(2) == 2  # <|im_start|> x3, <|im_end|> x2
