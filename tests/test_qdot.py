@@ -335,3 +335,33 @@ def test_sampler_with_fp8_activations(toy_model):
   )
   assert np.median(gap) < 1e-5 and np.quantile(gap, 0.99) < 1e-3, gap.max()
   assert kl_a > 1.5 * kl_w > 0
+
+
+@pytest.mark.slow
+def test_expert_parallel_w8a8_matches_numpy():
+  """The expert-parallel dispatch (experts over `expert`, tokens over `data` and `expert`) with fp8
+  weights and activations: the whole-row numpy reference (every row is quantized on the shard that
+  computes it, with the experts' hidden dimension whole)."""
+  from fo_rl.parallel.sharding import make_mesh
+
+  mesh = make_mesh({"expert": 2, "data": 4})
+  x, ids, w = _inputs(N=16)
+  q = _quantized(_experts(), "float8_e4m3fn", "float8_e4m3fn")
+  ep = jax.jit(
+      lambda x, w, q: moe.dispatch_fast(
+          x, ids, w, q, mesh=mesh, token_axes=("data", "fsdp", "expert"), backend="blocked", block=8
+      )
+  )(x, w, q)
+  ref = np_moe_w8a8(x, ids, w, q, "float8_e4m3fn")
+  np.testing.assert_allclose(np.asarray(ep), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+def test_activation_dtype_is_validated():
+  from fo_rl.sampler import SamplerConfig
+
+  SamplerConfig(weight_dtype="int8", activation_dtype="int8")
+  with pytest.raises(ValueError, match=r"sampler.activation_dtype='fp8': must be one of"):
+    SamplerConfig(weight_dtype="float8_e4m3fn", activation_dtype="fp8")
+  for weight in ("float32", "bfloat16", "int8"):  # fp8 activations need fp8 weights
+    with pytest.raises(ValueError, match=r"sampler.activation_dtype='float8_e4m3fn'.*weight_dtype"):
+      SamplerConfig(weight_dtype=weight, activation_dtype="float8_e4m3fn")
