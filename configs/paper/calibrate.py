@@ -19,6 +19,8 @@ Settings (the weight dtype, then what is quantized beyond attention / MLP / expe
   e4m3_router   float8_e4m3fn; router and lm_head quantized too (embed, norm kept)
   int8_router   int8; router and lm_head quantized too
   e4m3_all      float8_e4m3fn; everything quantized but the norms
+  e4m3_a8       e4m3 plus FP8 activations (W8A8, sampler.activation_dtype) at every quantized matmul
+  e4m3_all_a8   e4m3_all plus FP8 activations (router and lm_head matmuls in FP8 too)
 Each run: the regime's model, task and cold start, on-policy MiniRL (design(1)), CAL_UPDATES updates,
 evaluations at step 0 and at the end (the quantized sampler must still be the same policy).
 """
@@ -27,7 +29,13 @@ from fo_rl.paper.suites import design, suite_config
 
 CAL_UPDATES = 8
 
-COMMON = {**design(1), "rl.steps": CAL_UPDATES, "eval.every": CAL_UPDATES, "rl.replay": "none"}
+COMMON = {
+    **design(1),
+    "rl.steps": CAL_UPDATES,
+    "eval.every": CAL_UPDATES,
+    "rl.replay": "none",
+    "sampler.activation_dtype": "none",  # weight-only unless the setting says otherwise
+}
 
 VARIANTS = {
     "e4m3": {
@@ -43,6 +51,16 @@ VARIANTS = {
         "sampler.keep_high_precision": ["embed", "norm"],
     },
     "e4m3_all": {"sampler.weight_dtype": "float8_e4m3fn", "sampler.keep_high_precision": ["norm"]},
+    "e4m3_a8": {
+        "sampler.weight_dtype": "float8_e4m3fn",
+        "sampler.keep_high_precision": ["embed", "norm", "router", "lm_head"],
+        "sampler.activation_dtype": "float8_e4m3fn",
+    },
+    "e4m3_all_a8": {
+        "sampler.weight_dtype": "float8_e4m3fn",
+        "sampler.keep_high_precision": ["norm"],
+        "sampler.activation_dtype": "float8_e4m3fn",
+    },
 }
 
 GROUP_BY = None
