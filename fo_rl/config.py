@@ -22,11 +22,18 @@ from fo_rl.data import teachers as teachers_lib
 from fo_rl.data.tasks import ProceduralTask
 from fo_rl.model.attention import check_impl as check_attention_impl
 from fo_rl.model.config import ModelConfig
-from fo_rl.parallel.sharding import DEFAULT_RULES, mesh_shape, validate_rules
+from fo_rl.parallel.sharding import (
+    DEFAULT_RULES,
+    MESH_AXES,
+    check_batch_split,
+    inference_rules,
+    mesh_shape,
+    validate_rules,
+)
 from fo_rl.rl.advantages import resolve_advantage
 from fo_rl.rl.losses import LOSSES, LossConfig
 from fo_rl.rl.optim import OptimConfig
-from fo_rl.rl.trainer import TrainerConfig, check_rl_fields
+from fo_rl.rl.trainer import TrainerConfig, check_micro_batches, check_rl_fields
 from fo_rl.sampler import quantize as Q
 from fo_rl.sampler.config import SamplerConfig, SamplingParams
 
@@ -63,6 +70,7 @@ SECTIONS = (
     "sampler",
     "rl",
     "optim",
+    "trainer",
     "eval",
     "checkpoint",
 )
@@ -180,6 +188,11 @@ def base_config() -> ml_collections.ConfigDict:
   optim = OptimConfig(learning_rate=7e-5, warmup_steps=10)
   c.optim = ml_collections.ConfigDict({f: getattr(optim, f) for f in RL_OPTIM_FIELDS})
 
+  # How the trainer runs a mini-batch (never what it computes): micro_batches M splits each mini-batch's
+  # forward/backward into M micro-batches with gradient accumulation (one optimizer step per mini-batch;
+  # the old-logprob pass runs at the same micro-batch size), trading time for activation memory.
+  c.trainer = ml_collections.ConfigDict({"micro_batches": 1})
+
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 10  # RL steps
   c.eval.num_prompts = 128
@@ -209,8 +222,10 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.sft.warmup_steps = 2
   c.sampler.max_new_tokens = 12
   c.rl.steps = 2
-  c.rl.prompts_per_step = 4
   c.rl.group_size = 4
+  # At least 2N prompts: every mini-batch has >= 8 rows, which the tests' 8 CPU devices split evenly (a
+  # batch the trainer's mesh cannot split is an error, not a silent replication).
+  c.rl.prompts_per_step = max(4, 2 * c.rl.mini_batches)
   c.eval.every = 1
   c.eval.num_prompts = 4
   c.eval.samples = 2
@@ -256,9 +271,9 @@ def tiny_moe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.sampler.prompt_bucket = 16
   c.sampler.gen_bucket = 16
   c.sampler.max_new_tokens = 12
-  c.rl.prompts_per_step = 4
   c.rl.group_size = 4
   c.rl.mini_batches = min(int(c.rl.mini_batches), 4)
+  c.rl.prompts_per_step = max(4, 2 * c.rl.mini_batches)  # mini-batches of >= 8 rows, as in `tiny`
   c.optim.learning_rate = 3e-5  # the base recipe's: a random-init tiny model, not a pretrained one
   c.optim.warmup_steps = 10
   c.parallel.mesh = {"data": 1, "fsdp": -1, "expert": 2, "tensor": 1}
@@ -624,7 +639,7 @@ class RunConfig:
   parallel: ParallelConfig
   data: DataConfig
   sft: SFTConfig
-  sampler: SamplerConfig  # sampler.* but for the sampling fields, and parallel.rules
+  sampler: SamplerConfig  # sampler.* (not the sampling fields); rules: sharding.inference_rules
   sampling: SamplingParams  # RL sampling: sampler.top_k/top_p/max_new_tokens at rl.temperature
   rl: RLConfig
   optim: OptimConfig  # the RL optimizer
@@ -695,8 +710,21 @@ def _parse(c: ml_collections.ConfigDict, num_devices: int | None) -> RunConfig:
   rl = RLConfig.from_config(d["rl"])
   optim = OptimConfig.from_config(d["optim"])
   check_rl_fields(rl.mini_batches, rl.replay, rl.temperature, model.num_experts)
+  tr = dict(d.get("trainer", {}))
+  unknown_keys(tr, ["micro_batches"], "trainer")
+  micro = tr.get("micro_batches", 1)
+  mini = rl.global_batch // rl.mini_batches
+  check_micro_batches(micro, mini)
+  if num_devices is not None:  # the trainer's batches split evenly over its mesh's batch axes
+    sizes = dict(zip(MESH_AXES, mesh_shape(parallel.mesh, num_devices)))
+    for what, n in (
+        ("global batch (rl.prompts_per_step * rl.group_size)", rl.global_batch),
+        ("mini-batch (global batch / rl.mini_batches)", mini),
+        ("micro-batch (mini-batch / trainer.micro_batches)", mini // micro),
+    ):
+      check_batch_split(parallel.rules, sizes, n, what)
   data = from_mapping(DataConfig, d["data"], "data")
-  sampler, sampling = _sampler(d["sampler"], parallel.rules, rl)
+  sampler, sampling = _sampler(d["sampler"], inference_rules(parallel.rules), rl)
   seed = d["seed"]
   if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
     _bad("seed", seed, "must be an integer >= 0")
@@ -722,6 +750,7 @@ def _parse(c: ml_collections.ConfigDict, num_devices: int | None) -> RunConfig:
           temperature=rl.temperature,
           loss=rl.loss,
           optim=optim,
+          micro_batches=micro,
       ),
       eval=from_mapping(EvalConfig, d["eval"], "eval"),
       checkpoint=from_mapping(CheckpointConfig, d["checkpoint"], "checkpoint"),

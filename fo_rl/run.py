@@ -49,9 +49,10 @@ from fo_rl.rl.trainer import Trainer
 from fo_rl.sampler import Sampler, SamplingParams
 from fo_rl.sft import LENGTH_SAMPLE, check_lengths, cold_start
 
-# Fields a resumed run may change (they do not alter what was already computed; parallel.*: the
-# checkpoint is restored into the new meshes).
-RESUMABLE_CHANGES = ("rl.steps", "eval.", "checkpoint.", "parallel.")
+# Fields a resumed run may change: they alter neither what was computed nor what a step computes
+# (rl.steps: how many steps; trainer.*: how a mini-batch runs; parallel.*: the checkpoint is restored
+# into the new meshes).
+RESUMABLE_CHANGES = ("rl.steps", "eval.", "checkpoint.", "parallel.", "trainer.")
 
 
 def _comparable(d: dict) -> dict:

@@ -261,11 +261,20 @@ def test_view_is_typed_frozen_and_keeps_the_plain_config():
   rc = config_lib.parse(c)
   assert rc.as_dict == json.loads(c.to_json_best_effort())  # what config.json holds
   assert (rc.name, rc.seed, rc.dry_run) == ("moe_r3_tiny", 0, False)
-  assert (rc.rl.steps, rc.rl.global_batch, rc.rl.replay) == (2, 16, "r3")
+  assert (rc.rl.steps, rc.rl.global_batch, rc.rl.replay) == (2, 32, "r3")  # 2N prompts x 4
   assert rc.rl.loss == rc.trainer.loss and rc.trainer.optim == rc.optim
   assert (rc.trainer.mini_batches, rc.trainer.replay) == (rc.rl.mini_batches, rc.rl.replay)
+  assert rc.trainer.micro_batches == 1
+  c.trainer.micro_batches = 2
+  assert config_lib.parse(c).trainer.micro_batches == 2
   assert rc.sampling.max_new_tokens == c.sampler.max_new_tokens == 12
-  assert rc.sampler.rules == rc.parallel.rules and rc.sampler.decode_segments is None
+  # The sampler's rules: the trainer's, but non-expert weights not split over `expert` (decode would
+  # all-gather them every token).
+  assert dict(rc.parallel.rules)["embed"] == ("fsdp", "expert")
+  assert dict(rc.sampler.rules)["embed"] == ("fsdp",) and rc.sampler.decode_segments is None
+  assert {k: v for k, v in rc.sampler.rules if k != "embed"} == {
+      k: v for k, v in rc.parallel.rules if k != "embed"
+  }
   assert rc.sft.error_rate is None and rc.sft.max_len == 48 and rc.sft.optim.schedule == "cosine"
   assert rc.optim.schedule == "constant" and rc.optim.learning_rate == c.optim.learning_rate
   assert rc.data.task_options() == {"num_digits": 3, "ops": "+-"}
@@ -294,6 +303,7 @@ def test_view_is_typed_frozen_and_keeps_the_plain_config():
         "rl",
         "rl.loss",
         "optim",
+        "trainer",
         "eval",
         "checkpoint",
     ],
@@ -321,6 +331,12 @@ def test_unknown_key_in_any_section_is_an_error_naming_it(section):
         ("rl.advantage", "median", "rl.advantage"),
         ("rl.max_skipped_steps", -1, "rl.max_skipped_steps"),
         ("rl.max_skipped_steps", 2.5, "rl.max_skipped_steps"),
+        ("trainer.micro_batches", 0, "trainer.micro_batches=0: must be an integer >= 1"),
+        (
+            "trainer.micro_batches",
+            3,
+            "trainer.micro_batches=3 does not divide the mini-batch of 32",
+        ),
         ("rl.loss.name", "ppo", "rl.loss.name"),
         ("rl.loss.tis_cap", 0.5, "rl.loss"),
         ("optim.learning_rate", 0.0, "optim.learning_rate"),
@@ -398,3 +414,23 @@ def test_jobs_read_only_the_typed_view():
         and n.value.id in ("c", "config")
     ]
     assert not reads, reads
+
+
+def test_a_batch_the_mesh_cannot_split_is_an_error_naming_the_mesh():
+  """A batch axis of size > 1 that does not divide a trainer batch (global, mini- or micro-batch) is an
+  error naming parallel.mesh and the batch size, at parse time (never a silent replication)."""
+  c = config_lib.base_config()  # 16 prompts x 8 = 128 responses, N = 4: mini-batches of 32
+  config_lib.parse(c, 8)  # fsdp 8 splits them
+  c.trainer.micro_batches = 8  # micro-batches of 4 rows on 8 devices
+  with pytest.raises(ValueError) as e:
+    config_lib.parse(c, 8)
+  msg = str(e.value)
+  assert msg.startswith("parallel.mesh: the batch is split over mesh axes fsdp=8 (8 ways)"), msg
+  assert "micro-batch (mini-batch / trainer.micro_batches) of 4 rows" in msg
+  config_lib.parse(c, 4)  # 4 devices split 4 rows
+  config_lib.parse(c)  # the device count unknown: checked again when the trainer is built
+  c.trainer.micro_batches = 1
+  c.parallel.mesh = {"data": 2, "fsdp": -1, "expert": 1, "tensor": 1}
+  c.rl.prompts_per_step = 3  # 24 responses: mini-batches of 6 over data 2 x fsdp 4
+  with pytest.raises(ValueError, match=r"data=2, fsdp=4 \(8 ways\).*mini-batch .* of 6 rows"):
+    config_lib.parse(c, 8)

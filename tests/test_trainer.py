@@ -15,6 +15,7 @@ import pytest
 from fo_rl.model import abstract_model, make_apply, positions_from_mask
 from fo_rl.parallel.sharding import DEFAULT_RULES, make_mesh, state_shardings
 from fo_rl.rl.rollouts import Rollouts, pass_routes
+from fo_rl.rl.losses import LossConfig, LossInputs, loss_denominator, policy_loss
 from fo_rl.rl.optim import OptimConfig
 from fo_rl.rl.trainer import Trainer, TrainerConfig
 from toy import TOY
@@ -519,6 +520,107 @@ def test_sharded_train_step_matches_single_device(env, runs, mesh_cfg, replay, b
 
 
 # ------------------------------------------------------------------------------------------------------
+# Gradient accumulation (trainer.micro_batches).
+# ------------------------------------------------------------------------------------------------------
+MICRO_LOSSES = {  # every built-in loss, and each MiniRL normalizer: each divides by something else
+    "minirl": LossConfig(),
+    "minirl_x_len": LossConfig(normalizer="responses_x_len"),
+    "minirl_length_norm": LossConfig(length_norm=True),
+    "grpo": LossConfig(name="grpo"),
+    "dapo": LossConfig(name="dapo"),
+    "cispo": LossConfig(name="cispo"),
+    "gspo": LossConfig(name="gspo"),
+}
+
+
+def _micro_step(env, loss, replay, micro, mesh=None, batch="noisy"):
+  graphdef = env["graphdef"] if mesh is None else abstract_model(CFG, mesh)[0]
+  cfg = TrainerConfig(N, replay=replay, loss=loss, optim=OPTIM, micro_batches=micro)
+  tr = Trainer(graphdef, CFG, cfg, mesh=mesh)
+  params = _copy(env["params"])
+  if mesh is not None:
+    params = jax.device_put(
+        params, state_shardings(abstract_model(CFG, mesh)[1], mesh, DEFAULT_RULES)
+    )
+  ro = env[batch]
+  if loss.name == "dapo":  # a zero-signal group: DAPO's divisor is the kept tokens only
+    ro = _with(ro, advantages=np.where(np.arange(B) % 4 == 1, 0.0, np.asarray(ro.advantages)))
+  state, m = tr.train_step(tr.init_state(params), ro)
+  return state, m, tr.last_minibatch_metrics
+
+
+def _assert_same_step(a, b, rtol=2e-5, atol=2e-6):
+  (sa, ma, pa), (sb, mb, pb) = a, b
+  assert ma.keys() == mb.keys()
+  for k in ma:
+    np.testing.assert_allclose(ma[k], mb[k], rtol=rtol, atol=atol, err_msg=k)
+  for x, y in zip(pa, pb):  # each update's metrics, the loss of each one included
+    for k in x:
+      np.testing.assert_allclose(x[k], y[k], rtol=rtol, atol=atol, err_msg=k)
+  for x, y in zip(_leaves(sa.opt_state[1][0].mu), _leaves(sb.opt_state[1][0].mu)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)  # the accumulated (clipped) gradients
+  for x, y in zip(_leaves(sa.params), _leaves(sb.params)):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize(
+    "loss,replay,micro",
+    [("minirl", "r3", 2), pytest.param("minirl", "r2", 4, marks=pytest.mark.slow)]
+    + [
+        pytest.param(name, "r2", 2, marks=pytest.mark.slow)
+        for name in MICRO_LOSSES
+        if name != "minirl"
+    ],
+)
+def test_micro_batches_give_the_one_big_batch_step(env, runs, loss, replay, micro):
+  """trainer.micro_batches=M: the same train step as M=1 (float32): old-pass metrics, each update's
+  loss and metrics, the accumulated gradient (Adam's first moment) and the parameters, for every loss
+  and normalizer (each divides by something different), under R2 and R3."""
+  cfg = MICRO_LOSSES[loss]
+  ref = runs(replay) if loss == "minirl" else _micro_step(env, cfg, replay, 1)
+  got = _micro_step(env, cfg, replay, micro)
+  _assert_same_step(got, ref)
+  assert ref[2][0]["loss"] != 0  # a loss that can disagree
+
+
+@pytest.mark.slow
+def test_sharded_micro_batches_match_single_device(env):
+  mesh = make_mesh({"data": 2, "fsdp": 2, "expert": 2})
+  ref = _micro_step(env, LossConfig(), "r3", 1)
+  got = _micro_step(env, LossConfig(), "r3", 2, mesh=mesh)
+  _assert_same_step(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_micro_batch_weights_are_the_loss_denominators(env):
+  """Splitting the rows and weighting each part's loss by its denominator over the whole's sums to the
+  whole batch's loss, for every built-in loss (the identity gradient accumulation rests on), and a part's
+  plain loss does not (so the weighting matters)."""
+  ro, rng = env["noisy"], np.random.default_rng(5)
+  logp_old = np.where(ro.response_mask, env["logp_live"] + rng.normal(0, 0.1, (B, T)), 0)
+  adv = np.where(np.arange(B) % 4 == 1, 0.0, np.asarray(ro.advantages))
+  b = LossInputs(
+      jnp.asarray(env["logp_live"], jnp.float32),
+      jnp.asarray(logp_old, jnp.float32),
+      ro.logp_mu,
+      jnp.asarray(adv, jnp.float32),
+      ro.response_mask,
+  )
+  parts = [np.arange(B) % 3 == j for j in range(3)]  # uneven parts: 6, 5, 5 rows
+  for name, cfg in MICRO_LOSSES.items():
+    whole = float(policy_loss(b, cfg)[0])
+    den = float(loss_denominator(b, cfg))
+    split = [jax.tree.map(lambda x, j=j: x[parts[j]], b) for j in range(3)]
+    weighted = sum(float(policy_loss(p, cfg)[0] * loss_denominator(p, cfg)) / den for p in split)
+    assert weighted == pytest.approx(whole, rel=1e-5, abs=1e-7), name
+    plain = sum(float(policy_loss(p, cfg)[0]) for p in split) / 3
+    assert abs(plain - whole) > 1e-4 * abs(whole), name
+  with pytest.raises(ValueError, match=r"rl\.loss\.name='mine'.*trainer\.micro_batches"):
+    mine = LossConfig()
+    object.__setattr__(mine, "name", "mine")  # a loss registered elsewhere: no known denominator
+    loss_denominator(b, mine)
+
+
+# ------------------------------------------------------------------------------------------------------
 # Config errors.
 # ------------------------------------------------------------------------------------------------------
 def test_config_errors_name_the_field(env):
@@ -536,6 +638,14 @@ def test_config_errors_name_the_field(env):
     tr.train_step(None, env["noisy"])  # rejected before any compute
   with pytest.raises(ValueError, match=r"optim\.learning_rate"):
     OptimConfig(learning_rate=0.0)
+  for bad in (0, 1.5, True):
+    with pytest.raises(ValueError, match=r"trainer\.micro_batches"):
+      TrainerConfig(micro_batches=bad)
+  tr = Trainer(env["graphdef"], CFG, TrainerConfig(mini_batches=N, micro_batches=3))
+  with pytest.raises(
+      ValueError, match=r"trainer\.micro_batches=3 does not divide the mini-batch of 8"
+  ):
+    tr.train_step(None, env["noisy"])  # rejected before any compute
 
 
 @pytest.mark.slow

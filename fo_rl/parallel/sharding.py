@@ -21,7 +21,10 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp", "expert")),
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    # Non-expert weights (and their Adam moments) split their embed dim over fsdp and expert together
+    # (MaxText's convention): on a mesh with an expert axis they are not replicated over it. An expert
+    # weight [E, D, F] keeps E on expert and D on fsdp (an axis is used once per array).
+    ("embed", ("fsdp", "expert")),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
@@ -165,6 +168,33 @@ def dividing_axes(axes, mesh: Mesh, size: int) -> tuple[str, ...]:
       keep.append(a)
       n *= mesh.shape[a]
   return tuple(keep)
+
+
+def check_batch_split(
+    rules: Rules, mesh_sizes: Mapping[str, int], batch: int, what: str, where: str = "parallel.mesh"
+) -> None:
+  """The mesh axes of the `batch` rule (those of size > 1) must split a batch of `batch` rows evenly:
+  otherwise `batch_spec` would leave some of them out and every device on them would repeat the same
+  rows' compute. A ValueError naming `where`, the axes and the batch size."""
+  axes = [a for a in validate_rules(rules).get("batch", ()) if mesh_sizes[a] > 1]
+  n = math.prod(mesh_sizes[a] for a in axes)
+  if batch % n:
+    sizes = ", ".join(f"{a}={mesh_sizes[a]}" for a in axes)
+    raise ValueError(
+        f"{where}: the batch is split over mesh axes {sizes} ({n} ways), which does not divide the "
+        f"{what} of {batch} rows; change {where} (or the 'batch' rule of parallel.rules) or the batch "
+        f"size (the rows would otherwise be replicated, repeating their compute)"
+    )
+
+
+def inference_rules(rules: Rules) -> tuple[tuple[str, Any], ...]:
+  """The sampler's rules from the trainer's: the same, but non-expert weights (the `embed` rule) are not
+  split over the `expert` axis, which a decode step would all-gather them over on every token (the
+  trainer amortizes that gather over a whole sequence; a decode step cannot)."""
+  return tuple(
+      (n, tuple(a for a in _as_axes(v) if a != "expert") or None) if n == "embed" else (n, v)
+      for n, v in rules
+  )
 
 
 def batch_spec(

@@ -56,6 +56,7 @@ __all__ = [
     "register",
     "get_loss",
     "policy_loss",
+    "loss_denominator",
     "TIS_MODES",
     "IS_LEVELS",
     "REJECT_MODES",
@@ -308,6 +309,34 @@ def get_loss(name: str) -> LossFn:
 def policy_loss(batch: LossInputs, cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Dispatch on cfg.name."""
   return get_loss(cfg.name)(batch, cfg)
+
+
+def loss_denominator(batch: LossInputs, cfg: LossConfig) -> jax.Array:
+  """[] float32: what the loss `cfg.name` divides by on `batch`.
+
+  Every built-in loss is L = -(sum over rows of a per-row term) / denominator, where the denominator
+  depends on the masks and advantages only, never on log-probs: B (MiniRL 'responses' and length_norm,
+  GRPO, GSPO), B * response_budget (MiniRL 'responses_x_len'), the kept tokens (DAPO) or all tokens
+  (CISPO). So for any split of a mini-batch into row subsets i, sum_i L_i * den_i / den = L exactly: the
+  trainer's gradient accumulation (trainer.micro_batches) relies on it. A loss registered elsewhere has
+  no known denominator: a ValueError (micro-batching it would silently change its normalization).
+  """
+  b = _f32(batch)
+  B = jnp.float32(b.mask.shape[0])
+  if cfg.name == "minirl":
+    if cfg.length_norm or cfg.normalizer == "responses":
+      return B
+    return B * response_budget(b.mask)
+  if cfg.name in ("grpo", "gspo"):
+    return B
+  if cfg.name == "dapo":
+    return jnp.maximum(jnp.sum(b.mask * (b.advantages != 0)[:, None]), 1.0)
+  if cfg.name == "cispo":
+    return jnp.maximum(jnp.sum(b.mask), 1.0)
+  raise ValueError(
+      f"rl.loss.name={cfg.name!r}: its denominator is unknown to loss_denominator, so "
+      "trainer.micro_batches > 1 cannot split it exactly; use trainer.micro_batches=1"
+  )
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -28,14 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fo_rl.model import ModelConfig, validate_replay_routes
 from fo_rl.model.init import make_scorer
 from fo_rl.model.logprobs import token_logprobs  # noqa: F401  (the trainer's log-probs; sft uses it)
 from fo_rl.parallel.multihost import host_get  # device_get that also works across processes
-from fo_rl.parallel.sharding import DEFAULT_RULES, Rules, batch_spec
+from fo_rl.parallel.sharding import DEFAULT_RULES, Rules, batch_spec, check_batch_split
 from fo_rl.rl import metrics as rl_metrics
-from fo_rl.rl.losses import LossConfig, LossInputs, policy_loss
+from fo_rl.rl.losses import LossConfig, LossInputs, loss_denominator, policy_loss
 from fo_rl.rl.optim import OptimConfig, abstract_opt_state, init_opt_state, make_optimizer
 from fo_rl.rl.rollouts import REPLAY_MODES, Rollouts, pass_routes, replays_sampler
 
@@ -49,9 +50,14 @@ class TrainerConfig:
   )
   loss: LossConfig = LossConfig()
   optim: OptimConfig = OptimConfig()
+  # trainer.micro_batches M: each mini-batch's forward/backward runs as M micro-batches inside the jitted
+  # update (gradient accumulation: still one optimizer step per mini-batch), and the old-logprob pass
+  # runs over micro-batches of the same size. Activation memory scales with the micro-batch.
+  micro_batches: int = 1
 
   def __post_init__(self):
     check_rl_fields(self.mini_batches, self.replay, self.temperature)
+    check_micro_batches(self.micro_batches)
 
 
 def check_rl_fields(mini_batches, replay, temperature, num_experts: int | None = None) -> None:
@@ -67,6 +73,18 @@ def check_rl_fields(mini_batches, replay, temperature, num_experts: int | None =
   if num_experts is not None and replay != "none" and num_experts == 0:
     raise ValueError(
         f"rl.replay={replay!r}: routing replay needs a MoE model, but model.num_experts=0"
+    )
+
+
+def check_micro_batches(micro, mini_batch: int | None = None) -> None:
+  """The one home of the checks on trainer.micro_batches (TrainerConfig, config.parse and train_step run
+  them): an integer >= 1 that divides the mini-batch of `mini_batch` responses, when that is known.
+  """
+  if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
+    raise ValueError(f"trainer.micro_batches={micro!r}: must be an integer >= 1")
+  if mini_batch is not None and mini_batch % micro:
+    raise ValueError(
+        f"trainer.micro_batches={micro} does not divide the mini-batch of {mini_batch} responses"
     )
 
 
@@ -137,6 +155,7 @@ class Trainer:
     (ShapeDtypeStructs): {"old_pass": the old-logprob pass over ro, "update": one mini-batch update}.
     """
     B, N = ro.tokens.shape[0], self.cfg.mini_batches
+    self.check_batch(B)
     ro = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._batch_sharding(x)), ro
     )
@@ -176,6 +195,43 @@ class Trainer:
 
     return jax.tree.map(rows, tree)
 
+  def check_batch(self, B: int) -> None:
+    """The global batch of B responses splits into rl.mini_batches mini-batches, and each of those into
+    trainer.micro_batches micro-batches, each of which the mesh's batch axes split evenly; an error
+    naming the field otherwise, before any compute."""
+    N, M = self.cfg.mini_batches, self.cfg.micro_batches
+    if B % N:
+      raise ValueError(f"rl.mini_batches={N} does not divide the global batch of {B} responses")
+    check_micro_batches(M, B // N)
+    if self.mesh is not None:
+      for what, n in (("global batch", B), ("mini-batch", B // N), ("micro-batch", B // N // M)):
+        check_batch_split(self.rules, dict(self.mesh.shape), n, what)
+
+  def _split(self, tree, n: int):
+    """[b, ...] -> [n, b/n, ...]: micro-batch j holds rows j, j + n, j + 2n, ... Strided rather than
+    contiguous, so that under a batch sharding every micro-batch has rows on every device: the reshape
+    and transpose stay local, and the micro-batches run one after another on all devices at once."""
+
+    def one(x):
+      y = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+      if self.mesh is None:
+        return y
+      spec = batch_spec(self.rules, x.ndim, self.mesh, y.shape[1])
+      return jax.lax.with_sharding_constraint(y, NamedSharding(self.mesh, P(None, *spec)))
+
+    return jax.tree.map(one, tree)
+
+  def _unsplit(self, tree):
+    """The inverse of `_split`: [n, b/n, ...] -> [b, ...], rows back in their order."""
+
+    def one(y):
+      x = y.swapaxes(0, 1).reshape(y.shape[0] * y.shape[1], *y.shape[2:])
+      return (
+          x if self.mesh is None else jax.lax.with_sharding_constraint(x, self._batch_sharding(x))
+      )
+
+    return jax.tree.map(one, tree)
+
   # ---- old-logprob pass ---------------------------------------------------------------------
   def old_pass(self, params, ro: Rollouts):
     """Step 1 of `train_step`: (logp_old [B, T] (0 at position 0), the live routes [B, T, L, k] (what r2
@@ -189,22 +245,35 @@ class Trainer:
     """[B, T] logp_old = log pi_old(y_t), exactly as `train_step` computes it."""
     return self.old_pass(params, ro)[0]
 
-  def _old_pass_fn(self, params, ro: Rollouts):
+  def _old_scores(self, params, ro: Rollouts):
+    """(logp_live, logp_old, entropy of pi_old, live routes) of a batch: one forward (two under r3)."""
     temp = self.cfg.temperature
     r3 = replays_sampler(self.cfg.replay)
     (logp_live, entropy), live_routes = self.score(
         params, ro.tokens, ro.positions, None, ro.token_mask, temp, entropy=not r3
     )
-    mask = ro.response_mask
-    out = {}
     routes = pass_routes(self.cfg.replay, "old", sampler=ro.routes, live=live_routes)
+    logp_old = logp_live
     if routes is not None:  # r3
       (logp_old, entropy), _ = self.score(
           params, ro.tokens, ro.positions, routes, ro.token_mask, temp, entropy=True
       )
+    return logp_live, logp_old, entropy, live_routes
+
+  def _old_pass_fn(self, params, ro: Rollouts):
+    B = ro.tokens.shape[0]
+    n = B // (
+        B // self.cfg.mini_batches // self.cfg.micro_batches
+    )  # micro-batches in the global batch
+    if n == 1:
+      logp_live, logp_old, entropy, live_routes = self._old_scores(params, ro)
+    else:  # one micro-batch at a time (lax.map: a loop, so only one micro-batch's activations live)
+      scores = jax.lax.map(lambda x: self._old_scores(params, x), self._split(ro, n))
+      logp_live, logp_old, entropy, live_routes = self._unsplit(scores)
+    mask = ro.response_mask
+    out = {}
+    if replays_sampler(self.cfg.replay):
       out["r3_vs_live_logp_gap"] = rl_metrics.masked_mean(jnp.abs(logp_old - logp_live), mask)
-    else:
-      logp_old = logp_live
     # Entropy of pi_old (the policy logp_old comes from: replayed under r3) at each response token's
     # predicting position (logits t-1 predict token t).
     out["entropy"] = rl_metrics.masked_mean(entropy, mask)
@@ -229,10 +298,48 @@ class Trainer:
         LossInputs(logp, logp_old, ro.logp_mu, ro.advantages, ro.response_mask), self.cfg.loss
     )
 
-  def _update_fn(self, state: TrainState, ro: Rollouts, logp_old, routes):
-    (loss, m), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
-        state.params, ro, logp_old, routes
+  def _accumulated_grads(self, params, ro: Rollouts, logp_old, routes):
+    """((loss, metrics), grads) of one mini-batch, as `jax.value_and_grad(self.loss_fn)` returns them,
+    computed over trainer.micro_batches micro-batches (lax.scan: one micro-batch's activations live at a
+    time). Micro-batch j's loss is weighted by its own denominator over the mini-batch's
+    (`loss_denominator`), so the weighted losses and their gradients sum to the mini-batch's exactly;
+    the metrics are computed once, on the whole mini-batch's log-probs (a [B, T] array the scan returns).
+    """
+    M, lcfg = self.cfg.micro_batches, self.cfg.loss
+    inputs = lambda r, logp, lo: LossInputs(  # noqa: E731
+        logp, lo, r.logp_mu, r.advantages, r.response_mask
     )
+    den = loss_denominator(inputs(ro, logp_old, logp_old), lcfg)
+
+    def micro_loss(p, x):
+      r, lo, rp = x
+      (logp, _), _ = self.score(p, r.tokens, r.positions, rp, r.token_mask, self.cfg.temperature)
+      b = inputs(r, logp, lo)
+      loss, _ = policy_loss(b, lcfg)
+      return loss * loss_denominator(b, lcfg) / den, logp
+
+    def body(acc, x):
+      (loss, logp), g = jax.value_and_grad(micro_loss, has_aux=True)(params, x)
+      acc_loss, acc_g = acc
+      acc_g = jax.tree.map(lambda a, b: a + b.astype(a.dtype), acc_g, g)
+      return (acc_loss + loss, acc_g), logp
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (loss, grads), logp = jax.lax.scan(
+        body, (jnp.zeros((), jnp.float32), zeros), self._split((ro, logp_old, routes), M)
+    )
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    logp = jax.lax.stop_gradient(self._unsplit(logp))
+    _, metrics = policy_loss(inputs(ro, logp, logp_old), lcfg)
+    return (loss, metrics), grads
+
+  def _update_fn(self, state: TrainState, ro: Rollouts, logp_old, routes):
+    if self.cfg.micro_batches == 1:
+      (loss, m), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
+          state.params, ro, logp_old, routes
+      )
+    else:
+      (loss, m), grads = self._accumulated_grads(state.params, ro, logp_old, routes)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
     grads = jax.tree.map(lambda g: jnp.where(ok, g, 0), grads)  # keep Adam's moments finite too
@@ -262,8 +369,7 @@ class Trainer:
   def train_step(self, state: TrainState, ro: Rollouts) -> tuple[TrainState, dict[str, float]]:
     cfg, N = self.cfg, self.cfg.mini_batches
     B = ro.tokens.shape[0]
-    if B % N:
-      raise ValueError(f"rl.mini_batches={N} does not divide the global batch of {B} responses")
+    self.check_batch(B)
     ro = self._shard_batch(ro)
     logp_old, live_routes, old_metrics = self.old_pass(state.params, ro)
     routes = pass_routes(cfg.replay, "update", sampler=ro.routes, live=live_routes)
