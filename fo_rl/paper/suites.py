@@ -52,7 +52,7 @@ REGIME: dict[str, Any] = {
     "optim.warmup_steps": 10,
     # The global grad-norm clip: the default 1.0 binds on every MiniRL update (calibration: pre-clip
     # norm median 9.1-9.6, on all 48 calibration updates above 1). 30, about 3x the median, bound on 1
-    # of the 48 and on 2 of a full run's 144: a guard against spikes, not a constant rescaling of every
+    # of the 48 and on 5 of a full run's 144: a guard against spikes, not a constant rescaling of every
     # update (docs/results/paper/calibration.md).
     "optim.grad_clip": 30.0,
     "eval.num_prompts": 128,
