@@ -166,6 +166,17 @@ def base_config() -> ml_collections.ConfigDict:
       "auto"  # auto (dense dispatch when num_experts <= 4 k) | fast | reference | dense
   )
   c.sampler.decode_segments = 0  # windowed decode segments; 0 = automatic (small KV caches only)
+  # static (lockstep decoder) | paged (paged KV cache + continuous batching, fo_rl/sampler/engine.py;
+  # the same samples). The paged engine's slots, pages (0 = automatic pool size) and prefill chunks:
+  c.sampler.engine = "static"
+  c.sampler.num_slots = 64
+  c.sampler.page_size = 16
+  c.sampler.num_pages = 0
+  c.sampler.prefill_chunk = 64
+  c.sampler.prefill_rows = 4
+  c.sampler.paged_attention = (
+      "auto"  # auto (the TPU ragged paged attention kernel on TPU) | xla | pallas
+  )
 
   c.rl = ml_collections.ConfigDict()
   c.rl.steps = 200
@@ -662,6 +673,8 @@ def _sampler(d: dict, rules: tuple, rl: RLConfig) -> tuple[SamplerConfig, Sampli
       d[f] = int(d[f])
   if "decode_segments" in d:
     d["decode_segments"] = int(d["decode_segments"] or 0) or None  # 0: automatic
+  if "num_pages" in d:
+    d["num_pages"] = int(d["num_pages"] or 0) or None  # 0: automatic
   d["keep_high_precision"] = tuple(d.get("keep_high_precision", Q.DEFAULT_KEEP))
   sampler = from_mapping(SamplerConfig, dict(d, rules=rules), "sampler")
   sampling.pop("max_prompt_len", None)  # RunConfig.max_prompt_len (parse)

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from fo_rl.model import attention, moe
+from fo_rl.model import attention, moe, paged_attention
 from fo_rl.model.config import ModelConfig
 from fo_rl.model.qdot import qdot, qeinsum
 from fo_rl.model.qtensor import QTensor, materialize
@@ -87,6 +87,9 @@ class Attention(nnx.Module):
     k = rope(self.k_norm(k), positions, cfg.rope_theta)
     if cache is None:
       return self._attend(q, k, v, key_mask), None
+    if isinstance(cache_index, paged_attention.PagedBatch):  # the paged engine's step
+      out, new_cache = paged_attention.attend(q, k, v, cache, cache_index)
+      return qeinsum("btnh,nhd->btd", out, self.o_proj.get_value(), dt), new_cache
     if isinstance(cache_index, int) and cache_index == 0 and cache["k"].shape[3] == x.shape[1]:
       # Filling a cache exactly as long as the input (the sampler's prefill): plain causal attention over
       # the new keys, which are the whole cache; the cache only stores them.

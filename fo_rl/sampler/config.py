@@ -8,8 +8,11 @@ import dataclasses
 import numpy as np
 
 from fo_rl.model.config import MOE_IMPLS
+from fo_rl.model.paged_attention import PAGED_IMPLS
 from fo_rl.parallel.sharding import DEFAULT_RULES, validate_rules
 from fo_rl.sampler import quantize as Q
+
+ENGINES = ("static", "paged")  # sampler.engine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +50,17 @@ class SamplerConfig:
     `window_cache_mib` MiB per device (small models, where attention is a large part of a step and the
     copy is cheap), else 1.
   rules: the sampler's logical-axis rules (its mesh is given to Sampler).
+  engine: "static" (default: the lockstep decoder of fo_rl/sampler/sampler.py, one full-length KV cache
+    per row) | "paged" (fo_rl/sampler/engine.py: a paged KV cache, continuous batching over
+    `num_slots` decode slots, each prompt prefilled once for all its samples; same samples).
+  num_slots: the paged engine's decode slots (sequences decoded at once).
+  page_size: positions per KV page. num_pages: pages in the pool (page 0 is a trash page); None: enough
+    for every slot to hold the longest sequence of the call. A pool smaller than one sequence of the
+    longest prompt plus max_new_tokens is an error naming sampler.num_pages; between that and the
+    automatic size, sequences are preempted and resumed when the pages run out.
+  prefill_chunk / prefill_rows: each engine step prefills up to `prefill_rows` prompts, `prefill_chunk`
+    tokens each, interleaved with the decode slots' tokens.
+  paged_attention: "auto" (the TPU ragged paged attention kernel on TPU, else "xla") | "xla" | "pallas".
   """
 
   weight_dtype: str = "float32"
@@ -64,6 +78,13 @@ class SamplerConfig:
   max_decode_segments: int = 8
   window_cache_mib: float = 256.0
   rules: tuple = DEFAULT_RULES
+  engine: str = "static"
+  num_slots: int = 64
+  page_size: int = 16
+  num_pages: int | None = None
+  prefill_chunk: int = 64
+  prefill_rows: int = 4
+  paged_attention: str = "auto"
 
   def __post_init__(self):
     object.__setattr__(self, "keep_high_precision", tuple(self.keep_high_precision))
@@ -84,9 +105,21 @@ class SamplerConfig:
         "decode_segments",
         "decode_window",
         "max_decode_segments",
+        "num_slots",
+        "page_size",
+        "prefill_chunk",
+        "prefill_rows",
     ):
       if getattr(self, f) is not None and getattr(self, f) < 1:
         raise ValueError(f"sampler.{f}={getattr(self, f)}: must be >= 1")
+    if self.engine not in ENGINES:
+      raise ValueError(f"sampler.engine={self.engine!r}: must be one of {ENGINES}")
+    if self.num_pages is not None and self.num_pages < 2:
+      raise ValueError(f"sampler.num_pages={self.num_pages}: must be >= 2 (page 0 is a trash page)")
+    if self.paged_attention not in PAGED_IMPLS:
+      raise ValueError(
+          f"sampler.paged_attention={self.paged_attention!r}: must be one of {PAGED_IMPLS}"
+      )
 
 
 @dataclasses.dataclass(frozen=True)

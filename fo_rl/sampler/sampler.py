@@ -9,6 +9,9 @@
 The settings live in fo_rl/sampler/config.py, the sampling maths (temperature, top-k / top-p, the draw and
 its logprob) in fo_rl/sampler/sampling.py, the weight quantization in fo_rl/sampler/quantize.py.
 
+The paged engine (`SamplerConfig.engine="paged"`, fo_rl/sampler/engine.py) samples the same outputs
+with a paged KV cache and continuous batching; `generate` routes to it.
+
 Layout of one batch (B rows). Prompts are LEFT-padded to a bucket length P, responses RIGHT-padded to a
 bucket length T (T >= max_new_tokens), so the full sequence is [prompt (P) | response (T)] and every row's
 first generated token sits at column P. Positions count real tokens only (0 at the first real prompt token,
@@ -24,9 +27,9 @@ well (its sampled successor is discarded): it costs one extra forward per row (1
 gives that token the experts the sampler really uses for it, so `routes` holds real sampler decisions at
 every real position of the full sequence and R3 can replay all of them. Response columns after a row's
 last token hold valid ids (0) in MoE layers and -1 in dense layers (routes are recorded for real tokens
-only, so these do not depend on how long the other rows kept the loop going); prompt padding holds the
-experts the padding token was routed to. Either way the trainer never checks them (its token_mask is False
-there).
+only, so these do not depend on how long the other rows kept the loop going); prompt padding columns
+hold the same fill values. The trainer never checks them (its token_mask is False there). The prefill
+computes logits at the last prompt position only (the one y_0 is drawn from).
 
 Decode loop (`decode_loop`): a `lax.while_loop` over `decode_step` inside ONE jitted call, `cond = step <
 limit & some row still has a token to feed`. Compared with a host loop over jitted single steps it has no
@@ -64,6 +67,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fo_rl.model.config import ModelConfig
 from fo_rl.model.init import abstract_model, positions_from_mask
+from fo_rl.model.qdot import qdot
 from fo_rl.model.qtensor import QTensor
 from fo_rl.model.transformer import DENSE_ROUTE
 from fo_rl.parallel.sharding import batch_spec, make_mesh, state_shardings, validate_rules
@@ -90,7 +94,7 @@ class DecodeState:
   done: jax.Array  # [B] bool: the row generates no more tokens
   eos: jax.Array  # [B] bool: the row ended with an EOS token
   step: jax.Array  # int32: next response column to feed
-  max_new: jax.Array  # int32: max_new_tokens of this call (<= T)
+  max_new: jax.Array  # int32: max_new_tokens of this call (<= T), a scalar or one cap per row [B]
   key: jax.Array  # PRNG key of this call
 
 
@@ -128,6 +132,12 @@ class SampleOutput:
 # ------------------------------------------------------------------------------------------------
 # The decode step and the decode loop.
 # ------------------------------------------------------------------------------------------------
+def logits_at(model, hidden):
+  """float32 logits [..., V] of final hidden states [..., D] (the model's `return_hidden`), computed
+  as the model computes its logits: for the positions that are sampled from only."""
+  return qdot(hidden.astype(jnp.float32), model.head_weight(), jnp.float32)
+
+
 def _rmw_column(buf, t, new, active):
   """buf[:, t] = where(active, new, buf[:, t]) (buf [B, S, ...], new [B, ...], active [B]). Read and write
   use the same (clamped) index, so a step past the last column rewrites the old values instead of
@@ -388,11 +398,26 @@ class Sampler:
       prompts: Sequence[Sequence[int]],
       sampling: SamplingParams = SamplingParams(),
       seed: int | jax.Array = 0,
+      max_new_per_row: Sequence[int] | None = None,
   ) -> SampleOutput:
     """Sample one response per prompt (repeat a prompt for several samples). Returns device arrays
-    without waiting for them (finish_reason is the only host read)."""
+    without waiting for them (finish_reason is the only host read). max_new_per_row: a cap on each
+    row's response length (<= sampling.max_new_tokens; the benchmarks use it to give every engine the
+    same work)."""
+    if max_new_per_row is not None:
+      max_new_per_row = np.asarray(max_new_per_row, np.int32)
+      if (
+          max_new_per_row.shape != (len(prompts),)
+          or not ((max_new_per_row >= 1) & (max_new_per_row <= sampling.max_new_tokens)).all()
+      ):
+        raise ValueError(
+            f"generate: max_new_per_row must hold one length in [1, max_new_tokens="
+            f"{sampling.max_new_tokens}] per prompt"
+        )
+    if self.config.engine == "paged":
+      return self.engine.generate(prompts, sampling, seed, max_new_per_row)
     tok, mask = self.pad_prompts(prompts)
-    state = self.decode(self.prefill(tok, mask, sampling, seed), sampling)
+    state = self.decode(self.prefill(tok, mask, sampling, seed, max_new_per_row), sampling)
     T = state.tokens.shape[1]
     response_mask = jnp.arange(T)[None, :] < state.lengths[:, None]
     return SampleOutput(
@@ -406,6 +431,13 @@ class Sampler:
         routes=state.routes,
         logp_nonfinite=jnp.any(response_mask & ~jnp.isfinite(state.logp), axis=1),
     )
+
+  @functools.cached_property
+  def engine(self):
+    """The paged engine on this sampler's weights (fo_rl/sampler/engine.py)."""
+    from fo_rl.sampler.engine import PagedEngine
+
+    return PagedEngine(self)
 
   def pad_prompts(self, prompts: Sequence[Sequence[int]]):
     """Left-pad token-id lists to the bucket length -> (tokens, mask) [B, P] on the sampler's mesh."""
@@ -423,8 +455,11 @@ class Sampler:
     sh = NamedSharding(self.mesh, batch_spec(self.config.rules, 2, self.mesh, len(prompts)))
     return jax.device_put(tok, sh), jax.device_put(mask, sh)
 
-  def prefill(self, prompt, prompt_mask, sampling: SamplingParams, seed=0) -> DecodeState:
-    """prompt, prompt_mask [B, P] (left-padded, P a bucket length) -> the decode state after y_0."""
+  def prefill(
+      self, prompt, prompt_mask, sampling: SamplingParams, seed=0, max_new_per_row=None
+  ) -> DecodeState:
+    """prompt, prompt_mask [B, P] (left-padded, P a bucket length) -> the decode state after y_0.
+    max_new_per_row [B]: per-row caps (see `generate`)."""
     if self.params is None:
       raise RuntimeError("Sampler has no weights: call update_weights(trainer_state) first")
     gen_len = bucket(sampling.max_new_tokens, self.config.gen_bucket)
@@ -434,7 +469,9 @@ class Sampler:
         prompt,
         prompt_mask,
         key,
-        jnp.asarray(sampling.max_new_tokens, jnp.int32),
+        jnp.asarray(
+            sampling.max_new_tokens if max_new_per_row is None else max_new_per_row, jnp.int32
+        ),
         sampling=sampling.compile_key,
         gen_len=gen_len,
     )
@@ -532,14 +569,18 @@ class Sampler:
     ]
     key_mask = jnp.concatenate([prompt_mask, jnp.ones((B, gen_len), bool)], axis=1)
     prompt_len = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
-    logits, routes, window = model(
+    hidden, routes, window = model(
         prompt,
         positions_from_mask(prompt_mask),
         token_mask=prompt_mask,
         key_mask=prompt_mask,
         cache=window,
         cache_index=0,
+        return_hidden=True,
     )
+    # Prompt padding columns hold the fill value, as never-fed response columns do: the routes do not
+    # depend on the other prompts of the batch (the paged engine, which pads nothing, gives the same).
+    routes = jnp.where(prompt_mask[:, :, None, None], routes, jnp.asarray(self._route_fill))
     pad = ((0, 0),) * 3 + ((0, gen_len),)
     cache = [
         {n: jax.lax.with_sharding_constraint(jnp.pad(c[n], pad), csh) for n in c} for c in window
@@ -548,7 +589,7 @@ class Sampler:
     route_buf = jax.lax.dynamic_update_slice_in_dim(self._constrain(route_buf), routes, 0, axis=1)
     tok, lp = sample_logits(
         jax.random.fold_in(key, 0),
-        logits[:, -1],
+        logits_at(model, hidden[:, -1]),  # the only prompt position sampled from
         sampling.temperature,
         sampling.top_k,
         sampling.top_p,
