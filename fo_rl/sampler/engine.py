@@ -40,11 +40,19 @@ numpy page tables, and sends the next step's layout (a few small int32 arrays). 
 irregular (variable-length prefixes, reference-counted shared pages, copy-on-write, preemption, a FIFO
 queue with prompts not yet prefilled): on the host it is a few hundred lines of ordinary code; in a
 `lax.while_loop` carry every one of those decisions would be a fixed-shape masked scatter / cumsum. The
-price is one host round trip per step (a few hundred microseconds), which is small next to a step of a
-model worth batching, and the device work per step is the same either way. The step functions are
-compiled per (prefill rows present or not, page-table width bucket): the XLA attention gathers W pages
-per sequence, and W follows the longest live sequence (powers of two), so short sequences do not pay
-for the longest possible one.
+price is one host round trip per step (a few hundred microseconds). Two things keep it off the hot
+path: (1) when the host has nothing to decide between steps (no prefill chunk, no copy, pages for the
+next steps allocated ahead), `engine_burst` runs up to BURST decode steps in one `lax.while_loop` with
+the slots' bookkeeping (feed, position, count, done) in the carry, stopping early when a slot finishes
+and a sequence is waiting for it; the host then replays the draws through the same rules. So the long
+tail of a batch (a few sequences running to max_new_tokens after the rest ended) runs on device in
+bursts. (2) A step computes `Dv` decode positions, the power of two >= the busy slots (at least 8),
+not `num_slots`, so the tail costs what its few sequences cost.
+
+Compiled variants: (Dv, prefill rows present or not, burst or single step, page-table widths). The XLA
+attention gathers W page-table columns per sequence; the host puts the Dv // 8 longest sequences in
+the last positions, which read the full width, and the others read only `main_width` columns
+(`PagedBatch.main_width`), both powers of two: short sequences do not pay for the longest one.
 """
 
 from __future__ import annotations
