@@ -4,6 +4,8 @@
   python -m fo_rl.main --config=configs/qwen3_30b_a3b.py:v6e-256 --config.dry_run=True   # v6e-256
   launchers/run.sh --name=q30 -- python -m fo_rl.main --config=configs/qwen3_30b_a3b.py --workdir=gs://B/q30
   python -m fo_rl.main --config=configs/qwen3_30b_a3b.py:tiny --workdir=/tmp/tiny          # CPU, for tests
+  python -m fo_rl.main --config=configs/qwen3_30b_a3b.py:paper --config.dry_run=True     # the paper's setting
+  python -m fo_rl.main --config=configs/qwen3_30b_a3b.py:paper_n8 --config.dry_run=True  # ... global batch 8x
 
 Architecture: third_party/qwen3_moe/qwen3_30b_a3b.config.json (the published config.json), bf16 params,
 bf16 compute (logits, router and softmaxes in float32), AdamW moments in bf16. Weights: the Hugging Face
@@ -24,6 +26,22 @@ Sequence: prompts up to 256 tokens (sampler.prompt_bucket), responses up to 1024
 (`model.logits_chunk`), so no pass holds the float32 logits [B, 1280, 151936] (0.78 GB per row): on
 v5p-64 this took the old-logprob pass from 26.3 to 20.8 GiB per chip (measured by the dry run);
 `--config.dry_run=True` prints the per-chip numbers (README, "Running on Cloud TPU").
+
+The paper's own setting (arXiv 2512.01374, section 5; algorithms.md "The paper's setup"):
+  paper:    64 prompts x 16 samples = 1,024 responses per mini-batch, N = 1 (on-policy), prompts up to
+            1,024 tokens, responses up to 32,768 (33,792 positions per row), FP8 sampler, MiniRL without
+            routing replay (the paper's on-policy finding: replay adds nothing there).
+  paper_n8: the same mini-batch, global batch 8x (512 prompts, 8,192 responses, N = 8), MiniRL + R3 (the
+            paper's finding at N = 4 and 8).
+  Both on v5p-64 (32 chips): the train state (bf16 params and Adam moments, 183 GB) and the FP8 sampler's
+  weights take ~10 GiB per chip there, and a micro-batch of 32 rows (`trainer.micro_batches` = 32: one
+  33,792-token row per chip at a time, with remat, splash attention and chunked log-probs) keeps the
+  update's activations to a few GiB; a smaller slice (v5p-32, 16 chips) would have to fit two rows per
+  chip per micro-batch or a 16-way batch split, and the R3 routes of the whole paper_n8 step (int32
+  [8192, 33792, 48, 8], 425 GB) alone take 13 GiB per chip on 32 chips. What the dry run measured is in
+  the README ("Running on Cloud TPU"). The sampler's functions at this length belong to the rollout
+  engine (a paged KV cache): the static sampler's full-length cache does not fit, and the dry run's
+  verdict line names the functions that do.
 """
 
 from fo_rl.config import base_config, hf_model, tiny_moe, variant
@@ -47,7 +65,7 @@ TOPOLOGIES = {
 
 
 def get_config(arg: str = ""):
-  arg = variant(arg, ("", "tiny", *TOPOLOGIES), __file__)
+  arg = variant(arg, ("", "tiny", "paper", "paper_n8", *TOPOLOGIES), __file__)
   c = base_config()
   c.name = "qwen3_30b_a3b"
   c.model = hf_model(
@@ -77,7 +95,20 @@ def get_config(arg: str = ""):
   c.checkpoint.every = 10
   if arg == "tiny":
     return tiny_moe(c)
-  topo = TOPOLOGIES[arg or "v5p-64"]
+  if arg in ("paper", "paper_n8"):
+    n = 8 if arg == "paper_n8" else 1
+    c.name = f"qwen3_30b_a3b_{arg}"
+    c.sampler.prompt_bucket = 1024
+    c.sampler.gen_bucket = 32768
+    c.sampler.max_new_tokens = 32768
+    c.sampler.max_prompt_len = 1024
+    c.rl.group_size = 16
+    c.rl.mini_batches = n
+    c.rl.replay = "r3" if n > 1 else "none"
+    c.trainer.micro_batches = 32
+    topo = dict(TOPOLOGIES["v5p-64"], prompts_per_step=64 * n, eval_prompts=64)
+  else:
+    topo = TOPOLOGIES[arg or "v5p-64"]
   c.parallel.topology = topo["topology"]
   c.parallel.mesh = topo["mesh"]
   c.parallel.sampler_mesh = topo["sampler_mesh"]

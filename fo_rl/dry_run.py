@@ -27,6 +27,12 @@ weights during the trainer's functions (plus the rollouts of the whole step duri
 state during the sampler's. The plan fits when every total is <= the HBM of one chip
 (`parallel.hbm_gib`, default: the chip's, see HBM_GIB).
 
+Compute, per device (`flops_columns`): `model_flops`, the model's analytic FLOPs for the function's work
+(fo_rl/model/flops.py: 6 x active parameters x tokens for an update, 2 x for a forward pass (two under
+R3's old pass), plus causal attention), `roofline_seconds` = model_flops / the chip's peak (CHIPS: the
+time at 100% MFU), and XLA's own count (`cost_analysis()`) with the loops and kernels that make it a
+lower bound; their ratio where it means something.
+
 Output: one JSON object per line, one per compiled function, then the verdict
 `{"verdict": "fits" | "does not fit", ...}`. When the plan does not fit, a message naming the function
 and its numbers goes to stderr and the process exits with status 1 (also when the TPU compiler itself
@@ -48,24 +54,30 @@ from jax.sharding import NamedSharding
 
 from fo_rl import config as config_lib
 from fo_rl.model import abstract_model
+from fo_rl.model import flops as analytic
 from fo_rl.parallel.sharding import batch_spec, make_mesh, state_shardings
-from fo_rl.rl.rollouts import Rollouts
+from fo_rl.rl.rollouts import Rollouts, replays_sampler
 from fo_rl.rl.trainer import Trainer
 from fo_rl.sampler import Sampler, SamplingParams, bucket
 
 GIB = 1024**3
 
-# HBM per chip (GiB) by jax device_kind, as the TPU runtime reports it (bytes_limit).
-HBM_GIB = {
-    "TPU v5": 95.0,  # v5p
-    "TPU v5p": 95.0,
-    "TPU v6 lite": 31.25,  # v6e (Trillium): 32 GB
-    "TPU v6e": 31.25,
-    "TPU v5 lite": 15.75,  # v5e: 16 GB
-    "TPU v5e": 15.75,
-    "TPU v4": 32.0,
-    "TPU7x": 192.0,
+# One table of chip figures, by jax device_kind: (HBM per chip in GiB as the TPU runtime reports it
+# (bytes_limit), peak dense bf16 FLOP/s, HBM bandwidth in bytes/s). FLOP/s and bandwidth are Google's
+# published per-chip figures (cloud.google.com/tpu/docs/<version>): v5p 459 TFLOP/s, 2,765 GB/s; v6e
+# 918 TFLOP/s, 1,640 GB/s; v5e 197 TFLOP/s, 819 GB/s; v4 275 TFLOP/s, 1,200 GB/s; Ironwood (TPU7x)
+# 2,307 TFLOP/s bf16 (4,614 fp8), 7,370 GB/s.
+CHIPS = {
+    "TPU v5": (95.0, 459e12, 2765e9),  # v5p
+    "TPU v5p": (95.0, 459e12, 2765e9),
+    "TPU v6 lite": (31.25, 918e12, 1640e9),  # v6e (Trillium): 32 GB
+    "TPU v6e": (31.25, 918e12, 1640e9),
+    "TPU v5 lite": (15.75, 197e12, 819e9),  # v5e: 16 GB
+    "TPU v5e": (15.75, 197e12, 819e9),
+    "TPU v4": (32.0, 275e12, 1200e9),
+    "TPU7x": (192.0, 2307e12, 7370e9),
 }
+HBM_GIB = {kind: c[0] for kind, c in CHIPS.items()}
 
 
 class DryRunError(RuntimeError):
@@ -147,13 +159,68 @@ def _memory(compiled) -> dict[str, int]:
   return out
 
 
+def _cost(compiled) -> dict[str, float]:
+  """XLA's own count for the compiled program (HLO cost analysis, per device): FLOPs, bytes accessed."""
+  try:
+    c = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001  (a backend without cost analysis)
+    return {}
+  if isinstance(c, (list, tuple)):  # older jax: one dict per program
+    c = c[0] if c else {}
+  return {k: float(c[k]) for k in ("flops", "bytes accessed") if c and k in c}
+
+
+def flops_columns(compiled, model_flops: int, devices: int, chip) -> dict[str, Any]:
+  """The compute columns of a function's row, per device.
+
+  `model_flops`: the model's analytic FLOPs for the function's work (fo_rl/model/flops.py) over
+  `devices`; `roofline_seconds`: model_flops / the chip's peak bf16 FLOP/s (CHIPS), the time at 100%
+  MFU. `xla_flops` / `xla_bytes`: XLA's HLO cost analysis of the compiled program, with `xla_loops`
+  (while loops) and `xla_kernels` (custom calls, e.g. the Pallas splash-attention and grouped-matmul
+  kernels): XLA counts a while loop's body once, whatever its trip count (the scan over layers, the
+  micro-batches, the chunked log-probs, the decode loop), and a kernel as zero, so for such programs
+  its count is far below the work done. `flops_ratio` = xla / model is given only for a program with
+  neither (then it shows compute beyond the model's: recomputation, padding, replicated work); else
+  `flops_ratio_why` says why not.
+  """
+  out: dict[str, Any] = {"model_flops": model_flops / devices}
+  if chip is not None and model_flops:
+    out["roofline_seconds"] = round(model_flops / devices / chip[1], 4)
+  cost = _cost(compiled)
+  if "flops" not in cost:
+    return out
+  text = compiled.as_text() or ""
+  loops, kernels = text.count(" while("), text.count("tpu_custom_call") + text.count("__gpu$")
+  out.update(
+      xla_flops=cost["flops"],
+      xla_bytes=cost.get("bytes accessed", 0.0),
+      xla_loops=loops,
+      xla_kernels=kernels,
+  )
+  if not model_flops:
+    return out
+  if loops or kernels:
+    out["flops_ratio_why"] = "XLA counts a while loop's body once and a kernel as 0"
+  else:
+    out["flops_ratio"] = round(cost["flops"] / (model_flops / devices), 3)
+  return out
+
+
 def _is_oom(e: Exception) -> bool:
   s = str(e)
   return "RESOURCE_EXHAUSTED" in s or "Ran out of memory" in s or "exceeds the memory" in s.lower()
 
 
-def _compile(name: str, lowered_fn, resident: int, hbm: int, extra: dict | None = None) -> tuple:
-  """(report row, compiled or None)."""
+def _compile(
+    name: str,
+    lowered_fn,
+    resident: int,
+    hbm: int,
+    extra: dict | None = None,
+    flops: tuple[int, int, Any] | None = None,
+) -> tuple:
+  """(report row, compiled or None); `flops`: (model FLOPs of the function, devices, chip) for
+  `flops_columns`."""
   t0 = time.time()
   row: dict[str, Any] = {"function": name}
   row.update(extra or {})
@@ -188,6 +255,8 @@ def _compile(name: str, lowered_fn, resident: int, hbm: int, extra: dict | None 
       fits=bool(total <= hbm),
       compile_seconds=round(time.time() - t0, 1),
   )
+  if flops is not None:
+    row.update(flops_columns(compiled, *flops))
   return row, compiled
 
 
@@ -309,9 +378,25 @@ def plan(config, devices=None, log=None) -> list[dict]:
     return rows + [judge(rows, head, hbm)]
   rows = []
 
+  chip = CHIPS.get(setup.devices[0].device_kind)
+  n_dev = len(setup.devices)
+  fwd = analytic.forward_flops
+  passes = (
+      2 if replays_sampler(rc.trainer.replay) else 1
+  )  # r3's old pass: live and replayed forwards
+  # Prefill: the prompt's forward, with the output projection at the one position sampled from.
+  unsampled_heads = 2 * model_cfg.hidden_size * model_cfg.vocab_size * (Pl - 1)
+  work = {
+      "trainer.old_pass": passes * fwd(model_cfg, B, Lt),
+      "trainer.update": analytic.train_flops(model_cfg, B // rc.trainer.mini_batches, Lt),
+      "sampler.update_weights": 0,
+      "sampler.prefill": fwd(model_cfg, Bs, Pl) - Bs * unsampled_heads,
+      "sampler.decode": analytic.decode_flops(model_cfg, Bs, Pl, T),
+  }
+
   def run(name, fn, resident, extra=None):
     log(f"dry run: compiling {name} ...")
-    row, compiled = _compile(name, fn, resident, hbm, extra)
+    row, compiled = _compile(name, fn, resident, hbm, extra, (work[name], n_dev, chip))
     log(
         f"dry run: {name}: "
         + (f"{row['total_gib']} GiB of {row['hbm_gib']}" if "total_gib" in row else "out of memory")

@@ -106,6 +106,18 @@ def test_tiny_dry_run_prints_memory_per_function():
         + r["resident_bytes"]
     )
     assert r["fits"] and r["hbm_gib"] == 95.0 and 0 < r["total_bytes"] < 95 * 2**30
+  # Compute: the model's analytic FLOPs per chip and the time at the v5p's peak (dry_run.CHIPS); XLA's
+  # own count beside them, with the loops (the scan over layers) that make it a lower bound, so no ratio.
+  from fo_rl import dry_run
+
+  peak = dry_run.CHIPS["TPU v5"][1]
+  for r in rows[:-1]:
+    assert r["xla_flops"] >= 0 and r["xla_bytes"] > 0, r
+    if r["function"] == "sampler.update_weights":
+      assert r["model_flops"] == 0 and "roofline_seconds" not in r
+      continue
+    assert r["model_flops"] > 0 and r["roofline_seconds"] == round(r["model_flops"] / peak, 4)
+    assert r["xla_loops"] >= 1 and "flops_ratio" not in r and "loop" in r["flops_ratio_why"]
   # The update donates the train state: its outputs alias its arguments.
   upd = rows[FUNCTIONS.index("trainer.update")]
   assert upd["alias_bytes"] > 0

@@ -9,7 +9,7 @@ import numpy as np
 
 from fo_rl.model.config import MOE_IMPLS
 from fo_rl.model.paged_attention import PAGED_IMPLS
-from fo_rl.parallel.sharding import DEFAULT_RULES, validate_rules
+from fo_rl.parallel.sharding import DEFAULT_RULES, inference_rules, validate_rules
 from fo_rl.sampler import quantize as Q
 
 ENGINES = ("static", "paged")  # sampler.engine
@@ -77,7 +77,7 @@ class SamplerConfig:
   decode_window: int = 16
   max_decode_segments: int = 8
   window_cache_mib: float = 256.0
-  rules: tuple = DEFAULT_RULES
+  rules: tuple = inference_rules(DEFAULT_RULES)  # non-expert weights off the expert axis
   engine: str = "static"
   num_slots: int = 64
   page_size: int = 16
