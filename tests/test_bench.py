@@ -66,7 +66,7 @@ def test_timing_helpers_interleave_their_callables():
   """The sampler and train suites' timers (fast tier: the suites themselves are e2e) call each callable
   in turn, round after round, so that a burst of load from other processes hits every contender alike.
   """
-  from fo_rl.benchmarks import sampler, train
+  from fo_rl.benchmarks import common, sampler
 
   calls = []
   fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
@@ -74,7 +74,7 @@ def test_timing_helpers_interleave_their_callables():
   assert calls == list("abc") * 4  # one warm-up call each, then 3 interleaved rounds
   assert set(best) == set("abc") and all(0 <= t < 1 for t in best.values())
   calls.clear()
-  per = train._rounds(list(fns.values()), rounds=2, iters=3, pause=0)
+  per = common.rounds(list(fns.values()), rounds=2, iters=3, pause=0)
   assert calls == [k for k in "abc" for _ in range(3)] * 2
   assert len(per) == 3 and all(0 <= lo <= med < 1 for lo, med in per)
 
@@ -94,3 +94,26 @@ def test_load_warning(before, during, cpus, threads, says):
 
   msg = load_warning(before, during, cpus, threads)
   assert (msg is None) if says is None else (says in msg), msg
+
+
+@pytest.mark.slow
+def test_longctx_suite_memory_is_linear_with_auto_attention():
+  """`--suite=longctx --quick` (2K, 4K): the rows' contract, and the compiled temporaries (deterministic)
+  of the train step: `auto` (blocked on CPU from 2K) below `reference`, growing ~linearly where the
+  reference grows ~quadratically. Times are reported, never asserted."""
+  from fo_rl.benchmarks import longctx
+
+  rows = list(longctx.run(quick=True))
+  names = [r["name"] for r in rows]
+  assert names == [
+      "longctx/train_temp_mib/T2048",
+      "longctx/train_temp_mib/T4096",
+      "longctx/temp_growth_4k_over_2k",
+      "longctx/train_step_seconds/T2048",
+  ]
+  for r in rows:
+    assert {"fo_rl", "peer", "ratio", "unit"} <= set(r) and r["fo_rl"] > 0 and r["peer"] > 0
+  # the materialized scores are most of the reference's temporaries
+  assert rows[0]["ratio"] < 0.5 and rows[1]["ratio"] < 0.25
+  growth = rows[2]
+  assert growth["fo_rl"] <= 2.2 and growth["peer"] >= 3.0

@@ -1,4 +1,4 @@
-"""Side-by-side benchmarks: `python -m fo_rl.bench --suite=moe|sampler|train` (or `python -m fo_rl.benchmarks`).
+"""Side-by-side benchmarks: `python -m fo_rl.bench --suite=moe|sampler|train|longctx`.
 
 Each suite lives in fo_rl/benchmarks/<suite>.py and yields dicts with at least
 {"name", "fo_rl", "peer", "ratio", "unit"}: fo_rl's figure, the peer's figure measured in the same process,
@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-SUITES = ("moe", "sampler", "train")
+SUITES = ("moe", "sampler", "train", "longctx")
 
 
 def main(argv=None) -> int:

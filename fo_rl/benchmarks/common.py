@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import jax
@@ -31,6 +32,19 @@ def time_call(fn, repeats: int = 5, warmup: int = 1) -> float:
     times.append(time.perf_counter() - t0)
   times.sort()
   return times[len(times) // 2]
+
+
+def rounds(fns, rounds: int, iters: int, pause: float = 0.05):
+  """fns: callables running one blocking step each. Interleaved rounds -> per fn (best, median) s/step."""
+  per = [[] for _ in fns]
+  for _ in range(rounds):
+    for i, fn in enumerate(fns):
+      time.sleep(pause)
+      t0 = time.perf_counter()
+      for _ in range(iters):
+        fn()
+      per[i].append((time.perf_counter() - t0) / iters)
+  return [(min(p), statistics.median(p)) for p in per]
 
 
 def row(name: str, fo_rl: float, peer: float, unit: str, **extra) -> dict:

@@ -22,7 +22,6 @@ disturbed one; the medians are reported too). The pause lets the other side's wo
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 
@@ -30,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fo_rl.benchmarks.common import row
+from fo_rl.benchmarks.common import rounds, row
 from fo_rl.model import ModelConfig, init_model, make_apply, positions_from_mask
 from fo_rl.rl.rollouts import Rollouts
 from fo_rl.rl.optim import OptimConfig
@@ -77,19 +76,6 @@ def _batch(cfg: ModelConfig, B: int, T: int, prompt: int, seed: int = 0):
   resp[:, prompt:] = 1
   adv = rng.choice([-1.0, 1.0], B).astype(np.float32)
   return tokens, resp, adv
-
-
-def _rounds(fns, rounds: int, iters: int, pause: float = 0.05):
-  """fns: callables running one blocking step each. Interleaved rounds -> per fn (best, median) s/step."""
-  per = [[] for _ in fns]
-  for _ in range(rounds):
-    for i, fn in enumerate(fns):
-      time.sleep(pause)
-      t0 = time.perf_counter()
-      for _ in range(iters):
-        fn()
-      per[i].append((time.perf_counter() - t0) / iters)
-  return [(min(p), statistics.median(p)) for p in per]
 
 
 class _FoRL:
@@ -184,7 +170,7 @@ def run(threads: int = 2, quick: bool = False):
     except Exception as e:  # an implementation this torch build cannot run on CPU
       print(f"# peer experts_implementation={impl!r} unavailable: {type(e).__name__}: {e}")
   # The peer is its fastest experts implementation on this machine (a short trial each).
-  trial = [best for best, _ in _rounds([s for _, _, s, _ in peer_impls], rounds=2, iters=1)]
+  trial = [best for best, _ in rounds([s for _, _, s, _ in peer_impls], rounds=2, iters=1)]
   impl, _, peer_step, peer_loss0 = peer_impls[int(np.argmin(trial))]
 
   tc = TrainerConfig(
@@ -201,7 +187,7 @@ def run(threads: int = 2, quick: bool = False):
   compile_s = time.perf_counter() - t0
   replay()
 
-  (t_live, med_live), (t_peer, med_peer) = _rounds([live, peer_step], rounds, iters)
+  (t_live, med_live), (t_peer, med_peer) = rounds([live, peer_step], rounds, iters)
   yield row(
       f"train_step/fo_rl_vs_torch_qwen3moe/B{B}_T{T}_D{cfg.hidden_size}_L{cfg.num_layers}"
       f"_E{cfg.num_experts}_k{cfg.num_experts_per_tok}_F{cfg.moe_intermediate_size}",
@@ -222,7 +208,7 @@ def run(threads: int = 2, quick: bool = False):
       loss_peer=round(peer_loss0, 6),
   )
 
-  (t_rep, med_rep), (t_live2, med_live2) = _rounds([replay, live], rounds, iters)
+  (t_rep, med_rep), (t_live2, med_live2) = rounds([replay, live], rounds, iters)
   yield row(
       f"replay_overhead/r3_vs_live/B{B}_T{T}_D{cfg.hidden_size}_L{cfg.num_layers}_E{cfg.num_experts}",
       t_rep,
