@@ -26,6 +26,10 @@ ROWS = {  # each suite's row names, up to the size suffix the moe and train suit
         "generate/bfloat16_vs_float32",
         "generate/float8_e4m3fn_vs_float32",
         "generate/int8_vs_float32",
+        "engine/heavy_tail_tokens_per_s",
+        "engine/heavy_tail_vs_peer_tokens_per_s",
+        "engine/prefill_shared_vs_repeated",
+        "engine/kv_bytes_per_token",
     },
 }
 
@@ -58,8 +62,8 @@ def test_quick_suite_prints_its_rows(suite):
     assert r["ratio"] == pytest.approx(r["fo_rl"] / r["peer"], rel=1e-3)
   if suite == "sampler":
     assert all(
-        r["devices"] == 2 for r in rows
-    )  # the batch is split over 2 CPU devices, one loop each
+        r["devices"] == (1 if r["name"].startswith("engine/") else 2) for r in rows
+    )  # the batch is split over 2 CPU devices, one loop each (the paged engine: one device)
 
 
 def test_timing_helpers_interleave_their_callables():
@@ -110,6 +114,8 @@ def test_longctx_suite_memory_is_linear_with_auto_attention():
       "longctx/train_temp_mib/T4096",
       "longctx/temp_growth_4k_over_2k",
       "longctx/train_step_seconds/T2048",
+      "longctx/padding_fraction/default",
+      "longctx/padding_fraction/1to5_digits",
   ]
   for r in rows:
     assert {"fo_rl", "peer", "ratio", "unit"} <= set(r) and r["fo_rl"] > 0 and r["peer"] > 0
@@ -117,3 +123,5 @@ def test_longctx_suite_memory_is_linear_with_auto_attention():
   assert rows[0]["ratio"] < 0.5 and rows[1]["ratio"] < 0.25
   growth = rows[2]
   assert growth["fo_rl"] <= 2.2 and growth["peer"] >= 3.0
+  for r in rows[4:]:  # packing computes fewer padded positions, in fewer rows
+    assert 0 < r["fo_rl"] < r["peer"] < 1 and r["rows_packed"] < r["rows"]

@@ -18,6 +18,19 @@ Rows:
   generate/time_2L_over_L the same for whole generate calls (prefill included), fo_rl's and the peer's.
   generate/<dtype>_vs_float32  fo_rl's generate time with FP8 / int8 / bf16 weights over float32 (on CPU
                           the weights are dequantized inside the step, so > 1 is expected there).
+  engine/heavy_tail_tokens_per_s  the paged engine (sampler.engine="paged") / the static sampler,
+                          generated tokens per second on heavy-tailed lengths: 256 sequences whose
+                          lengths are drawn once from a fixed long-tailed distribution (95%: 1 +
+                          Geometric(1/20), most within 64; 5%: max_new_tokens = 512), imposed on both
+                          sides by a per-row length cap so both generate exactly the same tokens
+                          (target >= 3).
+  engine/heavy_tail_vs_peer_tokens_per_s  the engine / transformers generate() on the same lengths (a
+                          logits processor forces EOS at each row's drawn length; target >= 5).
+  engine/prefill_shared_vs_repeated  seconds per generate call with max_new_tokens = 1 for 16 prompts of
+                          256 tokens x G = 16 samples: the engine (each prompt prefilled once) / the
+                          static sampler (every row prefilled; report).
+  engine/kv_bytes_per_token  KV-cache bytes held per generated token on the heavy-tailed batch: the
+                          engine's peak pages in use / the static sampler's [B, P + T] cache (report).
   generate/one_device_vs_<n>  fo_rl's generate time on one device over the n-device mesh (context: how much
                           the second core gives).
   decode/one_device_time_2L_over_L  decode/time_2L_over_L on one device (context: one core's cache and
@@ -185,6 +198,8 @@ def run(threads: int = 2, quick: bool = False):
         **extra,
     )
 
+  yield from engine_rows(state, threads, quick, extra)
+
   t = _best_of(
       {k: (lambda s=s: fo_generate(s, L)) for k, s in (*samplers.items(), ("one", one))}, repeats
   )
@@ -203,3 +218,130 @@ def run(threads: int = 2, quick: bool = False):
         f"seconds per generate call (fo_rl {dtype} weights / fo_rl float32; lower is better)",
         **extra,
     )
+
+
+def _heavy_tail_lengths(n: int, max_new: int, seed: int = 0) -> np.ndarray:
+  """The benchmark's fixed long-tailed response lengths: 5% run to max_new, the rest 1 +
+  Geometric(1/20) (capped at max_new; most within 64)."""
+  rng = np.random.default_rng(seed)
+  lengths = np.minimum(rng.geometric(1 / 20, n), max_new)
+  lengths[rng.random(n) < 0.05] = max_new
+  return lengths.astype(np.int32)
+
+
+def engine_rows(state, threads: int, quick: bool, extra: dict):
+  """The paged engine's rows (see the module docstring)."""
+  import torch
+  from transformers import LogitsProcessor
+
+  from fo_rl.sampler import Sampler, SamplerConfig, SamplingParams, bucket
+
+  B, P, max_new = (32, 32, 64) if quick else (256, 32, 512)
+  repeats = 1 if quick else 3
+  rng = np.random.default_rng(1)
+  prompts = [list(rng.integers(1, CFG.vocab_size, P)) for _ in range(B)]
+  caps = _heavy_tail_lengths(B, max_new)
+  sampling = SamplingParams(temperature=1.0, max_new_tokens=max_new)  # no EOS: the caps end rows
+  static = Sampler(CFG, SamplerConfig(), trainer_state=state)
+  paged_cfg = SamplerConfig(engine="paged", num_slots=16 if quick else 64, prefill_chunk=128)
+  paged = Sampler(CFG, paged_cfg, trainer_state=state)
+  ex = dict(
+      extra,
+      batch=B,
+      prompt_len=P,
+      new_tokens=int(caps.sum()),
+      max_new_tokens=max_new,
+      num_slots=paged_cfg.num_slots,
+      page_size=paged_cfg.page_size,
+      devices=1,
+      timing=f"best of {repeats}",
+  )
+  seed = iter(range(10**6))
+
+  def gen(s):
+    out = s.generate(prompts, sampling, seed=next(seed), max_new_per_row=caps)
+    jax.block_until_ready(out.tokens)
+    return out
+
+  np.testing.assert_array_equal(np.asarray(gen(paged).lengths), caps)
+  t = _best_of({"engine": lambda: gen(paged), "static": lambda: gen(static)}, repeats)
+  yield row(
+      "engine/heavy_tail_tokens_per_s",
+      caps.sum() / t["engine"],
+      caps.sum() / t["static"],
+      "generated tokens/s, paged engine / static sampler (higher is better; target ratio >= 3)",
+      **ex,
+  )
+  st = paged.engine.stats
+  cfg = paged.model_cfg
+  per_pos = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4  # float32 k and v
+  Pb, T = bucket(P, static.config.prompt_bucket), bucket(max_new, static.config.gen_bucket)
+  yield row(
+      "engine/kv_bytes_per_token",
+      st["peak_pages"] * paged_cfg.page_size * per_pos / caps.sum(),
+      B * (Pb + T) * per_pos / caps.sum(),
+      "KV bytes held per generated token: engine peak pages in use / static [B, P + T] cache "
+      f"(report; engine pool {st['pages']} pages allocated)",
+      **ex,
+  )
+
+  model = _peer_model(CFG, state, threads)
+  ids = torch.as_tensor(np.asarray(prompts), dtype=torch.long)
+  eos = CFG.vocab_size - 1
+  cap_t = torch.as_tensor(caps)
+
+  class ForceLength(LogitsProcessor):
+    """EOS exactly at each row's drawn length (and never before), as the caps do on fo_rl's side."""
+
+    def __call__(self, input_ids, scores):
+      step = input_ids.shape[1] - P  # tokens generated so far
+      scores[:, eos] = -float("inf")
+      end = cap_t == step + 1
+      scores[end] = -float("inf")
+      scores[end, eos] = 0.0
+      return scores
+
+  def peer():
+    with torch.no_grad():
+      return model.generate(
+          ids,
+          attention_mask=torch.ones_like(ids),
+          do_sample=True,
+          temperature=1.0,
+          top_k=0,
+          top_p=1.0,
+          max_new_tokens=max_new,
+          pad_token_id=0,
+          eos_token_id=eos,
+          logits_processor=[ForceLength()],
+      )
+
+  out = peer()
+  got = (out[:, P:] == eos).int().argmax(1) + 1
+  np.testing.assert_array_equal(got.numpy(), caps)
+  tp = _best_of({"peer": peer}, 1)
+  yield row(
+      "engine/heavy_tail_vs_peer_tokens_per_s",
+      caps.sum() / t["engine"],
+      caps.sum() / tp["peer"],
+      "generated tokens/s, paged engine / transformers generate() (higher is better; target >= 5)",
+      **dict(ex, peer_threads=threads),
+  )
+
+  G, n, Pp = (4, 4, 64) if quick else (16, 16, 256)
+  shared = [list(rng.integers(1, CFG.vocab_size, Pp)) for _ in range(n)]
+  grouped = [p for p in shared for _ in range(G)]
+  one = SamplingParams(temperature=1.0, max_new_tokens=1)
+
+  def prefill(s):
+    jax.block_until_ready(s.generate(grouped, one, seed=next(seed)).tokens)
+
+  t = _best_of({"engine": lambda: prefill(paged), "static": lambda: prefill(static)}, repeats)
+  yield row(
+      "engine/prefill_shared_vs_repeated",
+      t["engine"],
+      t["static"],
+      f"seconds per generate call, max_new_tokens=1, {n} prompts of {Pp} tokens x G={G}: engine "
+      "(prefill once per prompt) / static (once per row) (lower is better; report)",
+      **dict(ex, batch=n * G, prompt_len=Pp, new_tokens=n * G),
+  )
