@@ -202,7 +202,9 @@ def base_config() -> ml_collections.ConfigDict:
   # How the trainer runs a mini-batch (never what it computes): micro_batches M splits each mini-batch's
   # forward/backward into M micro-batches with gradient accumulation (one optimizer step per mini-batch;
   # the old-logprob pass runs at the same micro-batch size), trading time for activation memory.
-  c.trainer = ml_collections.ConfigDict({"micro_batches": 1})
+  # pack: the forward passes run on packed rows (several responses end to end with segment ids), which
+  # cuts the padding they compute; losses, normalizers and metrics are those of the unpacked rows.
+  c.trainer = ml_collections.ConfigDict({"micro_batches": 1, "pack": False})
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 10  # RL steps
@@ -724,7 +726,9 @@ def _parse(c: ml_collections.ConfigDict, num_devices: int | None) -> RunConfig:
   optim = OptimConfig.from_config(d["optim"])
   check_rl_fields(rl.mini_batches, rl.replay, rl.temperature, model.num_experts)
   tr = dict(d.get("trainer", {}))
-  unknown_keys(tr, ["micro_batches"], "trainer")
+  unknown_keys(tr, ["micro_batches", "pack"], "trainer")
+  if not isinstance(tr.get("pack", False), bool):
+    _bad("trainer.pack", tr["pack"], "must be true or false")
   micro = tr.get("micro_batches", 1)
   mini = rl.global_batch // rl.mini_batches
   check_micro_batches(micro, mini)
@@ -764,6 +768,7 @@ def _parse(c: ml_collections.ConfigDict, num_devices: int | None) -> RunConfig:
           loss=rl.loss,
           optim=optim,
           micro_batches=micro,
+          pack=tr.get("pack", False),
       ),
       eval=from_mapping(EvalConfig, d["eval"], "eval"),
       checkpoint=from_mapping(CheckpointConfig, d["checkpoint"], "checkpoint"),

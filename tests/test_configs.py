@@ -332,6 +332,7 @@ def test_unknown_key_in_any_section_is_an_error_naming_it(section):
         ("rl.max_skipped_steps", -1, "rl.max_skipped_steps"),
         ("rl.max_skipped_steps", 2.5, "rl.max_skipped_steps"),
         ("trainer.micro_batches", 0, "trainer.micro_batches=0: must be an integer >= 1"),
+        ("trainer.pack", "yes", "trainer.pack"),
         (
             "trainer.micro_batches",
             3,

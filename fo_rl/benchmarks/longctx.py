@@ -9,7 +9,12 @@ temporaries grow linearly (8K / 4K <= 2.2), and `auto` at 2K is no slower than 1
 from 2,048 positions on, `reference` below.
 
 Rows: `longctx/train_temp_mib/T{T}` (auto vs reference MiB), `longctx/temp_growth_8k_over_4k` (the
-growth factor of each), `longctx/train_step_seconds/T2048`.
+growth factor of each), `longctx/train_step_seconds/T2048`, and `longctx/padding_fraction/...`: the share
+of the positions the trainer's forward passes compute that hold no token, with `trainer.pack` (fo_rl)
+and without (peer), on the default recipe's batch layout (configs/moe_r3.py: 16 prompts x 8 responses,
+mini-batches of 32, prompt bucket 16, `max_new_tokens` 40) filled with its task's prompts and responses
+as long as the cold start's teacher writes them (the lengths RL starts from; `careful` teacher), and on
+the paper regime's 1-5 digit task (fo_rl/paper/suites.py REGIME), whose lengths vary.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import jax.numpy as jnp
 from fo_rl.benchmarks.common import rounds, row
 from fo_rl.model import ModelConfig, init_model, positions_from_mask
 from fo_rl.model.init import make_scorer
+from fo_rl.rl import packing
 
 MIB = 2**20
 
@@ -95,3 +101,46 @@ def run(threads: int = 2, quick: bool = False):
       "seconds per forward+backward, median of interleaved rounds (target ratio <= 1.3)",
       best=[round(best_a, 4), round(best_r, 4)],
   )
+  from fo_rl.paper.suites import REGIME
+
+  for name, options, max_new in (
+      ("default", {"num_digits": 3, "ops": "+-"}, 40),
+      ("1to5_digits", REGIME["data.options"], REGIME["sampler.max_new_tokens"]),
+  ):
+    mini = _layout_mask(options, max_new).reshape(4, 32, -1)  # the recipe's 4 mini-batches
+    plan = packing.plan(mini)
+    yield row(
+        f"longctx/padding_fraction/{name}",
+        packing.padding_fraction(mini, plan),
+        packing.padding_fraction(mini),
+        "share of computed positions that are padding, packed vs rows (lower is better)",
+        rows_packed=int(plan.src.shape[1]),
+        rows=32,
+    )
+
+
+def _layout_mask(options: dict, max_new: int):
+  """[128, P + T] token mask of the default recipe's layout (16 prompts x 8 responses, prompt bucket 16,
+  generation bucket 16) for arithmetic with `options`, responses as long as the `careful` teacher's.
+  """
+  import numpy as np
+
+  from fo_rl.data import get_task
+  from fo_rl.data.tokenizer import Tokenizer
+  from fo_rl.sampler.config import bucket
+
+  task = get_task("arithmetic", **options)
+  records = task.generate("train", 16, seed=0)
+  tok = Tokenizer.default()
+  rng = np.random.default_rng(0)
+  plen = np.repeat([len(tok.encode(task.format_prompt(r), add_bos=True)) for r in records], 8)
+  rlen = np.asarray(
+      [
+          len(tok.encode(task.teacher(r, "careful", rng), add_eos=True))
+          for r in records
+          for _ in range(8)
+      ]
+  )
+  P, T = bucket(int(plen.max()), 16), bucket(max_new, 16)
+  cols = np.arange(P + T)
+  return (cols >= P - plen[:, None]) & (cols < P + np.minimum(rlen, max_new)[:, None])

@@ -59,20 +59,29 @@ def make_apply(graphdef):
 
 
 def make_scorer(graphdef, chunk: int = 0):
-  """score(state, tokens, positions, routes=None, token_mask=None, temperature=1.0, entropy=False)
+  """score(state, tokens, positions, routes=None, token_mask=None, temperature=1.0, entropy=False,
+  segment_ids=None)
   -> ((logp [B, T], entropy [B, T] or None), live routes): the trainer's view of the model
   (fo_rl/model/logprobs.py). chunk 0: from the whole logits [B, T, V]; chunk > 0: `chunk` positions at a
   time from the hidden states, never holding more than one chunk's logits (forward or backward)."""
   from fo_rl.model import logprobs
 
-  def score(state, tokens, positions, routes=None, token_mask=None, temperature=1.0, entropy=False):
+  def score(
+      state,
+      tokens,
+      positions,
+      routes=None,
+      token_mask=None,
+      temperature=1.0,
+      entropy=False,
+      segment_ids=None,
+  ):
     model = nnx.merge(graphdef, state)
+    kw = dict(token_mask=token_mask, segment_ids=segment_ids)
     if chunk <= 0:
-      logits, live_routes, _ = model(tokens, positions, routes, token_mask=token_mask)
+      logits, live_routes, _ = model(tokens, positions, routes, **kw)
       return logprobs.full(logits, tokens, temperature, entropy), live_routes
-    hidden, live_routes, _ = model(
-        tokens, positions, routes, token_mask=token_mask, return_hidden=True
-    )
+    hidden, live_routes, _ = model(tokens, positions, routes, return_hidden=True, **kw)
     out = logprobs.chunked(hidden, model.head_matrix(), tokens, temperature, chunk, entropy)
     return out, live_routes
 

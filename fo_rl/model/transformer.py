@@ -100,13 +100,19 @@ class Attention(nnx.Module):
     return self._attend_cached(q, k, v, key_mask, cache, cache_index)
 
   def _attend(self, q, k, v, key_mask):
-    """Causal attention of q [B, T, N, H] over k, v [B, T, K, H] (key_mask [B, T]) -> [B, T, D], by
-    model.attention_impl (fo_rl/model/attention.py)."""
+    """Causal attention of q [B, T, N, H] over k, v [B, T, K, H] -> [B, T, D], by model.attention_impl
+    (fo_rl/model/attention.py). key_mask [B, T]: bool (real keys), or int32 segment ids of packed rows
+    (0: padding; a query sees only keys of its own segment), which is how Transformer passes them.
+    """
+    segment_ids = None
+    if jnp.issubdtype(key_mask.dtype, jnp.integer):
+      segment_ids, key_mask = key_mask, key_mask > 0
     out = attention.attend(
         q,
         k,
         v,
         key_mask,
+        segment_ids,
         impl=self.cfg.attention_impl,
         mesh=self.mesh,
         batch_axes=self.token_axes,
@@ -292,6 +298,7 @@ class Transformer(nnx.Module):
       cache=None,
       cache_index=None,
       return_hidden: bool = False,
+      segment_ids=None,
   ):
     """tokens, positions [B, T] int32 -> (logits [B, T, V] float32, the routes chosen live
     [B, T, L, k] int32, cache); with return_hidden, the final hidden states [B, T, D] (after the final
@@ -303,6 +310,9 @@ class Transformer(nnx.Module):
       dense layers hold -1 (the layout of `fo_rl.rl.rollouts`, which the returned routes share).
     cache: list over layers of {'k','v': [B, K, H, S]}, written at slots cache_index + [0, T); then
       key_mask [B, S] says which cache slots hold real tokens (it must include the new ones).
+    segment_ids [B, T] int32 (no cache): packed rows, several sequences end to end; a position attends
+      only to earlier positions of its own segment (positions restart per segment: the caller's).
+      They travel to attention as the key mask (int32, 0 at padding).
     """
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
@@ -311,6 +321,10 @@ class Transformer(nnx.Module):
       token_mask = jnp.ones((B, T), bool)
     if cache is None:
       key_mask = token_mask
+      if segment_ids is not None:
+        key_mask = jnp.where(token_mask, jnp.asarray(segment_ids, jnp.int32), 0)
+    elif segment_ids is not None:
+      raise ValueError("segment_ids (packed rows) are for passes without a KV cache")
     elif key_mask is None:
       raise ValueError("key_mask [B, S] is required with a cache")
     if routes is not None:

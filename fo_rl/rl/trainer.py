@@ -36,6 +36,7 @@ from fo_rl.model.logprobs import token_logprobs  # noqa: F401  (the trainer's lo
 from fo_rl.parallel.multihost import host_get  # device_get that also works across processes
 from fo_rl.parallel.sharding import DEFAULT_RULES, Rules, batch_spec, check_batch_split
 from fo_rl.rl import metrics as rl_metrics
+from fo_rl.rl import packing
 from fo_rl.rl.losses import LossConfig, LossInputs, loss_denominator, policy_loss
 from fo_rl.rl.optim import OptimConfig, abstract_opt_state, init_opt_state, make_optimizer
 from fo_rl.rl.rollouts import REPLAY_MODES, Rollouts, pass_routes, replays_sampler
@@ -54,6 +55,9 @@ class TrainerConfig:
   # update (gradient accumulation: still one optimizer step per mini-batch), and the old-logprob pass
   # runs over micro-batches of the same size. Activation memory scales with the micro-batch.
   micro_batches: int = 1
+  # trainer.pack: the forward passes run on packed rows (fo_rl/rl/packing.py: several responses end to
+  # end, with segment ids), cutting the padding they compute; losses and metrics are unchanged.
+  pack: bool = False
 
   def __post_init__(self):
     check_rl_fields(self.mini_batches, self.replay, self.temperature)
@@ -169,7 +173,7 @@ class Trainer:
     )
     return {
         "old_pass": self._old_pass.lower(state.params, ro),
-        "update": self._compile_update(state, *mb).lower(state, *mb),
+        "update": self._compile_update(state, *mb).lower(state, *mb, None),
     }
 
   def _batch_sharding(self, x):
@@ -232,6 +236,49 @@ class Trainer:
 
     return jax.tree.map(one, tree)
 
+  # ---- the model's view of a batch ------------------------------------------------------------
+  def _score_rows(self, params, r: Rollouts, routes, plan=None, entropy=False):
+    """((logp, entropy or None), live routes) of rows `r` in the row layout, routes replayed or None.
+    With `plan` (src [R, W], dst [b, W] of one group: fo_rl/rl/packing.py) the model runs on the packed
+    rows, and its outputs are gathered back into the rows."""
+    temp = self.cfg.temperature
+    if plan is None:
+      return self.score(params, r.tokens, r.positions, routes, r.token_mask, temp, entropy)
+    src, dst = plan
+    W = r.tokens.shape[1]
+    rows = lambda x: self._constrain(x)  # noqa: E731  (packed rows split over the batch axes)
+    tokens, positions = rows(packing.pack(r.tokens, src)), rows(packing.pack(r.positions, src))
+    routes = None if routes is None else rows(packing.pack(routes, src, fill=None))
+    (logp, ent), live = self.score(
+        params,
+        tokens,
+        positions,
+        routes,
+        rows(src >= 0),
+        temp,
+        entropy,
+        segment_ids=rows(packing.segments(src, W)),
+    )
+    ent = None if ent is None else packing.unpack(ent, dst)
+    return (packing.unpack(logp, dst), ent), packing.unpack(live, dst, fill=None)
+
+  def _constrain(self, x):
+    return x if self.mesh is None else jax.lax.with_sharding_constraint(x, self._batch_sharding(x))
+
+  def _plans(self, token_mask, groups: int, rows: slice = slice(None)) -> packing.Plan | None:
+    """The packing of token_mask[rows] split into `groups` strided micro-batches (as `_split` splits
+    them), on the host; None without trainer.pack."""
+    if not self.cfg.pack:
+      return None
+    tm = np.asarray(host_get(token_mask))[rows]
+    tm = tm.reshape(tm.shape[0] // groups, groups, tm.shape[1]).swapaxes(0, 1)
+    multiple = 1
+    if self.mesh is not None:
+      spec = batch_spec(self.rules, 1, self.mesh)[0]
+      for a in (spec,) if isinstance(spec, str) else spec or ():
+        multiple *= self.mesh.shape[a]
+    return packing.plan(tm, multiple)
+
   # ---- old-logprob pass ---------------------------------------------------------------------
   def old_pass(self, params, ro: Rollouts):
     """Step 1 of `train_step`: (logp_old [B, T] (0 at position 0), the live routes [B, T, L, k] (what r2
@@ -239,36 +286,35 @@ class Trainer:
     checked here first: they are outside data."""
     if replays_sampler(self.cfg.replay):
       validate_replay_routes(ro.routes, self.model_cfg, ro.token_mask)
-    return self._old_pass(params, self._shard_batch(ro))
+    plan = self._plans(ro.token_mask, self._old_groups(ro.tokens.shape[0]))
+    return self._old_pass(params, self._shard_batch(ro), plan)
+
+  def _old_groups(self, B: int) -> int:
+    """Micro-batches the old-logprob pass runs the global batch of B rows as."""
+    return B // (B // self.cfg.mini_batches // self.cfg.micro_batches)
 
   def old_logprobs(self, params, ro: Rollouts) -> jax.Array:
     """[B, T] logp_old = log pi_old(y_t), exactly as `train_step` computes it."""
     return self.old_pass(params, ro)[0]
 
-  def _old_scores(self, params, ro: Rollouts):
+  def _old_scores(self, params, ro: Rollouts, plan=None):
     """(logp_live, logp_old, entropy of pi_old, live routes) of a batch: one forward (two under r3)."""
-    temp = self.cfg.temperature
     r3 = replays_sampler(self.cfg.replay)
-    (logp_live, entropy), live_routes = self.score(
-        params, ro.tokens, ro.positions, None, ro.token_mask, temp, entropy=not r3
-    )
+    (logp_live, entropy), live_routes = self._score_rows(params, ro, None, plan, entropy=not r3)
     routes = pass_routes(self.cfg.replay, "old", sampler=ro.routes, live=live_routes)
     logp_old = logp_live
     if routes is not None:  # r3
-      (logp_old, entropy), _ = self.score(
-          params, ro.tokens, ro.positions, routes, ro.token_mask, temp, entropy=True
-      )
+      (logp_old, entropy), _ = self._score_rows(params, ro, routes, plan, entropy=True)
     return logp_live, logp_old, entropy, live_routes
 
-  def _old_pass_fn(self, params, ro: Rollouts):
-    B = ro.tokens.shape[0]
-    n = B // (
-        B // self.cfg.mini_batches // self.cfg.micro_batches
-    )  # micro-batches in the global batch
+  def _old_pass_fn(self, params, ro: Rollouts, plan=None):
+    n = self._old_groups(ro.tokens.shape[0])  # micro-batches in the global batch
     if n == 1:
-      logp_live, logp_old, entropy, live_routes = self._old_scores(params, ro)
+      one = None if plan is None else (plan.src[0], plan.dst[0])
+      logp_live, logp_old, entropy, live_routes = self._old_scores(params, ro, one)
     else:  # one micro-batch at a time (lax.map: a loop, so only one micro-batch's activations live)
-      scores = jax.lax.map(lambda x: self._old_scores(params, x), self._split(ro, n))
+      xs = (self._split(ro, n), None if plan is None else (plan.src, plan.dst))
+      scores = jax.lax.map(lambda x: self._old_scores(params, *x), xs)
       logp_live, logp_old, entropy, live_routes = self._unsplit(scores)
     mask = ro.response_mask
     out = {}
@@ -298,7 +344,7 @@ class Trainer:
         LossInputs(logp, logp_old, ro.logp_mu, ro.advantages, ro.response_mask), self.cfg.loss
     )
 
-  def _accumulated_grads(self, params, ro: Rollouts, logp_old, routes):
+  def _accumulated_grads(self, params, ro: Rollouts, logp_old, routes, plan=None):
     """((loss, metrics), grads) of one mini-batch, as `jax.value_and_grad(self.loss_fn)` returns them,
     computed over trainer.micro_batches micro-batches (lax.scan: one micro-batch's activations live at a
     time). Micro-batch j's loss is weighted by its own denominator over the mini-batch's
@@ -312,8 +358,8 @@ class Trainer:
     den = loss_denominator(inputs(ro, logp_old, logp_old), lcfg)
 
     def micro_loss(p, x):
-      r, lo, rp = x
-      (logp, _), _ = self.score(p, r.tokens, r.positions, rp, r.token_mask, self.cfg.temperature)
+      r, lo, rp, pl = x
+      (logp, _), _ = self._score_rows(p, r, rp, pl)
       b = inputs(r, logp, lo)
       loss, _ = policy_loss(b, lcfg)
       return loss * loss_denominator(b, lcfg) / den, logp
@@ -325,21 +371,20 @@ class Trainer:
       return (acc_loss + loss, acc_g), logp
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    (loss, grads), logp = jax.lax.scan(
-        body, (jnp.zeros((), jnp.float32), zeros), self._split((ro, logp_old, routes), M)
-    )
+    xs = (*self._split((ro, logp_old, routes), M), None if plan is None else (plan.src, plan.dst))
+    (loss, grads), logp = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), xs)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     logp = jax.lax.stop_gradient(self._unsplit(logp))
     _, metrics = policy_loss(inputs(ro, logp, logp_old), lcfg)
     return (loss, metrics), grads
 
-  def _update_fn(self, state: TrainState, ro: Rollouts, logp_old, routes):
-    if self.cfg.micro_batches == 1:
+  def _update_fn(self, state: TrainState, ro: Rollouts, logp_old, routes, plan=None):
+    if self.cfg.micro_batches == 1 and plan is None:
       (loss, m), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
           state.params, ro, logp_old, routes
       )
     else:
-      (loss, m), grads = self._accumulated_grads(state.params, ro, logp_old, routes)
+      (loss, m), grads = self._accumulated_grads(state.params, ro, logp_old, routes, plan)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
     grads = jax.tree.map(lambda g: jnp.where(ok, g, 0), grads)  # keep Adam's moments finite too
@@ -358,9 +403,10 @@ class Trainer:
       return jax.jit(self._update_fn, donate_argnums=0)
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     batch_sh = jax.tree.map(self._batch_sharding, (mb, logp_old, routes))
+    replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     return jax.jit(
         self._update_fn,
-        in_shardings=(state_sh, *batch_sh),
+        in_shardings=(state_sh, *batch_sh, replicated),  # the packing plan: small, host-made
         out_shardings=(state_sh, NamedSharding(self.mesh, jax.sharding.PartitionSpec())),
         donate_argnums=0,
     )
@@ -377,10 +423,11 @@ class Trainer:
     mb_size = B // N
     for i in range(N):
       mb, lo, rp = self._minibatch((ro, logp_old, routes), i * mb_size, size=mb_size)
+      plan = self._plans(ro.token_mask, cfg.micro_batches, slice(i * mb_size, (i + 1) * mb_size))
       if mb_size not in self._updates:
         self._updates[mb_size] = self._compile_update(state, mb, lo, rp)
       self._update = self._updates[mb_size]
-      state, m = self._update(state, mb, lo, rp)
+      state, m = self._update(state, mb, lo, rp, plan)
       per_mb.append(m)
     per_mb = host_get(per_mb)
     self.last_minibatch_metrics = per_mb  # per-update values, for tests and debugging
