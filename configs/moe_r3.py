@@ -13,7 +13,9 @@ compilation and the ~90 s SFT cold start included; the tfds data was already gen
 (+0.221, best 0.775 at step 190), greedy 0.875 -> 0.875, no collapse (README "Results"). On another
 2-core machine (Xeon with AVX-512/AMX: XLA:CPU rounds differently per instruction set) the same code
 gives 0.488 -> 0.740 (best 0.773), greedy 0.828 -> 0.906; after the gating change of issue 16 (same
-function, other rounding) 0.539 -> 0.861 (best 0.875), greedy 0.938 -> 0.930 (README "Results").
+function, other rounding) 0.539 -> 0.861 (best 0.875), greedy 0.938 -> 0.930; after the 2026-12-01
+changes (warmup's first update, experts scaled after the matmul) 0.539 -> 0.840 (best 0.852), greedy 0.891
+(README "Results").
 """
 
 from fo_rl.config import base_config, tiny, variant

@@ -50,7 +50,8 @@ def sft_key(rc: config_lib.RunConfig) -> str:
     for f in config_lib.JSONL_OPTIONS:
       parts["data"].pop(f, None)
   parts["sft"].pop("cache_dir", None)
-  for f, default in config_lib.DATA_DEFAULTS_ADDED.items():  # added later: out of the key at defaults
+  # Fields added later stay out of the key at their defaults.
+  for f, default in config_lib.DATA_DEFAULTS_ADDED.items():
     if parts["data"].get(f) == default:
       parts["data"].pop(f)
   # Not in the key (cold starts cached before these fields existed stay valid): the pre-flight threshold,

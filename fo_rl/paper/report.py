@@ -261,7 +261,8 @@ def _sweeps(results: Mapping[str, Any]):
 # The regime calibration's table.
 # --------------------------------------------------------------------------------------------------------
 
-CLIP_CANDIDATES = (1.0, 30.0)  # grad-clip thresholds whose binding fraction the table shows (old, chosen)
+# Grad-clip thresholds whose binding fraction the table shows (old, chosen).
+CLIP_CANDIDATES = (1.0, 30.0)
 
 
 def teacher_lengths(
