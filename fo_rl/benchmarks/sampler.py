@@ -243,7 +243,9 @@ def engine_rows(state, threads: int, quick: bool, extra: dict):
   caps = _heavy_tail_lengths(B, max_new)
   sampling = SamplingParams(temperature=1.0, max_new_tokens=max_new)  # no EOS: the caps end rows
   static = Sampler(CFG, SamplerConfig(), trainer_state=state)
-  paged_cfg = SamplerConfig(engine="paged", num_slots=16 if quick else 64, prefill_chunk=128)
+  paged_cfg = SamplerConfig(
+      engine="paged", num_slots=16 if quick else 64, prefill_chunk=32, prefill_rows=8
+  )
   paged = Sampler(CFG, paged_cfg, trainer_state=state)
   ex = dict(
       extra,
@@ -253,6 +255,7 @@ def engine_rows(state, threads: int, quick: bool, extra: dict):
       max_new_tokens=max_new,
       num_slots=paged_cfg.num_slots,
       page_size=paged_cfg.page_size,
+      prefill=f"{paged_cfg.prefill_rows}x{paged_cfg.prefill_chunk}",
       devices=1,
       timing=f"best of {repeats}",
   )
