@@ -136,7 +136,7 @@ def _peer(cfg: ModelConfig, params, tokens, resp, adv, threads: int, impl: str |
 def run(threads: int = 2, quick: bool = False):
   cfg = _model_cfg(quick)
   B, T, prompt = (8, 64, 16) if quick else (32, 128, 32)
-  rounds, iters = (3, 1) if quick else (9, 2)
+  n_rounds, iters = (3, 1) if quick else (9, 2)
   tokens, resp, adv = _batch(cfg, B, T, prompt)
   graphdef, params = init_model(cfg, seed=0)
   apply = jax.jit(make_apply(graphdef))
@@ -187,7 +187,7 @@ def run(threads: int = 2, quick: bool = False):
   compile_s = time.perf_counter() - t0
   replay()
 
-  (t_live, med_live), (t_peer, med_peer) = rounds([live, peer_step], rounds, iters)
+  (t_live, med_live), (t_peer, med_peer) = rounds([live, peer_step], n_rounds, iters)
   yield row(
       f"train_step/fo_rl_vs_torch_qwen3moe/B{B}_T{T}_D{cfg.hidden_size}_L{cfg.num_layers}"
       f"_E{cfg.num_experts}_k{cfg.num_experts_per_tok}_F{cfg.moe_intermediate_size}",
@@ -208,7 +208,7 @@ def run(threads: int = 2, quick: bool = False):
       loss_peer=round(peer_loss0, 6),
   )
 
-  (t_rep, med_rep), (t_live2, med_live2) = rounds([replay, live], rounds, iters)
+  (t_rep, med_rep), (t_live2, med_live2) = rounds([replay, live], n_rounds, iters)
   yield row(
       f"replay_overhead/r3_vs_live/B{B}_T{T}_D{cfg.hidden_size}_L{cfg.num_layers}_E{cfg.num_experts}",
       t_rep,

@@ -173,7 +173,8 @@ class Trainer:
     )
     return {
         "old_pass": self._old_pass.lower(state.params, ro),
-        "update": self._compile_update(state, *mb).lower(state, *mb, None),
+        # The unpacked update: packing's shapes depend on the data (the dry run does not pack).
+        "update": self._compile_update(state, *mb, packed=False).lower(state, *mb),
     }
 
   def _batch_sharding(self, x):
@@ -398,15 +399,19 @@ class Trainer:
     m = dict(m, loss=loss, grad_norm=grad_norm, update_norm=update_norm, skipped=skipped)
     return new, m
 
-  def _compile_update(self, state: TrainState, mb, logp_old, routes):
+  def _compile_update(self, state: TrainState, mb, logp_old, routes, packed: bool | None = None):
+    """The jitted update for these shapes: update(state, mb, logp_old, routes[, plan]); the packing
+    plan is an argument when `packed` (default: trainer.pack)."""
     if self.mesh is None:
       return jax.jit(self._update_fn, donate_argnums=0)
+    packed = self.cfg.pack if packed is None else packed
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     batch_sh = jax.tree.map(self._batch_sharding, (mb, logp_old, routes))
     replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    plan_sh = (replicated,) if packed else ()  # the packing plan: small, made on the host
     return jax.jit(
         self._update_fn,
-        in_shardings=(state_sh, *batch_sh, replicated),  # the packing plan: small, host-made
+        in_shardings=(state_sh, *batch_sh, *plan_sh),
         out_shardings=(state_sh, NamedSharding(self.mesh, jax.sharding.PartitionSpec())),
         donate_argnums=0,
     )
@@ -427,7 +432,7 @@ class Trainer:
       if mb_size not in self._updates:
         self._updates[mb_size] = self._compile_update(state, mb, lo, rp)
       self._update = self._updates[mb_size]
-      state, m = self._update(state, mb, lo, rp, plan)
+      state, m = self._update(state, mb, lo, rp, *([plan] if cfg.pack else []))
       per_mb.append(m)
     per_mb = host_get(per_mb)
     self.last_minibatch_metrics = per_mb  # per-update values, for tests and debugging
