@@ -170,6 +170,11 @@ def dividing_axes(axes, mesh: Mesh, size: int) -> tuple[str, ...]:
   return tuple(keep)
 
 
+def batch_ways(rules: Rules, mesh_sizes: Mapping[str, int]) -> int:
+  """How many ways the mesh axes of the `batch` rule split a batch (the product of their sizes)."""
+  return math.prod(mesh_sizes[a] for a in validate_rules(rules).get("batch", ()))
+
+
 def check_batch_split(
     rules: Rules, mesh_sizes: Mapping[str, int], batch: int, what: str, where: str = "parallel.mesh"
 ) -> None:
@@ -177,7 +182,7 @@ def check_batch_split(
   otherwise `batch_spec` would leave some of them out and every device on them would repeat the same
   rows' compute. A ValueError naming `where`, the axes and the batch size."""
   axes = [a for a in validate_rules(rules).get("batch", ()) if mesh_sizes[a] > 1]
-  n = math.prod(mesh_sizes[a] for a in axes)
+  n = batch_ways(rules, mesh_sizes)
   if batch % n:
     sizes = ", ".join(f"{a}={mesh_sizes[a]}" for a in axes)
     raise ValueError(

@@ -40,10 +40,11 @@ def plan(token_mask: np.ndarray, multiple: int = 1) -> Plan:
   """The packing of each group of `token_mask` [G, b, W] (bool; each row's real tokens contiguous)."""
   tm = np.asarray(token_mask, bool)
   G, b, W = tm.shape
-  groups = []
+  groups, runs = [], []
   for g in range(G):
     lengths = tm[g].sum(1)
     starts = np.argmax(tm[g], axis=1)
+    runs.append((lengths, starts))
     if not np.array_equal(tm[g], _runs(starts, lengths, W)):
       raise ValueError("packing needs each row's real tokens to be one contiguous run of columns")
     bins: list[list[int]] = []  # packed row -> source rows, first-fit decreasing
@@ -64,7 +65,7 @@ def plan(token_mask: np.ndarray, multiple: int = 1) -> Plan:
   src = np.full((G, R, W), -1, np.int32)
   dst = np.full((G, b, W), -1, np.int32)
   for g, bins in enumerate(groups):
-    lengths, starts = tm[g].sum(1), np.argmax(tm[g], axis=1)
+    lengths, starts = runs[g]
     for r, rows in enumerate(bins):
       c = 0
       for i in rows:

@@ -34,7 +34,13 @@ from fo_rl.model import ModelConfig, validate_replay_routes
 from fo_rl.model.init import make_scorer
 from fo_rl.model.logprobs import token_logprobs  # noqa: F401  (the trainer's log-probs; sft uses it)
 from fo_rl.parallel.multihost import host_get  # device_get that also works across processes
-from fo_rl.parallel.sharding import DEFAULT_RULES, Rules, batch_spec, check_batch_split
+from fo_rl.parallel.sharding import (
+    DEFAULT_RULES,
+    Rules,
+    batch_spec,
+    batch_ways,
+    check_batch_split,
+)
 from fo_rl.rl import metrics as rl_metrics
 from fo_rl.rl import packing
 from fo_rl.rl.losses import LossConfig, LossInputs, loss_denominator, policy_loss
@@ -266,28 +272,30 @@ class Trainer:
   def _constrain(self, x):
     return x if self.mesh is None else jax.lax.with_sharding_constraint(x, self._batch_sharding(x))
 
-  def _plans(self, token_mask, groups: int, rows: slice = slice(None)) -> packing.Plan | None:
-    """The packing of token_mask[rows] split into `groups` strided micro-batches (as `_split` splits
-    them), on the host; None without trainer.pack."""
-    if not self.cfg.pack:
+  def _host_mask(self, token_mask):
+    """The token mask on the host, for the packing plans; None without trainer.pack."""
+    return np.asarray(host_get(token_mask)) if self.cfg.pack else None
+
+  def _plans(self, tm, groups: int, rows: slice = slice(None)) -> packing.Plan | None:
+    """The packing of the host mask tm[rows] split into `groups` strided micro-batches (as `_split`
+    splits them); None without trainer.pack (tm None)."""
+    if tm is None:
       return None
-    tm = np.asarray(host_get(token_mask))[rows]
+    tm = tm[rows]
     tm = tm.reshape(tm.shape[0] // groups, groups, tm.shape[1]).swapaxes(0, 1)
-    multiple = 1
-    if self.mesh is not None:
-      spec = batch_spec(self.rules, 1, self.mesh)[0]
-      for a in (spec,) if isinstance(spec, str) else spec or ():
-        multiple *= self.mesh.shape[a]
+    multiple = 1 if self.mesh is None else batch_ways(self.rules, dict(self.mesh.shape))
     return packing.plan(tm, multiple)
 
   # ---- old-logprob pass ---------------------------------------------------------------------
-  def old_pass(self, params, ro: Rollouts):
+  def old_pass(self, params, ro: Rollouts, host_mask=None):
     """Step 1 of `train_step`: (logp_old [B, T] (0 at position 0), the live routes [B, T, L, k] (what r2
     records and replays), old-pass metrics). Under r3 logp_old replays the sampler's routes, which are
     checked here first: they are outside data."""
     if replays_sampler(self.cfg.replay):
       validate_replay_routes(ro.routes, self.model_cfg, ro.token_mask)
-    plan = self._plans(ro.token_mask, self._old_groups(ro.tokens.shape[0]))
+    if host_mask is None:
+      host_mask = self._host_mask(ro.token_mask)
+    plan = self._plans(host_mask, self._old_groups(ro.tokens.shape[0]))
     return self._old_pass(params, self._shard_batch(ro), plan)
 
   def _old_groups(self, B: int) -> int:
@@ -422,13 +430,14 @@ class Trainer:
     B = ro.tokens.shape[0]
     self.check_batch(B)
     ro = self._shard_batch(ro)
-    logp_old, live_routes, old_metrics = self.old_pass(state.params, ro)
+    tm = self._host_mask(ro.token_mask)  # once per step: every packing plan reads it
+    logp_old, live_routes, old_metrics = self.old_pass(state.params, ro, tm)
     routes = pass_routes(cfg.replay, "update", sampler=ro.routes, live=live_routes)
     per_mb = []
     mb_size = B // N
     for i in range(N):
       mb, lo, rp = self._minibatch((ro, logp_old, routes), i * mb_size, size=mb_size)
-      plan = self._plans(ro.token_mask, cfg.micro_batches, slice(i * mb_size, (i + 1) * mb_size))
+      plan = self._plans(tm, cfg.micro_batches, slice(i * mb_size, (i + 1) * mb_size))
       if mb_size not in self._updates:
         self._updates[mb_size] = self._compile_update(state, mb, lo, rp)
       self._update = self._updates[mb_size]
