@@ -216,12 +216,123 @@ def _expert_ffn_ragged(xs, group_sizes, experts: Experts):
   return jnp.where((jnp.arange(xs.shape[0]) < total)[:, None], y, 0)
 
 
-def _expert_ffn(xs, group_sizes, experts: Experts, backend: str, block: int):
+def _gmm_backend(backend: str) -> str:
   if backend == "auto":
-    backend = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
-  if backend == "blocked":
+    return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+  return backend
+
+
+def _expert_ffn(xs, group_sizes, experts: Experts, backend: str, block: int):
+  if _gmm_backend(backend) == "blocked":
     return _expert_ffn_blocked(xs, group_sizes, experts, block)
   return _expert_ffn_ragged(xs, group_sizes, experts)
+
+
+# The single-shard blocked dispatch moves rows with gathers only. Token n's j-th assignment computes in
+# padded row pos[n, j] (every block of rows belongs to one expert); padded row r holds token src[r] (N for
+# a padding row). The two maps are inverse to each other on the real rows, so the backward of "gather x's
+# rows by src" is "gather the gradient's rows by pos, sum over j", and the backward of "gather the
+# outputs by pos" is "gather the gradient's rows by src": no scatter-add, which XLA:CPU runs one row at
+# a time. The expert weights of the blocks, w[block_expert], get their gradient back per expert from a
+# one-hot matmul instead of a scatter-add.
+@jax.custom_vjp
+def _rows_to_blocks(x, src, pos):
+  """x [N, D] -> [R, D]: row r is x[src[r]] (0 where src[r] == N)."""
+  return jnp.take(x, src, axis=0, mode="fill", fill_value=0)
+
+
+def _rows_to_blocks_fwd(x, src, pos):
+  return _rows_to_blocks(x, src, pos), (src, pos)
+
+
+def _rows_to_blocks_bwd(res, g):
+  src, pos = res
+  return jnp.sum(jnp.take(g, pos, axis=0), axis=1), None, None
+
+
+_rows_to_blocks.defvjp(_rows_to_blocks_fwd, _rows_to_blocks_bwd)
+
+
+@jax.custom_vjp
+def _blocks_to_rows(y, src, pos):
+  """y [R, D] -> [N, k, D]: [n, j] is y[pos[n, j]]."""
+  return jnp.take(y, pos, axis=0)
+
+
+def _blocks_to_rows_fwd(y, src, pos):
+  return _blocks_to_rows(y, src, pos), (src, pos)
+
+
+def _blocks_to_rows_bwd(res, g):
+  src, pos = res  # g [N, k, D]; padded row r is assignment a = slot[r] of token src[r]
+  N, k, D = g.shape
+  slot = (
+      jnp.zeros(src.shape, jnp.int32)
+      .at[pos.reshape(-1)]
+      .set(jnp.tile(jnp.arange(k, dtype=jnp.int32), N))
+  )
+  flat = jnp.take(g.reshape(N * k, D), src * k + slot, axis=0, mode="fill", fill_value=0)
+  return flat, None, None
+
+
+_blocks_to_rows.defvjp(_blocks_to_rows_fwd, _blocks_to_rows_bwd)
+
+
+@jax.custom_vjp
+def _expert_of_blocks(w, block_expert):
+  """w [E, ...] -> [nb, ...]: each block's expert weights (block_expert [nb] sorted)."""
+  return w[block_expert]
+
+
+def _expert_of_blocks_fwd(w, block_expert):
+  return w[block_expert], (block_expert, w.shape[0])
+
+
+def _expert_of_blocks_bwd(res, g):
+  block_expert, E = res
+  onehot = jax.nn.one_hot(block_expert, E, dtype=g.dtype)  # [nb, E]
+  gw = jnp.einsum("ne,nx->ex", onehot, g.reshape(g.shape[0], -1))
+  return gw.reshape(E, *g.shape[1:]), None
+
+
+_expert_of_blocks.defvjp(_expert_of_blocks_fwd, _expert_of_blocks_bwd)
+
+
+def _dispatch_local_blocked(x, ids, weights, experts: Experts, block: int):
+  """`_dispatch_local` with the blocked grouped matmul, rows moved by the gathers above: the same
+  function as sort -> `_expert_ffn_blocked` -> unsort, in fewer passes over the rows."""
+  N, k = ids.shape
+  D = x.shape[-1]
+  E = experts.gate.shape[0]
+  A = N * k
+  dt = x.dtype
+  flat = ids.reshape(-1)
+  order = jnp.argsort(flat, stable=True)  # sorted row i is assignment order[i]
+  group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+  num_blocks = -(-A // block) + E
+  starts = jnp.cumsum(group_sizes) - group_sizes
+  padded = (group_sizes + block - 1) // block * block
+  padded_ends = jnp.cumsum(padded)
+  padded_starts = padded_ends - padded
+  sorted_ids = flat[order]
+  dest = (
+      padded_starts[sorted_ids] + jnp.arange(A) - starts[sorted_ids]
+  )  # padded row of sorted row i
+  pos = jnp.zeros((A,), jnp.int32).at[order].set(dest.astype(jnp.int32)).reshape(N, k)
+  R = num_blocks * block
+  src = jnp.full((R,), N, jnp.int32).at[dest].set((order // k).astype(jnp.int32))
+  block_expert = jnp.minimum(
+      jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block, side="right"), E - 1
+  )
+  xp = _rows_to_blocks(x, src, pos).reshape(num_blocks, block, D)
+  if isinstance(experts.gate, QTensor):  # the sampler's quantized weights: no gradient needed
+    gate, up, down = (w[block_expert] for w in experts)
+  else:
+    gate, up, down = (_expert_of_blocks(w, block_expert) for w in experts)
+  h = jax.nn.silu(_ex("nbd,ndf->nbf", xp, gate, dt)) * _ex("nbd,ndf->nbf", xp, up, dt)
+  yp = _ex("nbf,nfd->nbd", h, down, dt).reshape(R, D)
+  y = _blocks_to_rows(yp, src, pos)  # [N, k, D]
+  return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(dt)
 
 
 def _inverse_permutation(order):
@@ -232,6 +343,8 @@ def _dispatch_local(x, ids, weights, experts: Experts, backend: str, block: int)
   """Single-shard dropless dispatch: sort assignments by expert, grouped FFN, unsort, combine."""
   N, k = ids.shape
   E = experts.gate.shape[0]
+  if _gmm_backend(backend) == "blocked":
+    return _dispatch_local_blocked(x, ids, weights, experts, block)
   flat = ids.reshape(-1)
   order = jnp.argsort(flat, stable=True)
   xs = x[order // k]  # [A, D]
