@@ -264,7 +264,7 @@ def test_view_is_typed_frozen_and_keeps_the_plain_config():
   assert (rc.rl.steps, rc.rl.global_batch, rc.rl.replay) == (2, 32, "r3")  # 2N prompts x 4
   assert rc.rl.loss == rc.trainer.loss and rc.trainer.optim == rc.optim
   assert (rc.trainer.mini_batches, rc.trainer.replay) == (rc.rl.mini_batches, rc.rl.replay)
-  assert rc.trainer.micro_batches == 1
+  assert rc.trainer.micro_batches == 0  # auto (fo_rl.rl.trainer.auto_micro_batches)
   c.trainer.micro_batches = 2
   assert config_lib.parse(c).trainer.micro_batches == 2
   assert rc.sampling.max_new_tokens == c.sampler.max_new_tokens == 12
@@ -331,7 +331,7 @@ def test_unknown_key_in_any_section_is_an_error_naming_it(section):
         ("rl.advantage", "median", "rl.advantage"),
         ("rl.max_skipped_steps", -1, "rl.max_skipped_steps"),
         ("rl.max_skipped_steps", 2.5, "rl.max_skipped_steps"),
-        ("trainer.micro_batches", 0, "trainer.micro_batches=0: must be an integer >= 1"),
+        ("trainer.micro_batches", -1, "trainer.micro_batches=-1: must be 0 (auto) or an integer"),
         ("trainer.pack", "yes", "trainer.pack"),
         (
             "trainer.micro_batches",

@@ -18,7 +18,7 @@ from fo_rl.rl.rollouts import Rollouts, pass_routes
 from fo_rl.rl import packing
 from fo_rl.rl.losses import LossConfig, LossInputs, loss_denominator, policy_loss
 from fo_rl.rl.optim import OptimConfig
-from fo_rl.rl.trainer import Trainer, TrainerConfig
+from fo_rl.rl.trainer import Trainer, TrainerConfig, auto_micro_batches
 from toy import TOY
 
 CFG = TOY.replace(vocab_size=96)  # the toy model (tests/toy.py) with this file's vocabulary
@@ -584,6 +584,50 @@ def test_micro_batches_give_the_one_big_batch_step(env, runs, loss, replay, micr
   assert ref[2][0]["loss"] != 0  # a loss that can disagree
 
 
+def test_auto_micro_batches_rule():
+  """trainer.micro_batches=0: 1 off CPU and for a loss of unknown denominator; on CPU the fewest
+  micro-batches of at most CPU_MICRO_TOKENS (1,024) tokens per device that keep a multiple of the batch
+  ways, one row per device at the least."""
+  assert auto_micro_batches(32, 128, "cpu") == 4  # the train bench: 4 x 1,024 tokens
+  assert auto_micro_batches(32, 128, "tpu") == auto_micro_batches(32, 128, "gpu") == 1
+  assert auto_micro_batches(32, 128, "cpu", loss_name="mine") == 1
+  assert auto_micro_batches(16, 16, "cpu") == 1  # 256 tokens: one batch
+  assert auto_micro_batches(32, 128, "cpu", ways=4) == 1  # 8 rows x 128 per device
+  assert auto_micro_batches(64, 128, "cpu", ways=2) == 4  # 32 rows per device -> 4 x 8 rows
+  assert auto_micro_batches(24, 128, "cpu") == 3  # 24 rows: 3 x 8 rows (4 does not divide)
+  assert auto_micro_batches(4, 1024, "cpu") == 4  # rows of 1,024 tokens: one per micro-batch
+  assert auto_micro_batches(6, 4096, "cpu", ways=2) == 3  # longer rows still: one per device
+  for rows, length, ways in [(32, 128, 1), (64, 128, 2), (24, 128, 1), (48, 96, 4), (7, 300, 1)]:
+    m = auto_micro_batches(rows, length, "cpu", ways)
+    assert rows % m == 0 and (rows // m) % ways == 0
+
+
+def test_auto_micro_batches_is_what_the_update_runs(env, monkeypatch):
+  """The trainer's update runs the micro-batches the auto rule picks (a spy on the split): M = 2 when
+  the rule's token budget is lowered to the size of half a mini-batch, M = 1 with the default budget.
+  """
+  import fo_rl.rl.trainer as trainer_lib
+
+  splits = []
+  orig = Trainer._split
+
+  def spy(self, tree, n):
+    splits.append(n)
+    return orig(self, tree, n)
+
+  monkeypatch.setattr(Trainer, "_split", spy)
+  tr = Trainer(env["graphdef"], CFG, TrainerConfig(N, optim=OPTIM, micro_batches=0))
+  tr.train_step(tr.init_state(_copy(env["params"])), env["noisy"])
+  # B / N = 8 rows x 16 tokens = 128 tokens: each update one batch; the old pass runs the global batch
+  # as N groups of a mini-batch's size
+  assert splits == [N]
+  splits.clear()
+  monkeypatch.setattr(trainer_lib, "CPU_MICRO_TOKENS", (B // N) * T // 2)
+  tr = Trainer(env["graphdef"], CFG, TrainerConfig(N, optim=OPTIM, micro_batches=0))
+  tr.train_step(tr.init_state(_copy(env["params"])), env["noisy"])
+  assert splits == [2 * N, 2]  # the old pass: 2 per mini-batch; the update (traced once): M = 2
+
+
 @pytest.mark.slow
 def test_sharded_micro_batches_match_single_device(env, runs):
   # Batch axes data x expert split each 4-row micro-batch 4 ways; tensor 2 splits the heads.
@@ -698,7 +742,7 @@ def test_config_errors_name_the_field(env):
     tr.train_step(None, env["noisy"])  # rejected before any compute
   with pytest.raises(ValueError, match=r"optim\.learning_rate"):
     OptimConfig(learning_rate=0.0)
-  for bad in (0, 1.5, True):
+  for bad in (-1, 1.5, True):
     with pytest.raises(ValueError, match=r"trainer\.micro_batches"):
       TrainerConfig(micro_batches=bad)
   tr = Trainer(env["graphdef"], CFG, TrainerConfig(mini_batches=N, micro_batches=3))

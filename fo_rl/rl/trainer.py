@@ -60,6 +60,8 @@ class TrainerConfig:
   # trainer.micro_batches M: each mini-batch's forward/backward runs as M micro-batches inside the jitted
   # update (gradient accumulation: still one optimizer step per mini-batch), and the old-logprob pass
   # runs over micro-batches of the same size. Activation memory scales with the micro-batch.
+  # 0 (auto): `auto_micro_batches`, by rule (1 on TPU/GPU; on CPU micro-batches of about
+  # CPU_MICRO_TOKENS tokens per device, which keeps their activations in the CPU's caches).
   micro_batches: int = 1
   # trainer.pack: the forward passes run on packed rows (fo_rl/rl/packing.py: several responses end to
   # end, with segment ids), cutting the padding they compute; losses and metrics are unchanged.
@@ -88,14 +90,40 @@ def check_rl_fields(mini_batches, replay, temperature, num_experts: int | None =
 
 def check_micro_batches(micro, mini_batch: int | None = None) -> None:
   """The one home of the checks on trainer.micro_batches (TrainerConfig, config.parse and train_step run
-  them): an integer >= 1 that divides the mini-batch of `mini_batch` responses, when that is known.
+  them): 0 (auto), or an integer >= 1 that divides the mini-batch of `mini_batch` responses, when that is
+  known.
   """
-  if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
-    raise ValueError(f"trainer.micro_batches={micro!r}: must be an integer >= 1")
-  if mini_batch is not None and mini_batch % micro:
+  if isinstance(micro, bool) or not isinstance(micro, int) or micro < 0:
+    raise ValueError(f"trainer.micro_batches={micro!r}: must be 0 (auto) or an integer >= 1")
+  if mini_batch is not None and micro and mini_batch % micro:
     raise ValueError(
         f"trainer.micro_batches={micro} does not divide the mini-batch of {mini_batch} responses"
     )
+
+
+# trainer.micro_batches=0 on CPU: micro-batches of at most this many tokens per device. XLA:CPU runs a
+# training step's elementwise passes and small batched matmuls at the speed of the memory level their
+# tensors fit in; at 1,024 tokens a layer's attention scores and expert blocks stay in the caches. On the
+# train bench (B 32 x T 128 on one device) 4 micro-batches of 1,024 tokens took 0.75x the time of one
+# batch, 2 (2,048 tokens) 0.84x, 8 (512 tokens) 0.80x (README, performance).
+CPU_MICRO_TOKENS = 1024
+
+
+def auto_micro_batches(
+    rows: int, length: int, platform: str, ways: int = 1, loss_name: str = "minirl"
+) -> int:
+  """trainer.micro_batches=0: the micro-batches a mini-batch of `rows` x `length` tokens runs as, when
+  the mesh's batch axes split rows `ways` ways. 1 off CPU, and for a loss whose denominator is unknown
+  (`loss_denominator`); on CPU the fewest micro-batches of at most CPU_MICRO_TOKENS tokens per device
+  that split evenly (each micro-batch keeps a multiple of `ways` rows), one row per device at the
+  least."""
+  if platform != "cpu" or loss_name not in ("minirl", "grpo", "gspo", "dapo", "cispo"):
+    return 1
+  per_device = max(rows // max(ways, 1), 1)
+  for m in range(1, per_device + 1):
+    if per_device % m == 0 and per_device // m * length <= CPU_MICRO_TOKENS:
+      return m
+  return per_device
 
 
 @jax.tree_util.register_dataclass
@@ -165,7 +193,7 @@ class Trainer:
     (ShapeDtypeStructs): {"old_pass": the old-logprob pass over ro, "update": one mini-batch update}.
     """
     B, N = ro.tokens.shape[0], self.cfg.mini_batches
-    self.check_batch(B)
+    self.check_batch(B, ro.tokens.shape[1])
     ro = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._batch_sharding(x)), ro
     )
@@ -206,14 +234,26 @@ class Trainer:
 
     return jax.tree.map(rows, tree)
 
-  def check_batch(self, B: int) -> None:
+  def micro_batches(self, rows: int, length: int) -> int:
+    """The micro-batches a mini-batch of `rows` x `length` tokens runs as (trainer.micro_batches, or
+    its auto rule when 0)."""
+    if self.cfg.micro_batches:
+      return self.cfg.micro_batches
+    platform, ways = jax.default_backend(), 1
+    if self.mesh is not None:
+      platform = self.mesh.devices.flat[0].platform
+      ways = batch_ways(self.rules, dict(self.mesh.shape))
+    return auto_micro_batches(rows, length, platform, ways, self.cfg.loss.name)
+
+  def check_batch(self, B: int, T: int) -> None:
     """The global batch of B responses splits into rl.mini_batches mini-batches, and each of those into
     trainer.micro_batches micro-batches, each of which the mesh's batch axes split evenly; an error
     naming the field otherwise, before any compute."""
-    N, M = self.cfg.mini_batches, self.cfg.micro_batches
+    N = self.cfg.mini_batches
     if B % N:
       raise ValueError(f"rl.mini_batches={N} does not divide the global batch of {B} responses")
-    check_micro_batches(M, B // N)
+    check_micro_batches(self.cfg.micro_batches, B // N)
+    M = self.micro_batches(B // N, T)
     if self.mesh is not None:
       for what, n in (("global batch", B), ("mini-batch", B // N), ("micro-batch", B // N // M)):
         check_batch_split(self.rules, dict(self.mesh.shape), n, what)
@@ -295,12 +335,14 @@ class Trainer:
       validate_replay_routes(ro.routes, self.model_cfg, ro.token_mask)
     if host_mask is None:
       host_mask = self._host_mask(ro.token_mask)
-    plan = self._plans(host_mask, self._old_groups(ro.tokens.shape[0]))
+    plan = self._plans(host_mask, self._old_groups(*ro.tokens.shape))
     return self._old_pass(params, self._shard_batch(ro), plan)
 
-  def _old_groups(self, B: int) -> int:
-    """Micro-batches the old-logprob pass runs the global batch of B rows as."""
-    return B // (B // self.cfg.mini_batches // self.cfg.micro_batches)
+  def _old_groups(self, B: int, T: int) -> int:
+    """Micro-batches the old-logprob pass runs the global batch of B rows x T tokens as (micro-batches
+    of the update's size)."""
+    mini = B // self.cfg.mini_batches
+    return B // (mini // self.micro_batches(mini, T))
 
   def old_logprobs(self, params, ro: Rollouts) -> jax.Array:
     """[B, T] logp_old = log pi_old(y_t), exactly as `train_step` computes it."""
@@ -317,7 +359,7 @@ class Trainer:
     return logp_live, logp_old, entropy, live_routes
 
   def _old_pass_fn(self, params, ro: Rollouts, plan=None):
-    n = self._old_groups(ro.tokens.shape[0])  # micro-batches in the global batch
+    n = self._old_groups(*ro.tokens.shape)  # micro-batches in the global batch
     if n == 1:
       one = None if plan is None else (plan.src[0], plan.dst[0])
       logp_live, logp_old, entropy, live_routes = self._old_scores(params, ro, one)
@@ -360,7 +402,7 @@ class Trainer:
     (`loss_denominator`), so the weighted losses and their gradients sum to the mini-batch's exactly;
     the metrics are computed once, on the whole mini-batch's log-probs (a [B, T] array the scan returns).
     """
-    M, lcfg = self.cfg.micro_batches, self.cfg.loss
+    M, lcfg = self.micro_batches(*ro.tokens.shape), self.cfg.loss
     inputs = lambda r, logp, lo: LossInputs(  # noqa: E731
         logp, lo, r.logp_mu, r.advantages, r.response_mask
     )
@@ -388,7 +430,7 @@ class Trainer:
     return (loss, metrics), grads
 
   def _update_fn(self, state: TrainState, ro: Rollouts, logp_old, routes, plan=None):
-    if self.cfg.micro_batches == 1 and plan is None:
+    if self.micro_batches(*ro.tokens.shape) == 1 and plan is None:
       (loss, m), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
           state.params, ro, logp_old, routes
       )
@@ -427,8 +469,8 @@ class Trainer:
   # ---- the step -------------------------------------------------------------------------------
   def train_step(self, state: TrainState, ro: Rollouts) -> tuple[TrainState, dict[str, float]]:
     cfg, N = self.cfg, self.cfg.mini_batches
-    B = ro.tokens.shape[0]
-    self.check_batch(B)
+    B, T = ro.tokens.shape
+    self.check_batch(B, T)
     ro = self._shard_batch(ro)
     tm = self._host_mask(ro.token_mask)  # once per step: every packing plan reads it
     logp_old, live_routes, old_metrics = self.old_pass(state.params, ro, tm)
@@ -437,7 +479,7 @@ class Trainer:
     mb_size = B // N
     for i in range(N):
       mb, lo, rp = self._minibatch((ro, logp_old, routes), i * mb_size, size=mb_size)
-      plan = self._plans(tm, cfg.micro_batches, slice(i * mb_size, (i + 1) * mb_size))
+      plan = self._plans(tm, self.micro_batches(mb_size, T), slice(i * mb_size, (i + 1) * mb_size))
       if mb_size not in self._updates:
         self._updates[mb_size] = self._compile_update(state, mb, lo, rp)
       self._update = self._updates[mb_size]
