@@ -55,8 +55,8 @@ class ModelConfig:
   # remat one layer's recomputation live at a time. Needs identical layers (else the loop is used).
   scan_layers: bool = False
   # Training-forward attention (fo_rl/model/attention.py): "reference" (the whole [T, T] score tensor),
-  # "blocked" (flash-style, memory linear in T, every backend), "cudnn" (GPU), or "auto" (cudnn on GPU,
-  # else blocked from attention.AUTO_BLOCKED_FROM positions on, reference below).
+  # "blocked" (flash-style, memory linear in T, every backend), "splash" (TPU), "cudnn" (GPU), or "auto"
+  # (splash on TPU, cudnn on GPU, on CPU blocked from attention.AUTO_BLOCKED_FROM positions on).
   attention_impl: str = "auto"
   # The trainer's log-probs and entropies (fo_rl/model/logprobs.py): 0 from the whole float32 logits
   # [B, T, V]; c > 0 from the hidden states c positions at a time, never holding more than [B, c, V].
