@@ -60,6 +60,13 @@ def test_quick_suite_prints_its_rows(suite):
     assert r["load_before"] >= 0 and r["load_after"] >= 0
     assert r["fo_rl"] > 0 and r["peer"] > 0
     assert r["ratio"] == pytest.approx(r["fo_rl"] / r["peer"], rel=1e-3)
+  if suite == "train":  # two shapes; on each the two sides' first-update losses agree (else void)
+    steps = [r for r in rows if r["name"].startswith("train_step/")]
+    assert len(steps) == 2 and len(rows) == 3
+    for r in steps:
+      assert r["loss_fo_rl"] == pytest.approx(r["loss_peer"], rel=1e-4, abs=1e-4), r
+      lo, hi = r["fo_rl_s_range"]
+      assert lo <= r["fo_rl_s_per_step"] <= hi
   if suite == "sampler":
     assert all(
         r["devices"] == (1 if r["name"].startswith("engine/") else 2) for r in rows

@@ -34,8 +34,9 @@ def time_call(fn, repeats: int = 5, warmup: int = 1) -> float:
   return times[len(times) // 2]
 
 
-def rounds(fns, rounds: int, iters: int, pause: float = 0.05):
-  """fns: callables running one blocking step each. Interleaved rounds -> per fn (best, median) s/step."""
+def interleaved(fns, rounds: int, iters: int, pause: float = 0.05) -> list[list[float]]:
+  """fns: callables running one blocking step each. Interleaved rounds -> per fn its seconds per step
+  in each round."""
   per = [[] for _ in fns]
   for _ in range(rounds):
     for i, fn in enumerate(fns):
@@ -44,7 +45,12 @@ def rounds(fns, rounds: int, iters: int, pause: float = 0.05):
       for _ in range(iters):
         fn()
       per[i].append((time.perf_counter() - t0) / iters)
-  return [(min(p), statistics.median(p)) for p in per]
+  return per
+
+
+def rounds(fns, rounds: int, iters: int, pause: float = 0.05):
+  """fns: callables running one blocking step each. Interleaved rounds -> per fn (best, median) s/step."""
+  return [(min(p), statistics.median(p)) for p in interleaved(fns, rounds, iters, pause)]
 
 
 def row(name: str, fo_rl: float, peer: float, unit: str, **extra) -> dict:
