@@ -14,8 +14,9 @@ compilation and the ~90 s SFT cold start included; the tfds data was already gen
 2-core machine (Xeon with AVX-512/AMX: XLA:CPU rounds differently per instruction set) the same code
 gives 0.488 -> 0.740 (best 0.773), greedy 0.828 -> 0.906; after the gating change of issue 16 (same
 function, other rounding) 0.539 -> 0.861 (best 0.875), greedy 0.938 -> 0.930; after the 2026-12-01
-changes (warmup's first update, experts scaled after the matmul) 0.539 -> 0.840 (best 0.852), greedy 0.891
-(README "Results").
+changes (warmup's first update, experts scaled after the matmul) 0.539 -> 0.840 (best 0.852), greedy 0.891;
+on an AMD EPYC (2 cores) after issue 19's changes 0.420 -> 0.664, greedy 0.867, in 158 s (the commit before:
+0.590 -> 0.803 in 181 s; the cold start differs by rounding, README "Results").
 """
 
 from fo_rl.config import base_config, tiny, variant
