@@ -110,7 +110,7 @@ def test_load_warning(before, during, cpus, threads, says):
 @pytest.mark.slow
 def test_longctx_suite_memory_is_linear_with_auto_attention():
   """`--suite=longctx --quick` (2K, 4K): the rows' contract, and the compiled temporaries (deterministic)
-  of the train step: `auto` (blocked on CPU from 2K) below `reference`, growing ~linearly where the
+  of the train step: `auto` (blocked on CPU from 256 positions) below `reference`, growing ~linearly where the
   reference grows ~quadratically. Times are reported, never asserted."""
   from fo_rl.benchmarks import longctx
 

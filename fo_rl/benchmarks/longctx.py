@@ -6,7 +6,7 @@ Memory is the compiled program's temporaries (`compiled.memory_analysis()`): det
 and nothing has to run, so the reference is measured at 8K too. Targets (issue 13): with `auto` the
 temporaries grow linearly (8K / 4K <= 2.2), and `auto` at 2K is no slower than 1.3x `reference`
 (interleaved rounds, median; the range is in the row). On CPU `auto` is the blocked (flash-style) path
-from 2,048 positions on, `reference` below.
+from attention.AUTO_BLOCKED_FROM (256) positions on, `reference` below.
 
 Rows: `longctx/train_temp_mib/T{T}` (auto vs reference MiB), `longctx/temp_growth_8k_over_4k` (the
 growth factor of each), `longctx/train_step_seconds/T2048`, and `longctx/padding_fraction/...`: the share
