@@ -603,6 +603,15 @@ def test_report_and_figure_from_synthetic_results(tmp_path):
   report = Path(Rp.write_report(results, tmp_path)).read_text()
   assert "## Verdict rules" in report and V.RULES_TEXT.splitlines()[0] in report
   assert "| 2a |" in report and "offpolicy.png" in report and "- model: tiny" in report
+  # The measured regime: the k3 of the runs without replay (these synthetic runs carry no knobs) is the
+  # mean over all their steps (numpy); no R2 / R3 runs: "-".
+  assert "## Measured regime" in report and "| responses per update |" in report
+  rows = Rp.regime_rows(suite)
+  runs = [r for v in suite["variants"].values() for r in v["runs"].values()]
+  k3 = [x for r in runs for x in r["curves"]["k3"] if np.isfinite(x)]
+  none, r2, r3 = rows["per-token train-infer KL, k3 (no replay / R2 / R3 runs)"].split(" / ")
+  assert none.startswith(f"{np.mean(k3):.2e} ") and r2 == r3 == "-"
+  assert rows["runs read"].startswith(f"{len(runs)} (")
   json.dumps(
       json_safe(results), allow_nan=False
   )  # results.json (report.write_outputs) is strict JSON

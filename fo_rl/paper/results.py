@@ -138,7 +138,16 @@ def _knobs(cfg: Mapping | None) -> dict:
       "teacher": g("sft.teacher"),
       "sampler": g("sampler.weight_dtype"),
       "steps": g("rl.steps"),
+      "responses_per_update": _per_update(g),
+      "grad_clip": g("optim.grad_clip"),
   }
+
+
+def _per_update(g) -> int | None:
+  try:
+    return int(g("rl.prompts_per_step")) * int(g("rl.group_size")) // int(g("rl.mini_batches"))
+  except (TypeError, ValueError):
+    return None
 
 
 def read_run(wd: Path) -> dict[str, Any]:
