@@ -25,14 +25,13 @@ threads go idle: a 2-thread PyTorch step slows down many-fold when it competes w
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import statistics
 
 from fo_rl.benchmarks.common import interleaved, rounds, row
 from fo_rl.model import ModelConfig, init_model, make_apply, positions_from_mask

@@ -173,16 +173,12 @@ def _as_2d(w):
   return w.map(fn) if isinstance(w, QTensor) else fn(w)
 
 
-def _expert_ffn_blocked(xs, group_sizes, experts: Experts, block: int):
-  """Grouped SwiGLU FFN as a padded batched matmul. xs [A, D] sorted by group; group_sizes [G].
-
-  Each group is padded to a multiple of `block` rows; every block then belongs to one expert and the
-  FFN is one batched matmul over [num_blocks, block, D]. Rows past sum(group_sizes) are padding and give
-  zeros. num_blocks = ceil(A / block) + G is static, so the waste is at most G * block rows.
-  """
-  A, D = xs.shape
+def _block_layout(group_sizes, A: int, block: int):
+  """The padded layout of A rows sorted by group: each group padded to a multiple of `block` rows, so
+  every block belongs to one group. (num_blocks = ceil(A / block) + G, static: the waste is at most
+  G * block rows; dest [A]: the padded row of sorted row i, num_blocks * block (out of range) for rows
+  past sum(group_sizes); block_group [num_blocks]: each block's group.)"""
   G = group_sizes.shape[0]
-  dt = xs.dtype
   num_blocks = -(-A // block) + G
   ends = jnp.cumsum(group_sizes)
   starts = ends - group_sizes
@@ -191,19 +187,33 @@ def _expert_ffn_blocked(xs, group_sizes, experts: Experts, block: int):
   padded_starts = padded_ends - padded
   rows = jnp.arange(A)
   row_group = jnp.searchsorted(ends, rows, side="right")  # G for padding rows
-  valid = row_group < G
   g = jnp.minimum(row_group, G - 1)
-  dest = jnp.where(valid, padded_starts[g] + rows - starts[g], num_blocks * block)  # OOB -> dropped
-  xp = jnp.zeros((num_blocks * block, D), dt).at[dest].set(xs, mode="drop")
-  xp = xp.reshape(num_blocks, block, D)
+  dest = jnp.where(row_group < G, padded_starts[g] + rows - starts[g], num_blocks * block)
   block_group = jnp.minimum(
       jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block, side="right"), G - 1
-  )  # [num_blocks]
-  # each block's expert, gathered as stored (a QTensor stays low precision: q and its scale rows)
-  gate, up, down = (w[block_group] for w in experts)  # [nb, D, F], [nb, F, D]
+  )
+  return num_blocks, dest.astype(jnp.int32), block_group
+
+
+def _blocked_swiglu(xp, experts: Experts, block_group):
+  """The SwiGLU FFN of padded blocks xp [nb, block, D], block b by expert block_group[b]: one batched
+  matmul per projection. Each block's expert weights are gathered as stored (a QTensor stays low
+  precision: q and its scale rows; plain weights get their gradient back by `_expert_of_blocks`)."""
+  dt = xp.dtype
+  take = lambda w: w[block_group] if isinstance(w, QTensor) else _expert_of_blocks(w, block_group)
+  gate, up, down = (take(w) for w in experts)  # [nb, D, F], [nb, F, D]
   h = jax.nn.silu(_ex("nbd,ndf->nbf", xp, gate, dt)) * _ex("nbd,ndf->nbf", xp, up, dt)
-  yp = _ex("nbf,nfd->nbd", h, down, dt).reshape(num_blocks * block, D)
-  return jnp.take(yp, dest, axis=0, mode="fill", fill_value=0)
+  return _ex("nbf,nfd->nbd", h, down, dt)
+
+
+def _expert_ffn_blocked(xs, group_sizes, experts: Experts, block: int):
+  """Grouped SwiGLU FFN as a padded batched matmul (`_block_layout`). xs [A, D] sorted by group;
+  group_sizes [G]. Rows past sum(group_sizes) are padding and give zeros."""
+  A, D = xs.shape
+  num_blocks, dest, block_group = _block_layout(group_sizes, A, block)
+  xp = jnp.zeros((num_blocks * block, D), xs.dtype).at[dest].set(xs, mode="drop")
+  yp = _blocked_swiglu(xp.reshape(num_blocks, block, D), experts, block_group)
+  return jnp.take(yp.reshape(num_blocks * block, D), dest, axis=0, mode="fill", fill_value=0)
 
 
 def _expert_ffn_ragged(xs, group_sizes, experts: Experts):
@@ -228,17 +238,17 @@ def _expert_ffn(xs, group_sizes, experts: Experts, backend: str, block: int):
   return _expert_ffn_ragged(xs, group_sizes, experts)
 
 
-# The single-shard blocked dispatch moves rows with gathers only. Token n's j-th assignment computes in
-# padded row pos[n, j] (every block of rows belongs to one expert); padded row r holds token src[r] (N for
-# a padding row). The two maps are inverse to each other on the real rows, so the backward of "gather x's
-# rows by src" is "gather the gradient's rows by pos, sum over j", and the backward of "gather the
-# outputs by pos" is "gather the gradient's rows by src": no scatter-add, which XLA:CPU runs one row at
-# a time. The expert weights of the blocks, w[block_expert], get their gradient back per expert from a
-# one-hot matmul instead of a scatter-add.
+# The single-shard blocked dispatch moves rows with gathers only. Token n's j-th assignment (a = n k + j)
+# computes in padded row pos[n, j]; padded row r holds assignment src[r] (A = N k for a padding row). The
+# two maps are inverse to each other on the real rows, so the backward of "gather x's rows by src // k" is
+# "gather the gradient's rows by pos, sum over j", and the backward of "gather the outputs by pos" is
+# "gather the gradient's rows by src": no scatter-add, which XLA:CPU runs one row at a time. The expert
+# weights of the blocks, w[block_expert], get their gradient back per expert from a one-hot matmul
+# instead of a scatter-add.
 @jax.custom_vjp
 def _rows_to_blocks(x, src, pos):
-  """x [N, D] -> [R, D]: row r is x[src[r]] (0 where src[r] == N)."""
-  return jnp.take(x, src, axis=0, mode="fill", fill_value=0)
+  """x [N, D] -> [R, D]: row r is x[src[r] // k] (0 where src[r] == N k)."""
+  return jnp.take(x, src // pos.shape[1], axis=0, mode="fill", fill_value=0)
 
 
 def _rows_to_blocks_fwd(x, src, pos):
@@ -264,15 +274,9 @@ def _blocks_to_rows_fwd(y, src, pos):
 
 
 def _blocks_to_rows_bwd(res, g):
-  src, pos = res  # g [N, k, D]; padded row r is assignment a = slot[r] of token src[r]
+  src, pos = res  # g [N, k, D]
   N, k, D = g.shape
-  slot = (
-      jnp.zeros(src.shape, jnp.int32)
-      .at[pos.reshape(-1)]
-      .set(jnp.tile(jnp.arange(k, dtype=jnp.int32), N))
-  )
-  flat = jnp.take(g.reshape(N * k, D), src * k + slot, axis=0, mode="fill", fill_value=0)
-  return flat, None, None
+  return jnp.take(g.reshape(N * k, D), src, axis=0, mode="fill", fill_value=0), None, None
 
 
 _blocks_to_rows.defvjp(_blocks_to_rows_fwd, _blocks_to_rows_bwd)
@@ -303,36 +307,18 @@ def _dispatch_local_blocked(x, ids, weights, experts: Experts, block: int):
   function as sort -> `_expert_ffn_blocked` -> unsort, in fewer passes over the rows."""
   N, k = ids.shape
   D = x.shape[-1]
-  E = experts.gate.shape[0]
   A = N * k
-  dt = x.dtype
   flat = ids.reshape(-1)
-  order = jnp.argsort(flat, stable=True)  # sorted row i is assignment order[i]
-  group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-  num_blocks = -(-A // block) + E
-  starts = jnp.cumsum(group_sizes) - group_sizes
-  padded = (group_sizes + block - 1) // block * block
-  padded_ends = jnp.cumsum(padded)
-  padded_starts = padded_ends - padded
-  sorted_ids = flat[order]
-  dest = (
-      padded_starts[sorted_ids] + jnp.arange(A) - starts[sorted_ids]
-  )  # padded row of sorted row i
-  pos = jnp.zeros((A,), jnp.int32).at[order].set(dest.astype(jnp.int32)).reshape(N, k)
+  order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # sorted row i is assignment order[i]
+  group_sizes = jnp.bincount(flat, length=experts.gate.shape[0]).astype(jnp.int32)
+  num_blocks, dest, block_expert = _block_layout(group_sizes, A, block)
+  pos = jnp.zeros((A,), jnp.int32).at[order].set(dest).reshape(N, k)
   R = num_blocks * block
-  src = jnp.full((R,), N, jnp.int32).at[dest].set((order // k).astype(jnp.int32))
-  block_expert = jnp.minimum(
-      jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block, side="right"), E - 1
-  )
+  src = jnp.full((R,), A, jnp.int32).at[dest].set(order)
   xp = _rows_to_blocks(x, src, pos).reshape(num_blocks, block, D)
-  if isinstance(experts.gate, QTensor):  # the sampler's quantized weights: no gradient needed
-    gate, up, down = (w[block_expert] for w in experts)
-  else:
-    gate, up, down = (_expert_of_blocks(w, block_expert) for w in experts)
-  h = jax.nn.silu(_ex("nbd,ndf->nbf", xp, gate, dt)) * _ex("nbd,ndf->nbf", xp, up, dt)
-  yp = _ex("nbf,nfd->nbd", h, down, dt).reshape(R, D)
+  yp = _blocked_swiglu(xp, experts, block_expert).reshape(R, D)
   y = _blocks_to_rows(yp, src, pos)  # [N, k, D]
-  return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(dt)
+  return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(x.dtype)
 
 
 def _inverse_permutation(order):
