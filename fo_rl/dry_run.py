@@ -29,9 +29,11 @@ state during the sampler's. The plan fits when every total is <= the HBM of one 
 
 Compute, per device (`flops_columns`): `model_flops`, the model's analytic FLOPs for the function's work
 (fo_rl/model/flops.py: 6 x active parameters x tokens for an update, 2 x for a forward pass (two under
-R3's old pass), plus causal attention), `roofline_seconds` = model_flops / the chip's peak (CHIPS: the
-time at 100% MFU), and XLA's own count (`cost_analysis()`) with the loops and kernels that make it a
-lower bound; their ratio where it means something.
+R3's old pass), plus causal attention) and `model_seconds` (those at the chip's peak, CHIPS); the
+compiled program's own count, `hlo_flops` and `hlo_bytes`, read from its optimized HLO with every loop's
+trip count and the kernels (fo_rl/hlo_cost.py); `flops_ratio` = hlo / model (wasted compute shows up
+here); `roofline_seconds`, the larger of hlo_flops / peak FLOP/s and hlo_bytes / HBM bandwidth; and XLA's
+own `cost_analysis()` (`xla_flops`, `xla_bytes`), which counts a loop's body once and a kernel as zero.
 
 Output: one JSON object per line, one per compiled function, then the verdict
 `{"verdict": "fits" | "does not fit", ...}`. When the plan does not fit, a message naming the function
@@ -53,6 +55,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from fo_rl import config as config_lib
+from fo_rl import hlo_cost
 from fo_rl.model import abstract_model
 from fo_rl.model import flops as analytic
 from fo_rl.parallel.sharding import batch_spec, make_mesh, state_shardings
@@ -174,35 +177,46 @@ def flops_columns(compiled, model_flops: int, devices: int, chip) -> dict[str, A
   """The compute columns of a function's row, per device.
 
   `model_flops`: the model's analytic FLOPs for the function's work (fo_rl/model/flops.py) over
-  `devices`; `roofline_seconds`: model_flops / the chip's peak bf16 FLOP/s (CHIPS), the time at 100%
-  MFU. `xla_flops` / `xla_bytes`: XLA's HLO cost analysis of the compiled program, with `xla_loops`
-  (while loops) and `xla_kernels` (custom calls, e.g. the Pallas splash-attention and grouped-matmul
-  kernels): XLA counts a while loop's body once, whatever its trip count (the scan over layers, the
-  micro-batches, the chunked log-probs, the decode loop), and a kernel as zero, so for such programs
-  its count is far below the work done. `flops_ratio` = xla / model is given only for a program with
-  neither (then it shows compute beyond the model's: recomputation, padding, replicated work); else
-  `flops_ratio_why` says why not.
+  `devices`; `model_seconds`: those FLOPs at the chip's peak bf16 FLOP/s (CHIPS), the time at 100% MFU.
+  `hlo_flops` / `hlo_bytes`: the compiled program's own matmul FLOPs and HBM traffic, counted from its
+  optimized HLO with every loop's trip count and the kernels (fo_rl/hlo_cost.py; `hlo_loops`,
+  `hlo_bounded_loops`: loops that can exit early, counted to their bound, `hlo_unknown_loops`,
+  `hlo_kernels`, `hlo_kernel_flops`, `hlo_uncounted_kernels`). `flops_ratio` = hlo / model: compute
+  beyond the model's (recomputation under remat, padding, blocks above the causal diagonal, replicated
+  work). `roofline_seconds` = the larger of hlo_flops / peak FLOP/s and hlo_bytes / HBM bandwidth, with
+  `roofline_bound` saying which. `xla_flops` / `xla_bytes`: XLA's own `cost_analysis()`, kept beside:
+  it counts a while loop's body once and a kernel as zero, so for these programs it is far lower.
   """
-  out: dict[str, Any] = {"model_flops": model_flops / devices}
+  per_device = model_flops / devices
+  out: dict[str, Any] = {"model_flops": per_device}
   if chip is not None and model_flops:
-    out["roofline_seconds"] = round(model_flops / devices / chip[1], 4)
+    out["model_seconds"] = round(per_device / chip[1], 4)
   cost = _cost(compiled)
-  if "flops" not in cost:
-    return out
-  text = compiled.as_text() or ""
-  loops, kernels = text.count(" while("), text.count("tpu_custom_call") + text.count("__gpu$")
+  if cost:
+    out.update(xla_flops=cost.get("flops", 0.0), xla_bytes=cost.get("bytes accessed", 0.0))
+  counted = hlo_cost.program_cost(compiled.as_text() or "")
   out.update(
-      xla_flops=cost["flops"],
-      xla_bytes=cost.get("bytes accessed", 0.0),
-      xla_loops=loops,
-      xla_kernels=kernels,
+      hlo_flops=counted.flops,
+      hlo_bytes=counted.bytes,
+      hlo_kernel_flops=counted.kernel_flops,
+      hlo_loops=counted.loops,
+      hlo_bounded_loops=counted.bounded_loops,
+      hlo_unknown_loops=counted.unknown_loops,
+      hlo_kernels=counted.kernels,
+      hlo_uncounted_kernels=list(counted.uncounted_kernels),
   )
-  if not model_flops:
-    return out
-  if loops or kernels:
-    out["flops_ratio_why"] = "XLA counts a while loop's body once and a kernel as 0"
-  else:
-    out["flops_ratio"] = round(cost["flops"] / (model_flops / devices), 3)
+  if model_flops:
+    out["flops_ratio"] = round(counted.flops / per_device, 3)
+    if counted.unknown_loops or counted.uncounted_kernels:
+      out["flops_ratio_note"] = (
+          "a lower bound: loops of unknown trip count ran once, kernels counted 0"
+      )
+    elif counted.bounded_loops:
+      out["flops_ratio_note"] = "loops that can exit early counted to their bound"
+  if chip is not None and (counted.flops or counted.bytes):
+    t_compute, t_memory = counted.flops / chip[1], counted.bytes / chip[2]
+    out["roofline_seconds"] = round(max(t_compute, t_memory), 4)
+    out["roofline_bound"] = "compute" if t_compute >= t_memory else "memory"
   return out
 
 
@@ -453,6 +467,7 @@ def judge(rows: list[dict], head: dict, hbm: int) -> dict:
       max_total_gib=worst.get("total_gib"),
       worst_function=worst["function"],
   )
+  verdict["fitting"] = [r["function"] for r in rows if r["fits"]]
   if bad:
     verdict["failing"] = [r["function"] for r in bad]
     verdict["message"] = failure_message(bad, head, hbm)

@@ -106,18 +106,26 @@ def test_tiny_dry_run_prints_memory_per_function():
         + r["resident_bytes"]
     )
     assert r["fits"] and r["hbm_gib"] == 95.0 and 0 < r["total_bytes"] < 95 * 2**30
-  # Compute: the model's analytic FLOPs per chip and the time at the v5p's peak (dry_run.CHIPS); XLA's
-  # own count beside them, with the loops (the scan over layers) that make it a lower bound, so no ratio.
+  # Compute: the model's analytic FLOPs per chip and the time at the v5p's peak (dry_run.CHIPS); the
+  # compiled program's own count with its loops (the scan over layers) and kernels (splash, ragged-dot)
+  # counted (fo_rl/hlo_cost.py), the ratio, and the roofline; XLA's own count beside them.
   from fo_rl import dry_run
 
-  peak = dry_run.CHIPS["TPU v5"][1]
+  _, peak, bandwidth = dry_run.CHIPS["TPU v5"]
   for r in rows[:-1]:
-    assert r["xla_flops"] >= 0 and r["xla_bytes"] > 0, r
+    assert r["xla_flops"] >= 0 and r["xla_bytes"] > 0 and r["hlo_bytes"] > 0, r
+    assert r["hlo_unknown_loops"] == 0 and r["hlo_uncounted_kernels"] == [], r
+    assert r["roofline_seconds"] == round(max(r["hlo_flops"] / peak, r["hlo_bytes"] / bandwidth), 4)
     if r["function"] == "sampler.update_weights":
-      assert r["model_flops"] == 0 and "roofline_seconds" not in r
+      assert r["model_flops"] == 0 and "model_seconds" not in r and "flops_ratio" not in r
       continue
-    assert r["model_flops"] > 0 and r["roofline_seconds"] == round(r["model_flops"] / peak, 4)
-    assert r["xla_loops"] >= 1 and "flops_ratio" not in r and "loop" in r["flops_ratio_why"]
+    assert r["model_flops"] > 0 and r["model_seconds"] == round(r["model_flops"] / peak, 4)
+    assert r["hlo_loops"] >= 1 and r["hlo_kernels"] >= 1 and r["hlo_kernel_flops"] > 0, r
+    # At least the model's work (more: the sequence padded to the kernel's 128 and remat), and far
+    # more than XLA's own count, which takes each loop body once.
+    assert r["flops_ratio"] >= 1 and r["hlo_flops"] > r["xla_flops"], r
+  decode = rows[FUNCTIONS.index("sampler.decode")]
+  assert decode["hlo_bounded_loops"] >= 1 and "bound" in decode["flops_ratio_note"]
   # The update donates the train state: its outputs alias its arguments.
   upd = rows[FUNCTIONS.index("trainer.update")]
   assert upd["alias_bytes"] > 0
@@ -197,6 +205,8 @@ def test_qwen3_30b_a3b_fits_a_v5p_64():
   # The same compiled plan judged against a smaller chip: a clear message naming the function.
   small = dry_run.judge(rows[:-1], v, 1 * 2**30)
   assert small["verdict"] == "does not fit" and "trainer.update" in small["failing"]
+  assert set(small["fitting"]) == {r["function"] for r in rows[:-1] if r["total_bytes"] <= 2**30}
+  assert set(small["fitting"]).isdisjoint(small["failing"])
   assert (
       "trainer.update needs " in small["message"]
       and "GiB per device > 1 GiB HBM" in small["message"]
