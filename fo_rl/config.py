@@ -154,7 +154,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler = ml_collections.ConfigDict()
   c.sampler.weight_dtype = "float8_e4m3fn"
   c.sampler.keep_high_precision = list(Q.DEFAULT_KEEP)
-  # none (weight-only) | float8_e4m3fn | int8 (= weight_dtype): per-token activation quantization, W8A8
+  # none (weight-only) | float8_e4m3fn | float8_e5m2 | int8 (= weight_dtype): per-token activation
+  # quantization, W8A8
   c.sampler.activation_dtype = "none"
   c.sampler.max_new_tokens = 40
   c.sampler.max_prompt_len = 256  # tokens (BOS included); a longer prompt in the data is an error

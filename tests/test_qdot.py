@@ -15,9 +15,14 @@ from fo_rl.model.qdot import qdot, qeinsum, qragged_dot
 from fo_rl.model.qtensor import QTensor, materialize
 from fo_rl.sampler import quantize as Q
 
-QMAX = {"int8": 127.0, "float8_e4m3fn": 448.0}
-NP_DTYPE = {"int8": np.int8, "float8_e4m3fn": ml_dtypes.float8_e4m3fn}
-DTYPES = ["float8_e4m3fn", "int8"]
+QMAX = {"int8": 127.0, "float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}
+NP_DTYPE = {
+    "int8": np.int8,
+    "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
+    "float8_e5m2": ml_dtypes.float8_e5m2,
+}
+DTYPES = ["float8_e4m3fn", "float8_e5m2", "int8"]  # the activation dtypes
+LOW = {"int8": "i8", "float8_e4m3fn": "f8E4M3FN", "float8_e5m2": "f8E5M2"}  # in the lowered program
 
 
 def np_quant(a, dtype, axes):
@@ -69,7 +74,7 @@ def test_qeinsum_matches_numpy(dtype, spec, xshape, wshape, waxes):
   np.testing.assert_allclose(np.asarray(got), ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
   # the matmul really runs on low-precision operands (the lowered program's dot_general)
   hlo = jax.jit(lambda x, w: qeinsum(spec, x, w, jnp.float32)).lower(x, wq).as_text()
-  low = "i8" if dtype == "int8" else "f8E4M3FN"
+  low = LOW[dtype]
   dots = [l for l in hlo.splitlines() if "dot_general" in l]
   assert dots and all(l.count(f"x{low}>") == 2 for l in dots), dots
   # and activations are quantized: not the weight-only result
@@ -186,7 +191,7 @@ DISPATCHES = {
 
 
 @pytest.mark.parametrize("dispatch", list(DISPATCHES))
-@pytest.mark.parametrize("dtype,act", [("float8_e4m3fn", "float8_e4m3fn"), ("int8", "int8")])
+@pytest.mark.parametrize("dtype,act", [(d, d) for d in DTYPES])
 def test_quantized_experts_match_numpy(dispatch, dtype, act):
   x, ids, w = _inputs()
   q = _quantized(_experts(), dtype, act)
@@ -198,7 +203,7 @@ def test_quantized_experts_match_numpy(dispatch, dtype, act):
 
 
 @pytest.mark.parametrize("dispatch", list(DISPATCHES))
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES + ["int4"])
 def test_weight_only_experts_scale_after_the_matmul(dispatch, dtype):
   """Weight-only experts apply the scale after the grouped matmul: the same as the dispatch on the
   dequantized float weights up to float32 rounding."""

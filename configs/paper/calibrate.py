@@ -1,7 +1,7 @@
 """The regime calibration: short on-policy MiniRL runs from the seed-0 cold start, one per candidate
 sampler setting, that measure the regime table (per-token train-infer KL, F(2), router disagreement,
 response length, pre-clip grad norm) before any suite runs. Only real sampler knobs: the weight dtype
-(sampler.weight_dtype int8 / float8_e4m3fn), which parts stay in high precision
+(sampler.weight_dtype int8 / int4 / float8_e4m3fn / float8_e5m2), which parts stay in high precision
 (sampler.keep_high_precision: the default keeps embed, norm, router and lm_head) and, when the sampler
 has it, sampler.activation_dtype (W8A8).
 
@@ -21,6 +21,10 @@ Settings (the weight dtype, then what is quantized beyond attention / MLP / expe
   e4m3_all      float8_e4m3fn; everything quantized but the norms
   e4m3_a8       e4m3 plus FP8 activations (W8A8, sampler.activation_dtype) at every quantized matmul
   e4m3_all_a8   e4m3_all plus FP8 activations (router and lm_head matmuls in FP8 too)
+  e5m2_all      float8_e5m2 weights (2 mantissa bits); everything quantized but the norms
+  e5m2_all_a8   e5m2_all plus e5m2 activations
+  int4_all      int4 weights (W4A16, per channel); everything quantized but the norms
+  int4          int4 weights; embed, norm, router, lm_head kept
 Each run: the regime's model, task and cold start, on-policy MiniRL (design(1)), CAL_UPDATES updates,
 evaluations at step 0 and at the end (the quantized sampler must still be the same policy).
 """
@@ -60,6 +64,17 @@ VARIANTS = {
         "sampler.weight_dtype": "float8_e4m3fn",
         "sampler.keep_high_precision": ["norm"],
         "sampler.activation_dtype": "float8_e4m3fn",
+    },
+    "e5m2_all": {"sampler.weight_dtype": "float8_e5m2", "sampler.keep_high_precision": ["norm"]},
+    "e5m2_all_a8": {
+        "sampler.weight_dtype": "float8_e5m2",
+        "sampler.keep_high_precision": ["norm"],
+        "sampler.activation_dtype": "float8_e5m2",
+    },
+    "int4_all": {"sampler.weight_dtype": "int4", "sampler.keep_high_precision": ["norm"]},
+    "int4": {
+        "sampler.weight_dtype": "int4",
+        "sampler.keep_high_precision": ["embed", "norm", "router", "lm_head"],
     },
 }
 

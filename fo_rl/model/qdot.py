@@ -54,18 +54,26 @@ import jax.numpy as jnp
 
 from fo_rl.model.qtensor import QTensor, materialize
 
-ACT_DTYPES = ("none", "float8_e4m3fn", "int8")  # sampler.activation_dtype
-QUANTIZED_DTYPES = ("float8_e4m3fn", "int8")
+ACT_DTYPES = ("none", "float8_e4m3fn", "float8_e5m2", "int8")  # sampler.activation_dtype
+QUANTIZED_DTYPES = ("float8_e4m3fn", "float8_e5m2", "int8", "int4")
+INT_DTYPES = ("int8", "int4")  # rounded to the nearest integer; int8 x int8 accumulates in int32
 
 
 def qmax(dtype) -> float:
-  """Largest finite magnitude used by the symmetric scale (int8: 127, so the range stays symmetric)."""
+  """Largest finite magnitude used by the symmetric scale (int8: 127 and int4: 7, so the range stays
+  symmetric; float8_e4m3fn: 448; float8_e5m2: 57,344)."""
   dtype = jnp.dtype(dtype)
   if dtype == jnp.int8:
     return 127.0
-  if dtype == jnp.float8_e4m3fn:
-    return float(jnp.finfo(dtype).max)  # 448
+  if dtype == jnp.int4:
+    return 7.0
+  if dtype in (jnp.float8_e4m3fn, jnp.float8_e5m2):
+    return float(jnp.finfo(dtype).max)
   raise ValueError(f"not a quantized dtype: {dtype}; expected one of {QUANTIZED_DTYPES}")
+
+
+def is_int(dtype) -> bool:
+  return jnp.dtype(dtype).name in INT_DTYPES
 
 
 def quantize_act(x, dtype, axes) -> tuple[jax.Array, jax.Array]:
@@ -78,7 +86,7 @@ def quantize_act(x, dtype, axes) -> tuple[jax.Array, jax.Array]:
   absmax = jnp.max(jnp.abs(xf), axis=tuple(axes), keepdims=True)
   scale = jnp.where(absmax > 0, absmax / m, 1.0).astype(jnp.float32)
   y = jnp.clip(xf / scale, -m, m)
-  if dtype == jnp.int8:
+  if is_int(dtype):
     y = jnp.round(y)
   return y.astype(dtype), scale
 

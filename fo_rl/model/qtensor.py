@@ -20,10 +20,11 @@ class QTensor:
   gathering q along an output axis (an expert, a vocab row) slices scale the same way.
 
   `act_dtype` (static: part of the tree structure, not a leaf): None for weight-only quantization, or
-  the dtype the matmuls quantize their activations to ("float8_e4m3fn" / "int8", fo_rl/model/qdot.py).
+  the dtype the matmuls quantize their activations to ("float8_e4m3fn" / "float8_e5m2" / "int8",
+  fo_rl/model/qdot.py).
   """
 
-  q: jax.Array  # int8 or float8_e4m3fn
+  q: jax.Array  # int8, int4, float8_e4m3fn or float8_e5m2
   scale: jax.Array  # float32, broadcastable to q
   act_dtype: str | None = dataclasses.field(default=None, metadata=dict(static=True))
 

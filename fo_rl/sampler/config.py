@@ -19,9 +19,9 @@ ENGINES = ("static", "paged")  # sampler.engine
 class SamplerConfig:
   """How the sampler holds and runs its copy of the weights.
 
-  weight_dtype: float32 | bfloat16 | float8_e4m3fn | int8. FP8 / int8 use per-output-channel scales
-    (absmax / dtype max, see fo_rl/sampler/quantize.py).
-  activation_dtype: none | float8_e4m3fn | int8. "none": weight-only quantization. Otherwise (it must
+  weight_dtype: float32 | bfloat16 | float8_e4m3fn | float8_e5m2 | int8 | int4. FP8 / int8 / int4 use
+    per-output-channel scales (absmax / dtype max, see fo_rl/sampler/quantize.py).
+  activation_dtype: none | float8_e4m3fn | float8_e5m2 | int8. "none": weight-only quantization. Otherwise (it must
     equal weight_dtype) the input of every matmul with a quantized weight is quantized per token with
     a dynamic scale and the matmul runs fp8 x fp8 (float32 accumulation) or int8 x int8 (int32), as a
     W8A8 inference engine does (fo_rl/model/qdot.py); the trainer keeps its own precision.

@@ -1,4 +1,4 @@
-"""The sampler's copy of the weights: float32, bfloat16, or FP8 / int8 with per-output-channel scales.
+"""The sampler's copy of the weights: float32, bfloat16, or FP8 / int8 / int4 with per-output-channel scales.
 
 A quantized weight is a `QTensor(q, scale)` (fo_rl/model/qtensor.py) put in the same nnx.Param slot the
 trainer's array occupies, so the sampler runs the one model code: every weight is read through
@@ -6,8 +6,10 @@ trainer's array occupies, so the sampler runs the one model code: every weight i
 XLA's GPU/TPU backends rewrite into native FP8 / int8 matmuls where they can.
 
 Scales are symmetric, per output channel: scale = absmax over the contracted (input) axes / qmax, with
-qmax = 127 (int8) or 448 (float8_e4m3fn), and `scale` has the weight's rank with size 1 on the contracted
-axes. The contracted axes of each parameter of fo_rl.model.Transformer:
+qmax = 127 (int8), 7 (int4), 448 (float8_e4m3fn) or 57,344 (float8_e5m2), and `scale` has the weight's
+rank with size 1 on the contracted axes. float8_e5m2 (2 mantissa bits, the format FP8 training uses for
+gradients) and int4 (W4A16, as GPTQ / AWQ engines store weights; per channel here, not per group) are
+coarser grids than float8_e4m3fn: the knobs that widen the training-inference discrepancy. The contracted axes of each parameter of fo_rl.model.Transformer:
 
     q_proj/k_proj/v_proj [D, N|K, H]  -> scale [1, N|K, H]     o_proj [N, H, D]       -> scale [1, 1, D]
     mlp gate/up [D, F]                -> scale [1, F]          mlp down [F, D]        -> scale [1, D]
@@ -25,8 +27,8 @@ float32, or bfloat16 when weight_dtype is bfloat16 (kept parts are then bfloat16
 
 Activations (`activation_dtype`, sampler.activation_dtype): "none" is weight-only quantization (the
 quantized weights are dequantized at each matmul, the experts' scales applied after the grouped matmul).
-"float8_e4m3fn" / "int8" (it must equal weight_dtype) quantizes the input of every matmul with a
-quantized weight per token, dynamically, and runs fp8 x fp8 / int8 x int8 matmuls (W8A8,
+"float8_e4m3fn" / "float8_e5m2" / "int8" (it must equal weight_dtype) quantizes the input of every
+matmul with a quantized weight per token, dynamically, and runs fp8 x fp8 / int8 x int8 matmuls (W8A8,
 fo_rl/model/qdot.py), as vLLM / SGLang FP8 engines do. The parts kept in high precision (router,
 lm_head by default) keep float activations too. The trainer never sees any of this: it holds plain arrays.
 """
@@ -40,11 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fo_rl.model.qdot import ACT_DTYPES, qmax
+from fo_rl.model.qdot import ACT_DTYPES, QUANTIZED_DTYPES, is_int, qmax
 from fo_rl.model.qtensor import QTensor
 
-WEIGHT_DTYPES = ("float32", "bfloat16", "float8_e4m3fn", "int8")
-QUANTIZED_DTYPES = ("float8_e4m3fn", "int8")
+WEIGHT_DTYPES = ("float32", "bfloat16") + QUANTIZED_DTYPES
 PARTS = ("embed", "norm", "router", "lm_head", "attn", "mlp", "experts")
 DEFAULT_KEEP = ("embed", "norm", "router", "lm_head")
 
@@ -123,7 +124,7 @@ def quantize_array(
   absmax = jnp.max(jnp.abs(w), axis=tuple(axes), keepdims=True)
   scale = jnp.where(absmax > 0, absmax / m, 1.0).astype(jnp.float32)  # an all-zero channel stays 0
   x = jnp.clip(w / scale, -m, m)
-  if dtype == jnp.int8:
+  if is_int(dtype):
     x = jnp.round(x)
   return QTensor(x.astype(dtype), scale, act_dtype)
 
