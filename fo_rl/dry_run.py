@@ -284,10 +284,7 @@ class _Setup:
     rc.parallel.check_devices(len(self.devices))
     self.hbm = hbm_bytes(self.devices, rc.parallel.hbm_gib)
     model_cfg = rc.model
-    if model_cfg.gmm_backend == "auto" and self.devices[0].platform == "tpu":
-      model_cfg = model_cfg.replace(
-          gmm_backend="ragged_dot"
-      )  # what "auto" picks on TPU at run time
+
     self.model_cfg = model_cfg
     self.mesh = make_mesh(rc.parallel.mesh, devices=self.devices, where="parallel.mesh")
     self.sampler_mesh = make_mesh(

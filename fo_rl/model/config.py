@@ -15,7 +15,7 @@ from fo_rl.model.attention import ATTENTION_IMPLS
 
 DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("fast", "reference", "dense")
-GMM_BACKENDS = ("auto", "blocked", "ragged_dot")
+GMM_BACKENDS = ("auto", "blocked", "ragged_dot", "megablox")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +43,9 @@ class ModelConfig:
   # "fast" (sorted, dropless, expert-parallel), "reference" (dense one-hot, the test oracle) or "dense"
   # (every expert on every token in three plain matmuls: for few tokens and experts, see moe.py)
   moe_impl: str = "fast"
-  gmm_backend: str = (
-      "auto"  # grouped matmul: "blocked" (padded batched matmul), "ragged_dot", or auto
-  )
+  # grouped matmul: "blocked" (padded batched matmul), "ragged_dot", "megablox" (JAX's Pallas TPU
+  # grouped matmul; interpret mode off TPU), or "auto": blocked on CPU, megablox on TPU, ragged_dot on GPU
+  gmm_backend: str = "auto"
   moe_block_size: int = 32  # rows per block of the blocked grouped matmul
   remat: bool = (
       False  # recompute each decoder layer in the backward pass instead of keeping activations

@@ -226,15 +226,71 @@ def _expert_ffn_ragged(xs, group_sizes, experts: Experts):
   return jnp.where((jnp.arange(xs.shape[0]) < total)[:, None], y, 0)
 
 
-def _gmm_backend(backend: str) -> str:
+# Megablox tiles (rows, contraction, columns), clipped to the problem: MaxText's defaults.
+MEGABLOX_TILING = (512, 1024, 1024)
+
+
+def _megablox_gmm(x, w, group_sizes, dtype, interpret: bool):
+  """x [A, D] @ w[g] for each group's rows with JAX's Pallas TPU grouped matmul (megablox `ops.gmm`),
+  whose custom VJP takes the weight gradient with the transposed grouped matmul (`tgmm`): each
+  expert's gradient visits its own rows only. (`ragged_dot`'s weight gradient is a dense convolution
+  of every expert with every row on TPU: E x the work; see README "Running on Cloud TPU".) A QTensor
+  (the sampler's quantized weights: forward only) goes through `qragged_dot`. Rows are padded to the
+  row tile; rows past sum(group_sizes) are not meaningful."""
+  if isinstance(w, QTensor):
+    return qragged_dot(x, w, group_sizes, dtype)
+  from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
+
+  A, D = x.shape
+  F = w.shape[2]
+  tm = min(MEGABLOX_TILING[0], -(-A // 8) * 8)
+  pad = (-A) % tm
+  xp = jnp.pad(x.astype(dtype), ((0, pad), (0, 0))) if pad else x.astype(dtype)
+  tiling = (tm, min(MEGABLOX_TILING[1], D), min(MEGABLOX_TILING[2], F))
+  # positional: ops.gmm's custom_vjp takes preferred_element_type, tiling, transpose_rhs and
+  # interpret as non-differentiable arguments
+  y = megablox.gmm(
+      xp,
+      w.astype(dtype),
+      group_sizes.astype(jnp.int32),
+      dtype,
+      tiling,
+      None,
+      None,
+      False,
+      interpret,
+  )
+  return y[:A]
+
+
+def _expert_ffn_megablox(xs, group_sizes, experts: Experts, interpret: bool):
+  """Grouped SwiGLU FFN with megablox (`_megablox_gmm`). The TPU kernel's tiles of the hidden and
+  expert dimensions must be multiples of 128 (its backward reuses the forward's tiling with the two
+  swapped): experts whose D or F is not (toy sizes) run `ragged_dot` on TPU instead."""
+  dt = xs.dtype
+  gate, up, down = experts
+  D, F = gate.shape[1], gate.shape[2]
+  if not interpret and (D % 128 or F % 128):
+    return _expert_ffn_ragged(xs, group_sizes, experts)
+  mm = lambda x, w: _megablox_gmm(x, w, group_sizes, dt, interpret)  # noqa: E731
+  y = mm(jax.nn.silu(mm(xs, gate)) * mm(xs, up), down)
+  total = jnp.sum(group_sizes)
+  return jnp.where((jnp.arange(xs.shape[0]) < total)[:, None], y, 0)
+
+
+def resolve_gmm_backend(backend: str, platform: str) -> str:
+  """model.gmm_backend for a platform: "auto" is blocked on CPU, megablox on TPU, ragged_dot on GPU."""
   if backend == "auto":
-    return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+    return {"cpu": "blocked", "tpu": "megablox"}.get(platform, "ragged_dot")
   return backend
 
 
-def _expert_ffn(xs, group_sizes, experts: Experts, backend: str, block: int):
-  if _gmm_backend(backend) == "blocked":
+def _expert_ffn(xs, group_sizes, experts: Experts, backend: str, block: int, platform: str):
+  backend = resolve_gmm_backend(backend, platform)
+  if backend == "blocked":
     return _expert_ffn_blocked(xs, group_sizes, experts, block)
+  if backend == "megablox":  # off TPU in Pallas interpret mode (tests)
+    return _expert_ffn_megablox(xs, group_sizes, experts, interpret=platform != "tpu")
   return _expert_ffn_ragged(xs, group_sizes, experts)
 
 
@@ -325,17 +381,17 @@ def _inverse_permutation(order):
   return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
 
 
-def _dispatch_local(x, ids, weights, experts: Experts, backend: str, block: int):
+def _dispatch_local(x, ids, weights, experts: Experts, backend: str, block: int, platform: str):
   """Single-shard dropless dispatch: sort assignments by expert, grouped FFN, unsort, combine."""
   N, k = ids.shape
   E = experts.gate.shape[0]
-  if _gmm_backend(backend) == "blocked":
+  if resolve_gmm_backend(backend, platform) == "blocked":
     return _dispatch_local_blocked(x, ids, weights, experts, block)
   flat = ids.reshape(-1)
   order = jnp.argsort(flat, stable=True)
   xs = x[order // k]  # [A, D]
   group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-  ys = _expert_ffn(xs, group_sizes, experts, backend, block)
+  ys = _expert_ffn(xs, group_sizes, experts, backend, block, platform)
   y = ys[_inverse_permutation(order)].reshape(N, k, -1)
   return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(x.dtype)
 
@@ -349,6 +405,7 @@ def _dispatch_expert_parallel(
     block: int,
     expert_axis: str,
     mlp_axes: tuple[str, ...],
+    platform: str,
 ):
   """Body run per device under shard_map. x [n, D] local tokens; experts hold E/ep local experts.
 
@@ -377,7 +434,7 @@ def _dispatch_expert_parallel(
   recv_e = jax.lax.all_to_all(send_e, expert_axis, 0, 0).reshape(ep * A)
   order2 = jnp.argsort(recv_e, stable=True)  # local expert id; the padding id e_local sorts last
   group_sizes = jnp.bincount(recv_e, length=e_local + 1)[:e_local].astype(jnp.int32)
-  ry = _expert_ffn(recv_x[order2], group_sizes, experts, backend, block)
+  ry = _expert_ffn(recv_x[order2], group_sizes, experts, backend, block, platform)
   if mlp_axes:  # the expert hidden dim F is split over mlp_axes: each shard holds a partial sum
     ry = jax.lax.psum(ry, mlp_axes)
   back = ry[_inverse_permutation(order2)].reshape(ep, A, D)
@@ -439,8 +496,9 @@ def dispatch_fast(
   token_axes: the mesh axes of the `batch` rule (the tokens are split over them and `expert`);
   mlp_axes: those of the `expert_mlp` rule (the experts' hidden dimension is split over them). They
   must not overlap (`expert_parallel_axes`)."""
+  platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
   if mesh is None or mesh.shape.get("expert", 1) == 1:
-    return _dispatch_local(x, ids, weights, experts, backend, block)
+    return _dispatch_local(x, ids, weights, experts, backend, block, platform)
   E = experts.gate.shape[0]
   ep = mesh.shape["expert"]
   if E % ep:
@@ -473,6 +531,7 @@ def dispatch_fast(
       block=block,
       expert_axis="expert",
       mlp_axes=mlp_axes,
+      platform=platform,
   )
   context = jax.sharding.get_abstract_mesh()
   if context.manual_axes:  # inside a shard_map over other axes (the sampler's per-shard decode)
