@@ -149,9 +149,19 @@ def _parse_instr(line: str) -> Instr | None:
 
 
 def parse_module(text: str) -> tuple[dict[str, list[Instr]], str | None]:
-  """The module's computations (name -> instructions, in order) and the entry computation's name."""
+  """The module's computations (name -> instructions, in order) and the entry computation's name.
+
+  An instruction may span lines (a kernel's backend_config can hold a multi-line JSON string whose
+  continuation starts with "}"): lines are joined while the instruction's braces are open."""
   comps: dict[str, list[Instr]] = {}
-  entry, current = None, None
+  entry, current, pending = None, None, None
+
+  def flush():
+    if pending is not None:
+      ins = _parse_instr(pending)
+      if ins is not None:
+        comps[current].append(ins)
+
   for line in text.splitlines():
     if current is None:
       h = _HEADER.match(line)
@@ -161,12 +171,18 @@ def parse_module(text: str) -> tuple[dict[str, list[Instr]], str | None]:
         if h.group(1):
           entry = current
       continue
-    if line.strip() == "}":
-      current = None
+    if pending is not None and pending.count("{") > pending.count("}"):
+      pending += " " + line.strip()
       continue
-    ins = _parse_instr(line)
-    if ins is not None:
-      comps[current].append(ins)
+    if line.startswith("}"):  # "}" or "}, execution_thread=..." (TPU SparseCore computations)
+      flush()
+      current, pending = None, None
+      continue
+    if _INSTR.match(line):
+      flush()
+      pending = line
+    elif pending is not None:
+      pending += " " + line.strip()
   return comps, entry
 
 
@@ -199,6 +215,45 @@ class Cost:
         self.kernels + o.kernels,
         tuple(sorted(set(self.uncounted_kernels) | set(o.uncounted_kernels))),
     )
+
+
+def _window(attrs: str) -> list[dict]:
+  """A convolution's window attribute, one dict per spatial dimension (size, stride, pad, dilations)."""
+  m = re.search(r"window=\{([^}]*)\}", attrs)
+  if not m:
+    return []
+  fields = dict(f.split("=", 1) for f in m.group(1).split() if "=" in f)
+  n = len(fields.get("size", "").split("x"))
+  out = [{} for _ in range(n)]
+  for key in ("size", "stride", "lhs_dilate", "rhs_dilate"):
+    for d, v in enumerate(fields.get(key, "").split("x") if key in fields else []):
+      out[d][key] = int(v)
+  for d, v in enumerate(fields["pad"].split("x") if "pad" in fields else []):
+    lo, hi = v.split("_")
+    out[d]["pad"] = (int(lo), int(hi))
+  return out
+
+
+def _valid_pairs(out: int, win: int, size: int, stride: int, pad_lo: int, ld: int, rd: int) -> int:
+  """How many (output position o, window position k) pairs of one spatial dimension read a real input
+  element: p = o * stride + k * rd - pad_lo lies on the (lhs-dilated) input, 0 <= p <= (size - 1) * ld
+  with p % ld == 0."""
+  top = (size - 1) * ld
+  total = 0
+  for k in range(win):
+    c = k * rd - pad_lo
+    lo = max(0, -(-(-c) // stride))  # ceil(-c / stride)
+    hi = min(out - 1, (top - c) // stride)
+    if hi < lo:
+      continue
+    if ld == 1:
+      total += hi - lo + 1
+    elif stride == 1:  # o + c = 0 (mod ld)
+      r = (-c) % ld
+      total += max(0, (hi - r) // ld - (-(-(lo - r) // ld)) + 1)
+    else:
+      total += sum(1 for o in range(lo, hi + 1) if (o * stride + c) % ld == 0)
+  return total
 
 
 def _attr_names(attrs: str, key: str) -> list[str]:
@@ -243,16 +298,38 @@ class _Module:
     return 2.0 * math.prod(out[0][1]) * contract
 
   def _conv_flops(self, comp: str, ins: Instr) -> float:
+    """2 x output batch x output features x input features x the (output, window) position pairs
+    that land on real input, per spatial dimension: XLA writes dots as convolutions whose padding
+    makes most window positions zeros (an outer product over heads), and weight gradients as
+    base-dilated ones; those positions are not computed and not counted (as XLA's own analysis)."""
     out = _arrays(ins.type)
-    m = re.search(r"dim_labels=[^_]*_([^-]*)->", ins.attrs)
+    m = re.search(r"dim_labels=([^_]*)_([^-]*)->([^,\s]*)", ins.attrs)
     if not out or len(ins.operands) < 2 or not m:
       return 0.0
-    kernel = self._shape(comp, ins.operands[1])
-    labels = m.group(1)
-    if len(labels) != len(kernel) or "o" not in labels:
+    lhs_l, rhs_l, out_l = m.groups()
+    lhs, kernel, shape = (
+        self._shape(comp, ins.operands[0]),
+        self._shape(comp, ins.operands[1]),
+        out[0][1],
+    )
+    if not (len(lhs) == len(lhs_l) and len(kernel) == len(rhs_l) and len(shape) == len(out_l)):
       return 0.0
-    per_output = math.prod(kernel) // max(1, kernel[labels.index("o")])
-    return 2.0 * math.prod(out[0][1]) * per_output
+    window = _window(ins.attrs)
+    pairs = 1
+    for d in sorted(c for c in out_l if c.isdigit()):
+      w = window[int(d)] if int(d) < len(window) else {}
+      pairs *= _valid_pairs(
+          shape[out_l.index(d)],
+          kernel[rhs_l.index(d)],
+          lhs[lhs_l.index(d)],
+          w.get("stride", 1),
+          w.get("pad", (0, 0))[0],
+          w.get("lhs_dilate", 1),
+          w.get("rhs_dilate", 1),
+      )
+    return (
+        2.0 * shape[out_l.index("b")] * shape[out_l.index("f")] * kernel[rhs_l.index("i")] * pairs
+    )
 
   def _kernel_flops(self, comp: str, ins: Instr) -> float | None:
     """FLOPs of a custom call, None when it cannot be counted."""

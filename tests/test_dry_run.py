@@ -212,3 +212,54 @@ def test_qwen3_30b_a3b_fits_a_v5p_64():
       and "GiB per device > 1 GiB HBM" in small["message"]
   )
   assert "temporaries" in small["message"]
+
+
+@pytest.mark.tpu_compile
+def test_hlo_cost_counts_tpu_matmuls_and_kernels():
+  """fo_rl/hlo_cost.py on programs compiled for one TPU v5p chip: a projection (XLA:TPU writes it as a
+  padded convolution) counts 2 x B x T x D x N x H exactly; the grouped matmul's kernels count
+  2 x rows x D x F per matmul (ragged_dot's forward kernel by its shapes, megablox's forward and its
+  backward's two kernels by their cost estimates); causal splash attention counts 4 x heads x T x T x
+  head dim times the share of key blocks on or below the diagonal (3 of 4 blocks at T = 2 x 512)."""
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  from fo_rl import dry_run
+  from fo_rl.hlo_cost import program_cost
+  from fo_rl.model import attention, moe
+
+  mesh = Mesh(np.array(dry_run.topology_devices("v5p:2x2x1")[:1]), ("x",))
+  sds = lambda *shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(
+      shape, dt, sharding=NamedSharding(mesh, P())
+  )
+
+  def cost(f, *args):
+    # the TPU's own matmul precision for bf16 (conftest.py asks for "highest": Mosaic rejects it)
+    with jax.default_matmul_precision("default"):
+      return program_cost(jax.jit(f).lower(*args).compile().as_text())
+
+  B, T, D, N, H = 2, 256, 512, 8, 128
+  c = cost(lambda x, w: jnp.einsum("btd,dnh->btnh", x, w), sds(B, T, D), sds(D, N, H))
+  assert c.flops == 2 * B * T * D * N * H and c.kernels == 0
+
+  M, F, G = 1024, 256, 4
+  gs = sds(G, dt=jnp.int32)
+  c = cost(lambda x, w, g: jax.lax.ragged_dot(x, w, g), sds(M, D), sds(G, D, F), gs)
+  assert c.flops == c.kernel_flops == 2 * M * D * F and c.kernels >= 1 and not c.uncounted_kernels
+
+  def mb_loss(x, w, g):
+    return jnp.sum(moe._megablox_gmm(x, w, g, jnp.bfloat16, interpret=False).astype(jnp.float32))
+
+  c = cost(jax.grad(mb_loss, argnums=(0, 1)), sds(M, D), sds(G, D, F), gs)
+  assert c.kernel_flops == 2 * (2 * M * D * F) and not c.uncounted_kernels  # dx (gmm) + dw (tgmm)
+  c = cost(
+      lambda x, w, g: moe._megablox_gmm(x, w, g, jnp.bfloat16, False), sds(M, D), sds(G, D, F), gs
+  )
+  assert c.kernel_flops == 2 * M * D * F
+
+  T, Nq, K = 1024, 4, 2
+  q, kv = sds(1, T, Nq, H), sds(1, T, K, H)
+  mask = sds(1, T, dt=jnp.bool_)
+  c = cost(lambda q, k, v, m: attention.splash(q, k, v, m, interpret=False), q, kv, kv, mask)
+  assert c.kernel_flops == 4 * Nq * T * T * H * 3 / 4 and not c.uncounted_kernels

@@ -132,3 +132,77 @@ def test_model_forward_scanned_equals_unrolled_and_the_analytic_count(moe):
     assert counts[True].flops > full_scores
   else:
     np.testing.assert_allclose(counts[True].flops, full_scores, rtol=1e-6)
+
+
+def test_convolution_window_pairs_by_brute_force():
+  """The (output, window) position pairs of a convolution that read real input: the closed forms
+  against enumeration, with padding, strides and both dilations (XLA:TPU writes dots as padded
+  convolutions and weight gradients as base-dilated ones)."""
+  from fo_rl.hlo_cost import _valid_pairs
+
+  rng = np.random.default_rng(0)
+  for _ in range(300):
+    size, win = int(rng.integers(1, 12)), int(rng.integers(1, 6))
+    stride, ld, rd = (int(rng.integers(1, 4)) for _ in range(3))
+    lo, hi = int(rng.integers(0, 6)), int(rng.integers(0, 6))
+    span = (size - 1) * ld + 1 + lo + hi - ((win - 1) * rd + 1)
+    if span < 0:
+      continue
+    out = span // stride + 1
+    brute = sum(
+        1
+        for o in range(out)
+        for k in range(win)
+        if 0 <= (p := o * stride + k * rd - lo) <= (size - 1) * ld and p % ld == 0
+    )
+    assert _valid_pairs(out, win, size, stride, lo, ld, rd) == brute, (
+        size,
+        win,
+        stride,
+        ld,
+        rd,
+        lo,
+    )
+
+
+def test_instructions_spanning_lines_and_sparsecore_computations():
+  """A kernel's backend_config may hold a multi-line JSON string whose continuation starts with "}",
+  and TPU SparseCore computations end with '}, execution_thread=...': neither ends a computation
+  early (the layer loop's body here would lose its root and its trip count)."""
+  text = """HloModule m
+
+%body (p: (s32[], f32[4,4])) -> (s32[], f32[4,4]) {
+  %p = (s32[], f32[4,4]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[4,4]{1,0} get-tuple-element(%p), index=1
+  %k = f32[4,4]{1,0} custom-call(%x), custom_call_target="tpu_custom_call", backend_config={"custom_call_config":{"body":"abc",
+"xprof_metadata":"{\\"block_q\\": 512}"
+}}, metadata={op_name="kernel"}
+  %d = f32[4,4]{1,0} dot(%k, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %one = s32[] constant(1)
+  %n = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[4,4]{1,0}) tuple(%n, %d)
+}
+
+%sc (a: s32[8]) -> s32[8] {
+  ROOT %a = s32[8]{0} parameter(0)
+}, execution_thread="sparsecore"
+
+%cond (p: (s32[], f32[4,4])) -> pred[] {
+  %p = (s32[], f32[4,4]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %c = s32[] constant(48)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+ENTRY %main (x: f32[4,4]) -> (s32[], f32[4,4]) {
+  %x = f32[4,4]{1,0} parameter(0)
+  %zero = s32[] constant(0)
+  %t = (s32[], f32[4,4]{1,0}) tuple(%zero, %x)
+  ROOT %w = (s32[], f32[4,4]{1,0}) while(%t), condition=%cond, body=%body
+}
+"""
+  cost = program_cost(text)
+  assert cost.loops == 1 and cost.unknown_loops == 0 and cost.kernels == 1
+  assert cost.uncounted_kernels == ("k",)  # an unknown kernel is named, not guessed
+  assert cost.flops == 48 * 2 * 4 * 4 * 4
