@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "fo_rl"
 
 # Lowest first. A module may import from its own layer or a lower one.
 LAYERS = (
-    ("common",),
+    ("common", "hlo_cost"),
     ("parallel",),
     ("model",),
     ("sampler", "data"),
