@@ -59,7 +59,7 @@ from fo_rl import hlo_cost
 from fo_rl.model import abstract_model
 from fo_rl.model import flops as analytic
 from fo_rl.parallel.sharding import batch_spec, make_mesh, state_shardings
-from fo_rl.rl.rollouts import Rollouts, replays_sampler
+from fo_rl.rl.rollouts import PASS_ROUTES, Rollouts, replays_sampler
 from fo_rl.rl.trainer import Trainer
 from fo_rl.sampler import Sampler, SamplingParams, bucket
 
@@ -353,8 +353,13 @@ def plan(config, devices=None, log=None) -> list[dict]:
       routes=bsh((B, Lt, Ly, k), jnp.int32),
       advantages=bsh((B,), jnp.float32),
   )
-  step_bytes = device_bytes(ro) + device_bytes(
-      (bsh((B, Lt), jnp.float32), bsh((B, Lt, Ly, k), jnp.int32))
+  # What the updates keep in HBM besides their arguments: the step's rollouts, logp_old and, when the
+  # updates replay them (R2), the old pass's live routes (Trainer.train_step drops them otherwise).
+  live_kept = PASS_ROUTES[rc.rl.replay]["update"] == "live"
+  step_bytes = (
+      device_bytes(ro)
+      + device_bytes(bsh((B, Lt), jnp.float32))
+      + (device_bytes(bsh((B, Lt, Ly, k), jnp.int32)) if live_kept else 0)
   )
 
   # ---- sampler inputs ------------------------------------------------------------------------------

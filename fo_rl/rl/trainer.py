@@ -475,6 +475,7 @@ class Trainer:
     tm = self._host_mask(ro.token_mask)  # once per step: every packing plan reads it
     logp_old, live_routes, old_metrics = self.old_pass(state.params, ro, tm)
     routes = pass_routes(cfg.replay, "update", sampler=ro.routes, live=live_routes)
+    del live_routes  # [B, T, L, k]: HBM held through the updates only when they replay it (R2)
     per_mb = []
     mb_size = B // N
     for i in range(N):
