@@ -48,6 +48,14 @@ from fo_rl.rl.optim import OptimConfig, abstract_opt_state, init_opt_state, make
 from fo_rl.rl.rollouts import REPLAY_MODES, Rollouts, pass_routes, replays_sampler
 
 
+def _flat_tail(x):
+  """[b, T, ...] with more than one trailing dim -> [b, T, prod]: the routes [B, T, L, k] cross the
+  micro-batch split and the old pass's loop flat. (Transposed in their own shape, TPU's tiled layout
+  pads the minor dim k = 8 to 128: the split of the paper_n8 old pass's routes alone took 198 GiB per
+  chip.)"""
+  return x.reshape(*x.shape[:2], -1) if x is not None and x.ndim > 3 else x
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig:
   mini_batches: int = 1  # N: optimizer updates per rollout batch (the off-policiness)
@@ -264,6 +272,7 @@ class Trainer:
     and transpose stay local, and the micro-batches run one after another on all devices at once."""
 
     def one(x):
+      x = _flat_tail(x)
       y = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
       if self.mesh is None:
         return y
@@ -272,8 +281,17 @@ class Trainer:
 
     return jax.tree.map(one, tree)
 
+  @staticmethod
+  def _unflat(tree, like):
+    """A micro-batch of `_split`'s output with each leaf's trailing shape back to `like`'s (the routes
+    travel flat)."""
+    return jax.tree.map(
+        lambda x, l: x if x is None else x.reshape(x.shape[:1] + l.shape[1:]), tree, like
+    )
+
   def _unsplit(self, tree):
-    """The inverse of `_split`: [n, b/n, ...] -> [b, ...], rows back in their order."""
+    """The inverse of `_split`: [n, b/n, ...] -> [b, ...], rows back in their order (a leaf split flat
+    stays flat: `_unflat` it)."""
 
     def one(y):
       x = y.swapaxes(0, 1).reshape(y.shape[0] * y.shape[1], *y.shape[2:])
@@ -365,8 +383,14 @@ class Trainer:
       logp_live, logp_old, entropy, live_routes = self._old_scores(params, ro, one)
     else:  # one micro-batch at a time (lax.map: a loop, so only one micro-batch's activations live)
       xs = (self._split(ro, n), None if plan is None else (plan.src, plan.dst))
-      scores = jax.lax.map(lambda x: self._old_scores(params, *x), xs)
-      logp_live, logp_old, entropy, live_routes = self._unsplit(scores)
+
+      def one(x):
+        mb, pl = x
+        scores = self._old_scores(params, self._unflat(mb, ro), pl)
+        return jax.tree.map(_flat_tail, scores)  # the live routes leave flat
+
+      logp_live, logp_old, entropy, live_routes = self._unsplit(jax.lax.map(one, xs))
+      live_routes = live_routes.reshape(ro.routes.shape)
     mask = ro.response_mask
     out = {}
     if replays_sampler(self.cfg.replay):
@@ -410,6 +434,7 @@ class Trainer:
 
     def micro_loss(p, x):
       r, lo, rp, pl = x
+      r, rp = self._unflat((r, rp), (ro, routes))
       (logp, _), _ = self._score_rows(p, r, rp, pl)
       b = inputs(r, logp, lo)
       loss, _ = policy_loss(b, lcfg)
