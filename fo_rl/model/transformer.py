@@ -395,21 +395,17 @@ def _scan_layers(layers, x, positions, key_mask, token_mask, routes, remat: bool
     return None
   stacked = jax.tree.map(lambda *w: jnp.stack(w), *[s for _, s in splits])
 
-  # Replay routes [B, T, L, k] are read one layer at a time by index, not transposed to a layer-major
-  # [L, B, T, k] scan input, and live routes leave the scan as [L, B, T * k]: TPU's tiled layout pads a
-  # minor dim k = 8 to 128 in such copies (the paper_n8 old pass: 40.0 -> 29.5 GB of temporaries).
-  B, T = x.shape[:2]
-
   def body(h, inputs):
-    state, layer = inputs
-    layer_routes = None if routes is None else jax.lax.dynamic_index_in_dim(routes, layer, 2, False)
+    state, layer_routes = inputs
     h, ids, _ = nnx.merge(graphdef, state)(h, positions, key_mask, token_mask, layer_routes)
-    return h, ids.reshape(B, -1)
+    return h, ids
 
   if remat:
     body = jax.checkpoint(body)
-  x, ids = jax.lax.scan(body, x, (stacked, jnp.arange(len(layers))))
-  return x, jnp.moveaxis(ids.reshape(len(layers), B, T, -1), 0, 2)
+  x, ids = jax.lax.scan(
+      body, x, (stacked, None if routes is None else jnp.moveaxis(routes, 2, 0))  # [L, B, T, k]
+  )
+  return x, jnp.moveaxis(ids, 0, 2)
 
 
 @nnx.remat
