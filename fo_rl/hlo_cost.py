@@ -337,7 +337,7 @@ class _Module:
     if m:
       return float(m.group(1))
     name = ins.name
-    types = [t for t in self._operand_types(comp, ins)]
+    types = self._operand_types(comp, ins)
     floats = [
         s
         for t in types
