@@ -283,9 +283,7 @@ class _Setup:
     self.devices = topology_devices(self.topology) if devices is None else list(devices)
     rc.parallel.check_devices(len(self.devices))
     self.hbm = hbm_bytes(self.devices, rc.parallel.hbm_gib)
-    model_cfg = rc.model
-
-    self.model_cfg = model_cfg
+    self.model_cfg = model_cfg = rc.model
     self.mesh = make_mesh(rc.parallel.mesh, devices=self.devices, where="parallel.mesh")
     self.sampler_mesh = make_mesh(
         rc.parallel.sampler_mesh, devices=self.devices, where="parallel.sampler_mesh"

@@ -33,7 +33,6 @@ below the work done. `program_cost(compiled.as_text())` walks the HLO module ins
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 
@@ -274,6 +273,7 @@ class _Module:
   def __init__(self, text: str):
     self.comps, self.entry = parse_module(text)
     self.by_name = {c: {i.name: i for i in ins} for c, ins in self.comps.items()}
+    self._costs: dict[tuple[str, bool], Cost] = {}  # per computation: each is walked once
 
   # ---- shapes ------------------------------------------------------------------------------------
   def _shape(self, comp: str, name: str) -> tuple[int, ...]:
@@ -337,6 +337,8 @@ class _Module:
     if m:
       return float(m.group(1))
     name = ins.name
+    if name.startswith("ragged-dot-metadata"):  # the kernel's group offsets: no matmul
+      return 0.0
     types = self._operand_types(comp, ins)
     floats = [
         s
@@ -344,8 +346,6 @@ class _Module:
         for dt, s in _arrays(t)
         if dt in ("f32", "bf16", "f16") or dt.startswith("f8")
     ]
-    if name.startswith("ragged-dot-metadata"):  # the kernel's group offsets: no matmul
-      return 0.0
     if name.startswith("ragged-dot"):
       out = _arrays(ins.type)
       if not out or len(out[0][1]) != 2:
@@ -384,7 +384,7 @@ class _Module:
     root = next((f for f in body if f.root), None)
     in_place = set()
     out_bytes = _nbytes(ins.type)
-    roots = [root] if root is not None and root.op != "tuple" else []
+    roots = [] if root is None else [root]
     if root is not None and root.op == "tuple":
       roots = [self.by_name[fused].get(o) for o in root.operands]
     if roots and all(r is not None and r.op == "dynamic-update-slice" for r in roots):
@@ -530,8 +530,13 @@ class _Module:
     return None
 
   # ---- the walk ----------------------------------------------------------------------------------
-  @functools.lru_cache(maxsize=None)
   def cost(self, comp: str, fused: bool = False) -> Cost:
+    """One execution of computation `comp` (`fused`: inside a fusion, whose bytes the fusion counts)."""
+    if (comp, fused) not in self._costs:
+      self._costs[comp, fused] = self._walk(comp, fused)
+    return self._costs[comp, fused]
+
+  def _walk(self, comp: str, fused: bool) -> Cost:
     total = Cost()
     for ins in self.comps.get(comp, []):
       c = Cost()
@@ -551,15 +556,14 @@ class _Module:
             c.kernels = 0
         else:
           c.flops = c.kernel_flops = f
-      if not fused:
-        c.bytes = self._plain_bytes(comp, ins)
       if ins.op == "fusion":
         for sub in _attr_names(ins.attrs, "calls"):
-          inner = self.cost(sub, True)
-          c = c + dataclasses.replace(inner, bytes=0.0)
+          c = c + self.cost(sub, True)  # a fused computation's bytes are 0: counted below
           if not fused:
             c.bytes = self._fusion_bytes(comp, ins, sub)
-      elif ins.op == "while":
+      elif not fused:
+        c.bytes = self._plain_bytes(comp, ins)
+      if ins.op == "while":
         n, kind = self._trip_count(comp, ins)
         inner = Cost()
         for sub in _attr_names(ins.attrs, "body") + _attr_names(ins.attrs, "condition"):

@@ -286,7 +286,7 @@ def resolve_gmm_backend(backend: str, platform: str) -> str:
 
 
 def _expert_ffn(xs, group_sizes, experts: Experts, backend: str, block: int, platform: str):
-  backend = resolve_gmm_backend(backend, platform)
+  """`backend`: resolved (`resolve_gmm_backend`)."""
   if backend == "blocked":
     return _expert_ffn_blocked(xs, group_sizes, experts, block)
   if backend == "megablox":  # off TPU in Pallas interpret mode (tests)
@@ -385,7 +385,7 @@ def _dispatch_local(x, ids, weights, experts: Experts, backend: str, block: int,
   """Single-shard dropless dispatch: sort assignments by expert, grouped FFN, unsort, combine."""
   N, k = ids.shape
   E = experts.gate.shape[0]
-  if resolve_gmm_backend(backend, platform) == "blocked":
+  if backend == "blocked":
     return _dispatch_local_blocked(x, ids, weights, experts, block)
   flat = ids.reshape(-1)
   order = jnp.argsort(flat, stable=True)
@@ -497,6 +497,7 @@ def dispatch_fast(
   mlp_axes: those of the `expert_mlp` rule (the experts' hidden dimension is split over them). They
   must not overlap (`expert_parallel_axes`)."""
   platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+  backend = resolve_gmm_backend(backend, platform)
   if mesh is None or mesh.shape.get("expert", 1) == 1:
     return _dispatch_local(x, ids, weights, experts, backend, block, platform)
   E = experts.gate.shape[0]

@@ -53,7 +53,7 @@ def _flat_tail(x):
   micro-batch split and the old pass's loop flat. (Transposed in their own shape, TPU's tiled layout
   pads the minor dim k = 8 to 128: the split of the paper_n8 old pass's routes alone took 198 GiB per
   chip.)"""
-  return x.reshape(*x.shape[:2], -1) if x is not None and x.ndim > 3 else x
+  return x.reshape(*x.shape[:2], -1) if x.ndim > 3 else x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,9 +285,7 @@ class Trainer:
   def _unflat(tree, like):
     """A micro-batch of `_split`'s output with each leaf's trailing shape back to `like`'s (the routes
     travel flat)."""
-    return jax.tree.map(
-        lambda x, l: x if x is None else x.reshape(x.shape[:1] + l.shape[1:]), tree, like
-    )
+    return jax.tree.map(lambda x, l: x.reshape(x.shape[:1] + l.shape[1:]), tree, like)
 
   def _unsplit(self, tree):
     """The inverse of `_split`: [n, b/n, ...] -> [b, ...], rows back in their order (a leaf split flat
