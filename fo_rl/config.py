@@ -205,9 +205,11 @@ def base_config() -> ml_collections.ConfigDict:
   # the old-logprob pass runs at the same micro-batch size), trading time for activation memory; 0 (auto):
   # 1 on TPU/GPU, on CPU micro-batches of about 1,024 tokens per device (faster there: their activations
   # stay in the caches; fo_rl.rl.trainer.auto_micro_batches).
-  # pack: the forward passes run on packed rows (several responses end to end with segment ids), which
-  # cuts the padding they compute; losses, normalizers and metrics are those of the unpacked rows.
-  c.trainer = ml_collections.ConfigDict({"micro_batches": 0, "pack": False})
+  # pack (on by default): the forward passes run on packed rows (several responses end to end with
+  # segment ids) and skip the micro-batches left without tokens, which cuts the padding they compute
+  # when a pass runs more than one micro-batch; losses, normalizers and metrics are those of the
+  # unpacked rows. False runs every row as it is.
+  c.trainer = ml_collections.ConfigDict({"micro_batches": 0, "pack": True})
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 10  # RL steps
@@ -730,7 +732,7 @@ def _parse(c: ml_collections.ConfigDict, num_devices: int | None) -> RunConfig:
   check_rl_fields(rl.mini_batches, rl.replay, rl.temperature, model.num_experts)
   tr = dict(d.get("trainer", {}))
   unknown_keys(tr, ["micro_batches", "pack"], "trainer")
-  if not isinstance(tr.get("pack", False), bool):
+  if not isinstance(tr.get("pack", True), bool):
     _bad("trainer.pack", tr["pack"], "must be true or false")
   micro = tr.get("micro_batches", 0)
   mini = rl.global_batch // rl.mini_batches
@@ -772,7 +774,7 @@ def _parse(c: ml_collections.ConfigDict, num_devices: int | None) -> RunConfig:
           loss=rl.loss,
           optim=optim,
           micro_batches=micro,
-          pack=tr.get("pack", False),
+          pack=tr.get("pack", True),
       ),
       eval=from_mapping(EvalConfig, d["eval"], "eval"),
       checkpoint=from_mapping(CheckpointConfig, d["checkpoint"], "checkpoint"),

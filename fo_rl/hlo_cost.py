@@ -425,6 +425,14 @@ class _Module:
       if ins.op in ("copy", "bitcast", "convert", "reshape") and ins.operands:
         name = ins.operands[0]
         continue
+      if ins.op == "fusion" and fusion_args is None:  # a wrapped scalar op: follow its root
+        fused = (_attr_names(ins.attrs, "calls") or [None])[0]
+        root = next((i for i in self.comps.get(fused, []) if i.root), None)
+        if root is None:
+          return None
+        fusion_args = [(comp, o) for o in ins.operands]
+        comp, name = fused, root.name
+        continue
       if ins.op == "minimum" and len(ins.operands) == 2:  # i < min(n, cap): cap bounds the count
         kinds = [self._origin(comp, o, fusion_args) for o in ins.operands]
         consts = [k for k in kinds if k and k[0] == "const"]
@@ -471,6 +479,7 @@ class _Module:
       if not d or len(cmp.operands) != 2:
         continue
       a, b = (self._origin(where, o, args) for o in cmp.operands)
+      a, b = (self._invariant(comp, ins, body, x) for x in (a, b))
       direction = d.group(1)
       if a and b and a[0] == "const" and b[0] == "iv":
         a, b = b, a
@@ -489,7 +498,24 @@ class _Module:
       return n, "known" if is_root else "bound"
     return 1, "unknown"
 
+  def _invariant(self, comp: str, ins: Instr, body: str, origin):
+    """A loop-carried scalar that the body passes through unchanged (a fori_loop's run-time upper bound)
+    is what the loop starts it at: the origin of its initial value (a constant, or a cap through
+    min(n, cap)); any other origin as it is."""
+    if not origin or origin[0] != "iv":
+      return origin
+    root = next((i for i in self.comps.get(body, []) if i.root), None)
+    if root is None or root.op != "tuple" or origin[1] >= len(root.operands):
+      return origin
+    if self._origin(body, root.operands[origin[1]]) != origin:
+      return origin  # changed by the body: the induction variable itself
+    return self._init_origin(comp, ins, origin[1]) or origin
+
   def _init(self, comp: str, ins: Instr, index: int) -> int | None:
+    o = self._init_origin(comp, ins, index)
+    return o[1] if o and o[0] == "const" else None
+
+  def _init_origin(self, comp: str, ins: Instr, index: int):
     name = ins.operands[0] if ins.operands else None
     for _ in range(16):
       t = self.by_name[comp].get(name)
@@ -499,8 +525,7 @@ class _Module:
         name = t.operands[0]
         continue
       if t.op == "tuple" and index < len(t.operands):
-        o = self._origin(comp, t.operands[index])
-        return o[1] if o and o[0] == "const" else None
+        return self._origin(comp, t.operands[index])
       return None
     return None
 

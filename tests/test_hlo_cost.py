@@ -72,6 +72,22 @@ def test_a_loop_without_a_readable_bound_is_counted_once_and_flagged():
   assert cost.unknown_loops == 1 and cost.flops == MATMUL
 
 
+def test_a_fori_loop_with_a_run_time_bound_is_counted_to_its_cap():
+  """fori_loop(0, min(n, 6), ...) with n a run-time input (the packed passes' loop over the micro-batches
+  that hold tokens): the bound travels in the loop's tuple unchanged; its initial value min(n, 6) caps
+  the count at 6, an upper bound (flagged). Without the cap it cannot be read."""
+
+  def f(x, w, n, cap=True):
+    bound = jnp.minimum(n, 6) if cap else n
+    return jax.lax.fori_loop(0, bound, lambda i, c: jnp.tanh(c @ w[i]), x)
+
+  args = (jnp.ones((M, D)), jnp.ones((7, D, D)), jnp.int32(3))
+  cost = program_cost(_compiled(f, *args).as_text())
+  assert cost.flops == 6 * MATMUL and cost.bounded_loops == 1 and cost.unknown_loops == 0
+  cost = program_cost(_compiled(lambda *a: f(*a, cap=False), *args).as_text())
+  assert cost.unknown_loops == 1 and cost.flops == MATMUL
+
+
 def test_bytes_count_the_slices_of_a_stacked_operand_and_the_update_of_an_in_place_write():
   """A scan over stacked [L, D, D] weights moves each layer a few times (XLA:CPU slices it into a buffer,
   then the matmul reads it: 3x the stack), not the whole stack per step (48x), and a loop writing one

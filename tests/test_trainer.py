@@ -168,9 +168,11 @@ def env():
 @pytest.fixture(scope="module")
 def trainers(env):
   return {
-      rp: Trainer(env["graphdef"], CFG, TrainerConfig(mini_batches=N, replay=rp, optim=OPTIM))
+      rp: Trainer(
+          env["graphdef"], CFG, TrainerConfig(mini_batches=N, replay=rp, optim=OPTIM, pack=False)
+      )
       for rp in ("r2", "r3")
-  }  # (r2's old pass is the live, no-replay one)
+  }  # (r2's old pass is the live, no-replay one); unpacked: the reference packing is checked against
 
 
 @pytest.fixture(scope="module")
@@ -534,9 +536,9 @@ MICRO_LOSSES = {  # every built-in loss, and each MiniRL normalizer: each divide
 }
 
 
-def _micro_step(env, loss, replay, micro, mesh=None, batch="noisy"):
+def _micro_step(env, loss, replay, micro, mesh=None, batch="noisy", pack=False):
   graphdef = env["graphdef"] if mesh is None else abstract_model(CFG, mesh)[0]
-  cfg = TrainerConfig(N, replay=replay, loss=loss, optim=OPTIM, micro_batches=micro)
+  cfg = TrainerConfig(N, replay=replay, loss=loss, optim=OPTIM, micro_batches=micro, pack=pack)
   tr = Trainer(graphdef, CFG, cfg, mesh=mesh)
   params = _copy(env["params"])
   if mesh is not None:
@@ -616,14 +618,15 @@ def test_auto_micro_batches_is_what_the_update_runs(env, monkeypatch):
     return orig(self, tree, n)
 
   monkeypatch.setattr(Trainer, "_split", spy)
-  tr = Trainer(env["graphdef"], CFG, TrainerConfig(N, optim=OPTIM, micro_batches=0))
+  cfg = TrainerConfig(N, optim=OPTIM, micro_batches=0, pack=False)  # packed passes do not split
+  tr = Trainer(env["graphdef"], CFG, cfg)
   tr.train_step(tr.init_state(_copy(env["params"])), env["noisy"])
   # B / N = 8 rows x 16 tokens = 128 tokens: each update one batch; the old pass runs the global batch
   # as N groups of a mini-batch's size
   assert splits == [N]
   splits.clear()
   monkeypatch.setattr(trainer_lib, "CPU_MICRO_TOKENS", (B // N) * T // 2)
-  tr = Trainer(env["graphdef"], CFG, TrainerConfig(N, optim=OPTIM, micro_batches=0))
+  tr = Trainer(env["graphdef"], CFG, cfg)
   tr.train_step(tr.init_state(_copy(env["params"])), env["noisy"])
   assert splits == [2 * N, 2]  # the old pass: 2 per mini-batch; the update (traced once): M = 2
 
@@ -670,57 +673,97 @@ def test_micro_batch_weights_are_the_loss_denominators(env):
 # Packed rows (trainer.pack).
 # ------------------------------------------------------------------------------------------------------
 def test_packing_plan_moves_every_token_once():
-  """fo_rl/rl/packing.py against brute force: every real token lands in exactly one packed position and
-  comes back to its own, each segment is one contiguous run in column order, the row count is a multiple
-  of the mesh split, and heavy-tailed lengths need far fewer rows (3 groups of 16 rows, width 64).
-  """
+  """fo_rl/rl/packing.py against brute force, for 48 rows of width 64 split 2 ways and run as 3
+  micro-batches: every real token lands in exactly one packed position of its own shard and comes back
+  to its own, each segment is one contiguous run in column order, a row's micro-batch is where its
+  tokens went, and heavy-tailed lengths need fewer micro-batches (count) than the rows."""
   rng = np.random.default_rng(3)
-  W, P_ = 64, 16
-  plen = rng.integers(2, P_ + 1, (3, 16))
-  rlen = np.minimum(rng.geometric(1 / 8, (3, 16)), W - P_)
+  n, W, P_, k, M = 48, 64, 16, 2, 3
+  plen = rng.integers(2, P_ + 1, n)
+  rlen = np.minimum(rng.geometric(1 / 8, n), W - P_)
   cols = np.arange(W)
-  tm = (cols >= P_ - plen[..., None]) & (cols < P_ + rlen[..., None])
-  tm[0, 3] = False  # an empty row
-  p = packing.plan(tm, multiple=4)
-  assert p.src.shape[1] % 4 == 0 and p.src.shape[1] <= 8
-  for g in range(3):
-    src, dst = p.src[g], p.dst[g]
-    real = np.flatnonzero(tm[g].reshape(-1))
-    assert sorted(src[src >= 0].tolist()) == real.tolist()  # each real token once
-    assert (dst >= 0).sum() == real.size and np.all((dst >= 0) == tm[g])
+  tm = (cols >= P_ - plen[:, None]) & (cols < P_ + rlen[:, None])
+  tm[3] = False  # an empty row
+  p = packing.plan(tm, M, k)
+  per, r = n // k, n // (k * M)
+  assert p.src.shape == p.dst.shape == (k, per, W) and p.row_mb.shape == (k, per)
+  assert 1 <= int(p.count) < M
+  for d in range(k):
+    src, dst, tmd = p.src[d], p.dst[d], tm[d * per : (d + 1) * per]
+    real = np.flatnonzero(tmd.reshape(-1))
+    assert sorted(src[src >= 0].tolist()) == real.tolist()  # each real token once, in its shard
+    assert np.all((dst >= 0) == tmd)
     np.testing.assert_array_equal(src.reshape(-1)[dst.reshape(-1)[real]], real)  # dst inverts src
-    for r in range(src.shape[0]):
-      for s_ in set((src[r][src[r] >= 0] // W).tolist()):  # a segment: one run of one row's columns
-        pos = np.flatnonzero((src[r] >= 0) & (src[r] // W == s_))
-        assert np.all(np.diff(pos) == 1) and np.all(np.diff(src[r][pos]) == 1)
-  assert packing.padding_fraction(tm) > 0.5 > packing.padding_fraction(tm, p)
+    assert np.all(src[int(p.count) * r :] < 0)  # micro-batches past count hold nothing
+    for i in range(per):
+      mb = dst[i][dst[i] >= 0] // W // r
+      assert (p.row_mb[d, i] == -1) if mb.size == 0 else np.all(mb == p.row_mb[d, i])
+    for row in range(src.shape[0]):
+      for s_ in set((src[row][src[row] >= 0] // W).tolist()):  # a segment: one run of one row
+        pos = np.flatnonzero((src[row] >= 0) & (src[row] // W == s_))
+        assert np.all(np.diff(pos) == 1) and np.all(np.diff(src[row][pos]) == 1)
+  assert packing.padding_fraction(tm) > 0.5 > packing.padding_fraction(tm, p, M)
   bad = tm.copy()
-  bad[1, 0, P_] = False  # a hole inside a row's tokens
+  bad[1, P_] = False  # a hole inside a row's tokens
   with pytest.raises(ValueError, match="contiguous"):
     packing.plan(bad)
+  with pytest.raises(ValueError, match="48 rows do not split into 5 shards x 3 micro-batches"):
+    packing.plan(tm, 3, 5)
 
 
-@pytest.mark.parametrize("replay,micro", [("r3", 1), pytest.param("r2", 2, marks=pytest.mark.slow)])
+def test_regather_packs_and_unpacks_like_numpy():
+  """packing.regather against numpy indexing, shard by shard, with the fill at padding."""
+  rng = np.random.default_rng(0)
+  k, a, b, W = 2, 3, 4, 5
+  x = rng.normal(size=(k * a, W, 2)).astype(np.float32)
+  idx = rng.integers(-1, a * W, (k, b, W)).astype(np.int32)
+  got = np.asarray(packing.regather(jnp.asarray(x), jnp.asarray(idx), fill=7.0))
+  want = np.full((k * b, W, 2), 7.0, np.float32)
+  for d in range(k):
+    flat = x[d * a : (d + 1) * a].reshape(a * W, 2)
+    for i in range(b):
+      for t in range(W):
+        if idx[d, i, t] >= 0:
+          want[d * b + i, t] = flat[idx[d, i, t]]
+  np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("replay,micro", [("r3", 8), pytest.param("r2", 2, marks=pytest.mark.slow)])
 def test_packed_rows_give_the_unpacked_step(env, runs, replay, micro):
   """trainer.pack: the forward passes run on packed rows (several responses per row, segment ids,
-  per-segment positions), outputs gathered back: the same old-pass metrics, per-update losses and
-  metrics, gradients and parameters as the unpacked step, with R2 and R3 (and micro-batches)."""
+  per-segment positions) and only the micro-batches that hold tokens run; outputs gathered back: the
+  same old-pass metrics, per-update losses and metrics, gradients and parameters as the unpacked step,
+  with R2 and R3."""
   cfg = TrainerConfig(N, replay=replay, optim=OPTIM, micro_batches=micro, pack=True)
   tr = Trainer(env["graphdef"], CFG, cfg)
   state, m = tr.train_step(tr.init_state(_copy(env["params"])), env["noisy"])
   _assert_same_step((state, m, tr.last_minibatch_metrics), runs(replay))
-  assert tr._plans(env["noisy"].token_mask, 1, slice(0, MB)).src.shape[1] < MB  # fewer rows
+  tm = np.asarray(env["noisy"].token_mask)
+  if micro == 8:  # rows of 6 to 16 tokens in width 16: the first mini-batch packs into 7 rows of 8
+    assert int(tr._plan(tm[:MB], micro).count) == micro - 1
+
+
+@pytest.mark.parametrize("loss", [pytest.param(n, marks=pytest.mark.slow) for n in MICRO_LOSSES])
+def test_packed_rows_give_the_unpacked_step_for_every_loss(env, loss):
+  """Every loss and normalizer (each divides by something different) under packing: the same step
+  as unpacked micro-batches."""
+  ref = _micro_step(env, MICRO_LOSSES[loss], "r2", 4)
+  got = _micro_step(env, MICRO_LOSSES[loss], "r2", 4, pack=True)
+  _assert_same_step(got, ref)
 
 
 @pytest.mark.slow
 def test_sharded_packed_rows_match_single_device(env, runs):
+  """Packed over a mesh whose batch axes split each micro-batch 4 ways: each shard packs its own rows
+  (no data moves between devices), the same step as one device unpacked."""
   mesh = make_mesh({"data": 2, "expert": 2, "tensor": 2})
   graphdef, abstract = abstract_model(CFG, mesh)
   params = jax.device_put(_copy(env["params"]), state_shardings(abstract, mesh, DEFAULT_RULES))
   cfg = TrainerConfig(N, replay="r3", optim=OPTIM, pack=True)
   tr = Trainer(graphdef, CFG, cfg, mesh=mesh)
   state, m = tr.train_step(tr.init_state(params), env["noisy"])
-  assert tr._plans(env["noisy"].token_mask, 1).src.shape[1] % 4 == 0  # split over data x expert
+  plan = tr._plan(np.asarray(env["noisy"].token_mask), 2)
+  assert plan.src.shape[0] == 4 and {"data", "expert"} <= set(plan.src.sharding.spec[0])
   _assert_same_step((state, m, tr.last_minibatch_metrics), runs("r3"), rtol=1e-4, atol=1e-5)
 
 

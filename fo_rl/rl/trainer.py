@@ -72,8 +72,10 @@ class TrainerConfig:
   # CPU_MICRO_TOKENS tokens per device, which keeps their activations in the CPU's caches).
   micro_batches: int = 1
   # trainer.pack: the forward passes run on packed rows (fo_rl/rl/packing.py: several responses end to
-  # end, with segment ids), cutting the padding they compute; losses and metrics are unchanged.
-  pack: bool = False
+  # end, with segment ids), and only the micro-batches that hold tokens run: a pass of more than one
+  # micro-batch computes less padding; losses and metrics are unchanged. A pass of one micro-batch
+  # runs unpacked (it would compute as many rows).
+  pack: bool = True
 
   def __post_init__(self):
     check_rl_fields(self.mini_batches, self.replay, self.temperature)
@@ -213,10 +215,12 @@ class Trainer:
     mb = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._batch_sharding(x)), mb
     )
+    W = ro.tokens.shape[1]
+    old = (self._abstract_plan(B, W),) if self._packs(self._old_groups(B, W)) else ()
+    upd = (self._abstract_plan(B // N, W),) if self._packs(self.micro_batches(B // N, W)) else ()
     return {
-        "old_pass": self._old_pass.lower(state.params, ro),
-        # The unpacked update: packing's shapes depend on the data (the dry run does not pack).
-        "update": self._compile_update(state, *mb, packed=False).lower(state, *mb),
+        "old_pass": self._old_pass.lower(state.params, ro, *old),
+        "update": self._compile_update(state, *mb).lower(state, *mb, *upd),
     }
 
   def _batch_sharding(self, x):
@@ -300,47 +304,88 @@ class Trainer:
     return jax.tree.map(one, tree)
 
   # ---- the model's view of a batch ------------------------------------------------------------
-  def _score_rows(self, params, r: Rollouts, routes, plan=None, entropy=False):
-    """((logp, entropy or None), live routes) of rows `r` in the row layout, routes replayed or None.
-    With `plan` (src [R, W], dst [b, W] of one group: fo_rl/rl/packing.py) the model runs on the packed
-    rows, and its outputs are gathered back into the rows."""
-    temp = self.cfg.temperature
-    if plan is None:
-      return self.score(params, r.tokens, r.positions, routes, r.token_mask, temp, entropy)
-    src, dst = plan
-    W = r.tokens.shape[1]
-    rows = lambda x: self._constrain(x)  # noqa: E731  (packed rows split over the batch axes)
-    tokens, positions = rows(packing.pack(r.tokens, src)), rows(packing.pack(r.positions, src))
-    routes = None if routes is None else rows(packing.pack(routes, src, fill=None))
-    (logp, ent), live = self.score(
-        params,
-        tokens,
-        positions,
-        routes,
-        rows(src >= 0),
-        temp,
-        entropy,
-        segment_ids=rows(packing.segments(src, W)),
+  def _score_rows(self, params, r: Rollouts, routes, entropy=False):
+    """((logp, entropy or None), live routes) of rows `r`, routes replayed or None."""
+    return self.score(
+        params, r.tokens, r.positions, routes, r.token_mask, self.cfg.temperature, entropy
     )
-    ent = None if ent is None else packing.unpack(ent, dst)
-    return (packing.unpack(logp, dst), ent), packing.unpack(live, dst, fill=None)
 
   def _constrain(self, x):
     return x if self.mesh is None else jax.lax.with_sharding_constraint(x, self._batch_sharding(x))
+
+  # ---- packed rows (trainer.pack: fo_rl/rl/packing.py) ----------------------------------------------
+  def _ways(self) -> int:
+    return 1 if self.mesh is None else batch_ways(self.rules, dict(self.mesh.shape))
 
   def _host_mask(self, token_mask):
     """The token mask on the host, for the packing plans; None without trainer.pack."""
     return np.asarray(host_get(token_mask)) if self.cfg.pack else None
 
-  def _plans(self, tm, groups: int, rows: slice = slice(None)) -> packing.Plan | None:
-    """The packing of the host mask tm[rows] split into `groups` strided micro-batches (as `_split`
-    splits them); None without trainer.pack (tm None)."""
-    if tm is None:
+  def _packs(self, micro: int) -> bool:
+    """Whether a pass of `micro` micro-batches runs packed: under trainer.pack when there is more than
+    one (packing saves compute by running fewer of them; one micro-batch would compute as many rows).
+    """
+    return self.cfg.pack and micro > 1
+
+  def _plan(self, tm, micro: int) -> packing.Plan | None:
+    """The packing plan of the host token mask `tm` [n, W] for a pass of `micro` micro-batches, on the
+    devices (each shard's part on the devices that hold its rows); None when the pass runs unpacked.
+    """
+    if tm is None or not self._packs(micro):
       return None
-    tm = tm[rows]
-    tm = tm.reshape(tm.shape[0] // groups, groups, tm.shape[1]).swapaxes(0, 1)
-    multiple = 1 if self.mesh is None else batch_ways(self.rules, dict(self.mesh.shape))
-    return packing.plan(tm, multiple)
+    p = packing.plan(tm, micro, self._ways())
+    if self.mesh is None:
+      return packing.Plan(*map(jnp.asarray, p))
+    return jax.tree.map(
+        lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda i: x[i]),
+        p,
+        self._plan_shardings(p),
+    )
+
+  def _plan_shardings(self, p: packing.Plan):
+    replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    return packing.Plan(*map(self._batch_sharding, p[:3]), replicated)
+
+  def _abstract_plan(self, n: int, W: int) -> packing.Plan:
+    """The plan of a pass over n rows of width W as ShapeDtypeStructs (the dry run)."""
+    p = packing.shape(n, W, self._ways())
+    if self.mesh is None:
+      return p
+    return jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+        p,
+        self._plan_shardings(p),
+    )
+
+  def _score_packed(self, params, r: Rollouts, routes, src, entropy=False):
+    """((logp, entropy or None), live routes flat) of the packed micro-batch `src` [k, m, W] of rows
+    `r` ([n, W]; `routes` None or flat [n, W, L * k]), all in the packed layout [k m, W, ...]."""
+    k, m, W = src.shape
+    take = lambda x, fill=0: packing.regather(x, src, fill, self._constrain)  # noqa: E731
+    if routes is not None:
+      routes = take(routes, None).reshape(k * m, W, *r.routes.shape[2:])
+    (logp, ent), live = self.score(
+        params,
+        take(r.tokens),
+        take(r.positions),
+        routes,
+        self._constrain((src >= 0).reshape(k * m, W)),
+        self.cfg.temperature,
+        entropy,
+        segment_ids=self._constrain(packing.segments(src)),
+    )
+    return (logp, ent), _flat_tail(live)
+
+  def _unpack(self, y, dst, fill=0):
+    """A packed-layout array [n, W, ...] (shard-major rows) back in the row layout."""
+    return packing.regather(y, dst, fill, self._constrain)
+
+  @staticmethod
+  def _put_micro(acc, j, y):
+    """acc [k, n/k, W, ...] with micro-batch j's packed rows y [k r, W, ...] written in."""
+    k = acc.shape[0]
+    y = y.reshape(k, y.shape[0] // k, *y.shape[1:]).astype(acc.dtype)
+    return jax.lax.dynamic_update_slice(acc, y, (0, j * y.shape[1]) + (0,) * (y.ndim - 2))
 
   # ---- old-logprob pass ---------------------------------------------------------------------
   def old_pass(self, params, ro: Rollouts, host_mask=None):
@@ -351,7 +396,7 @@ class Trainer:
       validate_replay_routes(ro.routes, self.model_cfg, ro.token_mask)
     if host_mask is None:
       host_mask = self._host_mask(ro.token_mask)
-    plan = self._plans(host_mask, self._old_groups(*ro.tokens.shape))
+    plan = self._plan(host_mask, self._old_groups(*ro.tokens.shape))
     return self._old_pass(params, self._shard_batch(ro), plan)
 
   def _old_groups(self, B: int, T: int) -> int:
@@ -364,31 +409,39 @@ class Trainer:
     """[B, T] logp_old = log pi_old(y_t), exactly as `train_step` computes it."""
     return self.old_pass(params, ro)[0]
 
-  def _old_scores(self, params, ro: Rollouts, plan=None):
-    """(logp_live, logp_old, entropy of pi_old, live routes) of a batch: one forward (two under r3)."""
+  def _old_scores(self, score):
+    """(logp_live, logp_old, entropy of pi_old, live routes) of a batch: one forward (two under r3).
+    `score(replay, entropy)` runs the model on the batch (rows or packed), replaying the sampler's
+    routes or not."""
     r3 = replays_sampler(self.cfg.replay)
-    (logp_live, entropy), live_routes = self._score_rows(params, ro, None, plan, entropy=not r3)
-    routes = pass_routes(self.cfg.replay, "old", sampler=ro.routes, live=live_routes)
+    (logp_live, entropy), live_routes = score(False, not r3)
     logp_old = logp_live
-    if routes is not None:  # r3
-      (logp_old, entropy), _ = self._score_rows(params, ro, routes, plan, entropy=True)
+    if r3:
+      (logp_old, entropy), _ = score(True, True)
     return logp_live, logp_old, entropy, live_routes
 
   def _old_pass_fn(self, params, ro: Rollouts, plan=None):
     n = self._old_groups(*ro.tokens.shape)  # micro-batches in the global batch
-    if n == 1:
-      one = None if plan is None else (plan.src[0], plan.dst[0])
-      logp_live, logp_old, entropy, live_routes = self._old_scores(params, ro, one)
+    if plan is not None:
+      logp_live, logp_old, entropy, live_routes = self._old_scores_packed(params, ro, plan, n)
+    elif n == 1:
+      score = lambda replay, ent: self._score_rows(  # noqa: E731
+          params, ro, ro.routes if replay else None, ent
+      )
+      logp_live, logp_old, entropy, live_routes = self._old_scores(score)
     else:  # one micro-batch at a time (lax.map: a loop, so only one micro-batch's activations live)
-      xs = (self._split(ro, n), None if plan is None else (plan.src, plan.dst))
 
-      def one(x):
-        mb, pl = x
-        scores = self._old_scores(params, self._unflat(mb, ro), pl)
-        return jax.tree.map(_flat_tail, scores)  # the live routes leave flat
+      def one(mb):
+        mb = self._unflat(mb, ro)
+        score = lambda replay, ent: self._score_rows(  # noqa: E731
+            params, mb, mb.routes if replay else None, ent
+        )
+        return jax.tree.map(_flat_tail, self._old_scores(score))  # the routes leave flat
 
-      logp_live, logp_old, entropy, live_routes = self._unsplit(jax.lax.map(one, xs))
-      live_routes = live_routes.reshape(ro.routes.shape)
+      logp_live, logp_old, entropy, live_routes = self._unsplit(
+          jax.lax.map(one, self._split(ro, n))
+      )
+    live_routes = live_routes.reshape(ro.routes.shape)
     mask = ro.response_mask
     out = {}
     if replays_sampler(self.cfg.replay):
@@ -417,7 +470,7 @@ class Trainer:
         LossInputs(logp, logp_old, ro.logp_mu, ro.advantages, ro.response_mask), self.cfg.loss
     )
 
-  def _accumulated_grads(self, params, ro: Rollouts, logp_old, routes, plan=None):
+  def _accumulated_grads(self, params, ro: Rollouts, logp_old, routes):
     """((loss, metrics), grads) of one mini-batch, as `jax.value_and_grad(self.loss_fn)` returns them,
     computed over trainer.micro_batches micro-batches (lax.scan: one micro-batch's activations live at a
     time). Micro-batch j's loss is weighted by its own denominator over the mini-batch's
@@ -431,9 +484,9 @@ class Trainer:
     den = loss_denominator(inputs(ro, logp_old, logp_old), lcfg)
 
     def micro_loss(p, x):
-      r, lo, rp, pl = x
+      r, lo, rp = x
       r, rp = self._unflat((r, rp), (ro, routes))
-      (logp, _), _ = self._score_rows(p, r, rp, pl)
+      (logp, _), _ = self._score_rows(p, r, rp)
       b = inputs(r, logp, lo)
       loss, _ = policy_loss(b, lcfg)
       return loss * loss_denominator(b, lcfg) / den, logp
@@ -445,20 +498,87 @@ class Trainer:
       return (acc_loss + loss, acc_g), logp
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    xs = (*self._split((ro, logp_old, routes), M), None if plan is None else (plan.src, plan.dst))
+    xs = self._split((ro, logp_old, routes), M)
     (loss, grads), logp = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), xs)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     logp = jax.lax.stop_gradient(self._unsplit(logp))
     _, metrics = policy_loss(inputs(ro, logp, logp_old), lcfg)
     return (loss, metrics), grads
 
+  def _old_scores_packed(self, params, ro: Rollouts, plan: packing.Plan, M: int):
+    """`_old_scores` over the packed micro-batches of `plan` (a loop over the `plan.count` of M that hold
+    tokens), gathered back into the row layout; the live routes flat [B, T, L * k]."""
+    B, W = ro.tokens.shape
+    k = self._ways()
+    r = B // (M * k)
+    zeros = lambda x: jnp.zeros((k, B // k, W, *x.shape[2:]), x.dtype)  # noqa: E731
+    routes = _flat_tail(ro.routes)
+    acc0 = (zeros(ro.logp_mu), zeros(ro.logp_mu), zeros(ro.logp_mu), zeros(routes))
+
+    def body(j, acc):
+      src = packing.micro(plan.src, j, r)
+      score = lambda replay, ent: self._score_packed(  # noqa: E731
+          params, ro, routes if replay else None, src, ent
+      )
+      out = self._old_scores(score)
+      return tuple(self._put_micro(a, j, y) for a, y in zip(acc, out))
+
+    acc = jax.lax.fori_loop(0, jnp.minimum(plan.count, M), body, acc0)
+    acc = [a.reshape(B, *a.shape[2:]) for a in acc]
+    return (*(self._unpack(a, plan.dst) for a in acc[:3]), self._unpack(acc[3], plan.dst, None))
+
+  def _packed_grads(self, params, ro: Rollouts, logp_old, routes, plan: packing.Plan):
+    """`_accumulated_grads` over the packed micro-batches of `plan`: only the `plan.count` of M that hold
+    tokens run (a loop with a bound read at run time). Micro-batch j's loss is the mini-batch's loss on
+    the rows it holds (the others masked out: a fully-masked row contributes exactly zero), weighted by
+    its denominator over the mini-batch's, as in `_accumulated_grads`."""
+    b, W = ro.tokens.shape
+    M, lcfg, k = self.micro_batches(b, W), self.cfg.loss, self._ways()
+    r = b // (M * k)
+    den = loss_denominator(
+        LossInputs(logp_old, logp_old, ro.logp_mu, ro.advantages, ro.response_mask), lcfg
+    )
+    routes = None if routes is None else _flat_tail(routes)
+
+    def micro_loss(p, j):
+      src = packing.micro(plan.src, j, r)
+      (logp_p, _), _ = self._score_packed(p, ro, routes, src)
+      in_j = (plan.row_mb == j).reshape(b)
+      dst = jnp.where((plan.row_mb == j)[..., None] & (plan.dst >= 0), plan.dst - j * r * W, -1)
+      logp = self._unpack(logp_p, dst)
+      mask = ro.response_mask * in_j[:, None].astype(ro.response_mask.dtype)
+      x = LossInputs(logp, logp_old, ro.logp_mu, ro.advantages, mask)
+      loss, _ = policy_loss(x, lcfg)
+      return loss * loss_denominator(x, lcfg) / den, logp_p
+
+    def body(j, acc):
+      acc_loss, acc_g, acc_logp = acc
+      (loss, logp_p), g = jax.value_and_grad(micro_loss, has_aux=True)(params, j)
+      acc_g = jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc_g, g)
+      return acc_loss + loss, acc_g, self._put_micro(acc_logp, j, logp_p)
+
+    acc0 = (
+        jnp.zeros((), jnp.float32),
+        jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+        jnp.zeros((k, b // k, W), jnp.float32),
+    )
+    loss, grads, logp = jax.lax.fori_loop(0, jnp.minimum(plan.count, M), body, acc0)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    logp = jax.lax.stop_gradient(self._unpack(logp.reshape(b, W), plan.dst))
+    _, metrics = policy_loss(
+        LossInputs(logp, logp_old, ro.logp_mu, ro.advantages, ro.response_mask), lcfg
+    )
+    return (loss, metrics), grads
+
   def _update_fn(self, state: TrainState, ro: Rollouts, logp_old, routes, plan=None):
-    if self.micro_batches(*ro.tokens.shape) == 1 and plan is None:
+    if plan is not None:
+      (loss, m), grads = self._packed_grads(state.params, ro, logp_old, routes, plan)
+    elif self.micro_batches(*ro.tokens.shape) == 1:
       (loss, m), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
           state.params, ro, logp_old, routes
       )
     else:
-      (loss, m), grads = self._accumulated_grads(state.params, ro, logp_old, routes, plan)
+      (loss, m), grads = self._accumulated_grads(state.params, ro, logp_old, routes)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
     grads = jax.tree.map(lambda g: jnp.where(ok, g, 0), grads)  # keep Adam's moments finite too
@@ -472,16 +592,16 @@ class Trainer:
     m = dict(m, loss=loss, grad_norm=grad_norm, update_norm=update_norm, skipped=skipped)
     return new, m
 
-  def _compile_update(self, state: TrainState, mb, logp_old, routes, packed: bool | None = None):
+  def _compile_update(self, state: TrainState, mb, logp_old, routes):
     """The jitted update for these shapes: update(state, mb, logp_old, routes[, plan]); the packing
-    plan is an argument when `packed` (default: trainer.pack)."""
+    plan is an argument under trainer.pack (its shapes follow the mini-batch's, never the data)."""
     if self.mesh is None:
       return jax.jit(self._update_fn, donate_argnums=0)
-    packed = self.cfg.pack if packed is None else packed
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     batch_sh = jax.tree.map(self._batch_sharding, (mb, logp_old, routes))
-    replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    plan_sh = (replicated,) if packed else ()  # the packing plan: small, made on the host
+    plan_sh = ()
+    if self._packs(self.micro_batches(*mb.tokens.shape)):  # each shard's plan where its rows are
+      plan_sh = (self._plan_shardings(self._abstract_plan(*mb.tokens.shape)),)
     return jax.jit(
         self._update_fn,
         in_shardings=(state_sh, *batch_sh, *plan_sh),
@@ -503,11 +623,12 @@ class Trainer:
     mb_size = B // N
     for i in range(N):
       mb, lo, rp = self._minibatch((ro, logp_old, routes), i * mb_size, size=mb_size)
-      plan = self._plans(tm, self.micro_batches(mb_size, T), slice(i * mb_size, (i + 1) * mb_size))
+      rows = None if tm is None else tm[i * mb_size : (i + 1) * mb_size]
+      plan = self._plan(rows, self.micro_batches(mb_size, T))
       if mb_size not in self._updates:
         self._updates[mb_size] = self._compile_update(state, mb, lo, rp)
       self._update = self._updates[mb_size]
-      state, m = self._update(state, mb, lo, rp, *([plan] if cfg.pack else []))
+      state, m = self._update(state, mb, lo, rp, *([] if plan is None else [plan]))
       per_mb.append(m)
     per_mb = host_get(per_mb)
     self.last_minibatch_metrics = per_mb  # per-update values, for tests and debugging
