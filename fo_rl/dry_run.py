@@ -56,7 +56,7 @@ from jax.sharding import NamedSharding
 
 from fo_rl import config as config_lib
 from fo_rl import hlo_cost
-from fo_rl.model import abstract_model
+from fo_rl.model import abstract_model, route_dtype
 from fo_rl.model import flops as analytic
 from fo_rl.parallel.sharding import batch_spec, make_mesh, state_shardings
 from fo_rl.rl.rollouts import PASS_ROUTES, Rollouts, replays_sampler
@@ -348,7 +348,7 @@ def plan(config, devices=None, log=None) -> list[dict]:
       positions=bsh((B, Lt), jnp.int32),
       response_mask=bsh((B, Lt), jnp.float32),
       logp_mu=bsh((B, Lt), jnp.float32),
-      routes=bsh((B, Lt, Ly, k), jnp.int32),
+      routes=bsh((B, Lt, Ly, k), route_dtype(model_cfg.num_experts)),
       advantages=bsh((B,), jnp.float32),
   )
   # What the updates keep in HBM besides their arguments: the step's rollouts, logp_old and, when the

@@ -117,6 +117,22 @@ def test_float32_sampler_matches_trainer(trainer, prompts):
   np.testing.assert_allclose(np.asarray(out.logp_mu)[mask], lp[mask], atol=1e-4, rtol=0)
   real = np.asarray(rollouts(out).token_mask)
   np.testing.assert_array_equal(np.asarray(out.routes)[real], routes[real])  # prompt + response
+  assert out.routes.dtype == jnp.int8  # the narrowest dtype holding the toy's ids (route_dtype)
+
+
+def test_route_dtype_is_the_narrowest_that_holds_every_id():
+  from fo_rl.model import DENSE_ROUTE, route_dtype
+
+  for E, dt in [
+      (8, jnp.int8),
+      (128, jnp.int8),
+      (129, jnp.int16),
+      (32768, jnp.int16),
+      (32769, jnp.int32),
+  ]:
+    assert route_dtype(E) == dt, E
+    info = jnp.iinfo(dt)
+    assert info.min <= DENSE_ROUTE and E - 1 <= info.max
 
 
 def _gaps(trainer, out):

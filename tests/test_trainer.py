@@ -752,6 +752,25 @@ def test_packed_rows_give_the_unpacked_step_for_every_loss(env, loss):
   _assert_same_step(got, ref)
 
 
+@pytest.mark.parametrize("replay", ["r2", "r3"])
+def test_int8_routes_give_the_int32_step(env, runs, replay):
+  """Routes stored narrow (int8: `route_dtype`, what the sampler returns for up to 128 experts) give
+  exactly the step of int32 routes; the old pass hands back live routes, in that dtype, only under R2
+  (the only mode whose updates replay them: no HBM held for them otherwise)."""
+  ro = env["noisy"]
+  narrow = _with(ro, routes=np.asarray(ro.routes).astype(np.int8))
+  tr = Trainer(env["graphdef"], CFG, TrainerConfig(N, replay=replay, optim=OPTIM, pack=False))
+  state, m = tr.train_step(tr.init_state(_copy(env["params"])), narrow)
+  _assert_same_step((state, m, tr.last_minibatch_metrics), runs(replay), rtol=0, atol=0)
+  for pack in (False, True):
+    cfg = TrainerConfig(N, replay=replay, optim=OPTIM, micro_batches=2, pack=pack)
+    _, live, _ = Trainer(env["graphdef"], CFG, cfg).old_pass(env["params"], narrow)
+    if replay == "r2":
+      assert live.dtype == jnp.int8 and live.shape == ro.routes.shape
+    else:
+      assert live is None
+
+
 @pytest.mark.slow
 def test_sharded_packed_rows_match_single_device(env, runs):
   """Packed over a mesh whose batch axes split each micro-batch 4 ways: each shard packs its own rows

@@ -181,6 +181,15 @@ def router_disagreement(
     raise ValueError(
         f"router_disagreement: token_mask {token_mask.shape} must be [B, T] = {routes_a.shape[:2]}"
     )
+  return disagreement_from_counts(router_disagreement_counts(routes_a, routes_b, token_mask))
+
+
+def router_disagreement_counts(
+    routes_a: jax.Array, routes_b: jax.Array, token_mask: jax.Array
+) -> dict[str, jax.Array]:
+  """The sums behind `router_disagreement` (float32 scalars: num_decisions, num_diff, num_tokens,
+  num_tokens_diff): they add up over any split of the tokens (the packed old pass sums them per
+  micro-batch)."""
   # Set equality as mutual inclusion: K x K comparisons reduced in one fusion. (Sorting both [B, T, L, K]
   # arrays materialized sorted copies in TPU's tiled layout, whose minor dim K = 8 is padded to 128: the
   # paper_n8 old pass's temporaries were 40.0 GB per chip with the sorts, 29.5 GB without.)
@@ -188,18 +197,20 @@ def router_disagreement(
   differs = ~(jnp.all(jnp.any(eq, axis=-1), axis=-1) & jnp.all(jnp.any(eq, axis=-2), axis=-1))
   is_moe = jnp.any(routes_a >= 0, axis=-1) | jnp.any(routes_b >= 0, axis=-1)  # [B, T, L]
   decision = is_moe & (token_mask[..., None] > 0)  # [B, T, L]
-
-  num_decisions = jnp.sum(decision.astype(jnp.float32))
-  num_diff = jnp.sum((differs & decision).astype(jnp.float32))
-
-  token_scored = jnp.any(decision, axis=-1)  # [B, T]
-  token_differs = jnp.any(differs & decision, axis=-1)  # [B, T]
-  num_tokens = jnp.sum(token_scored.astype(jnp.float32))
-  num_tokens_diff = jnp.sum(token_differs.astype(jnp.float32))
-
+  f32 = lambda x: jnp.sum(x.astype(jnp.float32))  # noqa: E731
   return {
-      "per_decision": num_diff / jnp.maximum(num_decisions, 1.0),
-      "per_token": num_tokens_diff / jnp.maximum(num_tokens, 1.0),
-      "num_decisions": num_decisions,
-      "num_tokens": num_tokens,
+      "num_decisions": f32(decision),
+      "num_diff": f32(differs & decision),
+      "num_tokens": f32(jnp.any(decision, axis=-1)),  # tokens with >= 1 decision
+      "num_tokens_diff": f32(jnp.any(differs & decision, axis=-1)),  # ... where a layer differs
+  }
+
+
+def disagreement_from_counts(c: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """`router_disagreement`'s shares from `router_disagreement_counts`' sums."""
+  return {
+      "per_decision": c["num_diff"] / jnp.maximum(c["num_decisions"], 1.0),
+      "per_token": c["num_tokens_diff"] / jnp.maximum(c["num_tokens"], 1.0),
+      "num_decisions": c["num_decisions"],
+      "num_tokens": c["num_tokens"],
   }

@@ -389,8 +389,8 @@ class Trainer:
 
   # ---- old-logprob pass ---------------------------------------------------------------------
   def old_pass(self, params, ro: Rollouts, host_mask=None):
-    """Step 1 of `train_step`: (logp_old [B, T] (0 at position 0), the live routes [B, T, L, k] (what r2
-    records and replays), old-pass metrics). Under r3 logp_old replays the sampler's routes, which are
+    """Step 1 of `train_step`: (logp_old [B, T] (0 at position 0), the live routes [B, T, L, k] under r2
+    (what it records and replays; None otherwise: no HBM held for them), old-pass metrics). Under r3 logp_old replays the sampler's routes, which are
     checked here first: they are outside data."""
     if replays_sampler(self.cfg.replay):
       validate_replay_routes(ro.routes, self.model_cfg, ro.token_mask)
@@ -422,8 +422,12 @@ class Trainer:
 
   def _old_pass_fn(self, params, ro: Rollouts, plan=None):
     n = self._old_groups(*ro.tokens.shape)  # micro-batches in the global batch
+    moe, keep = self.model_cfg.num_experts > 0, self.cfg.replay == "r2"
+    counts = None  # router disagreement sums
     if plan is not None:
-      logp_live, logp_old, entropy, live_routes = self._old_scores_packed(params, ro, plan, n)
+      logp_live, logp_old, entropy, live_routes, counts = self._old_scores_packed(
+          params, ro, plan, n, moe, keep
+      )
     elif n == 1:
       score = lambda replay, ent: self._score_rows(  # noqa: E731
           params, ro, ro.routes if replay else None, ent
@@ -441,7 +445,10 @@ class Trainer:
       logp_live, logp_old, entropy, live_routes = self._unsplit(
           jax.lax.map(one, self._split(ro, n))
       )
-    live_routes = live_routes.reshape(ro.routes.shape)
+    if live_routes is not None:  # in the rollouts' narrow route dtype, as R2 stores them
+      live_routes = live_routes.reshape(ro.routes.shape).astype(ro.routes.dtype)
+    if moe and counts is None:
+      counts = rl_metrics.router_disagreement_counts(ro.routes, live_routes, ro.token_mask)
     mask = ro.response_mask
     out = {}
     if replays_sampler(self.cfg.replay):
@@ -449,15 +456,15 @@ class Trainer:
     # Entropy of pi_old (the policy logp_old comes from: replayed under r3) at each response token's
     # predicting position (logits t-1 predict token t).
     out["entropy"] = rl_metrics.masked_mean(entropy, mask)
-    if self.model_cfg.num_experts > 0:
-      dis = rl_metrics.router_disagreement(ro.routes, live_routes, ro.token_mask)
+    if moe:
+      dis = rl_metrics.disagreement_from_counts(counts)
       out["router_disagreement_per_decision"] = dis["per_decision"]
       out["router_disagreement_per_token"] = dis["per_token"]
     out["train_infer_kl"] = rl_metrics.train_infer_kl(ro.logp_mu, logp_old, mask)
     out["train_infer_k3"] = rl_metrics.k3_kl(ro.logp_mu, logp_old, mask)
     out["train_infer_frac_tau2"] = rl_metrics.frac_ratio_beyond(ro.logp_mu, logp_old, mask, 2.0)
     out.update(rl_metrics.train_infer_seq_quantiles(ro.logp_mu, logp_old, mask))
-    return logp_old, live_routes, out
+    return logp_old, live_routes if keep else None, out
 
   # ---- one update -----------------------------------------------------------------------------
   def loss_fn(self, params, ro: Rollouts, logp_old, routes):
@@ -505,27 +512,44 @@ class Trainer:
     _, metrics = policy_loss(inputs(ro, logp, logp_old), lcfg)
     return (loss, metrics), grads
 
-  def _old_scores_packed(self, params, ro: Rollouts, plan: packing.Plan, M: int):
+  def _old_scores_packed(
+      self, params, ro: Rollouts, plan: packing.Plan, M: int, moe: bool, keep: bool
+  ):
     """`_old_scores` over the packed micro-batches of `plan` (a loop over the `plan.count` of M that hold
-    tokens), gathered back into the row layout; the live routes flat [B, T, L * k]."""
+    tokens), gathered back into the row layout, and the router disagreement sums (`moe`), counted per
+    micro-batch; the live routes (flat [B, T, L * k]) only when `keep` (R2 replays them), else None:
+    the packed layout and its gathered copy would each be as large as the sampler's routes."""
     B, W = ro.tokens.shape
     k = self._ways()
     r = B // (M * k)
     zeros = lambda x: jnp.zeros((k, B // k, W, *x.shape[2:]), x.dtype)  # noqa: E731
     routes = _flat_tail(ro.routes)
-    acc0 = (zeros(ro.logp_mu), zeros(ro.logp_mu), zeros(ro.logp_mu), zeros(routes))
+    rows0 = (zeros(ro.logp_mu),) * 3 + ((zeros(routes),) if keep else ())
+    names = ("num_decisions", "num_diff", "num_tokens", "num_tokens_diff")
+    counts0 = {n: jnp.zeros((), jnp.float32) for n in names} if moe else {}
 
     def body(j, acc):
+      rows, counts = acc
       src = packing.micro(plan.src, j, r)
       score = lambda replay, ent: self._score_packed(  # noqa: E731
           params, ro, routes if replay else None, src, ent
       )
-      out = self._old_scores(score)
-      return tuple(self._put_micro(a, j, y) for a, y in zip(acc, out))
+      *out, live = self._old_scores(score)
+      if moe:
+        shape = (-1, W, *ro.routes.shape[2:])
+        sampler = packing.regather(routes, src, None, self._constrain).reshape(shape)
+        c = rl_metrics.router_disagreement_counts(
+            sampler, live.reshape(shape), (src >= 0).reshape(-1, W)
+        )
+        counts = {n: counts[n] + c[n] for n in names}
+      out = (*out, live) if keep else out
+      return tuple(self._put_micro(a, j, y) for a, y in zip(rows, out)), counts
 
-    acc = jax.lax.fori_loop(0, jnp.minimum(plan.count, M), body, acc0)
-    acc = [a.reshape(B, *a.shape[2:]) for a in acc]
-    return (*(self._unpack(a, plan.dst) for a in acc[:3]), self._unpack(acc[3], plan.dst, None))
+    rows, counts = jax.lax.fori_loop(0, jnp.minimum(plan.count, M), body, (rows0, counts0))
+    rows = [a.reshape(B, *a.shape[2:]) for a in rows]
+    out = [self._unpack(a, plan.dst) for a in rows[:3]]
+    live = self._unpack(rows[3], plan.dst, None) if keep else None
+    return (*out, live, counts if moe else None)
 
   def _packed_grads(self, params, ro: Rollouts, logp_old, routes, plan: packing.Plan):
     """`_accumulated_grads` over the packed micro-batches of `plan`: only the `plan.count` of M that hold
@@ -618,7 +642,6 @@ class Trainer:
     tm = self._host_mask(ro.token_mask)  # once per step: every packing plan reads it
     logp_old, live_routes, old_metrics = self.old_pass(state.params, ro, tm)
     routes = pass_routes(cfg.replay, "update", sampler=ro.routes, live=live_routes)
-    del live_routes  # [B, T, L, k]: HBM held through the updates only when they replay it (R2)
     per_mb = []
     mb_size = B // N
     for i in range(N):

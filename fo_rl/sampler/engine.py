@@ -70,6 +70,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fo_rl.model import paged_attention as PA
+from fo_rl.model.transformer import route_dtype
 from fo_rl.sampler.config import SamplingParams, bucket
 from fo_rl.sampler.sampler import SampleOutput, logits_at
 from fo_rl.sampler.sampling import sample_logits
@@ -746,6 +747,6 @@ class PagedEngine:
         response_mask=response_mask,
         lengths=lengths_d,
         finished_eos=jnp.asarray(eos),
-        routes=routes,
+        routes=routes.astype(route_dtype(self.s.model_cfg.num_experts)),
         logp_nonfinite=jnp.any(response_mask & ~jnp.isfinite(logp), axis=1),
     )

@@ -69,7 +69,7 @@ from fo_rl.model.config import ModelConfig
 from fo_rl.model.init import abstract_model, positions_from_mask
 from fo_rl.model.qdot import qdot
 from fo_rl.model.qtensor import QTensor
-from fo_rl.model.transformer import DENSE_ROUTE
+from fo_rl.model.transformer import DENSE_ROUTE, route_dtype
 from fo_rl.parallel.sharding import batch_spec, make_mesh, state_shardings, validate_rules
 from fo_rl.sampler import quantize as Q
 from fo_rl.sampler.config import SamplerConfig, SamplingParams, bucket
@@ -428,7 +428,7 @@ class Sampler:
         response_mask=response_mask,
         lengths=state.lengths,
         finished_eos=state.eos,
-        routes=state.routes,
+        routes=state.routes.astype(route_dtype(self.model_cfg.num_experts)),
         logp_nonfinite=jnp.any(response_mask & ~jnp.isfinite(state.logp), axis=1),
     )
 
