@@ -87,7 +87,9 @@ class Rollouts:
   positions: jax.Array  # [B, P + T] int32
   response_mask: jax.Array  # [B, P + T] float32: 1 on sampled response tokens
   logp_mu: jax.Array  # [B, P + T] float32: sampler logprob of each response token, 0 elsewhere
-  routes: jax.Array  # [B, P + T, L, k] route_dtype(E): experts the sampler used when each token was fed
+  routes: (
+      jax.Array
+  )  # [B, P + T, L, k] route_dtype(E): experts the sampler used when each token was fed
   advantages: jax.Array  # [B] float32
 
   @classmethod
