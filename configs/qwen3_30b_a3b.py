@@ -35,15 +35,15 @@ The paper's own setting (arXiv 2512.01374, section 5; algorithms.md "The paper's
             paper's finding at N = 4 and 8).
   Both on v5p-64 (32 chips): the train state (bf16 params and Adam moments, 183 GB) and the FP8 sampler's
   weights take ~10 GiB per chip there, and a micro-batch of 32 rows (`trainer.micro_batches` = 32: one
-  33,792-token row per chip at a time, with remat, splash attention and chunked log-probs) keeps the
-  update's activations to a few GiB; a smaller slice (v5p-32, 16 chips) would have to fit two rows per
-  chip per micro-batch or a 16-way batch split, and the R3 routes of the whole paper_n8 step (int32
-  [8192, 33792, 48, 8], 425 GB) alone take 13 GiB per chip on 32 chips. Measured by the dry run at full
-  depth (2026-12-01, README "Running on Cloud TPU"), per chip of 95 GiB: paper old pass 38.7 GiB,
-  update 81.3 GiB; paper_n8 old pass 60.8 GiB, update 94.7 GiB (0.35 GiB of headroom: too little to
-  launch on; int8 routes would give back 9.3 GiB). The sampler's functions at this length belong to the
-  rollout engine (a paged KV cache): the static sampler's full-length cache does not fit, and the dry
-  run's verdict line names the functions that do.
+  33,792-token row per chip at a time, with remat, splash attention and chunked log-probs; packed rows,
+  so only the micro-batches that hold tokens run) already needs 68 GiB of temporaries per chip in the
+  update, most of them the expert-parallel dispatch's worst-case buffers; a smaller slice (v5p-32, 16
+  chips) would have to fit two rows per chip per micro-batch or a 16-way batch split. Measured by the
+  dry run at full depth (2026-12-01, README "Running on Cloud TPU"; packed rows, int8 routes), per chip
+  of 95 GiB: paper old pass 44.0 GiB, update 80.2 GiB; paper_n8 old pass 49.9 GiB, update 84.1 GiB
+  (10.9 GiB of headroom; the step's R3 routes, int8 [8192, 33792, 48, 8], take 3.1 GiB per chip). The
+  sampler's functions at this length belong to the rollout engine (a paged KV cache): the static
+  sampler's full-length cache does not fit, and the dry run's verdict line names the functions that do.
 """
 
 from fo_rl.config import base_config, hf_model, tiny_moe, variant

@@ -10,9 +10,10 @@ from attention.AUTO_BLOCKED_FROM (256) positions on, `reference` below.
 
 Rows: `longctx/train_temp_mib/T{T}` (auto vs reference MiB), `longctx/temp_growth_8k_over_4k` (the
 growth factor of each), `longctx/train_step_seconds/T2048`, and `longctx/padding_fraction/...`: the share
-of the positions the trainer's forward passes compute that hold no token, with `trainer.pack` (fo_rl)
-and without (peer), on the default recipe's batch layout (configs/moe_r3.py: 16 prompts x 8 responses,
-mini-batches of 32, prompt bucket 16, `max_new_tokens` 40) filled with its task's prompts and responses
+of the positions the trainer's updates compute that hold no token, with `trainer.pack` (fo_rl: the
+packed micro-batches that hold tokens) and without (peer), on the default recipe's batch layout
+(configs/moe_r3.py: 16 prompts x 8 responses, mini-batches of 32 run as 4 micro-batches of 8 rows,
+prompt bucket 16, `max_new_tokens` 40) filled with its task's prompts and responses
 as long as the cold start's teacher writes them (the lengths RL starts from; `careful` teacher), and on
 the paper regime's 1-5 digit task (fo_rl/paper/suites.py REGIME), whose lengths vary.
 """
