@@ -752,6 +752,30 @@ def test_packed_rows_give_the_unpacked_step_for_every_loss(env, loss):
   _assert_same_step(got, ref)
 
 
+def test_packed_rows_give_the_unpacked_step_for_a_dense_model(env):
+  """A dense model (no routes to replay, no router metric; the packed old pass skips both): packed
+  micro-batches give the unpacked step."""
+  dense = CFG.replace(num_experts=0)
+  graphdef, abstract = abstract_model(dense)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(
+      lambda a: jnp.asarray(
+          rng.uniform(0.8, 1.2, a.shape) if len(a.shape) == 1 else rng.normal(0, 0.15, a.shape),
+          np.float32,
+      ),
+      abstract,
+  )
+  ro = env["noisy"]
+  ro = _with(ro, routes=np.full((B, T, L, dense.route_slots), -1, np.int8))
+  out = []
+  for pack in (False, True):
+    tr = Trainer(graphdef, dense, TrainerConfig(N, optim=OPTIM, micro_batches=4, pack=pack))
+    state, m = tr.train_step(tr.init_state(_copy(params)), ro)
+    out.append((state, m, tr.last_minibatch_metrics))
+  assert "router_disagreement_per_token" not in out[1][1]
+  _assert_same_step(out[1], out[0])
+
+
 @pytest.mark.parametrize("replay", ["r2", "r3"])
 def test_int8_routes_give_the_int32_step(env, runs, replay):
   """Routes stored narrow (int8: `route_dtype`, what the sampler returns for up to 128 experts) give
