@@ -59,7 +59,7 @@ from fo_rl import hlo_cost
 from fo_rl.model import abstract_model, route_dtype
 from fo_rl.model import flops as analytic
 from fo_rl.parallel.sharding import batch_spec, make_mesh, state_shardings
-from fo_rl.rl.rollouts import PASS_ROUTES, Rollouts, replays_sampler
+from fo_rl.rl.rollouts import Rollouts, replays_sampler
 from fo_rl.rl.trainer import Trainer
 from fo_rl.sampler import Sampler, SamplingParams, bucket
 
@@ -351,14 +351,9 @@ def plan(config, devices=None, log=None) -> list[dict]:
       routes=bsh((B, Lt, Ly, k), route_dtype(model_cfg.num_experts)),
       advantages=bsh((B,), jnp.float32),
   )
-  # What the updates keep in HBM besides their arguments: the step's rollouts, logp_old and, when the
-  # updates replay them (R2), the old pass's live routes (Trainer.train_step drops them otherwise).
-  live_kept = PASS_ROUTES[rc.rl.replay]["update"] == "live"
-  step_bytes = (
-      device_bytes(ro)
-      + device_bytes(bsh((B, Lt), jnp.float32))
-      + (device_bytes(bsh((B, Lt, Ly, k), jnp.int32)) if live_kept else 0)
-  )
+  # What the updates keep in HBM besides their arguments: the step's rollouts and what the old pass
+  # returns for them (logp_old; the live routes under R2, None otherwise), batch-sharded.
+  step_bytes = device_bytes(ro) + device_bytes(trainer.abstract_old_pass(params, ro))
 
   # ---- sampler inputs ------------------------------------------------------------------------------
   Bs = max(B, rc.eval.num_prompts * rc.eval.samples)

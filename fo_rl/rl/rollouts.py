@@ -11,10 +11,11 @@ logits[:, P - 1 + t] (`fo_rl.rl.trainer.token_logprobs`).
 
 Routes. `routes` [B, P + T, L, k] (int8 up to 128 experts: `fo_rl.model.route_dtype`):
 `routes[b, j, l]` are the k experts layer l used when token j of row b was fed to the model. One
-tensor, one name and one layout from the sampler to the gating: the sampler records it (`SampleOutput.routes`), `Rollouts.routes` carries it, the model replays it
-(`Transformer(tokens, positions, routes)`, `fo_rl.model.forward` / `make_apply`) and returns the routes it
-chose live in the same layout; layer l's slice `routes[:, :, l]` [B, T, k] is what its MoE block and
-`fo_rl.model.moe.route` take as `routes`. Dense layers hold `DENSE_ROUTE` (-1) everywhere; MoE layers
+tensor, one name and one layout from the sampler to the gating: the sampler records it
+(`SampleOutput.routes`), `Rollouts.routes` carries it, the model replays it
+(`Transformer(tokens, positions, routes)`, `fo_rl.model.forward` / `make_apply`) and returns the routes
+it chose live in the same layout; layer l's slice `routes[:, :, l]` [B, T, k] is what its MoE block
+and `fo_rl.model.moe.route` take as `routes`. Dense layers hold `DENSE_ROUTE` (-1) everywhere; MoE layers
 hold ids in [0, E) at real tokens. Padding columns (token_mask False) are never checked and never
 replayed: the model routes them live.
 
@@ -87,9 +88,7 @@ class Rollouts:
   positions: jax.Array  # [B, P + T] int32
   response_mask: jax.Array  # [B, P + T] float32: 1 on sampled response tokens
   logp_mu: jax.Array  # [B, P + T] float32: sampler logprob of each response token, 0 elsewhere
-  routes: (
-      jax.Array
-  )  # [B, P + T, L, k] route_dtype(E): experts the sampler used when each token was fed
+  routes: jax.Array  # [B, P + T, L, k] route_dtype(E): the experts used when each token was fed
   advantages: jax.Array  # [B] float32
 
   @classmethod

@@ -207,7 +207,7 @@ class Trainer:
     ro = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._batch_sharding(x)), ro
     )
-    logp_old, live_routes, _ = jax.eval_shape(self._old_pass_fn, state.params, ro)
+    logp_old, live_routes = self.abstract_old_pass(state.params, ro)
     routes = pass_routes(self.cfg.replay, "update", sampler=ro.routes, live=live_routes)
     mb = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct((B // N, *x.shape[1:]), x.dtype), (ro, logp_old, routes)
@@ -222,6 +222,15 @@ class Trainer:
         "old_pass": self._old_pass.lower(state.params, ro, *old),
         "update": self._compile_update(state, *mb).lower(state, *mb, *upd),
     }
+
+  def abstract_old_pass(self, params, ro: Rollouts):
+    """(logp_old, live routes or None) that `old_pass` returns for abstract `params` / batch `ro`, as
+    ShapeDtypeStructs in the trainer's batch sharding: what the updates read besides the rollouts.
+    """
+    out = jax.eval_shape(self._old_pass_fn, params, ro)[:2]
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._batch_sharding(x)), out
+    )
 
   def _batch_sharding(self, x):
     if self.mesh is None:
@@ -357,17 +366,23 @@ class Trainer:
         self._plan_shardings(p),
     )
 
-  def _score_packed(self, params, r: Rollouts, routes, src, entropy=False):
+  def _take(self, x, src, fill=0):
+    """x [n, W, ...] in the row layout -> the packed micro-batch `src` [k, m, W]: [k m, W, ...]."""
+    return packing.regather(x, src, fill, self._constrain)
+
+  def _take_routes(self, routes, src):
+    """Routes [n, W, L, k] -> the packed micro-batch `src`'s [k m, W, L, k] (gathered flat)."""
+    return self._take(_flat_tail(routes), src, None).reshape(-1, *routes.shape[1:])
+
+  def _score_packed(self, params, r: Rollouts, src, routes=None, entropy=False):
     """((logp, entropy or None), live routes flat) of the packed micro-batch `src` [k, m, W] of rows
-    `r` ([n, W]; `routes` None or flat [n, W, L * k]), all in the packed layout [k m, W, ...]."""
+    `r` ([n, W]), `routes` None or already packed (`_take_routes`); all in the packed layout
+    [k m, W, ...]."""
     k, m, W = src.shape
-    take = lambda x, fill=0: packing.regather(x, src, fill, self._constrain)  # noqa: E731
-    if routes is not None:
-      routes = take(routes, None).reshape(k * m, W, *r.routes.shape[2:])
     (logp, ent), live = self.score(
         params,
-        take(r.tokens),
-        take(r.positions),
+        self._take(r.tokens, src),
+        self._take(r.positions, src),
         routes,
         self._constrain((src >= 0).reshape(k * m, W)),
         self.cfg.temperature,
@@ -390,8 +405,8 @@ class Trainer:
   # ---- old-logprob pass ---------------------------------------------------------------------
   def old_pass(self, params, ro: Rollouts, host_mask=None):
     """Step 1 of `train_step`: (logp_old [B, T] (0 at position 0), the live routes [B, T, L, k] under r2
-    (what it records and replays; None otherwise: no HBM held for them), old-pass metrics). Under r3 logp_old replays the sampler's routes, which are
-    checked here first: they are outside data."""
+    (what it records and replays; None otherwise: no HBM held for them), old-pass metrics). Under r3
+    logp_old replays the sampler's routes, which are checked here first: they are outside data."""
     if replays_sampler(self.cfg.replay):
       validate_replay_routes(ro.routes, self.model_cfg, ro.token_mask)
     if host_mask is None:
@@ -523,23 +538,23 @@ class Trainer:
     k = self._ways()
     r = B // (M * k)
     zeros = lambda x: jnp.zeros((k, B // k, W, *x.shape[2:]), x.dtype)  # noqa: E731
-    routes = _flat_tail(ro.routes)
-    rows0 = (zeros(ro.logp_mu),) * 3 + ((zeros(routes),) if keep else ())
+    rows0 = (zeros(ro.logp_mu),) * 3 + ((zeros(_flat_tail(ro.routes)),) if keep else ())
     names = ("num_decisions", "num_diff", "num_tokens", "num_tokens_diff")
     counts0 = {n: jnp.zeros((), jnp.float32) for n in names} if moe else {}
 
     def body(j, acc):
       rows, counts = acc
       src = packing.micro(plan.src, j, r)
+      # the sampler's routes, packed once: replayed under r3, compared with the live ones (MoE only:
+      # replay needs a MoE model)
+      sampler = self._take_routes(ro.routes, src) if moe else None
       score = lambda replay, ent: self._score_packed(  # noqa: E731
-          params, ro, routes if replay else None, src, ent
+          params, ro, src, sampler if replay else None, ent
       )
       *out, live = self._old_scores(score)
       if moe:
-        shape = (-1, W, *ro.routes.shape[2:])
-        sampler = packing.regather(routes, src, None, self._constrain).reshape(shape)
         c = rl_metrics.router_disagreement_counts(
-            sampler, live.reshape(shape), (src >= 0).reshape(-1, W)
+            sampler, live.reshape(sampler.shape), (src >= 0).reshape(-1, W)
         )
         counts = {n: counts[n] + c[n] for n in names}
       out = (*out, live) if keep else out
@@ -562,15 +577,16 @@ class Trainer:
     den = loss_denominator(
         LossInputs(logp_old, logp_old, ro.logp_mu, ro.advantages, ro.response_mask), lcfg
     )
-    routes = None if routes is None else _flat_tail(routes)
 
     def micro_loss(p, j):
       src = packing.micro(plan.src, j, r)
-      (logp_p, _), _ = self._score_packed(p, ro, routes, src)
-      in_j = (plan.row_mb == j).reshape(b)
-      dst = jnp.where((plan.row_mb == j)[..., None] & (plan.dst >= 0), plan.dst - j * r * W, -1)
-      logp = self._unpack(logp_p, dst)
-      mask = ro.response_mask * in_j[:, None].astype(ro.response_mask.dtype)
+      rp = None if routes is None else self._take_routes(routes, src)
+      (logp_p, _), _ = self._score_packed(p, ro, src, rp)
+      in_j = plan.row_mb == j  # [k, b / k]: the rows micro-batch j holds
+      logp = self._unpack(
+          logp_p, jnp.where(in_j[..., None] & (plan.dst >= 0), plan.dst - j * r * W, -1)
+      )
+      mask = ro.response_mask * in_j.reshape(b, 1).astype(ro.response_mask.dtype)
       x = LossInputs(logp, logp_old, ro.logp_mu, ro.advantages, mask)
       loss, _ = policy_loss(x, lcfg)
       return loss * loss_denominator(x, lcfg) / den, logp_p
