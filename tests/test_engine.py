@@ -147,3 +147,66 @@ def test_a_pool_too_small_for_one_sequence_is_rejected_before_compiling(weights)
 def test_bad_engine_settings_name_the_field(kw, field):
   with pytest.raises(ValueError, match=re.escape(field)):
     SamplerConfig(**kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# Shards: one engine per device of the sampler mesh's batch axes.
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "mesh_cfg, rows",
+    [
+        ({"data": 2, "expert": 4}, 32),  # expert-parallel MoE, one prompt's 4 samples per shard
+        ({"data": 8}, 30),  # the last shard holds 2 rows, a shard's rows split a prompt's samples
+    ],
+)
+def test_sharded_engine_matches_static(weights, grouped_prompts, mesh_cfg, rows):
+  """8 shards, each with its own pool, slots and scheduler, run in one step per device call: the
+  static sampler's SampleOutput (on one device) for the same seed; few slots and pages per shard,
+  so shards refill, burst and preempt at different steps."""
+  from fo_rl.parallel.sharding import make_mesh
+
+  prompts = grouped_prompts[:rows]
+  ref = _static(weights, prompts, SAMPLING, 1)
+  cfg = SamplerConfig(engine="paged", num_slots=2, page_size=4, prefill_chunk=8, num_pages=14)
+  s = Sampler(TOY, cfg, make_mesh(mesh_cfg), trainer_state=weights)
+  out = s.generate(prompts, SAMPLING, seed=1)
+  _assert_same(out, ref)
+  assert s.engine.shards == 8 and s.engine.stats["pages"] == 8 * 14
+  assert s.engine.stats["preemptions"] > 0
+
+
+def test_sharded_engine_steps_move_no_pages_between_devices(weights):
+  """The compiled step and burst on 8 shards (data 2 x expert 4): a device's arguments hold its own
+  pool, not all of them, updated in place, and every collective is far smaller
+  than one layer's pool on one device (the MoE's token all-to-all, the routers' top-k, the loop's
+  stop flag): attention reads each device's own pool, and the pools, page tables and output rows
+  stay where they are."""
+  import re
+
+  from fo_rl.parallel.sharding import make_mesh
+
+  cfg = SamplerConfig(engine="paged", num_slots=8, page_size=4, prefill_chunk=8, num_pages=512)
+  s = Sampler(TOY, cfg, make_mesh({"data": 2, "expert": 4}), trainer_state=weights)
+  assert s.engine.shards == 8
+  pool_bytes = 512 * 4 * 2 * TOY.num_kv_heads * TOY.head_dim * 4  # one shard's, one layer's
+  nbytes = {"f32": 4, "s32": 4, "pred": 1, "s8": 1, "u32": 4, "bf16": 2}
+  for name, lowered in s.engine.lower(s.params, 32, 16, SAMPLING).items():
+    compiled = lowered.compile()
+    # Each device holds its own pool: the step's arguments on one device are far less than the
+    # pools of all shards (3 layers x 8 shards).
+    mem = compiled.memory_analysis()
+    assert mem.argument_size_in_bytes < 3 * 8 * pool_bytes / 4, name
+    # ... and updates it in place: the buffers are donated (their outputs alias them).
+    assert mem.alias_size_in_bytes >= 3 * pool_bytes, name
+    seen = 0
+    for line in compiled.as_text().splitlines():
+      m = re.search(
+          r"= (.*?) (all-gather|all-to-all|all-reduce|collective-permute|reduce-scatter)", line
+      )
+      if not m:
+        continue
+      seen += 1
+      for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)):
+        size = nbytes[dt] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+        assert size < pool_bytes / 16, (name, line)
+    assert seen, name  # the MoE layers' all-to-all at least

@@ -146,3 +146,31 @@ def test_pallas_kernel_in_interpret_mode_on_cpu():
     raise
   valid = np.asarray(batch.valid)
   np.testing.assert_allclose(out[valid], np.asarray(ours)[valid], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["TPU v5", "TPU v6 lite", "TPU v4"])
+def test_tuned_block_sizes_are_the_kernels_for_the_mesh_chip(kind, monkeypatch):
+  """The kernel looks its block sizes up for `jax.devices()[0]` (the CPU in a dry run);
+  `tuned_block_sizes` looks them up for the chip the step is compiled for: the kernel's own choice
+  on that chip within its tuned table, and blocks of KV_BLOCK_POSITIONS positions past it (where
+  the kernel's default of 128 pages of 64 positions overflows VMEM)."""
+  from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as K
+  from jax.experimental.pallas.ops.tpu.ragged_paged_attention import tuned_block_sizes as T
+
+  monkeypatch.setattr(T, "get_tpu_version", lambda: int(kind.split()[1][1]))
+  monkeypatch.setattr(T, "get_device_name", lambda num_devices=None: " ".join(kind.split()[:2]))
+  Nh, Kh, ps, H, tokens = 32, 8, 64, 128, 1024  # shapes the v5 and v6 tables hold
+  pages = jax.ShapeDtypeStruct((8, ps, 2 * Kh, H), jnp.bfloat16)
+  q = jax.ShapeDtypeStruct((tokens, Nh, H), jnp.bfloat16)
+  heads_q, heads_kv2 = K.get_min_heads_per_blk(Nh, 2 * Kh, q.dtype, pages.dtype)
+  table = T.TUNED_BLOCK_SIZES.get(" ".join(kind.split()[:2]), {})
+  for width in (4, 8, 16):  # sequences of 256 .. 1024 positions
+    key = (q.dtype, pages.dtype, heads_q, heads_kv2 // 2, H, ps, tokens, width)
+    assert kind == "TPU v4" or T.simplify_key(key) in table, key
+    batch = PA.PagedBatch(*(None,) * 2, np.zeros((64, width), np.int32), *(None,) * 3)
+    ours = PA.tuned_block_sizes(q, pages, batch, kind)
+    theirs = T.get_tuned_block_sizes(*key)
+    assert (ours["num_kv_pages_per_block"], ours["num_queries_per_block"]) == theirs, width
+  long = PA.PagedBatch(*(None,) * 2, np.zeros((64, 1024), np.int32), *(None,) * 3)  # 64K positions
+  ours = PA.tuned_block_sizes(q, pages, long, kind)
+  assert ours["num_kv_pages_per_block"] == (32 if kind == "TPU v4" else PA.KV_BLOCK_POSITIONS // ps)

@@ -29,14 +29,20 @@ attends causally over its sequence's positions 0 .. its own position. Before the
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import PartitionSpec as P
+
 from fo_rl.model.attention import MASKED
+from fo_rl.parallel.sharding import dividing_axes
 
 PAGED_IMPLS = ("auto", "xla", "pallas")
+KV_BLOCK_POSITIONS = 1024  # the kernel's KV block for sequences longer than its tuned table covers
 
 
 @jax.tree_util.register_dataclass
@@ -59,15 +65,25 @@ class PagedBatch:
   # longest one. -1: one group.
   main_slots: int = dataclasses.field(metadata=dict(static=True), default=-1)
   main_width: int = dataclasses.field(metadata=dict(static=True), default=0)
+  # 0: the arrays above are one pool's. S > 0: every array has a leading shard axis of S, and the
+  # pool too: S independent engines in one step (see `attend`).
+  shards: int = dataclasses.field(metadata=dict(static=True), default=0)
 
   @property
   def prefill_rows(self) -> int:
-    return self.page_table.shape[0] - self.num_decode
+    return self.page_table.shape[-2] - self.num_decode
+
+  def shard(self, arrays) -> "PagedBatch":
+    """This layout with its arrays replaced by `arrays` (one shard's: no shard axis)."""
+    return dataclasses.replace(self, **dict(zip(_ARRAYS, arrays)), shards=0)
 
   def sequence_of_tokens(self) -> np.ndarray:
     """[N] the sequence index of each token (static)."""
     D, R, C = self.num_decode, self.prefill_rows, self.chunk
     return np.concatenate([np.arange(D), D + np.repeat(np.arange(R), C)]).astype(np.int32)
+
+
+_ARRAYS = ("positions", "valid", "page_table", "kv_len", "copy_src", "copy_dst")
 
 
 def resolve(impl: str, backend: str | None = None) -> str:
@@ -146,6 +162,38 @@ def kernel_args(batch: PagedBatch):
   return batch.kv_len, batch.page_table, jnp.asarray(cu), jnp.asarray(num_seqs)
 
 
+def tuned_block_sizes(q, pages, batch: PagedBatch, device_kind: str) -> dict:
+  """The kernel's block sizes from its own tuned table (`tuned_block_sizes.TUNED_BLOCK_SIZES`, looked
+  up as `get_tuned_block_sizes` does) for the TPU `device_kind` the step runs on, e.g. "TPU v5".
+  The kernel's lookup reads `jax.devices()[0]`, which is the host's CPU when a dry run compiles for a
+  TPU topology from a CPU machine."""
+  from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as K
+  from jax.experimental.pallas.ops.tpu.ragged_paged_attention import tuned_block_sizes as T
+
+  name = " ".join(device_kind.split()[:2])  # "TPU v5 lite" -> "TPU v5" (the table's naming)
+  q_heads, kv_heads2 = K.get_min_heads_per_blk(q.shape[1], pages.shape[2], q.dtype, pages.dtype)
+  pages_per_seq, tokens = batch.page_table.shape[-1], q.shape[0]
+  key = T.simplify_key(
+      (
+          q.dtype,
+          pages.dtype,
+          q_heads,
+          kv_heads2 // 2,
+          q.shape[2],
+          pages.shape[1],
+          tokens,
+          pages_per_seq,
+      )
+  )
+  # Keys past the table (it is tuned up to 4,096 positions per sequence) get KV blocks of
+  # KV_BLOCK_POSITIONS positions, the table's most common block: the kernel's own default of 128 pages
+  # overflows its scoped VMEM with pages of 64 positions, and so do 2,048 positions (Qwen3-30B's 8
+  # combined KV heads of 128 in bf16; compile errors for v5p in the dry run).
+  fallback = (max(1, KV_BLOCK_POSITIONS // pages.shape[1]), 32)
+  bkv, bq = (32, 32) if name == "TPU v4" else T.TUNED_BLOCK_SIZES.get(name, {}).get(key, fallback)
+  return dict(num_kv_pages_per_block=min(pages_per_seq, bkv), num_queries_per_block=min(tokens, bq))
+
+
 def attend_pallas(q, pages, batch: PagedBatch, **block_sizes):
   """q [N, Nh, H] over the pool, by the TPU ragged paged attention kernel -> [N, Nh, H].
   block_sizes: the kernel's num_kv_pages_per_block / num_queries_per_block (default: its tuned table,
@@ -157,12 +205,72 @@ def attend_pallas(q, pages, batch: PagedBatch, **block_sizes):
   )
 
 
-def attend(q, k, v, cache, batch: PagedBatch):
-  """The model's paged branch: q [B, T, Nh, H], k, v [B, T, K, H] with B * T = N flat tokens;
-  cache {'pages': [P, ps, 2K, H]} -> (attention output [B, T, Nh, H], the updated cache)."""
+def _attend_one(q, k, v, pages, batch: PagedBatch, device_kind: str | None = None):
+  """One pool: q [N, Nh, H], k, v [N, K, H], pages [P, ps, 2K, H] -> (out [N, Nh, H], pages).
+  device_kind: the TPU the kernel's block sizes are tuned for (None: the kernel looks them up)."""
+  pages = write(pages, k, v, batch)
+  if batch.impl != "pallas":
+    return attend_xla(q, pages, batch), pages
+  blocks = {} if device_kind is None else tuned_block_sizes(q, pages, batch, device_kind)
+  return attend_pallas(q, pages, batch, **blocks), pages
+
+
+def _attend_shards(q, k, v, pages, arrays, batch: PagedBatch, device_kind: str | None = None):
+  """Every local shard (leading axis) on its own pool: a loop for the kernel (a Pallas call has no
+  batching rule worth having here; under the engine's shard_map one shard per device), vmap else."""
+  one = lambda q, k, v, pages, arrays: _attend_one(q, k, v, pages, batch.shard(arrays), device_kind)
+  if batch.impl != "pallas":
+    return jax.vmap(one)(q, k, v, pages, arrays)
+  outs = [one(q[i], k[i], v[i], pages[i], [a[i] for a in arrays]) for i in range(q.shape[0])]
+  return jnp.stack([o for o, _ in outs]), jnp.stack([p for _, p in outs])
+
+
+def attend(q, k, v, cache, batch: PagedBatch, mesh=None, token_axes=(), head_axes=()):
+  """The model's paged branch: q [B, T, Nh, H], k, v [B, T, K, H] with B * T flat tokens; cache
+  {'pages': [P, ps, 2K, H]} -> (attention output [B, T, Nh, H], the updated cache).
+
+  Shards (`batch.shards` = S > 0): the flat tokens are S blocks of N, block s the step of engine
+  shard s, which owns pool `cache['pages'][s]` ([S, P, ps, 2K, H]) and `batch`'s arrays [s]. With a
+  mesh, the shard axis lives on the mesh axes of `token_axes` (the `batch` rule, the axes the flat
+  tokens are split over, so block s sits on the devices of pool s) and the KV heads on `head_axes`
+  where they divide; each device then attends over its own pool under shard_map: no page, query or
+  page table crosses devices, whichever attention runs (XLA's gathers, or the Pallas kernel, which XLA
+  cannot partition)."""
   shape = q.shape
-  N = shape[0] * shape[1]
-  pages = write(cache["pages"], k.reshape(N, *k.shape[2:]), v.reshape(N, *v.shape[2:]), batch)
-  qf = q.reshape(N, *shape[2:])
-  out = attend_pallas(qf, pages, batch) if batch.impl == "pallas" else attend_xla(qf, pages, batch)
+  Nt = shape[0] * shape[1]
+  kind = None if mesh is None else mesh.devices.flat[0].device_kind
+  if not batch.shards:
+    out, pages = _attend_one(
+        q.reshape(Nt, *shape[2:]),
+        k.reshape(Nt, *k.shape[2:]),
+        v.reshape(Nt, *v.shape[2:]),
+        cache["pages"],
+        batch,
+        kind,
+    )
+    return out.reshape(shape), {"pages": pages}
+  S = batch.shards
+  q, k, v = (x.reshape(S, Nt // S, *x.shape[2:]) for x in (q, k, v))
+  arrays = [getattr(batch, f) for f in _ARRAYS]
+  fn = functools.partial(_attend_shards, batch=batch, device_kind=kind)
+  if mesh is not None and not jax.sharding.get_abstract_mesh().manual_axes:
+    axes = dividing_axes(token_axes, mesh, S)
+    if math.prod(mesh.shape[a] for a in axes) != math.prod(mesh.shape[a] for a in token_axes):
+      raise ValueError(
+          f"paged attention: {S} engine shards cannot be split over the batch axes {token_axes}"
+      )
+    heads = tuple(a for a in head_axes if mesh.shape[a] > 1)
+    if k.shape[2] % math.prod(mesh.shape[a] for a in heads):
+      heads = ()
+    b, h = (axes or None), (heads or None)
+    x_spec, row = P(b, None, h, None), P(b)
+    page_spec = P(b, None, None, h, None)
+    fn = jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=(x_spec, x_spec, x_spec, page_spec, [row] * len(arrays)),
+        out_specs=(x_spec, page_spec),
+        check_vma=False,
+    )
+  out, pages = fn(q, k, v, cache["pages"], arrays)
   return out.reshape(shape), {"pages": pages}

@@ -101,7 +101,9 @@ class Attention(nnx.Module):
     if cache is None:
       return self._attend(q, k, v, key_mask), None
     if isinstance(cache_index, paged_attention.PagedBatch):  # the paged engine's step
-      out, new_cache = paged_attention.attend(q, k, v, cache, cache_index)
+      out, new_cache = paged_attention.attend(
+          q, k, v, cache, cache_index, self.mesh, self.token_axes, self.head_axes
+      )
       return qeinsum("btnh,nhd->btd", out, self.o_proj.get_value(), dt), new_cache
     if isinstance(cache_index, int) and cache_index == 0 and cache["k"].shape[3] == x.shape[1]:
       # Filling a cache exactly as long as the input (the sampler's prefill): plain causal attention over

@@ -53,9 +53,11 @@ class SamplerConfig:
   engine: "static" (default: the lockstep decoder of fo_rl/sampler/sampler.py, one full-length KV cache
     per row) | "paged" (fo_rl/sampler/engine.py: a paged KV cache, continuous batching over
     `num_slots` decode slots, each prompt prefilled once for all its samples; same samples).
-  num_slots: the paged engine's decode slots (sequences decoded at once).
-  page_size: positions per KV page. num_pages: pages in the pool (page 0 is a trash page); None: enough
-    for every slot to hold the longest sequence of the call. A pool smaller than one sequence of the
+  num_slots: the paged engine's decode slots (sequences decoded at once) per shard. The engine runs
+    one shard per device of the mesh axes of the `batch` rule (fo_rl/sampler/engine.py, "Shards"):
+    num_slots, num_pages and prefill_rows are each shard's, i.e. each such device's.
+  page_size: positions per KV page. num_pages: pages in each shard's pool (page 0 is a trash page);
+    None: enough for every slot to hold the longest sequence of the call. A pool smaller than one sequence of the
     longest prompt plus max_new_tokens is an error naming sampler.num_pages; between that and the
     automatic size, sequences are preempted and resumed when the pages run out.
   prefill_chunk / prefill_rows: each engine step prefills up to `prefill_rows` prompts, `prefill_chunk`
