@@ -108,6 +108,14 @@ def get_config(arg: str = ""):
     c.rl.mini_batches = n
     c.rl.replay = "r3" if n > 1 else "none"
     c.trainer.micro_batches = 32
+    # The paged rollout engine (fo_rl/sampler/engine.py), one shard per chip: 64 decode slots and a
+    # pool of 8,192 pages of 64 positions (524,288 positions, 48 GiB of bf16 KV) per chip.
+    c.sampler.engine = "paged"
+    c.sampler.num_slots = 64
+    c.sampler.page_size = 64
+    c.sampler.num_pages = 8192
+    c.sampler.prefill_chunk = 256
+    c.sampler.prefill_rows = 4
     topo = dict(TOPOLOGIES["v5p-64"], prompts_per_step=64 * n, eval_prompts=64)
   else:
     topo = TOPOLOGIES[arg or "v5p-64"]

@@ -15,6 +15,12 @@ the ones the job runs (the same jitted callables, lowered by `Trainer.lower` and
   sampler.prefill         the prompt pass that fills the KV cache
   sampler.decode          the decode loop (one while_loop; the decode state is donated)
 
+With the paged engine (`sampler.engine="paged"`, fo_rl/sampler/engine.py), sampler.prefill is the
+engine's step with its `prefill_rows` prefill chunks beside every decode slot, and sampler.decode its
+burst of decode steps, both at their largest shapes (every slot of every shard busy with a sequence of
+the longest length) over each shard's pool of `sampler.num_pages` pages (`PagedEngine.lower`); the rows
+name the shards, slots and pool.
+
 Shapes: the trainer's global batch is rl.prompts_per_step * rl.group_size rows of P + T tokens, with
 P = sampler.prompt_bucket (prompts longer than that get a bigger bucket and more memory) and
 T = bucket(sampler.max_new_tokens); the sampler's batch is the largest of the training batch and the
@@ -62,6 +68,7 @@ from fo_rl.parallel.sharding import batch_spec, make_mesh, state_shardings
 from fo_rl.rl.rollouts import Rollouts, replays_sampler
 from fo_rl.rl.trainer import Trainer
 from fo_rl.sampler import Sampler, SamplingParams, bucket
+from fo_rl.sampler.engine import BURST
 
 GIB = 1024**3
 
@@ -317,9 +324,10 @@ def resident_bytes(config, devices=None) -> int:
   return s.state_bytes + s.sampler_bytes
 
 
-def plan(config, devices=None, log=None) -> list[dict]:
+def plan(config, devices=None, log=None, functions=None) -> list[dict]:
   """Compile the RL step for `config` on `devices` (default: parallel.topology's); returns the report rows
-  (one per function, then the verdict). Raises DryRunError for a bad topology / missing libtpu."""
+  (one per function, then the verdict). `functions`: compile only these (names as in the module
+  docstring; None: all). Raises DryRunError for a bad topology / missing libtpu."""
   log = log or (lambda s: None)
   setup = _Setup(config, devices)
   rc, hbm, mesh = setup.rc, setup.hbm, setup.mesh
@@ -403,6 +411,34 @@ def plan(config, devices=None, log=None) -> list[dict]:
       "sampler.decode": analytic.decode_flops(model_cfg, Bs, Pl, T),
   }
 
+  sampler_extra = {"batch": Bs, "seq_len": Lt}
+  if rc.sampler.engine == "paged":  # the engine's largest steps (PagedEngine.step_shapes)
+    eng = sampler.engine
+    sh = eng.step_shapes(Bs, Pl, sampling)
+    S, Dv, C, R = eng.shards, sh["slots"], rc.sampler.prefill_chunk, rc.sampler.prefill_rows
+    decode = analytic.engine_step_flops(model_cfg, S * Dv, Lt)
+    work["sampler.prefill"] = analytic.engine_step_flops(model_cfg, S * Dv, Lt, S * R, C, Pl)
+    work["sampler.decode"] = BURST * decode
+    pool_bytes = (  # every layer's pages of one shard
+        sh["num_pages"]
+        * rc.sampler.page_size
+        * model_cfg.num_layers
+        * 2
+        * model_cfg.num_kv_heads
+        * model_cfg.head_dim
+        * sampler._cache_dtype.itemsize
+    )
+    sampler_extra = {
+        "engine": "paged",
+        "shards": S,
+        "slots_per_shard": Dv,
+        "pages_per_shard": sh["num_pages"],
+        "page_size": rc.sampler.page_size,
+        "pool_bytes_per_shard": pool_bytes,
+        "pool_gib_per_shard": round(pool_bytes / GIB, 3),
+        "seq_len": Lt,
+    }
+
   def run(name, fn, resident, extra=None):
     log(f"dry run: compiling {name} ...")
     row, compiled = _compile(name, fn, resident, hbm, extra, (work[name], n_dev, chip))
@@ -414,35 +450,35 @@ def plan(config, devices=None, log=None) -> list[dict]:
     rows.append(row)
     return compiled
 
-  trainer_lowered = trainer.lower(state, ro)
-  run(
-      "trainer.old_pass",
-      lambda: trainer_lowered["old_pass"],
-      sampler_bytes,
-      {"batch": B, "seq_len": Lt},
-  )
-  run(
-      "trainer.update",
-      lambda: trainer_lowered["update"],
-      sampler_bytes + step_bytes,
-      {"batch": B // rc.trainer.mini_batches, "seq_len": Lt},
-  )
+  want = lambda name: functions is None or name in functions
+  if want("trainer.old_pass") or want("trainer.update"):
+    trainer_lowered = trainer.lower(state, ro)
+  if want("trainer.old_pass"):
+    run(
+        "trainer.old_pass",
+        lambda: trainer_lowered["old_pass"],
+        sampler_bytes,
+        {"batch": B, "seq_len": Lt},
+    )
+  if want("trainer.update"):
+    run(
+        "trainer.update",
+        lambda: trainer_lowered["update"],
+        sampler_bytes + step_bytes,
+        {"batch": B // rc.trainer.mini_batches, "seq_len": Lt},
+    )
   sampler_lowered = sampler.lower(params, Bs, Pl, sampling)
-  run(
-      "sampler.update_weights",
-      lambda: sampler_lowered["update_weights"],
-      state_bytes - param_bytes + sampler_bytes,
-      {},
-  )
-  run(
-      "sampler.prefill",
-      lambda: sampler_lowered["prefill"],
-      state_bytes,
-      {"batch": Bs, "seq_len": Lt},
-  )
-  run(
-      "sampler.decode", lambda: sampler_lowered["decode"], state_bytes, {"batch": Bs, "seq_len": Lt}
-  )
+  if want("sampler.update_weights"):
+    run(
+        "sampler.update_weights",
+        lambda: sampler_lowered["update_weights"],
+        state_bytes - param_bytes + sampler_bytes,
+        {},
+    )
+  if want("sampler.prefill"):
+    run("sampler.prefill", lambda: sampler_lowered["prefill"], state_bytes, sampler_extra)
+  if want("sampler.decode"):
+    run("sampler.decode", lambda: sampler_lowered["decode"], state_bytes, sampler_extra)
   return rows + [judge(rows, head, hbm)]
 
 

@@ -21,8 +21,11 @@ below the work done. `program_cost(compiled.as_text())` walks the HLO module ins
   `ragged-dot` kernels count 2 x rows x contraction x columns; fo_rl's splash-attention kernels (always
   causal) count the causal blocks of their query and key shapes: 4 x queries x head dim x keys for the
   forward (QK^T and PV), 6x for the dq kernel (scores, dP, dQ) and 8x for the dk/dv kernel (scores, dP,
-  dV, dK), times the fraction of blocks on or below the diagonal. Any other kernel counts 0 and is named
-  in `uncounted_kernels`.
+  dV, dK), times the fraction of blocks on or below the diagonal. JAX's ragged paged attention kernel
+  (the paged rollout engine's) counts its bound, 4 x queries x head dim x every position of the page
+  table (each query over its sequence's whole page-table width: the real keys depend on the run-time
+  lengths, so a step over short sequences does less). Any other kernel counts 0 and is named in
+  `uncounted_kernels`.
 - **Bytes** (HBM traffic): operands + results of every instruction outside fusions (a fusion's internals
   stay on chip), with what XLA's own analysis also discounts: a fusion operand that is only sliced
   counts the slices (a layer's weights out of the stacked `[L, ...]` array), and a dynamic-update-slice
@@ -353,6 +356,13 @@ class _Module:
       M, N = out[0][1]
       lhs = [s for s in floats if len(s) == 2 and s[0] == M]
       return 2.0 * M * N * lhs[0][1] if lhs else None
+    if "ragged_paged_attention" in name:  # q [T, N, H], pages [P, ps, 2K, H], page table [Q, W]
+      q = next((x for x in floats if len(x) == 3), None)
+      pages = next((x for x in floats if len(x) == 4), None)
+      ints = [x for t in types for dt, x in _arrays(t) if dt == "s32" and len(x) == 2]
+      if q is None or pages is None or not ints:
+        return None
+      return 4.0 * math.prod(q) * ints[0][1] * pages[1]
     if "splash" in name:
       factor = next((f for key, f in _SPLASH_FACTORS if key in name), None)
       q = next((s for s in floats if len(s) >= 3), None)

@@ -215,6 +215,38 @@ def test_qwen3_30b_a3b_fits_a_v5p_64():
 
 
 @pytest.mark.tpu_compile
+def test_paper_rollout_engine_fits_a_v5p_64_at_32k_tokens():
+  """The 30B paper recipe samples with the paged engine (responses up to 32,768 tokens): its
+  sampler.prefill (a step with prefill chunks beside every decode slot) and sampler.decode (a burst
+  of decode steps) compile for the recipe's v5p-64, one engine shard per chip, each with the page pool
+  the config sizes, updated in place, and fit: here at 1 layer, with the other 47 layers' pool and
+  route columns and the full-depth weights added; README "Running on Cloud TPU" has the full-depth
+  compile."""
+  from fo_rl import dry_run
+
+  c = _load("configs/qwen3_30b_a3b.py").get_config("paper")
+  assert c.sampler.engine == "paged" and c.sampler.max_new_tokens == 32768
+  full, layers = dry_run.resident_bytes(c), c.model.num_layers
+  c.model.num_layers = 1
+  t0 = time.time()
+  with jax.default_matmul_precision("default"):
+    rows = dry_run.plan(c, functions=("sampler.prefill", "sampler.decode"))
+  v = rows[-1]
+  print(f"paper engine x 1 layer on v5p-64: {time.time() - t0:.0f}s", json.dumps(rows))
+  assert v["verdict"] == "fits", v.get("message")
+  assert [r["function"] for r in rows[:-1]] == ["sampler.prefill", "sampler.decode"]
+  for r in rows[:-1]:
+    assert (r["engine"], r["shards"], r["seq_len"]) == ("paged", 32, 1024 + 32768), r
+    assert r["pages_per_shard"] == c.sampler.num_pages and r["page_size"] == c.sampler.page_size
+    assert r["alias_bytes"] >= r["pool_bytes_per_shard"]  # the pool is updated in place
+    assert r["hlo_uncounted_kernels"] == [] and r["hlo_kernel_flops"] > 0  # paged attention counted
+    route_cols = (1024 // 32) * r["seq_len"] * c.model.num_experts_per_tok  # a layer's, int8
+    deeper = full - v["train_state_bytes"] - v["sampler_params_bytes"]
+    deeper += (layers - 1) * (r["pool_bytes_per_shard"] + route_cols)
+    assert r["total_bytes"] + deeper < 95 * 2**30, (r["function"], r["total_bytes"], deeper)
+
+
+@pytest.mark.tpu_compile
 def test_hlo_cost_counts_tpu_matmuls_and_kernels():
   """fo_rl/hlo_cost.py on programs compiled for one TPU v5p chip: a projection (XLA:TPU writes it as a
   padded convolution) counts 2 x B x T x D x N x H exactly; the grouped matmul's kernels count
@@ -263,3 +295,30 @@ def test_hlo_cost_counts_tpu_matmuls_and_kernels():
   mask = sds(1, T, dt=jnp.bool_)
   c = cost(lambda q, k, v, m: attention.splash(q, k, v, m, interpret=False), q, kv, kv, mask)
   assert c.kernel_flops == 4 * Nq * T * T * H * 3 / 4 and not c.uncounted_kernels
+
+  # The paged engine's ragged paged attention kernel: its bound, every query over every position of
+  # its sequence's page-table row.
+  from fo_rl.model import paged_attention as PA
+
+  D_, R_, C_, W_, ps, Nh = 8, 2, 16, 8, 16, 8
+  i32 = lambda *shape: sds(*shape, dt=jnp.int32)
+  batch = PA.PagedBatch(
+      i32(D_ + R_ * C_),
+      sds(D_ + R_ * C_, dt=jnp.bool_),
+      i32(D_ + R_, W_),
+      i32(D_ + R_),
+      i32(4),
+      i32(4),
+      num_decode=D_,
+      chunk=C_,
+      impl="pallas",
+  )
+  blocks = dict(num_kv_pages_per_block=4, num_queries_per_block=16)
+  with jax.set_mesh(mesh):  # (Mosaic reads the chip from the mesh; the engine's runs in shard_map)
+    c = cost(
+        lambda q, pages, b: PA.attend_pallas(q, pages, b, **blocks),
+        sds(D_ + R_ * C_, Nh, H),
+        sds(32, ps, 2 * K, H),
+        batch,
+    )
+  assert c.kernel_flops == 4 * (D_ + R_ * C_) * Nh * H * W_ * ps and not c.uncounted_kernels

@@ -57,3 +57,23 @@ def decode_flops(cfg: ModelConfig, rows: int, prompt_len: int, new_tokens: int) 
   return rows * (
       2 * matmul_params(cfg) * new_tokens + attention_flops(cfg, new_tokens, key_offset=prompt_len)
   )
+
+
+def engine_step_flops(
+    cfg: ModelConfig,
+    decode: int,
+    context: int,
+    prefill_rows: int = 0,
+    chunk: int = 0,
+    prefill_context: int = 0,
+) -> int:
+  """One step of the paged engine: `decode` sequences feed one token each at position `context` - 1
+  (attending to `context` keys) and draw from it; `prefill_rows` chunks of `chunk` prompt tokens end
+  at position `prefill_context` - 1 (no output projection: nothing is drawn from them)."""
+  head = cfg.hidden_size * cfg.vocab_size
+  return decode * (
+      2 * matmul_params(cfg) + attention_flops(cfg, 1, key_offset=context - 1)
+  ) + prefill_rows * (
+      2 * (matmul_params(cfg) - head) * chunk
+      + attention_flops(cfg, chunk, key_offset=prefill_context - chunk)
+  )

@@ -627,8 +627,14 @@ class Sampler:
     shardings), "prefill": the prompt pass over `batch` prompts of bucket length `prompt_len`, "decode":
     the decode loop over its output, T = bucket(sampling.max_new_tokens, gen_bucket) columns}, with the
     shardings `prefill` and `decode` see at run time (the decode state's: `_decode_state_shardings`).
+    With the paged engine, "prefill" and "decode" are its step with prefill chunks and its decode
+    burst at their largest shapes (`PagedEngine.lower`).
     """
     params = self.abstract_params(trainer_params)
+    if self.config.engine == "paged":  # the engine's two step functions at their largest shapes
+      return {"update_weights": self._sync.lower(trainer_params)} | self.engine.lower(
+          params, batch, prompt_len, sampling
+      )
     replicated = NamedSharding(self.mesh, P())
     rows = NamedSharding(self.mesh, batch_spec(self.config.rules, 2, self.mesh, batch))
     prompt = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=rows)
