@@ -42,8 +42,10 @@ The paper's own setting (arXiv 2512.01374, section 5; algorithms.md "The paper's
   dry run at full depth (2026-12-01, README "Running on Cloud TPU"; packed rows, int8 routes), per chip
   of 95 GiB: paper old pass 44.0 GiB, update 80.2 GiB; paper_n8 old pass 49.9 GiB, update 84.1 GiB
   (10.9 GiB of headroom; the step's R3 routes, int8 [8192, 33792, 48, 8], take 3.1 GiB per chip). The
-  sampler's functions at this length belong to the rollout engine (a paged KV cache): the static
-  sampler's full-length cache does not fit, and the dry run's verdict line names the functions that do.
+  sampler is the paged rollout engine (`sampler.engine="paged"`; the static sampler's full-length
+  cache per row does not fit), one shard per chip: 64 decode slots and 8,192 pages of 64 positions
+  (48 GiB of bf16 KV, 524,288 positions) per chip, prefill chunks of 256 tokens x 4. Dry run at full
+  depth (2026-12-01): paper prefill step 62.8 GiB, decode burst 76.7 GiB; paper_n8 67.0 / 79.2 GiB.
 """
 
 from fo_rl.config import base_config, hf_model, tiny_moe, variant
