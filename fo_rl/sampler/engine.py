@@ -162,11 +162,6 @@ class _Pages:
         self.free.append(p)
 
 
-def _vmapped(fn):
-  """fn over one shard's arrays, applied to every shard (leading axis) of its arguments."""
-  return jax.vmap(fn)
-
-
 def engine_step(
     params, bufs, inp, key, *, graphdef, sampling, num_decode, chunk, impl, main_slots, main_width
 ):
@@ -205,11 +200,11 @@ def engine_step(
   # without padding (an [.., L, k] minor pair would be padded to whole (8, 128) tiles: 16x at L = 48,
   # k = 8)
   routes = routes[:, 0].reshape(S, N, -1).astype(bufs["routes"].dtype)
-  put = lambda buf, i, j, x: buf.at[i, j].set(x, mode="drop")
-  out_routes = _vmapped(put)(bufs["routes"], inp["route_row"], inp["route_col"], routes[:, :D])
+  put = jax.vmap(lambda buf, i, j, x: buf.at[i, j].set(x, mode="drop"))  # per shard
+  out_routes = put(bufs["routes"], inp["route_row"], inp["route_col"], routes[:, :D])
   prompt_routes = bufs["prompt_routes"]
   if N > D:
-    prompt_routes = _vmapped(put)(prompt_routes, inp["pre_u"], inp["pre_col"], routes[:, D:])
+    prompt_routes = put(prompt_routes, inp["pre_u"], inp["pre_col"], routes[:, D:])
   # Logits only where a token is drawn: the decode slots.
   hd = h[:, 0].reshape(S, N, -1)[:, :D].reshape(S * D, -1)
   logits = logits_at(model, hd)
@@ -224,8 +219,8 @@ def engine_step(
       pages=[c["pages"] for c in cache],
       routes=out_routes,
       prompt_routes=prompt_routes,
-      tokens=_vmapped(put)(bufs["tokens"], inp["sample_row"], inp["draw"], tok),
-      logp=_vmapped(put)(bufs["logp"], inp["sample_row"], inp["draw"], lp),
+      tokens=put(bufs["tokens"], inp["sample_row"], inp["draw"], tok),
+      logp=put(bufs["logp"], inp["sample_row"], inp["draw"], lp),
   )
   return bufs, tok
 
@@ -557,6 +552,7 @@ class _Shard:
     return [-(-(st + chunk) // ps) for _, st, _ in self.chunks]
 
   def lay_out_burst(self, a: dict, s: int, perm):
+    """Write this shard's slots (in `perm`'s positions) into row `s` of a burst's inputs `a`."""
     for d, i in enumerate(perm):
       if i is None:
         continue
@@ -571,7 +567,9 @@ class _Shard:
         self.stats["peak_pages"], self.n_pages - 1 - len(self.alloc.free)
     )
 
-  def lay_out_step(self, a: dict, s: int, perm, Rs: int, C: int, Pl: int, Bs: int, U: int):
+  def lay_out_step(self, a: dict, s: int, perm, Rs: int, C: int, Pl: int):
+    """Write this shard's decode slots and prefill chunks into row `s` of a step's inputs `a` (Rs
+    prefill rows of C tokens; prompt bucket Pl)."""
     Dv = len(perm)
     for j, (src, dst) in enumerate(self.copies):
       a["copy_src"][s, j], a["copy_dst"][s, j] = src, dst
@@ -760,7 +758,8 @@ class PagedEngine:
     return jax.jit(make, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))()
 
   def _put(self, a: dict):
-    return {k: jax.device_put(v, self._sharded(v.ndim)) for k, v in a.items()}
+    """Host arrays [S, ...] onto their shards' devices, in one transfer call."""
+    return jax.device_put(a, {k: self._sharded(v.ndim) for k, v in a.items()})
 
   def step_shapes(self, batch: int, prompt_len: int, sampling: SamplingParams) -> dict:
     """The largest step a `generate` of `batch` prompts of at most `prompt_len` tokens can run: every
@@ -901,7 +900,7 @@ class PagedEngine:
       if Rs:
         a["kv_len"][:, Dv:] = C
       for i, (x, (perm, _, _)) in enumerate(zip(shards, lays)):
-        x.lay_out_step(a, i, perm, Rs, C, Pl, Bs, U)
+        x.lay_out_step(a, i, perm, Rs, C, Pl)
       stats["steps"] += 1
       stats["slot_tokens"] += S * Dv
       bufs, drawn = _step(
@@ -935,9 +934,8 @@ class PagedEngine:
       u_of_row[i, : len(x.rows)] = x.u_of_row
       for r, row in enumerate(x.rows):
         prefix_cols[i, r, Pl - len(row.prompt) : Pl - 1] = True
-    routes = self._finalize(
-        bufs["routes"], bufs["prompt_routes"], *self._put(dict(u=u_of_row, c=prefix_cols)).values()
-    )
+    rows_of = self._put(dict(u=u_of_row, c=prefix_cols))
+    routes = self._finalize(bufs["routes"], bufs["prompt_routes"], rows_of["u"], rows_of["c"])
     flat = lambda x: x.reshape(S * Bs, *x.shape[2:])[:B]
     lengths_d = jnp.asarray(lengths)
     response_mask = jnp.arange(T)[None, :] < lengths_d[:, None]
