@@ -419,15 +419,7 @@ def plan(config, devices=None, log=None, functions=None) -> list[dict]:
     decode = analytic.engine_step_flops(model_cfg, S * Dv, Lt)
     work["sampler.prefill"] = analytic.engine_step_flops(model_cfg, S * Dv, Lt, S * R, C, Pl)
     work["sampler.decode"] = BURST * decode
-    pool_bytes = (  # every layer's pages of one shard
-        sh["num_pages"]
-        * rc.sampler.page_size
-        * model_cfg.num_layers
-        * 2
-        * model_cfg.num_kv_heads
-        * model_cfg.head_dim
-        * sampler._cache_dtype.itemsize
-    )
+    pool_bytes = eng.pool_bytes(sh["num_pages"])
     sampler_extra = {
         "engine": "paged",
         "shards": S,

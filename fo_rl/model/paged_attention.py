@@ -225,6 +225,18 @@ def _attend_shards(q, k, v, pages, arrays, batch: PagedBatch, device_kind: str |
   return jnp.stack([o for o, _ in outs]), jnp.stack([p for _, p in outs])
 
 
+def pool_spec(mesh, token_axes, head_axes, num_kv_heads: int) -> P:
+  """The spec of the engine's pools [S, P, ps, 2K, H]: the shard axis over `token_axes` (the `batch`
+  rule's mesh axes), the interleaved KV heads over `head_axes` (the `heads` rule's) where they
+  divide the KV heads (a device then holds whole k / v pairs), else unsplit."""
+  heads = tuple(a for a in head_axes if mesh.shape[a] > 1)
+  if num_kv_heads % math.prod(mesh.shape[a] for a in heads):
+    heads = ()
+  b = token_axes[0] if len(token_axes) == 1 else (tuple(token_axes) or None)
+  h = heads[0] if len(heads) == 1 else (heads or None)
+  return P(b, None, None, h, None)
+
+
 def attend(q, k, v, cache, batch: PagedBatch, mesh=None, token_axes=(), head_axes=()):
   """The model's paged branch: q [B, T, Nh, H], k, v [B, T, K, H] with B * T flat tokens; cache
   {'pages': [P, ps, 2K, H]} -> (attention output [B, T, Nh, H], the updated cache).
@@ -259,12 +271,9 @@ def attend(q, k, v, cache, batch: PagedBatch, mesh=None, token_axes=(), head_axe
       raise ValueError(
           f"paged attention: {S} engine shards cannot be split over the batch axes {token_axes}"
       )
-    heads = tuple(a for a in head_axes if mesh.shape[a] > 1)
-    if k.shape[2] % math.prod(mesh.shape[a] for a in heads):
-      heads = ()
-    b, h = (axes or None), (heads or None)
+    page_spec = pool_spec(mesh, token_axes, head_axes, k.shape[2])
+    b, h = page_spec[0], page_spec[3]
     x_spec, row = P(b, None, h, None), P(b)
-    page_spec = P(b, None, None, h, None)
     fn = jax.shard_map(
         fn,
         mesh=mesh,

@@ -87,7 +87,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fo_rl.model import paged_attention as PA
 from fo_rl.model.transformer import route_dtype
-from fo_rl.parallel.sharding import validate_rules
+from fo_rl.parallel.sharding import batch_spec, batch_ways, validate_rules
 from fo_rl.sampler.config import SamplingParams, bucket
 from fo_rl.sampler.sampler import SampleOutput, logits_at
 from fo_rl.sampler.sampling import sample_logits
@@ -364,9 +364,8 @@ class _Shard:
   Rows are this shard's local rows 0 .. len(rows) - 1 of its output buffers (global row `base + r`).
   """
 
-  def __init__(self, engine, prompts, caps, base, n_pages, sampling):
-    c = engine.config
-    self.config, self.sampling, self.n_pages = c, sampling, n_pages
+  def __init__(self, config, prompts, caps, base, n_pages, sampling):
+    self.config, self.sampling, self.n_pages = config, sampling, n_pages
     self.base = base
     self.caps = caps
     # Unique prompts share one prefix prefill.
@@ -383,11 +382,16 @@ class _Shard:
     ]
     self.alloc = _Pages(n_pages)
     self.waiting = collections.deque(self.rows)
-    self.slots: list[_Row | None] = [None] * c.num_slots
+    self.slots: list[_Row | None] = [None] * config.num_slots
     self.prefilling: list[_Prefix] = []  # started, not ready
     self.stamp = 0
     self.stats = collections.Counter()
     self.busy, self.chunks, self.copies = [], [], []
+
+  def note_peak(self):
+    self.stats["peak_pages"] = max(
+        self.stats["peak_pages"], self.n_pages - 1 - len(self.alloc.free)
+    )
 
   @property
   def live(self) -> bool:
@@ -508,9 +512,7 @@ class _Shard:
           self.chunks.append((pf, start, n))
       self.busy = [i for i, x in enumerate(slots) if x is not None]
       if self.busy or self.chunks or not self.live:
-        self.stats["peak_pages"] = max(
-            self.stats["peak_pages"], self.n_pages - 1 - len(self.alloc.free)
-        )
+        self.note_peak()
         return
       # Only prefixes hold pages and none can grow or be admitted: drop one and retry.
       if not self.drop_idle_prefix():
@@ -563,9 +565,7 @@ class _Shard:
       a["row"][s, d], a["lrow"][s, d] = self.base + row.r, row.r
       a["page_table"][s, d, : len(row.pages)] = row.pages
     a["refill"][s] = bool(self.waiting)
-    self.stats["peak_pages"] = max(
-        self.stats["peak_pages"], self.n_pages - 1 - len(self.alloc.free)
-    )
+    self.note_peak()
 
   def lay_out_step(self, a: dict, s: int, perm, Rs: int, C: int, Pl: int):
     """Write this shard's decode slots and prefill chunks into row `s` of a step's inputs `a` (Rs
@@ -642,22 +642,18 @@ class PagedEngine:
     self.config = sampler.config
     self.impl = PA.resolve(self.config.paged_attention, sampler.mesh.devices.flat[0].platform)
     self.graph = _Graph(sampler.graphdef)
-    self.axes = validate_rules(self.config.rules).get("batch", ())
-    self.shards = math.prod(sampler.mesh.shape[a] for a in self.axes)
-    lead = self.axes[0] if len(self.axes) == 1 else (tuple(self.axes) or None)
-    self._sharded = lambda ndim: NamedSharding(sampler.mesh, P(lead, *([None] * (ndim - 1))))
-    self._pool_sharding = NamedSharding(sampler.mesh, P(lead, None, None, self._kv_axes(), None))
+    mesh, rules = sampler.mesh, self.config.rules
+    self.shards = batch_ways(rules, mesh.shape)
+    self._sharded = lambda ndim: NamedSharding(mesh, batch_spec(rules, ndim))
+    table = validate_rules(rules)
+    self._pool_sharding = NamedSharding(
+        mesh,
+        PA.pool_spec(
+            mesh, table.get("batch", ()), table.get("heads", ()), sampler.model_cfg.num_kv_heads
+        ),
+    )
     self._finalize = jax.jit(jax.vmap(self._finalize_impl))
     self.stats = {}
-
-  def _kv_axes(self):
-    """The mesh axes of the pools' KV-head axis: the `kv_heads` rule's, where they divide the heads
-    (as paged_attention.attend splits them)."""
-    mesh, K = self.s.mesh, self.s.model_cfg.num_kv_heads
-    kv = tuple(a for a in validate_rules(self.config.rules).get("heads", ()) if mesh.shape[a] > 1)
-    if not kv or K % math.prod(mesh.shape[a] for a in kv):
-      return None
-    return kv[0] if len(kv) == 1 else kv
 
   @staticmethod
   def _finalize_impl(routes, prompt_routes, u_of_row, prefix_cols):
@@ -688,6 +684,16 @@ class PagedEngine:
         + (c.prefill_rows + 1) * (-(-(longest + c.prefill_chunk) // c.page_size))
     )
 
+  def _page_shape(self, n_pages: int) -> tuple:
+    """One shard's pool of one layer: [n_pages, page_size, 2K, H]."""
+    cfg = self.s.model_cfg
+    return (n_pages, self.config.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
+
+  def pool_bytes(self, n_pages: int) -> int:
+    """Bytes of one shard's pools, every layer."""
+    n = math.prod(self._page_shape(n_pages)) * self.s.model_cfg.num_layers
+    return n * self.s._cache_dtype.itemsize
+
   def _buffers(self, n_pages, rows, uniq, Pl, T):
     """Abstract (ShapeDtypeStruct) step buffers: per layer the pools [S, n_pages, ps, 2K, H], and the
     outputs of `rows` rows per shard ([S, rows, ...]; `uniq` prompts' routes per shard)."""
@@ -696,7 +702,7 @@ class PagedEngine:
     sds = lambda shape, dt, sh=None: jax.ShapeDtypeStruct(
         shape, dt, sharding=sh or self._sharded(len(shape))
     )
-    pool = (S, n_pages, c.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
+    pool = (S, *self._page_shape(n_pages))
     rdt, Lk = route_dtype(cfg.num_experts), math.prod(route)
     return dict(
         pages=[sds(pool, self.s._cache_dtype, self._pool_sharding) for _ in range(cfg.num_layers)],
@@ -836,7 +842,7 @@ class PagedEngine:
     caps = np.full(B, max_new, np.int32) if max_new_per_row is None else max_new_per_row
     shards = [
         _Shard(
-            self,
+            c,
             prompts[i * Bs : (i + 1) * Bs],
             caps[i * Bs : (i + 1) * Bs],
             i * Bs,
